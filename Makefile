@@ -1,0 +1,45 @@
+# expblip: two commands on a fresh machine
+#   make demo   creates the environment, runs the tiny synthetic-face pipeline (Ray Train + ZeRO-3, 2 CPU workers)
+#   make test   creates the environment and runs the test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export OMP_NUM_THREADS ?= 1
+export PYTHONWARNINGS ?= ignore::FutureWarning,ignore::DeprecationWarning
+export DS_ACCELERATOR ?= cpu
+export RAY_AUTH_MODE ?= disabled
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test test-fast lint mlflow clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[test]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python launch/pipeline.py --recipe demo
+
+test: setup
+	$(BIN)/python -m pytest -q --durations=15
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+
+mlflow: setup
+	$(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db \
+		--artifacts-destination $(CURDIR)/runs/mlflow-artifacts --host 127.0.0.1 --port 5000 --workers 1
+
+clean:
+	rm -rf runs demo .pytest_cache

@@ -1,0 +1,237 @@
+"""Typed run configuration: defaults < YAML file < dotted command-line overrides.
+
+Each component owns a dataclass (model, data, optim, train, tracking, ray); `Config` composes them.
+Loading is strict: an unknown key or a value of the wrong type is an error that names the key.
+
+    cfg = load_config("recipes/demo.yaml", ["optim.lr=1e-4", "data.train.shards=/data/manifest.json"])
+    dump_config(cfg, run_dir / "config.yaml")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from expblip.data.stream import StreamConfig
+from expblip.model.blip2 import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and how to fix it."""
+
+
+@dataclass
+class DataConfig:
+    """Where training and evaluation samples come from (see expblip.data.stream.StreamConfig)."""
+
+    train: StreamConfig = field(default_factory=StreamConfig)
+    eval: StreamConfig = field(default_factory=lambda: StreamConfig(train=False, shuffle_buffer=0))
+    max_text_tokens: int = 64  # caption tokens after the query tokens (the released code used 32; too short)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + linear warm-up + cosine decay; no weight decay on biases and norms."""
+
+    lr: float = 1e-4  # peak learning rate
+    min_lr: float = 1e-5  # floor of the cosine
+    warmup_steps: int = 100  # linear warm-up from warmup_start_lr
+    warmup_start_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
+    grad_accum: int = 1  # micro-batches per optimiser step
+
+    def __post_init__(self) -> None:
+        if self.min_lr > self.lr:
+            raise ConfigError(f"optim.min_lr ({self.min_lr}) is above optim.lr ({self.lr}); lower min_lr")
+        if self.grad_accum < 1:
+            raise ConfigError("optim.grad_accum must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """The loop: what to train, how long, where the run lives."""
+
+    stage: Literal["lm", "stage1", "stage2"] = "stage2"  # lm: caption-language pre-training of the LM alone
+    run_dir: str = "runs/default"  # checkpoints, resolved config, MLflow store (local path)
+    max_steps: int = 200  # optimiser steps in total (a resumed run continues up to this)
+    log_every: int = 10
+    ckpt_every: int = 100  # 0 = only at the end
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk (0 = all)
+    seed: int = 0
+    ds_config: str = "ds_configs/zero3.json"  # DeepSpeed JSON: ZeRO stage and precision policy; numbers come from here
+    init_from: str = ""  # checkpoint or run dir whose weights initialise this run (e.g. the LM stage)
+    resume: bool = True  # continue from the newest checkpoint in run_dir when there is one
+    overwrite: bool = False  # allow starting fresh in a run_dir that already holds another run
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow, from rank 0 only. uri '' means $MLFLOW_TRACKING_URI, else SQLite under the run directory."""
+
+    enabled: bool = True
+    uri: str = ""
+    experiment: str = "expblip"
+    run_name: str = ""  # '' = the run directory's name
+
+
+@dataclass
+class RayConfig:
+    """Ray Train scaling and storage (launch/pretrain.py)."""
+
+    address: str = "local"  # 'local' starts an in-process cluster; 'auto' attaches to a running one
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    storage_path: str = ""  # '' = <run_dir>/ray; a local path or s3://bucket/prefix
+    max_failures: int = 0  # worker failures tolerated before the run fails
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = Config) -> Any:
+    """Defaults < YAML at `path` < `key.sub=value` overrides, checked strictly against the dataclasses."""
+    tree: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file or omit --config")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for item in overrides or []:
+        _set_dotted(tree, item)
+    return from_dict(cls, tree)
+
+
+def _set_dotted(tree: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value (e.g. optim.lr=1e-4)")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, tree: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise ConfigError naming the key."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(tree).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(tree) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!r}; known keys under {prefix or 'the root'}: {sorted(names)}")
+    kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in tree.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from err
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key + ".")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"config key {key!r} must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key {key!r} must be {tp}, got {value!r}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else Any
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"config key {key!r} must have {len(args)} items, got {value!r}")
+            return tuple(_coerce(a, v, key) for a, v in zip(args, value, strict=True))
+        return origin(_coerce(item_tp, v, key) for v in value)
+    return _coerce_scalar(tp, value, key)
+
+
+def _coerce_scalar(tp: Any, value: Any, key: str) -> Any:
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-4" as a string
+        except ValueError:
+            pass
+    if tp is dict and isinstance(value, dict):
+        return value
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"config key {key!r} must be of type {tp.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples as lists) for YAML, JSON and MLflow."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def dump_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again with load_config)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

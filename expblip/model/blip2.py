@@ -1,0 +1,183 @@
+"""BLIP-2 on transformers' Blip2 classes: presets, freezing, caption inputs with BLIP-2's label masking, generation.
+
+Data flow (B images, Q query tokens, T caption tokens):
+    pixel_values [B,3,S,S] -> ViT -> [B,P,Dv] -> Q-Former(Q learned queries) -> [B,Q,Dq] -> projection -> [B,Q,Dlm]
+    LM input ids: [<image>]*Q + [</s>] + caption + "\\n" + <pad>...   (query outputs are scattered into <image>)
+    labels:       -100 on <image>, the prompt (</s>) and padding; caption tokens and the "\\n" end token count.
+
+Nothing here imports Ray, DeepSpeed or MLflow: parallelism wraps this module from expblip.train.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
+
+from expblip.model.tokenizer import caption_end_id, image_token_id
+
+PresetName = Literal["tiny", "vitg-opt6.7b", "vitg-opt2.7b", "vitb-opt2.7b"]
+
+# Tower shapes. Paper presets follow the public blip2-opt-* configs; tiny is a CPU debug model (hidden 64, 2 layers).
+_VISION = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=64,
+                 patch_size=8, initializer_range=0.02),  # default 1e-10 makes a random tiny ViT ignore the image
+    "vitg": dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
+                 image_size=224, patch_size=14),
+    "vitb": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 image_size=224, patch_size=16, initializer_range=0.02),
+}
+_QFORMER = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 cross_attention_frequency=1, max_position_embeddings=128),
+    "base": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 cross_attention_frequency=2),
+}
+_OPT = {
+    "tiny": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
+                 word_embed_proj_dim=64, dropout=0.0),
+    "opt-2.7b": dict(hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32,
+                     max_position_embeddings=2048, word_embed_proj_dim=2560, vocab_size=50272),
+    "opt-6.7b": dict(hidden_size=4096, ffn_dim=16384, num_hidden_layers=32, num_attention_heads=32,
+                     max_position_embeddings=2048, word_embed_proj_dim=4096, vocab_size=50272),
+}
+PRESETS: dict[str, tuple[str, str, str, int]] = {  # name -> (vision, qformer, lm, query tokens)
+    "tiny": ("tiny", "tiny", "tiny", 8),
+    "vitg-opt6.7b": ("vitg", "base", "opt-6.7b", 32),
+    "vitg-opt2.7b": ("vitg", "base", "opt-2.7b", 32),
+    "vitb-opt2.7b": ("vitb", "base", "opt-2.7b", 32),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Which BLIP-2 to build and which of its parts train."""
+
+    preset: PresetName = "tiny"
+    tokenizer: str = ""  # local tokenizer dir; '' = train one on the captions (tiny) / from init_from's run
+    tokenizer_vocab: int = 512  # size of the trained tiny tokenizer
+    weights: str = ""  # local HF-format BLIP-2 dir to initialise from ('' = random init)
+    num_query_tokens: int = 0  # 0 = the preset's (32 for paper presets)
+    freeze_vision: bool = True  # paper step 1 and default step 2; the released fine-tune config unfreezes it
+    freeze_qformer: bool = False
+    freeze_lm: bool = True  # OPT stays frozen in every paper stage; the tiny world's 'lm' stage trains it
+    dropout: float = 0.1  # Q-Former hidden dropout (0 makes resumed runs bit-comparable)
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"model.preset {self.preset!r} does not exist; choose one of {sorted(PRESETS)}")
+        if self.preset != "tiny" and not self.tokenizer and not self.weights:
+            raise ValueError(f"model.preset {self.preset!r} needs model.tokenizer (a local OPT tokenizer directory)")
+
+    @property
+    def image_size(self) -> int:
+        return _VISION[PRESETS[self.preset][0]]["image_size"]
+
+    @property
+    def query_tokens(self) -> int:
+        return self.num_query_tokens or PRESETS[self.preset][3]
+
+
+def blip2_config(cfg: ModelConfig, tokenizer) -> Blip2Config:
+    """A transformers Blip2Config for the preset, with the LM vocabulary and special ids of `tokenizer`."""
+    vision, qformer, lm, _ = PRESETS[cfg.preset]
+    v = _VISION[vision]
+    opt = dict(_OPT[lm])
+    opt["vocab_size"] = max(opt.get("vocab_size", 0), len(tokenizer))
+    text = OPTConfig(**opt, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                     eos_token_id=caption_end_id(tokenizer))
+    return Blip2Config(
+        vision_config=Blip2VisionConfig(**v).to_dict(),
+        qformer_config=Blip2QFormerConfig(**_QFORMER[qformer], encoder_hidden_size=v["hidden_size"],
+                                          hidden_dropout_prob=cfg.dropout).to_dict(),
+        text_config=text.to_dict(),
+        num_query_tokens=cfg.query_tokens,
+        image_token_index=image_token_id(tokenizer),
+    )
+
+
+def build_model(cfg: ModelConfig, tokenizer) -> Blip2ForConditionalGeneration:
+    """Random-init BLIP-2 for the preset (weights are loaded separately: expblip.model.weights)."""
+    return Blip2ForConditionalGeneration._from_config(blip2_config(cfg, tokenizer))
+
+
+def apply_freezing(model: Blip2ForConditionalGeneration, cfg: ModelConfig, stage: str) -> None:
+    """Set requires_grad per the config; the 'lm' stage trains only the language model."""
+    trains = {
+        "vision_model": not cfg.freeze_vision,
+        "qformer": not cfg.freeze_qformer,
+        "query_tokens": not cfg.freeze_qformer,
+        "language_projection": not cfg.freeze_qformer,
+        "language_model": not cfg.freeze_lm,
+    }
+    if stage == "lm":
+        trains = {name: name == "language_model" for name in trains}
+    for name, param in model.named_parameters():
+        param.requires_grad = trains[name.split(".")[0]]
+
+
+class CaptionModel(nn.Module):
+    """The trainable unit: BLIP-2's captioning loss, or the LM's text-only loss for the 'lm' stage."""
+
+    def __init__(self, blip2: Blip2ForConditionalGeneration):
+        super().__init__()
+        self.blip2 = blip2
+
+    def forward(self, input_ids, attention_mask, labels, pixel_values=None) -> torch.Tensor:
+        if pixel_values is None:  # 'lm' stage: ids hold no <image> tokens
+            return self.blip2.language_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        return self.blip2(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+                          labels=labels).loss
+
+
+def caption_inputs(tokenizer, captions: list[str], num_query: int, max_tokens: int) -> dict[str, torch.Tensor]:
+    """Tokenise captions into BLIP-2 LM inputs and labels (num_query=0 for the text-only 'lm' stage).
+
+    Returns input_ids / attention_mask / labels, each [B, num_query + 1 + T] with T <= max_tokens.
+    """
+    end = caption_end_id(tokenizer)
+    body = tokenizer([c.strip() for c in captions], add_special_tokens=False)["input_ids"]
+    rows = [ids[: max_tokens - 1] + [end] for ids in body]  # truncated captions still end with "\n"
+    prefix = [image_token_id(tokenizer)] * num_query + [tokenizer.bos_token_id]
+    width = len(prefix) + max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full_like(input_ids, -100)
+    attention = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        n = len(prefix) + len(row)
+        input_ids[i, :n] = torch.tensor(prefix + row)
+        labels[i, len(prefix) : n] = torch.tensor(row)
+        attention[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding: beam search (paper: 5 beams) or nucleus sampling (top_p 0.9)."""
+
+    num_beams: int = 5
+    sample: bool = False
+    top_p: float = 0.9
+    max_new_tokens: int = 60  # the paper's max length 200 is for OPT's tokens; tiny captions are short
+    min_new_tokens: int = 3
+    repetition_penalty: float = 1.0
+
+
+@torch.no_grad()
+def generate_captions(model: Blip2ForConditionalGeneration, tokenizer, pixel_values: torch.Tensor,
+                      gen: GenerationConfig | None = None, **extra) -> list[str]:
+    """Captions for a batch of images; the prompt is empty (image tokens + </s>) as in the paper."""
+    gen = gen or GenerationConfig()
+    kwargs = dict(max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens,
+                  eos_token_id=caption_end_id(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                  repetition_penalty=gen.repetition_penalty)
+    if gen.sample:
+        kwargs.update(do_sample=True, top_p=gen.top_p, num_beams=1)
+    else:
+        kwargs.update(do_sample=False, num_beams=gen.num_beams)
+    out = model.generate(pixel_values=pixel_values, **kwargs, **extra)
+    prompt = model.config.num_query_tokens + 1  # generate() returns the prompt, then the new tokens
+    return [t.strip() for t in tokenizer.batch_decode(out[:, prompt:], skip_special_tokens=True)]

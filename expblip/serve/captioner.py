@@ -1,0 +1,194 @@
+"""Export directory → captions, batched; plus image loading for the CLI and the HTTP app.
+
+    captioner = Captioner.from_export("runs/stage2/export")           # or any launch/export.py --out
+    images = [image for _, image in load_images(["faces/"])]          # files and directories
+    captioner.describe(images)   # [{"caption": "...", "aus": [6, 12], "emotions": ["happiness"]}, ...]
+
+Preprocessing is BLIP-2's evaluation transform written with PIL + numpy: RGB, bicubic resize of the whole image to
+the export's square ``image_size`` (no crop), scale to [0, 1], normalise with the export's mean/std. It must match
+the eval transform of ``expblip.data.stream`` so that a served image reads like a held-out shard sample.
+
+Nothing here imports Ray or DeepSpeed (DESIGN.md, wall 2): only the export directory is needed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from expblip.eval.parse import parse_caption
+from expblip.model.blip2 import GenerationConfig, generate_captions
+from expblip.model.weights import CLIP_MEAN, CLIP_STD, load_export
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+PIL_DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default, used when Image.MAX_IMAGE_PIXELS has been set to None
+
+
+class ImageError(ValueError):
+    """A path that is not a readable image (or is too large to decode safely); the message names it."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = Path(path)
+
+
+# ---------------------------------------------------------------- images in
+
+
+def list_images(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand files and directories (their jpg/jpeg/png/bmp/webp files, sorted, not recursive) into image paths.
+
+    An explicitly named file is kept whatever its suffix, so that a non-image is reported by ``load_image`` rather
+    than silently dropped; a directory holding no image is an error.
+    """
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ImageError(path, f"directory holds no image ({', '.join(IMAGE_SUFFIXES)})")
+            out.extend(found)
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such image file or directory")
+    return out
+
+
+def _pixel_limit() -> int:
+    """The decompression-bomb limit: PIL's MAX_IMAGE_PIXELS, or PIL's default if someone switched it off."""
+    return Image.MAX_IMAGE_PIXELS or PIL_DEFAULT_MAX_PIXELS
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open one image as RGB; ImageError naming the path when it is not an image or exceeds the pixel limit.
+
+    The size is read from the header before any pixel is decoded, so a decompression bomb (a small file that
+    expands to gigabytes) is refused without allocating it.
+    """
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > _pixel_limit():
+                raise ImageError(path, f"{width}x{height} = {width * height} pixels is above the decompression-bomb "
+                                       f"limit {_pixel_limit()} (PIL.Image.MAX_IMAGE_PIXELS); downscale it first")
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise ImageError(path, f"not a readable image ({type(err).__name__})") from err
+    except OSError as err:  # truncated or corrupt files
+        raise ImageError(path, f"cannot decode image ({err})") from err
+
+
+def load_images(paths: Iterable[str | Path]) -> list[tuple[Path, Image.Image]]:
+    """(path, RGB image) for every image named by ``paths`` (files and directories, see ``list_images``)."""
+    return [(path, load_image(path)) for path in list_images(paths)]
+
+
+def preprocess_images(images: Sequence[Image.Image], image_size: int, mean: Sequence[float],
+                      std: Sequence[float]) -> torch.Tensor:
+    """RGB → bicubic resize to image_size² → [0, 1] → (x - mean) / std. Returns float32 [B, 3, S, S]."""
+    if not images:
+        raise ValueError("preprocess_images() got no images")
+    size = (image_size, image_size)
+    arrays = [np.asarray(img.convert("RGB").resize(size, Image.Resampling.BICUBIC), dtype=np.float32)
+              for img in images]
+    batch = np.stack(arrays) / 255.0  # [B, S, S, 3]
+    batch = (batch - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
+
+
+# ---------------------------------------------------------------- the captioner
+
+
+def resolve_export(path: str | Path) -> Path:
+    """An export directory given itself or the run directory holding it (RUN_DIR/export)."""
+    path = Path(path)
+    for candidate in (path, path / "export"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model directory; pass a run directory or an export directory")
+    raise FileNotFoundError(f"{path}: not an expblip export (no config.json in it or in {path / 'export'}); "
+                            "pass RUN_DIR, RUN_DIR/export or the --out of launch/export.py")
+
+
+@dataclass
+class Captioner:
+    """A loaded export: model (eval mode), tokenizer and the preprocessing it was trained with."""
+
+    model: torch.nn.Module  # Blip2ForConditionalGeneration
+    tokenizer: object
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    device: torch.device
+
+    @classmethod
+    def from_export(cls, path: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> Captioner:
+        """Load an export directory (config.json + model.safetensors + tokenizer + expblip.json)."""
+        model, tokenizer, meta = load_export(path, dtype=dtype)
+        device = torch.device(device)
+        image_size = int(meta.get("image_size", model.config.vision_config.image_size))
+        mean = tuple(float(x) for x in meta.get("mean", CLIP_MEAN))
+        std = tuple(float(x) for x in meta.get("std", CLIP_STD))
+        return cls(model.to(device), tokenizer, image_size, mean, std, device)  # type: ignore[arg-type]
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Images → normalised pixel values [B, 3, S, S] (float32, on the CPU)."""
+        return preprocess_images(images, self.image_size, self.mean, self.std)
+
+    def caption_pixels(self, pixel_values: torch.Tensor, gen: GenerationConfig | None = None) -> list[str]:
+        """Captions for one batch of already preprocessed pixel values [B, 3, S, S]."""
+        if pixel_values.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])} but the export expects "
+                             f"{self.image_size}x{self.image_size}; preprocess with this export's image_size")
+        dtype = next(self.model.parameters()).dtype
+        return generate_captions(self.model, self.tokenizer, pixel_values.to(self.device, dtype), gen)
+
+    def caption(self, images: Sequence[Image.Image], gen: GenerationConfig | None = None,
+                batch_size: int = 16) -> list[str]:
+        """One caption per image, generated ``batch_size`` images at a time."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        captions: list[str] = []
+        for start in range(0, len(images), batch_size):
+            captions.extend(self.caption_pixels(self.preprocess(images[start : start + batch_size]), gen))
+        return captions
+
+    def describe(self, images: Sequence[Image.Image], gen: GenerationConfig | None = None,
+                 batch_size: int = 16) -> list[dict]:
+        """{"caption", "aus" (sorted AU numbers), "emotions" (sorted names)} per image, parsed from the caption."""
+        return [{"caption": c, **parse_caption(c)} for c in self.caption(images, gen, batch_size)]
+
+
+# ---------------------------------------------------------------- files → descriptions (the describe CLI)
+
+
+def describe_files(captioner: Captioner, paths: Iterable[str | Path], gen: GenerationConfig | None = None,
+                   batch_size: int = 16) -> Iterator[tuple[Path, dict]]:
+    """(path, description) for every image named by ``paths``, loading only ``batch_size`` images at a time.
+
+    All paths are listed (and missing ones reported) before the first image is captioned.
+    """
+    files = list_images(paths)
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        yield from zip(chunk, captioner.describe([load_image(p) for p in chunk], gen, batch_size), strict=True)
+
+
+def format_description(path: str | Path, description: dict, as_json: bool = False) -> str:
+    """One output line: ``path: caption  [AUs: 1, 2, 12] [emotion: happiness]``, or a JSON object."""
+    if as_json:
+        return json.dumps({"path": str(path), **description}, ensure_ascii=False)
+    aus = ", ".join(str(au) for au in description["aus"]) or "none"
+    emotions = ", ".join(description["emotions"]) or "none"
+    return f"{path}: {description['caption']}  [AUs: {aus}] [emotion: {emotions}]"

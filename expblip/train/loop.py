@@ -1,0 +1,266 @@
+"""The one training loop, run by both launchers (`deepspeed launch/finetune.py`, Ray Train's launch/pretrain.py).
+
+    run = setup(cfg)                  # process group, tokenizer, model, DeepSpeed engine, resume, loader, MLflow
+    while run.step < max_steps:
+        metrics = train_step(run)     # grad_accum micro-batches -> one optimiser step
+        log / checkpoint
+    finish(run)                       # final checkpoint, HF-format export, artefacts
+
+CPU run (2 ranks):  deepspeed --num_gpus 2 launch/finetune.py --deepspeed ds_configs/zero3.json data.train.shards=DIR
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from expblip.config import Config, ConfigError, dump_config, to_dict
+from expblip.data.stream import Cursor, iterate_once, make_loader
+from expblip.model.blip2 import CaptionModel, apply_freezing, blip2_config, build_model, caption_inputs
+from expblip.model.tokenizer import load_tokenizer, train_caption_tokenizer, wrap
+from expblip.model.weights import export_hf, read_state
+from expblip.train import checkpoint, engine as ds_engine
+from expblip.train.optim import build_optimizer, build_scheduler
+from expblip.train.tracking import make_tracker
+
+Reporter = Callable[[dict, int, Path | None], None]  # (metrics, step, checkpoint dir or None)
+
+
+@dataclass
+class Run:
+    """Everything a step needs; built once by setup()."""
+
+    cfg: Config
+    rank: int
+    world: int
+    engine: object
+    tokenizer: object
+    blip2_config: object
+    ds_config: dict
+    batches: Iterator[dict]
+    cursor: Cursor
+    tracker: object
+    step: int = 0
+    errors: dict = field(default_factory=dict)  # worker -> {kind: count}, cumulative
+    history: list = field(default_factory=list)  # (step, loss) on rank 0
+    report: Reporter | None = None
+
+
+# ---------------------------------------------------------------- setup
+
+
+def setup(cfg: Config, report: Reporter | None = None) -> Run:
+    rank, world = ds_engine.init_distributed()
+    ds_config = ds_engine.resolve_ds_config(cfg, world)
+    run_dir = Path(cfg.train.run_dir)
+    tag = _check_run_dir(cfg, run_dir)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    tokenizer = _tokenizer(cfg, rank, run_dir)
+    blip2_cfg = blip2_config(cfg.model, tokenizer)
+    model = CaptionModel(ds_engine.build_partitioned(ds_config, lambda: build_model(cfg.model, tokenizer)))
+    if cfg.model.weights and tag is None:
+        _load_initial_weights(model, cfg.model.weights, rank)
+    apply_freezing(model.blip2, cfg.model, cfg.train.stage)
+    optimizer = build_optimizer(model, cfg.optim)
+    # the schedule is built on DeepSpeed's wrapped optimiser, whose param groups differ from ours under ZeRO
+    engine = ds_engine.initialize(model, optimizer, lambda opt: build_scheduler(opt, cfg.optim, cfg.train.max_steps),
+                                  ds_config)
+    step, cursor_state, run_id = 0, None, None
+    random.seed(cfg.train.seed + rank)  # dropout and augmentation differ per rank; a resume restores them below
+    torch.manual_seed(cfg.train.seed + rank)
+    if tag is not None:
+        client, cursor_state = checkpoint.load(engine, run_dir, tag)
+        step, run_id = client["step"], client.get("mlflow_run_id")
+    cursor = Cursor.from_state_dict(cursor_state) if cursor_state else Cursor()
+    batches = iter(make_loader(cfg.data.train, rank, world, cursor=cursor_state))
+    tracker = make_tracker(cfg.tracking, run_dir, rank, run_id)
+    run = Run(cfg, rank, world, engine, tokenizer, blip2_cfg, ds_config, batches, cursor, tracker, step=step,
+              report=report)
+    _record_start(run)
+    return run
+
+
+def _check_run_dir(cfg: Config, run_dir: Path) -> str | None:
+    """The checkpoint tag to resume from, or None; refuses to write over another run."""
+    tag = checkpoint.latest_tag(run_dir)
+    if tag is not None and not cfg.train.resume and not cfg.train.overwrite:
+        raise ConfigError(f"train.run_dir {run_dir} already holds a run (checkpoint {tag}); pass train.resume=true "
+                          "to continue it, another train.run_dir, or train.overwrite=true to start over")
+    if tag is not None and not cfg.train.resume:
+        tag = None  # overwrite: start fresh, new checkpoints replace the old ones as they are written
+    dist.barrier()
+    return tag
+
+
+def _tokenizer(cfg: Config, rank: int, run_dir: Path):
+    """A given tokenizer, the one saved in the run, the one of the initial weights, or one trained on captions."""
+    if cfg.model.tokenizer:
+        return load_tokenizer(cfg.model.tokenizer)
+    for candidate in (str(run_dir / "tokenizer"), _weights_dir(cfg.model.weights)):
+        if candidate and Path(candidate, "tokenizer.json").is_file():
+            return load_tokenizer(candidate)
+    if cfg.model.preset != "tiny":
+        raise ConfigError(f"model.preset {cfg.model.preset} needs model.tokenizer (a local tokenizer directory)")
+    text = [None]
+    if rank == 0:  # train once and broadcast: every rank must hold the identical vocabulary
+        captions = _all_captions(cfg)
+        text[0] = train_caption_tokenizer(captions, cfg.model.tokenizer_vocab).backend_tokenizer.to_str()
+    dist.broadcast_object_list(text, src=0)
+    from tokenizers import Tokenizer
+
+    tokenizer = wrap(Tokenizer.from_str(text[0]))
+    if rank == 0:
+        tokenizer.save_pretrained(run_dir / "tokenizer")
+    return tokenizer
+
+
+def _weights_dir(weights: str) -> str:
+    """model.weights may name an export directory or a run directory (its export/)."""
+    if weights and Path(weights, "export", "config.json").is_file():
+        return str(Path(weights, "export"))
+    return weights
+
+
+def _all_captions(cfg: Config) -> list[str]:
+    spec = dataclasses.replace(cfg.data.train, train=False, shuffle_buffer=0)
+    return [c for batch in iterate_once(spec) for c in batch["captions"]]
+
+
+def _load_initial_weights(model: CaptionModel, weights: str, rank: int) -> None:
+    source = _weights_dir(weights)
+    if not Path(source).is_dir():
+        raise ConfigError(f"model.weights {weights} does not exist; give an export or run directory")
+    report = checkpoint.load_weights_into(model.blip2, read_state(source), rank)
+    if report["missing"] or report["unexpected"]:
+        print(f"[expblip] weights {source}: missing {report['missing'][:8]}, unexpected {report['unexpected'][:8]}")
+
+
+def _record_start(run: Run) -> None:
+    """Rank 0: resolved config beside the run and into MLflow."""
+    if run.rank != 0:
+        return
+    run_dir = Path(run.cfg.train.run_dir)
+    dump_config(run.cfg, run_dir / "config.yaml")
+    (run_dir / "ds_config.json").write_text(yaml.safe_dump(run.ds_config))
+    run.tracker.log_params(to_dict(run.cfg))
+    run.tracker.set_tags({"stage": run.cfg.train.stage, "preset": run.cfg.model.preset, "world_size": run.world})
+    print(f"[expblip] {run.cfg.train.stage} run in {run_dir}: world {run.world}, start step {run.step}, "
+          f"MLflow {run.tracker.uri} run {run.tracker.run_id}", flush=True)
+
+
+# ---------------------------------------------------------------- step
+
+
+def model_inputs(run: Run, batch: dict) -> dict:
+    """Batch from the loader -> keyword arguments of CaptionModel.forward."""
+    lm_only = run.cfg.train.stage == "lm"
+    num_query = 0 if lm_only else run.blip2_config.num_query_tokens
+    inputs = caption_inputs(run.tokenizer, batch["captions"], num_query, run.cfg.data.max_text_tokens)
+    if not lm_only:
+        pixels = batch["pixel_values"]
+        inputs["pixel_values"] = pixels.to(torch.bfloat16) if run.engine.bfloat16_enabled() else pixels
+    return {k: v.to(run.engine.device) for k, v in inputs.items()}
+
+
+def train_step(run: Run) -> torch.Tensor:
+    """grad_accum micro-batches and one optimiser step; returns the mean local loss."""
+    losses = []
+    for _ in range(run.cfg.optim.grad_accum):
+        batch = next(run.batches)
+        run.cursor.update(batch["cursor"])
+        run.errors[batch["cursor"]["worker"]] = batch["errors"]
+        loss = run.engine(**model_inputs(run, batch))
+        run.engine.backward(loss)
+        run.engine.step()
+        losses.append(loss.detach().float())
+    run.step += 1
+    return torch.stack(losses).mean()
+
+
+def _global_metrics(run: Run, loss: torch.Tensor, seconds: float, steps: int) -> dict:
+    """Collective: loss averaged and skipped samples summed over ranks."""
+    kinds = sorted({k for counts in run.errors.values() for k in counts} | {"total"})
+    local = [loss.item()] + [sum(c.get(k, 0) for c in run.errors.values()) for k in kinds[:-1]]
+    local.append(sum(local[1:]))
+    t = torch.tensor(local, dtype=torch.float64)
+    dist.all_reduce(t)
+    samples = steps * run.cfg.data.train.batch_size * run.cfg.optim.grad_accum * run.world
+    metrics = {"loss": t[0].item() / run.world, "lr": run.engine.get_lr()[0], "samples_per_s": samples / seconds}
+    norm = run.engine.get_global_grad_norm()
+    if norm is not None:
+        metrics["grad_norm"] = float(norm)
+    metrics.update({f"data.skipped.{k}": t[i + 1].item() for i, k in enumerate(kinds)})
+    return metrics
+
+
+# ---------------------------------------------------------------- checkpoint and finish
+
+
+def save_checkpoint(run: Run) -> Path:
+    client = {"step": run.step, "mlflow_run_id": run.tracker.run_id}
+    files = {"config.yaml": yaml.safe_dump(to_dict(run.cfg), sort_keys=False),
+             "ds_config.json": yaml.safe_dump(run.ds_config)}
+    path = checkpoint.save(run.engine, run.cfg.train.run_dir, run.step, client, run.cursor.state_dict(), files)
+    if run.rank == 0:
+        checkpoint.prune(run.cfg.train.run_dir, run.cfg.train.keep_checkpoints)
+    return path
+
+
+def export(run: Run) -> Path:
+    """Consolidate the weights on rank 0 and write the HF-format export directory."""
+    out = Path(run.cfg.train.run_dir) / "export"
+    state = checkpoint.consolidated_state_dict(run.engine.module.blip2, run.rank)
+    if run.rank == 0:
+        export_hf(state, run.blip2_config, run.tokenizer, out, yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
+    dist.barrier()
+    return out
+
+
+def train(cfg: Config, report: Reporter | None = None) -> dict:
+    """Set up, run to cfg.train.max_steps, checkpoint, export. Returns rank 0's last metrics."""
+    run = setup(cfg, report)
+    metrics: dict = {}
+    tick, since = time.perf_counter(), run.step
+    try:
+        while run.step < cfg.train.max_steps:
+            loss = train_step(run)
+            last = run.step == cfg.train.max_steps
+            if run.step % cfg.train.log_every == 0 or last:
+                metrics = _global_metrics(run, loss, time.perf_counter() - tick, run.step - since)
+                _log(run, metrics)
+                tick, since = time.perf_counter(), run.step
+            if (cfg.train.ckpt_every and run.step % cfg.train.ckpt_every == 0) or last:
+                path = save_checkpoint(run)
+                if run.report:
+                    run.report(metrics, run.step, path)
+        metrics["export"] = str(export(run))
+    except BaseException:
+        run.tracker.close("FAILED")
+        raise
+    _finish(run)
+    return metrics
+
+
+def _log(run: Run, metrics: dict) -> None:
+    run.tracker.log_metrics(metrics, step=run.step)
+    if run.rank == 0:
+        run.history.append((run.step, metrics["loss"]))
+        print(f"[expblip] step {run.step}/{run.cfg.train.max_steps} loss {metrics['loss']:.4f} "
+              f"lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s "
+              f"skipped {int(metrics['data.skipped.total'])}", flush=True)
+
+
+def _finish(run: Run) -> None:
+    if run.rank == 0:
+        run_dir = Path(run.cfg.train.run_dir)
+        run.tracker.log_artifact(run_dir / "config.yaml")
+        run.tracker.log_artifact(run_dir / "ds_config.json")
+    run.tracker.close()

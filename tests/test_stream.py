@@ -1,0 +1,253 @@
+"""Shards → batches: exact epochs across ranks and workers, seeded order, mid-epoch resume, bad data, transforms."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import tarfile
+import zlib
+from collections import defaultdict
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from expblip.data.shards import write_shards
+from expblip.data.stream import (
+    CLIP_MEAN,
+    CLIP_STD,
+    Cursor,
+    ShardSlice,
+    StreamConfig,
+    StreamError,
+    count_samples,
+    iterate_once,
+    make_loader,
+    plan_worker_shards,
+    swap_left_right,
+)
+
+
+def _png(i: int, size: int = 8) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _records(n: int, prefix: str = "s") -> list[dict]:
+    return [{"key": f"{prefix}{i:03d}", "image": _png(i), "labels": {"aus": [i % 7], "dataset": "tiny"},
+             "captions": [f"Sample {i}"]} for i in range(n)]
+
+
+@pytest.fixture
+def shards(tmp_path) -> str:
+    """8 shards x 6 samples: 2 ranks x 2 workers read 2 whole shards (12 samples) each per epoch."""
+    write_shards(_records(48), str(tmp_path / "ds"), samples_per_shard=6, progress=False)
+    return str(tmp_path / "ds")
+
+
+def _cfg(shards: str, **kw) -> StreamConfig:
+    return StreamConfig(**{"shards": shards, "batch_size": 4, "num_workers": 2, "shuffle_buffer": 8,
+                           "image_size": 8, **kw})
+
+
+def _take(loader, n: int) -> list[dict]:
+    return list(islice(iter(loader), n))
+
+
+def _keys(batches: list[dict]) -> list[str]:
+    return [k for b in batches for k in b["keys"]]
+
+
+def test_epoch_is_exact_across_ranks_and_workers_and_seeded(shards):
+    per_rank = {r: _take(make_loader(_cfg(shards), rank=r, world_size=2), 12) for r in (0, 1)}
+    epoch0 = [k for r in (0, 1) for k in _keys(per_rank[r][:6])]
+    assert sorted(epoch0) == [f"s{i:03d}" for i in range(48)]  # every sample exactly once
+    assert all(b["cursor"]["epoch"] == 0 for r in (0, 1) for b in per_rank[r][:6])
+    assert {(b["cursor"]["worker"], b["cursor"]["index"]) for b in per_rank[0][4:6]} == {(0, 12), (1, 12)}
+    b = per_rank[0][0]
+    assert b["pixel_values"].shape == (4, 3, 8, 8) and b["pixel_values"].dtype == torch.float32
+    assert all(c == c.lower() and c.startswith("sample") for c in b["captions"]) and b["errors"] == {}
+
+    again = _take(make_loader(_cfg(shards), rank=0, world_size=2), 6)
+    assert _keys(again) == _keys(per_rank[0][:6])  # same seed, same order ...
+    assert torch.equal(again[0]["pixel_values"], per_rank[0][0]["pixel_values"])  # ... and same augmentation
+    epoch1 = _keys(per_rank[0][6:12])
+    assert all(b["cursor"]["epoch"] == 1 for b in per_rank[0][6:12])
+    assert epoch1 != _keys(per_rank[0][:6])  # another epoch, another order
+    reseeded = _take(make_loader(_cfg(shards, seed=1), rank=0, world_size=2), 6)
+    assert _keys(reseeded) != _keys(per_rank[0][:6])
+
+
+def _by_worker(batches: list[dict]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = defaultdict(list)
+    for b in batches:
+        out[b["cursor"]["worker"]] += b["keys"]
+    return out
+
+
+def test_resume_mid_epoch_continues_exactly(shards):
+    cfg = _cfg(shards)
+    reference = _take(make_loader(cfg, rank=0, world_size=1), 16)  # 12 batches = epoch 0, then into epoch 1
+
+    cursor = Cursor()
+    for batch in _take(make_loader(cfg, rank=0, world_size=1), 5):  # stop mid-epoch, workers unevenly advanced
+        cursor.update(batch["cursor"])
+    first = _by_worker(reference[:5])
+    state = json.loads(json.dumps(cursor.state_dict()))  # as stored in a checkpoint
+    assert state["epoch_index"] == {"0": [0, 12], "1": [0, 8]}
+    resumed = _by_worker(_take(make_loader(cfg, rank=0, world_size=1, cursor=state), 13))
+
+    expected = _by_worker(reference)  # 8 batches per worker
+    for w in (0, 1):  # nothing repeated, nothing skipped, same order (workers interleave differently after resume)
+        assert (first[w] + resumed[w])[: len(expected[w])] == expected[w]
+
+    with pytest.raises(ValueError, match="num_workers=2.*at_epoch_start"):
+        make_loader(_cfg(shards, num_workers=0), rank=0, world_size=1, cursor=state)
+    restart = Cursor.from_state_dict(state).at_epoch_start()
+    assert _keys(_take(make_loader(_cfg(shards, num_workers=0), 0, 1, cursor=restart), 1))  # layout-free restart
+
+
+def test_uneven_ranks_are_padded_to_equal_epochs(tmp_path):
+    write_shards(_records(15), str(tmp_path), samples_per_shard=6, progress=False)  # shards of 6, 6, 3
+    seen = {}
+    for rank in (0, 1):
+        batches = _take(make_loader(_cfg(str(tmp_path), batch_size=1, num_workers=0), rank, 2), 14)
+        seen[rank] = [k for b in batches if b["cursor"]["epoch"] == 0 for k in b["keys"]]
+    assert len(seen[0]) == len(seen[1]) and len(seen[0]) in (9, 12)  # the larger rank's share
+    assert set(seen[0]) | set(seen[1]) == {f"s{i:03d}" for i in range(15)}
+
+
+def test_fewer_shards_than_workers_interleaves_samples(tmp_path):
+    write_shards(_records(6), str(tmp_path), samples_per_shard=6, progress=False)  # one shard
+    cfg = _cfg(str(tmp_path), num_workers=2)
+    plans = [plan_worker_shards([f"{tmp_path}/x.tar"], [6], cfg, 0, rank=0, world=2, worker=w, workers=2)
+             for w in (0, 1)]
+    assert plans == [[ShardSlice(f"{tmp_path}/x.tar", 4, 0)], [ShardSlice(f"{tmp_path}/x.tar", 4, 2)]]
+    halves = [_keys(list(iterate_once(_cfg(str(tmp_path), num_workers=0), rank=r, world_size=2))) for r in (0, 1)]
+    assert halves == [["s000", "s002", "s004"], ["s001", "s003", "s005"]]
+
+
+def test_iterate_once_and_count(shards):
+    batches = list(iterate_once(_cfg(shards, batch_size=5, num_workers=0)))
+    assert _keys(batches) == [f"s{i:03d}" for i in range(48)]  # in order, once, last batch smaller
+    assert [len(b["keys"]) for b in batches][-1] == 3
+    assert count_samples(shards) == 48
+    assert count_samples([f"{shards}/shard-000000.tar", f"{shards}/shard-000001.tar"]) == 12  # read, no manifest
+
+
+# ---------------------------------------------------------------- bad data
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (no pixel data is allocated anywhere)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _sample(key: str, i: int, **members: bytes) -> dict:
+    good = {"__key__": key, "png": _png(i), "json": json.dumps({"captions": [f"good {key}"]}).encode(),
+            "txt": f"good {key}".encode()}
+    return {k: v for k, v in {**good, **members}.items() if v is not None}
+
+
+def _write_tar(path, samples: list[dict]) -> None:
+    with wds.TarWriter(str(path), encoder=False) as writer:
+        for s in samples:
+            writer.write(s)
+
+
+def _bad_data_shards(tmp_path) -> str:
+    mixed, cut, good = tmp_path / "mixed.tar", tmp_path / "cut.tar", tmp_path / "good.tar"
+    _write_tar(mixed, [
+        _sample("ok0", 0),
+        _sample("corrupt", 1, png=_png(1)[:40]),  # header intact, pixel data cut
+        _sample("badutf8", 2, json=b'{"captions": ["\xff\xfe"]}'),
+        _sample("badjson", 3, json=b'{"captions": [oops'),
+        _sample("nocaption", 4, json=b'{"aus": [1]}', txt=None),
+        _sample("bomb", 5, png=_png_header(20000, 20000)),
+        _sample("noimage", 6, png=None),
+        _sample("ok1", 7),
+    ])
+    _write_tar(cut, [_sample(f"cut{i}", 10 + i, png=_png(10 + i, size=32)) for i in range(3)])
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) * 5 // 6])  # ends inside the last sample
+    _write_tar(good, [_sample(f"tail{i}", 20 + i) for i in range(3)])
+    return f"{tmp_path}/{{mixed,cut,missing,good}}.tar"  # braceexpand lists; no manifest, so no counts
+
+
+def test_bad_data_is_skipped_and_counted(tmp_path):
+    spec = _bad_data_shards(tmp_path)
+    cfg = StreamConfig(shards=spec, batch_size=2, image_size=8, max_error_rate=1.0)
+    batches = list(iterate_once(cfg))
+    keys = _keys(batches)
+    assert keys[:2] == ["ok0", "ok1"] and keys[-3:] == ["tail0", "tail1", "tail2"]
+    assert {"cut0", "cut1"} <= set(keys) and "cut2" not in keys  # the sample cut in half is dropped
+    assert batches[-1]["errors"] == {"bad_image": 1, "bad_json": 2, "missing_caption": 1, "too_many_pixels": 1,
+                                     "missing_image": 1, "truncated_tar": 1, "shard_unreadable": 1}
+
+
+def test_tar_cut_at_a_member_boundary_is_counted(tmp_path):
+    path = tmp_path / "cut.tar"
+    _write_tar(path, [_sample(f"k{i}", i) for i in range(3)])
+    offsets = [info.offset for info in tarfile.open(path)]  # 3 members per sample
+    path.write_bytes(path.read_bytes()[: offsets[6]])  # ends exactly where k2 starts: tarfile itself is silent
+    batches = list(iterate_once(StreamConfig(shards=str(path), batch_size=1, image_size=8, max_error_rate=1.0)))
+    assert _keys(batches) == ["k0"]  # k1 may be incomplete: it is dropped with the cut-off tar
+    assert batches[-1]["errors"] == {"truncated_tar": 1}
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_too_much_bad_data_raises_naming_counts(tmp_path, num_workers):
+    bad = {"png": b"not a png"}
+    _write_tar(tmp_path / "bad.tar", [_sample(f"k{i:02d}", i, **(bad if i % 6 == 0 else {})) for i in range(60)])
+    cfg = StreamConfig(shards=str(tmp_path / "bad.tar"), batch_size=4, image_size=8, num_workers=num_workers)
+    with pytest.raises(StreamError, match=r"skipped of 50 read .*'bad_image': \d+.*bad\.tar.*max_error_rate"):
+        _take(make_loader(cfg, 0, 1), 20)
+    cfg = StreamConfig(shards=str(tmp_path / "bad.tar"), batch_size=4, image_size=8, max_errors=2, shuffle_buffer=0)
+    with pytest.raises(StreamError, match="3 skipped of 13 read"):
+        _take(make_loader(cfg, 0, 1), 20)
+
+
+def test_stream_of_only_missing_shards_stops(tmp_path):
+    cfg = StreamConfig(shards=str(tmp_path / "none-{0..1}.tar"), max_error_rate=1.0)
+    with pytest.raises(StreamError, match="read no samples"):
+        _take(make_loader(cfg, 0, 1), 1)
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def test_swap_left_right_words_only():
+    assert swap_left_right("Left brow up, RIGHT eye shut; leftover rights") == "Right brow up, LEFT eye shut; leftover rights"
+
+
+def test_flip_swaps_left_and_right_in_the_caption(tmp_path):
+    half = np.zeros((16, 16, 3), dtype=np.uint8)
+    half[:, :8, 0] = 255  # red on the image's left
+    half[:, 8:, 2] = 255  # blue on its right
+    records = [{"key": f"r{i:02d}", "image": Image.fromarray(half), "labels": {}, "captions": ["red on the left"]}
+               for i in range(16)]
+    write_shards(records, str(tmp_path), progress=False)
+    cfg = StreamConfig(shards=str(tmp_path), batch_size=16, image_size=8, shuffle_buffer=0)
+    batch = _take(make_loader(cfg, 0, 1), 1)[0]
+    red_minus_blue = (batch["pixel_values"][:, 0] - batch["pixel_values"][:, 2])[:, :, :2].mean(dim=(1, 2))
+    red_left = [bool(x > 0) for x in red_minus_blue]
+    assert red_left == [c == "red on the left" for c in batch["captions"]]
+    assert 0 < sum(red_left) < 16  # both flipped and unflipped samples occur
+
+
+def test_eval_transform_resizes_and_normalises(tmp_path):
+    grey = Image.new("RGB", (20, 12), (128, 64, 32))
+    write_shards([{"key": "g", "image": grey, "labels": {}, "captions": ["Grey"]}], str(tmp_path), progress=False)
+    batch = next(iterate_once(StreamConfig(shards=str(tmp_path), image_size=8)))
+    expected = [(v / 255 - m) / s for v, m, s in zip((128, 64, 32), CLIP_MEAN, CLIP_STD, strict=True)]
+    assert batch["pixel_values"].shape == (1, 3, 8, 8) and batch["captions"] == ["grey"]
+    assert torch.allclose(batch["pixel_values"][0].mean(dim=(1, 2)), torch.tensor(expected), atol=1e-4)
