@@ -62,13 +62,13 @@ class TrainConfig:
 
     stage: Literal["lm", "stage1", "stage2"] = "stage2"  # lm: caption-language pre-training of the LM alone
     run_dir: str = "runs/default"  # checkpoints, resolved config, MLflow store (local path)
-    max_steps: int = 200  # optimiser steps in total (a resumed run continues up to this)
+    max_steps: int = 200  # optimiser steps in total (a resumed run continues up to this); sets the lr schedule
+    stop_after: int = 0  # stop with a checkpoint after this step, as a time-boxed job would (0 = run to max_steps)
     log_every: int = 10
     ckpt_every: int = 100  # 0 = only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept on disk (0 = all)
     seed: int = 0
     ds_config: str = "ds_configs/zero3.json"  # DeepSpeed JSON: ZeRO stage and precision policy; numbers come from here
-    init_from: str = ""  # checkpoint or run dir whose weights initialise this run (e.g. the LM stage)
     resume: bool = True  # continue from the newest checkpoint in run_dir when there is one
     overwrite: bool = False  # allow starting fresh in a run_dir that already holds another run
 
@@ -147,7 +147,7 @@ def from_dict(cls: type, tree: dict, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(tree) - names)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]!r}; known keys under {prefix or 'the root'}: {sorted(names)}")
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; known keys under {prefix.rstrip('.') or 'the root'}: {sorted(names)}")
     kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in tree.items()}
     try:
         return cls(**kwargs)

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                 "caption_style": args.caption_style}
         manifest = write_shards(records(args.source, **opts), args.out, samples_per_shard=args.samples_per_shard,
                                 meta=meta)
-        print(f"[expblip] {sum(s["samples"] for s in manifest["shards"])} samples in {len(manifest['shards'])} shards at {args.out}")
+        print(f"[expblip] {sum(s['samples'] for s in manifest['shards'])} samples in {len(manifest['shards'])} shards at {args.out}")
 
     return run_main(go)
 

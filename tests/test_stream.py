@@ -209,17 +209,48 @@ def test_too_much_bad_data_raises_naming_counts(tmp_path, num_workers):
     bad = {"png": b"not a png"}
     _write_tar(tmp_path / "bad.tar", [_sample(f"k{i:02d}", i, **(bad if i % 6 == 0 else {})) for i in range(60)])
     cfg = StreamConfig(shards=str(tmp_path / "bad.tar"), batch_size=4, image_size=8, num_workers=num_workers)
-    with pytest.raises(StreamError, match=r"skipped of 50 read .*'bad_image': \d+.*bad\.tar.*max_error_rate"):
+    with pytest.raises(StreamError, match=r"skipped of 50 read .*'bad_image': \d+.*bad\.tar.*max_error_rate") as exn:
         _take(make_loader(cfg, 0, 1), 20)
+    assert str(exn.value).startswith("too much bad data")  # raised as itself, also from a worker process
     cfg = StreamConfig(shards=str(tmp_path / "bad.tar"), batch_size=4, image_size=8, max_errors=2, shuffle_buffer=0)
     with pytest.raises(StreamError, match="3 skipped of 13 read"):
         _take(make_loader(cfg, 0, 1), 20)
 
 
-def test_stream_of_only_missing_shards_stops(tmp_path):
-    cfg = StreamConfig(shards=str(tmp_path / "none-{0..1}.tar"), max_error_rate=1.0)
-    with pytest.raises(StreamError, match="read no samples"):
-        _take(make_loader(cfg, 0, 1), 1)
+def test_streams_without_samples_stop(tmp_path):
+    missing = StreamConfig(shards=str(tmp_path / "none-{0..1}.tar"))
+    with pytest.raises(StreamError, match=r"50 skipped of 50 read \{'shard_unreadable': 50\}.*none-1\.tar"):
+        _take(make_loader(missing, 0, 1), 1)
+    tarfile.open(tmp_path / "empty.tar", "w").close()
+    with pytest.raises(StreamError, match="read no samples in epoch 0"):
+        _take(make_loader(StreamConfig(shards=str(tmp_path / "empty.tar")), 0, 1), 1)
+
+
+def test_transient_open_errors_are_retried(tmp_path, monkeypatch):
+    import expblip.data.stream as stream
+
+    write_shards(_records(3), str(tmp_path), progress=False)
+    real, calls = stream.url_to_fs, []
+
+    def flaky(url):
+        calls.append(url)
+        if len(calls) % 3 != 0:  # two failures, then success
+            raise ConnectionError("connection reset")
+        return real(url)
+
+    monkeypatch.setattr(stream, "url_to_fs", flaky)
+    monkeypatch.setattr(stream, "OPEN_BACKOFF_S", 0.0)
+    batches = list(iterate_once(StreamConfig(shards=str(tmp_path), batch_size=3, image_size=8)))
+    assert len(calls) == 3 and batches[-1]["keys"] == ["s000", "s001", "s002"] and batches[-1]["errors"] == {}
+    calls.append("x")  # now every open fails three times in a row
+    batches = list(iterate_once(StreamConfig(shards=str(tmp_path), batch_size=3, image_size=8, max_error_rate=1)))
+    assert batches == []  # nothing arrived; the shard was skipped after 3 tries (counted, see the bad-data test)
+
+
+def test_resampled_stream_is_seeded(shards):
+    cfg = _cfg(shards, resampled=True, num_workers=0)
+    first = _keys(_take(make_loader(cfg, 0, 1), 30))
+    assert first == _keys(_take(make_loader(cfg, 0, 1), 30)) and len(set(first)) < len(first)  # with replacement
 
 
 # ---------------------------------------------------------------- transforms

@@ -217,8 +217,9 @@ class ErrorCounter:
 # ---------------------------------------------------------------- reading shards
 
 
-def open_shard(url: str, tries: int = OPEN_TRIES, backoff_s: float = OPEN_BACKOFF_S) -> tuple[IO[bytes], int | None]:
+def open_shard(url: str, tries: int = OPEN_TRIES, backoff_s: float | None = None) -> tuple[IO[bytes], int | None]:
     """(binary stream, size in bytes) for ``url``; transient failures are retried with exponential back-off."""
+    backoff_s = OPEN_BACKOFF_S if backoff_s is None else backoff_s
     for attempt in range(tries):
         try:
             fs, path = url_to_fs(url)
@@ -496,7 +497,7 @@ class ShardStream(IterableDataset):
         epoch, skip = self.start.position(worker)
         numbered = self._numbered(worker, workers, epoch, skip, errors)
         samples = self._decoded(numbered, errors)
-        return self._batches(samples, worker, workers, errors)
+        return _errors_as_batches(self._batches(samples, worker, workers, errors))
 
     def _epoch_samples(self, epoch: int, worker: int, workers: int, errors: ErrorCounter) -> Iterator[dict]:
         slices = plan_worker_shards(self.shards, self.counts, self.cfg, epoch, self.rank, self.world_size,
@@ -510,17 +511,19 @@ class ShardStream(IterableDataset):
                   ) -> Iterator[tuple[int, int, dict]]:
         """(epoch, index, raw sample) from ``epoch`` on, skipping the first ``skip`` samples undecoded."""
         while True:
-            n = 0
+            n, skipped_before = 0, errors.skipped
             for n, raw in enumerate(self._epoch_samples(epoch, worker, workers, errors), start=1):
                 if n > skip:
                     yield epoch, n - 1, raw
             if self.finite:
                 return
-            if n == 0:  # an empty epoch would spin forever
+            # Epochs that only fail feed the error thresholds, which end the stream; epochs with neither samples nor
+            # errors (empty tars, more workers than samples) would spin here forever.
+            if n == 0 and errors.skipped == skipped_before:
                 raise StreamError(
                     f"data worker {worker}/{workers} of rank {self.rank}/{self.world_size} read no samples in epoch "
-                    f"{epoch} (errors so far: {errors.counts}; shards: {self.shards[:4]}…): check the shards, or use "
-                    "fewer data workers than samples"
+                    f"{epoch} and met no errors (shards: {self.shards[:4]}…): the shards are empty, or there are more "
+                    "data workers x ranks than samples; check the shards or use fewer data workers"
                 )
             epoch, skip = epoch + 1, 0
 
@@ -576,15 +579,38 @@ def _with_final_errors(batches: Iterator[dict], errors: ErrorCounter) -> Iterato
         yield held
 
 
+def _errors_as_batches(batches: Iterator[dict]) -> Iterator[dict]:
+    """Hands a StreamError to the main process as an item: raised inside a DataLoader worker it would arrive
+    re-wrapped with the worker's traceback as text, and torch then takes 5 s to shut that worker down."""
+    try:
+        yield from batches
+    except StreamError as exn:
+        yield {"stream_error": str(exn)}
+
+
+class BatchLoader:
+    """Iterates a DataLoader over a ShardStream, raising a worker's StreamError here as itself."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.loader:
+            if "stream_error" in batch:
+                raise StreamError(batch["stream_error"])
+            yield batch
+
+
 def _as_cursor(cursor: Cursor | dict | None) -> Cursor:
     if cursor is None:
         return Cursor()
     return cursor if isinstance(cursor, Cursor) else Cursor.from_state_dict(cursor)
 
 
-def _loader(dataset: ShardStream, num_workers: int) -> DataLoader:
+def _loader(dataset: ShardStream, num_workers: int) -> BatchLoader:
     # batch_size=None: batches are collated inside the worker, so a batch never mixes workers.
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
+    return BatchLoader(DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                  persistent_workers=num_workers > 0))
 
 
 def make_loader(cfg: StreamConfig, rank: int, world_size: int, cursor: Cursor | dict | None = None

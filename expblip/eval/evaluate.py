@@ -34,7 +34,7 @@ from expblip.data.shards import resolve_shards
 from expblip.eval.metrics import au_f1, emotion_accuracy
 from expblip.eval.parse import parse_caption
 from expblip.model.blip2 import GenerationConfig
-from expblip.serve.captioner import Captioner
+from expblip.serve.captioner import Captioner, resolve_export
 
 SAMPLES_KEPT = 20  # examples stored in the result and the report
 
@@ -129,9 +129,11 @@ def _batches(shards: str, image_size: int, batch_size: int, limit: int | None) -
 
 
 def _expected_samples(shards: str, limit: int | None) -> int | None:
+    """Samples the progress bar expects: the manifest's count, cut to ``limit`` (None when unknown)."""
     _, counts = resolve_shards(shards)
-    total = sum(counts) if counts else None
-    return min(total, limit) if total is not None and limit is not None else (total if total is not None else limit)
+    if counts is None:
+        return limit
+    return sum(counts) if limit is None else min(sum(counts), limit)
 
 
 # ---------------------------------------------------------------- the evaluation
@@ -161,9 +163,11 @@ def evaluate_export(export_dir: str | Path, shards: str, aus: Sequence[int] = DA
                     progress: bool = True) -> dict:
     """Caption the held-out shards with the export and score model and constant-caption baseline.
 
-    Returns {"model": scores, "baseline": scores + caption, "samples": first 20 {key, caption, truth}, "settings"}.
+    ``export_dir`` may also be a run directory (its export/ is used). Returns {"model": scores, "baseline": scores +
+    caption + caption_source, "samples": the first 20 {key, caption, truth}, "settings"}.
     """
-    captioner = Captioner.from_export(export_dir, device=device)
+    resolve_shards(shards)  # a wrong shard URL fails before the model loads
+    captioner = Captioner.from_export(resolve_export(export_dir), device=device)
     run = generate_for_shards(captioner, shards, gen, limit, batch_size, progress)
     labels = [_label_fields(lab) for lab in run["labels"]]
     source = "train" if baseline_captions else "held-out references (optimistic: uses the test labels)"

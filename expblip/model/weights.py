@@ -13,10 +13,9 @@ from pathlib import Path
 import torch
 from transformers import Blip2Config, Blip2ForConditionalGeneration
 
+from expblip.data.stream import CLIP_MEAN, CLIP_STD  # noqa: F401 - re-exported for serve
 from expblip.model.tokenizer import caption_end_id, load_tokenizer
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PREFIX = "blip2."  # CaptionModel wraps the HF model under this attribute
 
 

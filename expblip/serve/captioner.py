@@ -14,6 +14,7 @@ Nothing here imports Ray or DeepSpeed (DESIGN.md, wall 2): only the export direc
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,15 +75,22 @@ def load_image(path: str | Path) -> Image.Image:
     expands to gigabytes) is refused without allocating it.
     """
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # PIL warns above MAX_IMAGE_PIXELS; the check below refuses instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             width, height = img.size
             if width * height > _pixel_limit():
                 raise ImageError(path, f"{width}x{height} = {width * height} pixels is above the decompression-bomb "
                                        f"limit {_pixel_limit()} (PIL.Image.MAX_IMAGE_PIXELS); downscale it first")
             img.load()
             return img.convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError) as err:
-        raise ImageError(path, f"not a readable image ({type(err).__name__})") from err
+    except Image.DecompressionBombError as err:  # PIL's own hard limit (2x MAX_IMAGE_PIXELS)
+        raise ImageError(path, f"above the decompression-bomb limit ({err})") from err
+    except UnidentifiedImageError as err:
+        raise ImageError(path, "not an image (PIL cannot identify its format)") from err
+    except FileNotFoundError:
+        raise
     except OSError as err:  # truncated or corrupt files
         raise ImageError(path, f"cannot decode image ({err})") from err
 

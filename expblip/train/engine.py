@@ -18,6 +18,7 @@ from torch import nn
 
 from expblip.config import Config, ConfigError
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 _FILLED_BY_US = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                  "gradient_clipping", "optimizer", "scheduler")
 
@@ -43,6 +44,8 @@ def _free_port() -> int:
 def load_ds_config(path: str) -> dict:
     """Read a policy JSON; numbers that our config owns must not be set there (one source of truth)."""
     file = Path(path)
+    if not file.is_file() and not file.is_absolute() and (REPO_ROOT / file).is_file():
+        file = REPO_ROOT / file  # the shipped policies, from any working directory
     if not file.is_file():
         raise ConfigError(f"DeepSpeed config {path} (train.ds_config / --deepspeed) does not exist; "
                           "use one of ds_configs/zero3.json, zero2.json, zero3_offload.json")

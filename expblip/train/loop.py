@@ -12,6 +12,7 @@ CPU run (2 ranks):  deepspeed --num_gpus 2 launch/finetune.py --deepspeed ds_con
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ import torch.distributed as dist
 import yaml
 
 from expblip.config import Config, ConfigError, dump_config, to_dict
+from expblip.data.shards import resolve_shards
 from expblip.data.stream import Cursor, iterate_once, make_loader
 from expblip.model.blip2 import CaptionModel, apply_freezing, blip2_config, build_model, caption_inputs
 from expblip.model.tokenizer import load_tokenizer, train_caption_tokenizer, wrap
@@ -57,7 +59,14 @@ class Run:
 # ---------------------------------------------------------------- setup
 
 
+def preflight(cfg: Config) -> None:
+    """Checks that fail fast, before any process group, worker or file: shards and the DeepSpeed policy."""
+    resolve_shards(cfg.data.train.shards)
+    ds_engine.load_ds_config(cfg.train.ds_config)
+
+
 def setup(cfg: Config, report: Reporter | None = None) -> Run:
+    preflight(cfg)
     rank, world = ds_engine.init_distributed()
     ds_config = ds_engine.resolve_ds_config(cfg, world)
     run_dir = Path(cfg.train.run_dir)
@@ -230,9 +239,10 @@ def train(cfg: Config, report: Reporter | None = None) -> dict:
     metrics: dict = {}
     tick, since = time.perf_counter(), run.step
     try:
-        while run.step < cfg.train.max_steps:
+        end = min(cfg.train.max_steps, cfg.train.stop_after or cfg.train.max_steps)
+        while run.step < end:
             loss = train_step(run)
-            last = run.step == cfg.train.max_steps
+            last = run.step == end
             if run.step % cfg.train.log_every == 0 or last:
                 metrics = _global_metrics(run, loss, time.perf_counter() - tick, run.step - since)
                 _log(run, metrics)
@@ -253,6 +263,8 @@ def _log(run: Run, metrics: dict) -> None:
     run.tracker.log_metrics(metrics, step=run.step)
     if run.rank == 0:
         run.history.append((run.step, metrics["loss"]))
+        with open(Path(run.cfg.train.run_dir) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": run.step, **metrics}) + "\n")
         print(f"[expblip] step {run.step}/{run.cfg.train.max_steps} loss {metrics['loss']:.4f} "
               f"lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s "
               f"skipped {int(metrics['data.skipped.total'])}", flush=True)

@@ -11,8 +11,6 @@ import os
 from pathlib import Path
 
 from expblip.config import Config, ConfigError, from_dict, to_dict
-from expblip.data.shards import resolve_shards
-from expblip.train.engine import load_ds_config
 from expblip.train.tracking import check_reachable, tracking_uri
 
 # Variables the workers need to see as the driver does (never logged: they may hold credentials).
@@ -35,8 +33,9 @@ def absolute_paths(cfg: Config) -> Config:
 
 def preflight(cfg: Config) -> None:
     """Fail on the driver, naming the thing: shards, DeepSpeed config, tracking server."""
-    resolve_shards(cfg.data.train.shards)
-    load_ds_config(cfg.train.ds_config)
+    from expblip.train.loop import preflight as loop_preflight
+
+    loop_preflight(cfg)
     if cfg.tracking.enabled:
         check_reachable(tracking_uri(cfg.tracking, cfg.train.run_dir))
 

@@ -1,0 +1,64 @@
+"""Shared fixtures: the environment of STACK.md, tiny synthetic shards, and helpers to run the launchers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENV_DEFAULTS = {
+    "OMP_NUM_THREADS": "1",
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
+    "DS_ACCELERATOR": "cpu",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+for _k, _v in ENV_DEFAULTS.items():
+    os.environ.setdefault(_k, _v)
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests use stores under tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> dict[str, Path]:
+    """256 training faces (4 shards of 64) and 64 held-out faces, written once per session."""
+    from expblip.data.shards import write_shards
+    from expblip.data.synthetic import synthetic_records
+
+    root = tmp_path_factory.mktemp("shards")
+    write_shards(synthetic_records(256, seed=0), str(root / "train"), samples_per_shard=64, progress=False)
+    write_shards(synthetic_records(64, seed=0, split="test"), str(root / "test"), samples_per_shard=32,
+                 progress=False)
+    return {"train": root / "train", "test": root / "test"}
+
+
+def run_launcher(args: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command from the repository root with the test environment; output captured as text."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def deepspeed_cmd(*args: str, ranks: int = 2) -> list[str]:
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+            "--master_port", str(_free_port()), "launch/finetune.py", *args]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Rank 0's metrics.jsonl of a run, one dict per logged step."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

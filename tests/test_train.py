@@ -1,0 +1,99 @@
+"""The spine under DeepSpeed ZeRO-3 on 2 CPU ranks: learning, freezing, exact resume, MLflow, both launchers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import deepspeed_cmd, read_metrics, run_launcher
+from expblip.model.weights import read_state
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def init_export(tiny_shards, tmp_path_factory) -> Path:
+    """Random tiny BLIP-2 + a tokenizer trained on the shards' captions, exported as the initial weights."""
+    from expblip.data.stream import StreamConfig, iterate_once
+    from expblip.model.blip2 import ModelConfig, build_model
+    from expblip.model.tokenizer import train_caption_tokenizer
+    from expblip.model.weights import export_hf
+
+    captions = [c for b in iterate_once(StreamConfig(shards=str(tiny_shards["train"]))) for c in b["captions"]]
+    tok = train_caption_tokenizer(captions, vocab_size=256)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(), tok)
+    return export_hf(model.state_dict(), model.config, tok, tmp_path_factory.mktemp("init") / "export")
+
+
+def common(tiny_shards, init_export) -> list[str]:
+    return [f"data.train.shards={tiny_shards['train']}", "data.train.batch_size=8", f"model.weights={init_export}",
+            "model.dropout=0.0", "optim.lr=3e-3", "optim.min_lr=1e-4", "optim.warmup_steps=2", "train.max_steps=24",
+            "train.log_every=1", "train.ckpt_every=12", "tracking.experiment=spine"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_shards, init_export, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("full")
+    proc = run_launcher(deepspeed_cmd("--deepspeed", "ds_configs/zero3.json", *common(tiny_shards, init_export),
+                                      f"train.run_dir={run_dir}"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir
+
+
+def test_loss_falls_frozen_towers_identical_trainable_changed(full_run, init_export):
+    losses = [m["loss"] for m in read_metrics(full_run)]
+    assert len(losses) == 24
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+    before, after = read_state(init_export), read_state(full_run / "export")
+    frozen = [k for k in before if k.startswith(("vision_model.", "language_model."))]
+    trained = [k for k in before if k.startswith(("qformer.", "query_tokens", "language_projection."))]
+    assert frozen and trained
+    assert all(torch.equal(before[k], after[k]) for k in frozen)  # bit-identical after ZeRO-3 partitioning
+    changed = [k for k in trained if not torch.equal(before[k], after[k])]
+    assert len(changed) > 0.9 * len(trained)
+
+
+def test_stopped_run_resumes_at_next_step_with_same_trajectory(full_run, tiny_shards, init_export, tmp_path):
+    args = [*common(tiny_shards, init_export), f"train.run_dir={tmp_path}"]
+    first = run_launcher(deepspeed_cmd("--deepspeed", "ds_configs/zero3.json", *args, "train.stop_after=12"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 13))
+    second = run_launcher(deepspeed_cmd("--deepspeed", "ds_configs/zero3.json", *args))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "start step 12" in second.stdout
+    resumed = read_metrics(tmp_path)
+    assert [m["step"] for m in resumed] == list(range(1, 25))  # continues at 13, nothing repeated
+    reference = read_metrics(full_run)
+    for got, want in zip(resumed, reference, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4, abs=1e-5), (got["step"], got, want)
+        assert got["lr"] == pytest.approx(want["lr"], rel=1e-6)
+    a, b = read_state(tmp_path / "export"), read_state(full_run / "export")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in b)
+
+
+def test_mlflow_run_holds_params_and_per_step_metrics(full_run):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{full_run / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("spine").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["optim.lr"] == "0.003" and run.data.params["train.stage"] == "stage2"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 25))
+    for name in ("lr", "samples_per_s", "data.skipped.total"):
+        assert len(client.get_metric_history(run.info.run_id, name)) == 24
+    assert {"config.yaml", "ds_config.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_ray_train_path_gives_the_same_first_losses(full_run, tiny_shards, init_export, tmp_path):
+    proc = run_launcher([sys.executable, "launch/pretrain.py", *common(tiny_shards, init_export),
+                         f"train.run_dir={tmp_path}", "train.stop_after=3", "ray.num_workers=2"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ray_losses = [m["loss"] for m in read_metrics(tmp_path)]
+    ds_losses = [m["loss"] for m in read_metrics(full_run)][:3]
+    assert ray_losses == pytest.approx(ds_losses, rel=1e-4)
