@@ -4,6 +4,8 @@
     python launch/describe.py --model runs/stage2 demo/faces/ face.png
     # JSON lines, nucleus sampling instead of beam search
     python launch/describe.py --model runs/stage2/export face.png --json --sample
+    # whole photos: describe the square around the largest face (adds [face: x,y WxH] or "none found")
+    python launch/describe.py --model runs/stage2 --crop-face photos/
     # GPU, wider beams
     python launch/describe.py --model runs/stage2 --device cuda --beams 8 --batch-size 64 demo/faces/
 
@@ -29,6 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="random seed for --sample")
     parser.add_argument("--batch-size", type=int, default=16, help="images captioned together")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--crop-face", action="store_true",
+                        help="describe the square around the largest detected face (centre square if none)")
     return parser.parse_args(argv)
 
 
@@ -45,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         list_images(args.images)  # report a missing path before the model loads
         captioner = Captioner.from_export(export, device=args.device)
         torch.manual_seed(args.seed)
-        for path, description in describe_files(captioner, args.images, gen, args.batch_size):
+        for path, description in describe_files(captioner, args.images, gen, args.batch_size, args.crop_face):
             print(format_description(path, description, as_json=args.json), flush=True)
     except (OSError, ValueError) as err:  # FileNotFoundError, ImageError: both name the path
         print(f"error: {err}", file=sys.stderr)

@@ -131,8 +131,12 @@ def s3_bucket(monkeypatch):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()
-    for name, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for name, value in {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(name, value)
     boto3.client("s3").create_bucket(Bucket="shards")
     yield "s3://shards"
@@ -140,7 +144,7 @@ def s3_bucket(monkeypatch):
 
 
 def test_s3_round_trip_and_stream(s3_bucket):
-    from expblip.data.stream import StreamConfig, make_loader
+    from expblip.data.stream import StreamConfig, iterate_once, make_loader
 
     records = make_records(9)
     out = f"{s3_bucket}/tiny/train"
@@ -155,3 +159,6 @@ def test_s3_round_trip_and_stream(s3_bucket):
     loader = iter(make_loader(StreamConfig(shards=out, batch_size=3, image_size=8), rank=0, world_size=1))
     keys = [k for _ in range(3) for k in next(loader)["keys"]]
     assert sorted(keys) == [r["key"] for r in records]
+    # Forked DataLoader workers open S3 too (fsspec drops its cached clients after a fork).
+    batches = list(iterate_once(StreamConfig(shards=out, batch_size=3, image_size=8, num_workers=2)))
+    assert sorted(k for b in batches for k in b["keys"]) == [r["key"] for r in records]

@@ -182,8 +182,15 @@ class _HashingWriter:
 def _new_manifest(samples_per_shard: int, max_shard_bytes: int, meta: dict | None) -> dict:
     # json round trip: a tuple in meta must compare equal to the list read back on resume
     meta = json.loads(json.dumps(meta or {}))
-    return {"format": FORMAT, "version": FORMAT_VERSION, "complete": False, "meta": meta, "shards": [],
-            "samples_per_shard": samples_per_shard, "max_shard_bytes": max_shard_bytes}
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "complete": False,
+        "meta": meta,
+        "shards": [],
+        "samples_per_shard": samples_per_shard,
+        "max_shard_bytes": max_shard_bytes,
+    }
 
 
 def _finish_manifest(manifest: dict) -> dict:
@@ -243,8 +250,9 @@ def _skip_written(records: Iterator[dict], shards: list[dict], out: str, bar: tq
         bar.update(entry["samples"])
 
 
-def _write_one_shard(url: str, first: dict, samples: Iterator[dict], limits: tuple[int, int], bar: tqdm
-                     ) -> tuple[dict, dict | None]:
+def _write_one_shard(
+    url: str, first: dict, samples: Iterator[dict], limits: tuple[int, int], bar: tqdm
+) -> tuple[dict, dict | None]:
     """Writes ``first`` and following samples until a limit; returns (manifest entry, the sample that did not fit)."""
     import webdataset as wds  # heavy import, needed only when writing
 
@@ -263,8 +271,14 @@ def _write_one_shard(url: str, first: dict, samples: Iterator[dict], limits: tup
                 keys.append(pending["__key__"])
                 bar.update(1)
                 pending = next(samples, None)
-    entry = {"url": posixpath.basename(path), "samples": count, "bytes": sink.nbytes,
-             "sha256": sink.sha.hexdigest(), "first_key": keys[0], "last_key": keys[-1]}
+    entry = {
+        "url": posixpath.basename(path),
+        "samples": count,
+        "bytes": sink.nbytes,
+        "sha256": sink.sha.hexdigest(),
+        "first_key": keys[0],
+        "last_key": keys[-1],
+    }
     return entry, pending
 
 
@@ -325,8 +339,10 @@ def read_manifest(url: str) -> dict:
                 f"no {MANIFEST} at {murl}: writing the shards was interrupted; re-run the same make_shards command "
                 "to resume it"
             ) from None
-        raise FileNotFoundError(f"no shard manifest at {murl}; {MAKE_SHARDS_HINT}, or pass a brace pattern "
-                                "such as DIR/shard-{000000..000009}.tar") from None
+        raise FileNotFoundError(
+            f"no shard manifest at {murl}; {MAKE_SHARDS_HINT}, or pass a brace pattern "
+            "such as DIR/shard-{000000..000009}.tar"
+        ) from None
     except (ValueError, UnicodeDecodeError) as exn:
         raise ValueError(f"{murl} is not valid JSON ({exn}); {MAKE_SHARDS_HINT}") from None
     if manifest.get("format") != FORMAT or manifest.get("version", 0) > FORMAT_VERSION:

@@ -24,7 +24,7 @@ ranks (or workers) the split falls back to interleaving samples of shared shards
     for batch in loader:
         ...  # train on batch["pixel_values"] (B,3,S,S) and batch["captions"]
         cursor.update(batch["cursor"])      # after the batch is consumed
-        state["data_cursor"] = cursor.state_dict()   # saved with the checkpoint
+        state["data_cursor"] = cursor.state_dict()   # saved with the checkpoint, one per rank
 """
 
 from __future__ import annotations
@@ -55,8 +55,15 @@ log = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-ERROR_KINDS = ("truncated_tar", "bad_image", "too_many_pixels", "missing_caption", "bad_json", "missing_image",
-               "shard_unreadable")
+ERROR_KINDS = (
+    "truncated_tar",
+    "bad_image",
+    "too_many_pixels",
+    "missing_caption",
+    "bad_json",
+    "missing_image",
+    "shard_unreadable",
+)
 SHARD_ERRORS = ("truncated_tar", "shard_unreadable")  # each also counts as one unit read, so rates stay <= 1
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 OPEN_TRIES = 3
@@ -145,8 +152,16 @@ def _rng(*parts: Any) -> random.Random:
     return random.Random(":".join(str(p) for p in parts))
 
 
-def rank_slices(shards: list[str], counts: list[int] | None, seed: int, epoch: int, rank: int, world: int,
-                shuffle: bool = True, pad: bool = True) -> list[ShardSlice]:
+def rank_slices(
+    shards: list[str],
+    counts: list[int] | None,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world: int,
+    shuffle: bool = True,
+    pad: bool = True,
+) -> list[ShardSlice]:
     """This rank's shards for ``epoch``: the shared seeded order split by rank, padded to the largest rank's size."""
     order = list(shards)
     if shuffle:
@@ -160,8 +175,17 @@ def rank_slices(shards: list[str], counts: list[int] | None, seed: int, epoch: i
     return pad_slices(mine, by_url, target)
 
 
-def plan_worker_shards(shards: list[str], counts: list[int] | None, cfg: StreamConfig, epoch: int, rank: int,
-                       world: int, worker: int, workers: int, finite: bool = False) -> list[ShardSlice]:
+def plan_worker_shards(
+    shards: list[str],
+    counts: list[int] | None,
+    cfg: StreamConfig,
+    epoch: int,
+    rank: int,
+    world: int,
+    worker: int,
+    workers: int,
+    finite: bool = False,
+) -> list[ShardSlice]:
     """The shard slices worker ``worker`` of ``rank`` reads in ``epoch`` (finite = one unshuffled, unpadded pass)."""
     if cfg.resampled and not finite:
         rng = _rng(cfg.seed, epoch, rank, worker, "resample")
@@ -382,8 +406,13 @@ def swap_left_right(text: str) -> str:
     return _SIDE.sub(swap, text)
 
 
-def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator, scale: tuple[float, float] = (0.8, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
+def random_resized_crop(
+    img: Image.Image,
+    size: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.8, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Image.Image:
     """torchvision's RandomResizedCrop: a random area/aspect box (10 tries, else the centre), resized bicubic."""
     width, height = img.size
     area = width * height
@@ -410,8 +439,9 @@ def _key_seed(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def transform(image: Image.Image, captions: list[str], cfg: StreamConfig, epoch: int, key: str
-              ) -> tuple[torch.Tensor, str]:
+def transform(
+    image: Image.Image, captions: list[str], cfg: StreamConfig, epoch: int, key: str
+) -> tuple[torch.Tensor, str]:
     """(pixels [3,S,S], caption): caption choice, crop and flip drawn from a generator seeded by (seed, epoch, key)."""
     rng = np.random.default_rng([cfg.seed, epoch, _key_seed(key)])
     caption = captions[int(rng.integers(len(captions)))]
@@ -434,10 +464,16 @@ class Cursor:
     checkpoint, and pass that state (or the Cursor) to ``make_loader`` to continue exactly where training stopped.
     """
 
-    def __init__(self, positions: dict[int, tuple[int, int]] | None = None, num_workers: int | None = None,
-                 world_size: int | None = None, epoch: int = 0) -> None:
+    def __init__(
+        self,
+        positions: dict[int, tuple[int, int]] | None = None,
+        num_workers: int | None = None,
+        world_size: int | None = None,
+        epoch: int = 0,
+        rank: int | None = None,
+    ) -> None:
         self.positions = dict(positions or {})  # worker → (epoch, index of the next sample)
-        self.num_workers, self.world_size = num_workers, world_size  # the layout the positions refer to
+        self.num_workers, self.world_size, self.rank = num_workers, world_size, rank  # the layout of the positions
         self.epoch = epoch  # where workers without a position start
 
     def update(self, batch_cursor: dict) -> None:
@@ -445,6 +481,7 @@ class Cursor:
         self.positions[int(batch_cursor["worker"])] = (int(batch_cursor["epoch"]), int(batch_cursor["index"]))
         self.num_workers = batch_cursor.get("num_workers", self.num_workers)
         self.world_size = batch_cursor.get("world_size", self.world_size)
+        self.rank = batch_cursor.get("rank", self.rank)
 
     def position(self, worker: int) -> tuple[int, int]:
         """(epoch, samples to skip) for ``worker``."""
@@ -452,21 +489,31 @@ class Cursor:
 
     def state_dict(self) -> dict:
         """JSON-able state."""
-        return {"epoch_index": {str(w): list(p) for w, p in sorted(self.positions.items())},
-                "num_workers": self.num_workers, "world_size": self.world_size, "epoch": self.epoch}
+        return {
+            "epoch_index": {str(w): list(p) for w, p in sorted(self.positions.items())},
+            "num_workers": self.num_workers,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "epoch": self.epoch,
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict) -> Cursor:
         """The inverse of ``state_dict``."""
         positions = {int(w): (int(p[0]), int(p[1])) for w, p in state.get("epoch_index", {}).items()}
-        return cls(positions, state.get("num_workers"), state.get("world_size"), int(state.get("epoch", 0)))
+        layout = state.get("num_workers"), state.get("world_size")
+        return cls(positions, *layout, epoch=int(state.get("epoch", 0)), rank=state.get("rank"))
 
     def at_epoch_start(self) -> Cursor:
         """A layout-free cursor at the start of the earliest epoch in progress (repeats part of that epoch)."""
         return Cursor(epoch=min((e for e, _ in self.positions.values()), default=self.epoch))
 
-    def check_layout(self, num_workers: int, world_size: int) -> None:
+    def check_layout(self, num_workers: int, world_size: int, rank: int) -> None:
         """Positions are per (rank split, worker split): resuming under another layout would repeat or skip data."""
+        if self.positions and self.rank is not None and self.rank != rank:
+            raise ValueError(
+                f"rank {rank} was given the data cursor of rank {self.rank}: every rank must save and restore its own"
+            )
         saved = (self.num_workers, self.world_size)
         if self.positions and saved != (num_workers, world_size):
             raise ValueError(
@@ -483,8 +530,16 @@ class Cursor:
 class ShardStream(IterableDataset):
     """The per-worker pipeline (see the module docstring); yields collated batches."""
 
-    def __init__(self, cfg: StreamConfig, shards: list[str], counts: list[int] | None, rank: int, world_size: int,
-                 start: Cursor, finite: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: StreamConfig,
+        shards: list[str],
+        counts: list[int] | None,
+        rank: int,
+        world_size: int,
+        start: Cursor,
+        finite: bool = False,
+    ) -> None:
         super().__init__()
         self.cfg, self.shards, self.counts, self.start, self.finite = cfg, shards, counts, start, finite
         self.rank, self.world_size = rank, world_size
@@ -500,15 +555,17 @@ class ShardStream(IterableDataset):
         return _errors_as_batches(self._batches(samples, worker, workers, errors))
 
     def _epoch_samples(self, epoch: int, worker: int, workers: int, errors: ErrorCounter) -> Iterator[dict]:
-        slices = plan_worker_shards(self.shards, self.counts, self.cfg, epoch, self.rank, self.world_size,
-                                    worker, workers, finite=self.finite)
+        slices = plan_worker_shards(
+            self.shards, self.counts, self.cfg, epoch, self.rank, self.world_size, worker, workers, finite=self.finite
+        )
         samples = read_slices(slices, errors)
         if self.finite:
             return samples
         return shuffled(samples, self.cfg.shuffle_buffer, _rng(self.cfg.seed, epoch, self.rank, worker, "samples"))
 
-    def _numbered(self, worker: int, workers: int, epoch: int, skip: int, errors: ErrorCounter
-                  ) -> Iterator[tuple[int, int, dict]]:
+    def _numbered(
+        self, worker: int, workers: int, epoch: int, skip: int, errors: ErrorCounter
+    ) -> Iterator[tuple[int, int, dict]]:
         """(epoch, index, raw sample) from ``epoch`` on, skipping the first ``skip`` samples undecoded."""
         while True:
             n, skipped_before = 0, errors.skipped
@@ -527,8 +584,9 @@ class ShardStream(IterableDataset):
                 )
             epoch, skip = epoch + 1, 0
 
-    def _decoded(self, numbered: Iterator[tuple[int, int, dict]], errors: ErrorCounter
-                 ) -> Iterator[tuple[int, int, dict]]:
+    def _decoded(
+        self, numbered: Iterator[tuple[int, int, dict]], errors: ErrorCounter
+    ) -> Iterator[tuple[int, int, dict]]:
         """(epoch, index, sample ready for collation); bad samples are counted and left out."""
         for epoch, index, raw in numbered:
             errors.sample()
@@ -540,14 +598,16 @@ class ShardStream(IterableDataset):
                 continue
             yield epoch, index, {"pixel_values": pixels, "caption": caption, "labels": labels, "key": raw["__key__"]}
 
-    def _batches(self, samples: Iterator[tuple[int, int, dict]], worker: int, workers: int, errors: ErrorCounter
-                 ) -> Iterator[dict]:
+    def _batches(
+        self, samples: Iterator[tuple[int, int, dict]], worker: int, workers: int, errors: ErrorCounter
+    ) -> Iterator[dict]:
         """Groups ``batch_size`` samples of this worker; a finite stream also yields its last, smaller batch."""
         batches = self._grouped(samples, worker, workers, errors)
         return _with_final_errors(batches, errors) if self.finite else batches
 
-    def _grouped(self, samples: Iterator[tuple[int, int, dict]], worker: int, workers: int, errors: ErrorCounter
-                 ) -> Iterator[dict]:
+    def _grouped(
+        self, samples: Iterator[tuple[int, int, dict]], worker: int, workers: int, errors: ErrorCounter
+    ) -> Iterator[dict]:
         items: list[tuple[int, int, dict]] = []
         for item in samples:
             items.append(item)
@@ -560,11 +620,22 @@ class ShardStream(IterableDataset):
     def _collate(self, items: list[tuple[int, int, dict]], worker: int, workers: int, errors: ErrorCounter) -> dict:
         epoch, index, _ = items[-1]
         samples = [s for _, _, s in items]
-        cursor = {"worker": worker, "epoch": epoch, "index": index + 1, "num_workers": workers,
-                  "world_size": self.world_size}
-        return {"pixel_values": torch.stack([s["pixel_values"] for s in samples]),  # [B, 3, S, S]
-                "captions": [s["caption"] for s in samples], "labels": [s["labels"] for s in samples],
-                "keys": [s["key"] for s in samples], "cursor": cursor, "errors": dict(errors.counts)}
+        cursor = {
+            "worker": worker,
+            "epoch": epoch,
+            "index": index + 1,
+            "num_workers": workers,
+            "world_size": self.world_size,
+            "rank": self.rank,
+        }
+        return {
+            "pixel_values": torch.stack([s["pixel_values"] for s in samples]),  # [B, 3, S, S]
+            "captions": [s["caption"] for s in samples],
+            "labels": [s["labels"] for s in samples],
+            "keys": [s["key"] for s in samples],
+            "cursor": cursor,
+            "errors": dict(errors.counts),
+        }
 
 
 def _with_final_errors(batches: Iterator[dict], errors: ErrorCounter) -> Iterator[dict]:
@@ -595,8 +666,12 @@ class BatchLoader:
         self.loader = loader
 
     def __iter__(self) -> Iterator[dict]:
-        for batch in self.loader:
+        batches = iter(self.loader)
+        while (batch := next(batches, None)) is not None:  # not `for`: its hidden reference would survive `del`
             if "stream_error" in batch:
+                # Shut the workers down now: left to the garbage collector inside the exception's reference cycle,
+                # their queues may be finalised first and each worker then lingers until torch's 5 s join timeout.
+                del batches
                 raise StreamError(batch["stream_error"])
             yield batch
 
@@ -608,17 +683,17 @@ def _as_cursor(cursor: Cursor | dict | None) -> Cursor:
 
 
 def _loader(dataset: ShardStream, num_workers: int) -> BatchLoader:
-    # batch_size=None: batches are collated inside the worker, so a batch never mixes workers.
-    return BatchLoader(DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                  persistent_workers=num_workers > 0))
+    # batch_size=None: batches are collated inside the worker, so a batch never mixes workers. No persistent
+    # workers: the loader is iterated once (epochs roll over inside the workers), and a persistent DataLoader would
+    # keep its iterator (and worker processes) alive after an error.
+    return BatchLoader(DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False))
 
 
-def make_loader(cfg: StreamConfig, rank: int, world_size: int, cursor: Cursor | dict | None = None
-                ) -> Iterable[dict]:
+def make_loader(cfg: StreamConfig, rank: int, world_size: int, cursor: Cursor | dict | None = None) -> Iterable[dict]:
     """An infinite iterable of batches for ``rank`` of ``world_size``, resuming at ``cursor`` (a Cursor state)."""
     shards, counts = resolve_shards(cfg.shards)
     start = _as_cursor(cursor)
-    start.check_layout(max(1, cfg.num_workers), world_size)
+    start.check_layout(max(1, cfg.num_workers), world_size, rank)
     return _loader(ShardStream(cfg, shards, counts, rank, world_size, start), cfg.num_workers)
 
 

@@ -1,12 +1,15 @@
 """Held-out evaluation of an export: generate captions, parse them into AUs and emotions, score against the labels.
 
-    result = evaluate_export("runs/stage2/export", "demo/shards/test", baseline_captions=training_captions(TRAIN))
-    write_report(result, "runs/stage2/eval")          # metrics.json + report.md
+    result = evaluate_export("runs/stage2/export", "demo/shards/test", baseline_captions=training_captions(TRAIN),
+                             caption_metrics=True)
+    write_report(result, "runs/stage2/eval")          # metrics.json + report.md + plots (expblip.eval.report)
     print(summary_line(result))   # held-out mean AU F1: 0.612 (constant-caption baseline: 0.143)
 
 Scoring follows expblip.eval.metrics: per-AU binary F1 (zero_division=0, every AU in ``aus`` stays in the mean)
 over the samples whose dataset labels AUs (``labels["aus"]`` is a list, possibly empty), and emotion accuracy over
-the samples that carry at least one emotion label.
+the samples that carry at least one emotion label (with the confusion matrix of the single-emotion samples).
+With ``caption_metrics`` the generated captions are also scored as text against all reference captions of each
+image (expblip.eval.caption_metrics: BLEU, METEOR, ROUGE-L, CIDEr, best-over-references and embedding similarity).
 
 The baseline is the *constant caption*: the single most frequent training caption (ties: the first seen), predicted
 for every held-out image and scored exactly like the model. It is what a captioner that ignores the image can
@@ -20,7 +23,6 @@ Nothing here imports Ray or DeepSpeed (DESIGN.md, wall 2).
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -29,10 +31,12 @@ import torch
 from tqdm.auto import tqdm
 
 from expblip.data import stream
-from expblip.data.facs import DATASET_AUS
+from expblip.data.facs import DATASET_AUS, EMOTIONS
 from expblip.data.shards import resolve_shards
-from expblip.eval.metrics import au_f1, emotion_accuracy
+from expblip.eval.caption_metrics import caption_scores
+from expblip.eval.metrics import au_f1, emotion_accuracy, emotion_confusion
 from expblip.eval.parse import parse_caption
+from expblip.eval.report import au_table, summary_line, write_report  # noqa: F401 - the report lives in report.py
 from expblip.model.blip2 import GenerationConfig
 from expblip.serve.captioner import Captioner, resolve_export
 
@@ -56,14 +60,23 @@ def evaluate_captions(captions: Sequence[str], labels: Sequence[dict], aus: Sequ
     f1 = None
     if au_rows:
         f1 = au_f1([set(labels[i]["aus"]) for i in au_rows], [set(parsed[i]["aus"]) for i in au_rows], list(aus))
-    accuracy = None
+    accuracy, confusion = None, None
     if emo_rows:
-        accuracy = emotion_accuracy([set(labels[i]["emotions"]) for i in emo_rows],
-                                    [set(parsed[i]["emotions"]) for i in emo_rows])
+        truth, pred = [set(labels[i]["emotions"]) for i in emo_rows], [set(parsed[i]["emotions"]) for i in emo_rows]
+        accuracy, confusion = emotion_accuracy(truth, pred), confusion_of(truth, pred)
     counts = {"samples": len(captions), "au_labelled": len(au_rows), "emotion_labelled": len(emo_rows),
               "nothing_parsed": sum(1 for p in parsed if not p["aus"] and not p["emotions"])}
     return {"mean_au_f1": f1["mean"] if f1 else None, "per_au_f1": f1["per_au"] if f1 else {},
-            "emotion_accuracy": accuracy, "counts": counts}
+            "emotion_accuracy": accuracy, "emotion_confusion": confusion, "counts": counts}
+
+
+def confusion_of(truth: Sequence[set[str]], pred: Sequence[set[str]]) -> dict | None:
+    """{"classes", "matrix" [true][predicted, last column "none"]} over the single-emotion samples (None if none)."""
+    seen = {next(iter(t)) for t in truth if len(t) == 1}
+    classes = [e for e in EMOTIONS if e in seen] + sorted(seen - set(EMOTIONS))
+    if not classes:
+        return None
+    return {"classes": classes, "matrix": emotion_confusion(truth, pred, classes).tolist()}
 
 
 def most_frequent_caption(captions: Sequence[str]) -> str:
@@ -103,7 +116,7 @@ def training_captions(shards: str, limit: int | None = None, lowercase: bool = T
     return [c.lower() if lowercase else c for c in captions]
 
 
-def _renormalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def renormalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Stream pixels are CLIP-normalised; re-normalise [B,3,S,S] to an export that uses another mean/std."""
     if tuple(mean) == tuple(stream.CLIP_MEAN) and tuple(std) == tuple(stream.CLIP_STD):
         return pixels
@@ -114,7 +127,7 @@ def _renormalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[floa
     return (pixels * col(stream.CLIP_STD) + col(stream.CLIP_MEAN) - col(mean)) / col(std)
 
 
-def _batches(shards: str, image_size: int, batch_size: int, limit: int | None) -> Iterator[dict]:
+def eval_batches(shards: str, image_size: int, batch_size: int, limit: int | None) -> Iterator[dict]:
     """Eval-transform batches of the shards, cut to ``limit`` samples in all."""
     cfg = stream.StreamConfig(shards=shards, train=False, batch_size=batch_size, image_size=image_size, shuffle_buffer=0)
     seen = 0
@@ -141,15 +154,18 @@ def _expected_samples(shards: str, limit: int | None) -> int | None:
 
 def generate_for_shards(captioner: Captioner, shards: str, gen: GenerationConfig | None = None,
                         limit: int | None = None, batch_size: int = 16, progress: bool = True) -> dict:
-    """{"keys", "captions" (generated), "references", "labels", "skipped"} over the shards (eval transforms)."""
-    out: dict = {"keys": [], "captions": [], "references": [], "labels": [], "skipped": {}}
+    """{"keys", "captions" (generated), "references" (the stream's pick), "all_references" (every caption of the
+    sample), "labels", "skipped"} over the shards (eval transforms)."""
+    out: dict = {"keys": [], "captions": [], "references": [], "all_references": [], "labels": [], "skipped": {}}
     bar = tqdm(total=_expected_samples(shards, limit), unit="img", desc="captioning", disable=not progress)
     with bar:
-        for batch in _batches(shards, captioner.image_size, batch_size, limit):
-            pixels = _renormalise(batch["pixel_values"], captioner.mean, captioner.std)
+        for batch in eval_batches(shards, captioner.image_size, batch_size, limit):
+            pixels = renormalise(batch["pixel_values"], captioner.mean, captioner.std)
             out["captions"].extend(captioner.caption_pixels(pixels, gen))
             for name, key in (("keys", "keys"), ("references", "captions"), ("labels", "labels")):
                 out[name].extend(batch[key])
+            pairs = zip(batch["labels"], batch["captions"], strict=True)
+            out["all_references"].extend(_all_captions(lab, ref) for lab, ref in pairs)
             out["skipped"] = dict(batch.get("errors", {}))  # cumulative counts of the (single) reader
             bar.update(len(batch["keys"]))
     if not out["keys"]:
@@ -157,14 +173,30 @@ def generate_for_shards(captioner: Captioner, shards: str, gen: GenerationConfig
     return out
 
 
+def _all_captions(labels: dict, picked: str) -> list[str]:
+    """Every reference caption of a sample: its JSON "captions", else the stream's (txt) caption."""
+    captions = labels.get("captions")
+    kept = [c for c in captions if isinstance(c, str) and c.strip()] if isinstance(captions, list) else []
+    return kept or [picked]
+
+
+def caption_text_scores(run: dict, baseline_caption: str, meteor: bool = True, device: str = "cpu") -> dict:
+    """{"model", "baseline"}: caption_scores of the generated and of the constant captions, all references."""
+    references = dict(enumerate(run["all_references"]))
+    model = caption_scores(dict(enumerate(run["captions"])), references, meteor=meteor, device=device)
+    baseline = caption_scores(dict.fromkeys(references, baseline_caption), references, meteor=meteor, device=device)
+    return {"model": model, "baseline": baseline}
+
+
 def evaluate_export(export_dir: str | Path, shards: str, aus: Sequence[int] = DATASET_AUS["synthetic"],
                     gen: GenerationConfig | None = None, limit: int | None = None,
                     baseline_captions: Sequence[str] | None = None, batch_size: int = 16, device: str = "cpu",
-                    progress: bool = True) -> dict:
+                    progress: bool = True, caption_metrics: bool = False, meteor: bool = True) -> dict:
     """Caption the held-out shards with the export and score model and constant-caption baseline.
 
     ``export_dir`` may also be a run directory (its export/ is used). Returns {"model": scores, "baseline": scores +
-    caption + caption_source, "samples": the first 20 {key, caption, truth}, "settings"}.
+    caption + caption_source, "samples": the first 20 {key, caption, truth}, "settings"} and, with
+    ``caption_metrics``, "captions": {"model", "baseline"} text scores (``meteor=False`` skips METEOR's JVM).
     """
     resolve_shards(shards)  # a wrong shard URL fails before the model loads
     captioner = Captioner.from_export(resolve_export(export_dir), device=device)
@@ -178,62 +210,13 @@ def evaluate_export(export_dir: str | Path, shards: str, aus: Sequence[int] = DA
                for k, c, r, lab in zip(run["keys"], run["captions"], run["references"], labels, strict=True)]
     settings = {"export": str(export_dir), "shards": shards, "aus": list(aus), "limit": limit,
                 "generation": dataclasses.asdict(gen or GenerationConfig())}
-    return {"model": model, "baseline": {**baseline, "caption_source": source},
-            "samples": samples[:SAMPLES_KEPT], "settings": settings}
+    result = {"model": model, "baseline": {**baseline, "caption_source": source},
+              "samples": samples[:SAMPLES_KEPT], "settings": settings}
+    if caption_metrics:
+        result["captions"] = caption_text_scores(run, baseline["caption"], meteor, device)
+    return result
 
 
 def _label_fields(labels: dict) -> dict:
     """The scored part of a sample's labels: {"aus", "emotions"} (None where the dataset does not label it)."""
     return {"aus": labels.get("aus"), "emotions": labels.get("emotions")}
-
-
-# ---------------------------------------------------------------- reporting
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-def au_table(result: dict) -> str:
-    """Markdown table of per-AU F1 for model and baseline, with the mean as the last row."""
-    model, base = result["model"], result["baseline"]
-    rows = ["| AU | model F1 | baseline F1 |", "|---:|---:|---:|"]
-    for au in sorted(model["per_au_f1"], key=int):
-        rows.append(f"| {au} | {_fmt(model['per_au_f1'][au])} | {_fmt(base['per_au_f1'].get(au))} |")
-    rows.append(f"| **mean** | **{_fmt(model['mean_au_f1'])}** | **{_fmt(base['mean_au_f1'])}** |")
-    return "\n".join(rows)
-
-
-def summary_line(result: dict) -> str:
-    """The one-line verdict: held-out mean AU F1 of the model and of the constant-caption baseline."""
-    return (f"held-out mean AU F1: {_fmt(result['model']['mean_au_f1'])} "
-            f"(constant-caption baseline: {_fmt(result['baseline']['mean_au_f1'])})")
-
-
-def _report_markdown(result: dict) -> str:
-    model, base, settings = result["model"], result["baseline"], result.get("settings", {})
-    lines = [f"# Held-out evaluation of {settings.get('export', 'an export')}", "",
-             f"Shards: `{settings.get('shards', '?')}`; samples: {model['counts']}.", "",
-             au_table(result), "",
-             f"Emotion accuracy: model {_fmt(model['emotion_accuracy'])}, baseline {_fmt(base['emotion_accuracy'])}.",
-             "", f"Constant-caption baseline (most frequent {base.get('caption_source', '')} caption): "
-             f"\"{base.get('caption', '')}\"", "", summary_line(result), "", "## Samples", "",
-             "| key | generated | reference | AUs | emotions |", "|---|---|---|---|---|"]
-    for s in result["samples"]:
-        t = s["truth"]
-        lines.append(f"| {s['key']} | {_cell(s['caption'])} | {_cell(t.get('caption', ''))} | {t.get('aus')} "
-                     f"| {t.get('emotions')} |")
-    return "\n".join(lines) + "\n"
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def write_report(result: dict, out_dir: str | Path) -> Path:
-    """Write ``metrics.json`` (the whole result) and ``report.md`` into ``out_dir``; returns the directory."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
-    (out / "report.md").write_text(_report_markdown(result))
-    return out

@@ -127,7 +127,7 @@ class CaptionModel(nn.Module):
         self.blip2 = blip2
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None) -> torch.Tensor:
-        if pixel_values is None:  # 'lm' stage: ids hold no <image> tokens
+        if pixel_values is None:  # 'lm' stage: <image> placeholders keep their (learned) token embedding
             return self.blip2.language_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         return self.blip2(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
                           labels=labels).loss

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Literal
 
 import numpy as np
 import torch
@@ -31,12 +32,19 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 PIL_DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default, used when Image.MAX_IMAGE_PIXELS has been set to None
 
 
-class ImageError(ValueError):
-    """A path that is not a readable image (or is too large to decode safely); the message names it."""
+ImageErrorKind = Literal["not_image", "too_large", "corrupt"]
 
-    def __init__(self, path: str | Path, reason: str):
+
+class ImageError(ValueError):
+    """A path that is not a readable image (or is too large to decode safely); the message names it.
+
+    ``kind`` says which, for callers that answer differently (the HTTP app: 415, 413, 422).
+    """
+
+    def __init__(self, path: str | Path, reason: str, kind: ImageErrorKind = "not_image"):
         super().__init__(f"{path}: {reason}")
         self.path = Path(path)
+        self.kind = kind
 
 
 # ---------------------------------------------------------------- images in
@@ -68,31 +76,37 @@ def _pixel_limit() -> int:
     return Image.MAX_IMAGE_PIXELS or PIL_DEFAULT_MAX_PIXELS
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path | IO[bytes], *, name: str | None = None, formats: Sequence[str] | None = None,
+               max_pixels: int | None = None) -> Image.Image:
     """Open one image as RGB; ImageError naming the path when it is not an image or exceeds the pixel limit.
 
     The size is read from the header before any pixel is decoded, so a decompression bomb (a small file that
-    expands to gigabytes) is refused without allocating it.
+    expands to gigabytes) is refused without allocating it. ``path`` may also be a binary file object (an upload),
+    named in errors by ``name``; ``formats`` restricts the PIL decoders tried (e.g. ``("PNG", "JPEG")``);
+    ``max_pixels`` lowers the pixel limit below PIL's.
     """
+    label = name if name is not None else path
+    limit = min(_pixel_limit(), max_pixels) if max_pixels else _pixel_limit()
     try:
         with warnings.catch_warnings():  # PIL warns above MAX_IMAGE_PIXELS; the check below refuses instead
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(path, formats=list(formats) if formats else None)
         with img:
             width, height = img.size
-            if width * height > _pixel_limit():
-                raise ImageError(path, f"{width}x{height} = {width * height} pixels is above the decompression-bomb "
-                                       f"limit {_pixel_limit()} (PIL.Image.MAX_IMAGE_PIXELS); downscale it first")
+            if width * height > limit:
+                raise ImageError(label, f"{width}x{height} = {width * height} pixels is above the decompression-bomb "
+                                        f"limit {limit} (PIL.Image.MAX_IMAGE_PIXELS); downscale it first", "too_large")
             img.load()
             return img.convert("RGB")
     except Image.DecompressionBombError as err:  # PIL's own hard limit (2x MAX_IMAGE_PIXELS)
-        raise ImageError(path, f"above the decompression-bomb limit ({err})") from err
+        raise ImageError(label, f"above the decompression-bomb limit ({err})", "too_large") from err
     except UnidentifiedImageError as err:
-        raise ImageError(path, "not an image (PIL cannot identify its format)") from err
+        what = f"one of {', '.join(formats)}" if formats else "an image"
+        raise ImageError(label, f"not {what} (PIL cannot identify its format)", "not_image") from err
     except FileNotFoundError:
         raise
     except OSError as err:  # truncated or corrupt files
-        raise ImageError(path, f"cannot decode image ({err})") from err
+        raise ImageError(label, f"cannot decode image ({err})", "corrupt") from err
 
 
 def load_images(paths: Iterable[str | Path]) -> list[tuple[Path, Image.Image]]:
@@ -182,21 +196,43 @@ class Captioner:
 
 
 def describe_files(captioner: Captioner, paths: Iterable[str | Path], gen: GenerationConfig | None = None,
-                   batch_size: int = 16) -> Iterator[tuple[Path, dict]]:
+                   batch_size: int = 16, crop_face: bool = False) -> Iterator[tuple[Path, dict]]:
     """(path, description) for every image named by ``paths``, loading only ``batch_size`` images at a time.
 
-    All paths are listed (and missing ones reported) before the first image is captioned.
+    All paths are listed (and missing ones reported) before the first image is captioned. With ``crop_face`` each
+    image is cut to the square around its largest face (expblip.serve.face) and the description gains
+    ``"face"``: the box in the image's pixels, or None when none was found and the centre square was described.
     """
     files = list_images(paths)
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
-        yield from zip(chunk, captioner.describe([load_image(p) for p in chunk], gen, batch_size), strict=True)
+        images = [load_image(p) for p in chunk]
+        faces: list[dict | None] = []
+        if crop_face:
+            from expblip.serve.face import crop_face as crop
+
+            crops = [crop(image) for image in images]
+            images = [c.image for c in crops]
+            faces = [c.face.as_dict() if c.face else None for c in crops]
+        described = captioner.describe(images, gen, batch_size)
+        if crop_face:
+            described = [{**d, "face": f} for d, f in zip(described, faces, strict=True)]
+        yield from zip(chunk, described, strict=True)
 
 
 def format_description(path: str | Path, description: dict, as_json: bool = False) -> str:
-    """One output line: ``path: caption  [AUs: 1, 2, 12] [emotion: happiness]``, or a JSON object."""
+    """One output line: ``path: caption  [AUs: 1, 2, 12] [emotion: happiness]``, or a JSON object.
+
+    A description from ``describe_files(crop_face=True)`` adds ``[face: 171,64 106x106]`` or
+    ``[face: none found, centre square]``.
+    """
     if as_json:
         return json.dumps({"path": str(path), **description}, ensure_ascii=False)
     aus = ", ".join(str(au) for au in description["aus"]) or "none"
     emotions = ", ".join(description["emotions"]) or "none"
-    return f"{path}: {description['caption']}  [AUs: {aus}] [emotion: {emotions}]"
+    line = f"{path}: {description['caption']}  [AUs: {aus}] [emotion: {emotions}]"
+    if "face" in description:
+        face = description["face"]
+        line += (f" [face: {face['x']},{face['y']} {face['width']}x{face['height']}]" if face
+                 else " [face: none found, centre square]")
+    return line

@@ -171,8 +171,10 @@ def _record_start(run: Run) -> None:
 def model_inputs(run: Run, batch: dict) -> dict:
     """Batch from the loader -> keyword arguments of CaptionModel.forward."""
     lm_only = run.cfg.train.stage == "lm"
-    num_query = 0 if lm_only else run.blip2_config.num_query_tokens
-    inputs = caption_inputs(run.tokenizer, batch["captions"], num_query, run.cfg.data.max_text_tokens)
+    # the 'lm' stage keeps the captioning layout (<image> placeholders, then </s> and the caption) so that the
+    # frozen LM later meets the query outputs at positions it was trained on
+    inputs = caption_inputs(run.tokenizer, batch["captions"], run.blip2_config.num_query_tokens,
+                            run.cfg.data.max_text_tokens)
     if not lm_only:
         pixels = batch["pixel_values"]
         inputs["pixel_values"] = pixels.to(torch.bfloat16) if run.engine.bfloat16_enabled() else pixels

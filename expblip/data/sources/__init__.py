@@ -1,15 +1,29 @@
 """Record sources: one converter per public dataset, plus the synthetic-face world.
 
-Every source is a function returning an iterator of records
-`{"key", "image", "labels": {"aus", "emotions", "dataset", "subject"}, "captions"}` (see expblip.data.shards).
+Every source is a function returning an iterator of records (see expblip.data.shards)::
+
+    {"key": str, "image": bytes (the file's own PNG/JPEG bytes) | PIL.Image (synthetic),
+     "labels": {"aus": sorted list[int] | None, "emotions": list[str] | None, "dataset": str,
+                "subject": str | None, "frame": int | None, ...dataset extras},
+     "captions": captions_for(labels, caption)}
+
+Real datasets take ``root``, ``split`` ("train" | "test" | "all"), ``caption`` and ``subsample`` (video datasets),
+plus ``test_fraction`` / ``split_seed`` / ``test_subjects`` where the dataset has no official split. Expected
+layouts, label formats and split rules: docs/datasets.md and each module's docstring.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from expblip.data.captions import CaptionConfig
+from expblip.data.sources import affectnet, bp4d, disfa, emotionet, faceme, gft, raf_au, rafdb
+from expblip.data.sources._common import image_in_test, subject_split
+from expblip.data.sources._video import subsample_mask
 from expblip.data.synthetic import synthetic_records
+
+__all__ = ["SOURCES", "CAPTION_STYLES", "records", "default_caption_style", "subject_split", "image_in_test",
+           "subsample_mask"]
 
 
 def synthetic(samples: int, seed: int = 0, split: str = "train", image_size: int = 64,
@@ -18,10 +32,37 @@ def synthetic(samples: int, seed: int = 0, split: str = "train", image_size: int
     return synthetic_records(samples, seed=seed, image_size=image_size, caption=caption, split=split)
 
 
-SOURCES = {"synthetic": synthetic}
+SOURCES: dict[str, Callable[..., Iterator[dict]]] = {
+    "synthetic": synthetic,
+    "bp4d": bp4d.records,
+    "disfa": disfa.records,
+    "gft": gft.records,
+    "raf_au": raf_au.records,
+    "emotionet": emotionet.records,
+    "affectnet": affectnet.records,
+    "rafdb": rafdb.records,  # the basic part (7 classes)
+    "rafdb_compound": rafdb.compound_records,
+    "faceme": faceme.records,
+}
+
+# The caption style a source's own labels support: AU datasets describe AUs, emotion datasets emotions.
+CAPTION_STYLES: dict[str, str] = {
+    "synthetic": "au", "bp4d": "au", "disfa": "au", "gft": "au", "raf_au": "au", "emotionet": "au",
+    "affectnet": "emotion", "rafdb": "emotion", "rafdb_compound": "emotion", "faceme": "emotion",
+}
+
+
+def _check(source: str) -> None:
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; choose one of {sorted(SOURCES)}")
+
+
+def default_caption_style(source: str) -> str:
+    """"au" for AU datasets, "emotion" for emotion datasets (captions of the other kind come from the other model)."""
+    _check(source)
+    return CAPTION_STYLES[source]
 
 
 def records(source: str, **options) -> Iterator[dict]:
-    if source not in SOURCES:
-        raise ValueError(f"unknown source {source!r}; choose one of {sorted(SOURCES)}")
+    _check(source)
     return SOURCES[source](**options)

@@ -1,0 +1,255 @@
+"""What every dataset converter shares: strict file access, split rules, lazy image bytes and skip accounting.
+
+Conventions (docs/datasets.md says the same for users):
+
+* A missing root, label file or image folder that the layout requires raises ``FileNotFoundError`` naming the path
+  and what was expected there. A malformed label line raises ``ValueError("FILE:LINE: what is wrong")``.
+* Bad *data* (a labelled image that is missing or is not PNG/JPEG, a duplicate entry, an AffectNet code 8-10) is
+  skipped and counted: the first few of each kind are logged with their path, a summary when the source ends.
+* Splits are ``train``, ``test`` or ``all``. Where a dataset ships an official split it is used; otherwise
+  :func:`subject_split` (video datasets, subject-exclusive) or :func:`image_in_test` (still images) decides.
+* Images are read one record at a time, when the record is built; nothing holds a dataset in memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from expblip.data.captions import CaptionConfig, captions_for
+from expblip.data.facs import DATASET_AUS
+
+log = logging.getLogger("expblip.data.sources")
+
+SPLITS = ("train", "test", "all")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_PNG_MAGIC, _JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
+_AU_COLUMN = re.compile(r"^(?:AU)?\s*0*(\d+)$", re.IGNORECASE)  # "1", "AU1", "AU01", "AU 1"
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")  # webdataset splits member names at the first dot
+_WARN_FIRST = 3  # skipped records logged one by one, per reason; the rest only in the summary
+DOCS = "see docs/datasets.md"
+Entry = tuple[str, Path, dict]  # (record key, image path, labels) of one still image
+
+
+# ---------------------------------------------------------------- files
+
+
+def require_root(root: str | Path | None, dataset: str, expected: str) -> Path:
+    """The dataset root as a Path; FileNotFoundError naming what was expected when it is missing."""
+    if not root:
+        raise FileNotFoundError(f"{dataset}: no dataset root given (pass --root DIR); expected {expected} ({DOCS})")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{dataset}: dataset root {path} is not a directory; expected {expected} ({DOCS})")
+    return path
+
+
+def require_file(path: Path, dataset: str, what: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{dataset}: missing {path}; expected {what} ({DOCS})")
+    return path
+
+
+def require_dir(path: Path, dataset: str, what: str) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{dataset}: missing directory {path}; expected {what} ({DOCS})")
+    return path
+
+
+def malformed(path: Path, lineno: int, problem: str) -> ValueError:
+    return ValueError(f"{path}:{lineno}: {problem}")
+
+
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, stripped text) of the non-blank lines; ``utf-8-sig`` drops a BOM left by Windows editors."""
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                yield lineno, line.strip()
+
+
+def csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line number, stripped cells) of the non-blank CSV rows; a broken quote raises ValueError naming the line."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exn:
+                raise malformed(path, reader.line_num, f"unreadable CSV ({exn})") from None
+            if any(cell.strip() for cell in row):
+                yield reader.line_num, [cell.strip() for cell in row]
+
+
+def parse_int(text: str, path: Path, lineno: int, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise malformed(path, lineno, f"{what} must be an integer, got {text!r}") from None
+
+
+def au_column(header: str) -> int | None:
+    """The AU number a column header names ("1", "AU1", "AU 01"), or None for any other column."""
+    match = _AU_COLUMN.match(header.strip())
+    return int(match.group(1)) if match else None
+
+
+def restrict_aus(aus: Iterable[int], dataset: str) -> list[int]:
+    """The AUs of ``dataset``'s labelled subset (facs.DATASET_AUS), sorted and unique."""
+    subset = DATASET_AUS[dataset]
+    return sorted({au for au in aus if au in subset})
+
+
+# ---------------------------------------------------------------- splits
+
+
+def check_split(split: str, dataset: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"{dataset}: split must be one of {SPLITS}, got {split!r}")
+
+
+def _rank(seed: int, name: str) -> str:
+    return hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()
+
+
+def _subject_of(item: str | dict) -> str:
+    if isinstance(item, str):
+        return item
+    subject = item.get("labels", item).get("subject")
+    if not subject:
+        raise ValueError(f"record {item.get('key')!r} has no subject; subject_split needs subject ids")
+    return subject
+
+
+def subject_split(records_or_subjects: Iterable[str | dict], test_fraction: float, seed: int = 0
+                  ) -> tuple[list[str], list[str]]:
+    """Deterministic subject-exclusive split: (train subjects, test subjects), each sorted.
+
+    The unique subjects are ranked by ``sha256(f"{seed}:{subject}")`` and the first ``round(test_fraction * n)``
+    (at least one, and never all, when 0 < test_fraction and n >= 2) form the test set. The result depends only on the
+    set of subjects and the seed, never on their order, so train and test conversions agree.
+    """
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    subjects = sorted({_subject_of(x) for x in records_or_subjects})
+    n_test = round(test_fraction * len(subjects))
+    if test_fraction > 0 and len(subjects) >= 2:
+        n_test = min(max(n_test, 1), len(subjects) - 1)
+    ranked = sorted(subjects, key=lambda s: _rank(seed, s))
+    return sorted(ranked[n_test:]), sorted(ranked[:n_test])
+
+
+def image_in_test(name: str, test_fraction: float, seed: int = 0) -> bool:
+    """Per-image split for still-image datasets without an official split: sha256(f"{seed}:{name}") < fraction."""
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    return int(_rank(seed, name)[:15], 16) / 16**15 < test_fraction
+
+
+def in_split(split: str, is_test: bool) -> bool:
+    return split == "all" or (split == "test") == is_test
+
+
+def parse_subject_list(test_subjects: str | Iterable[str]) -> set[str]:
+    """``test_subjects`` as a set: a file with one id per line, a comma-separated string, or an iterable of ids."""
+    if isinstance(test_subjects, str):
+        path = Path(test_subjects).expanduser()
+        if path.is_file():
+            return {text for _, text in text_lines(path) if not text.startswith("#")}
+        return {s.strip() for s in test_subjects.split(",") if s.strip()}
+    return {str(s) for s in test_subjects}
+
+
+def test_subject_set(dataset: str, subjects: Iterable[str], test_fraction: float, seed: int,
+                     test_subjects: str | Iterable[str] | None) -> set[str]:
+    """The test subjects: the given list (checked against the dataset's subjects) or :func:`subject_split`'s."""
+    subjects = set(subjects)
+    if test_subjects is None:
+        return set(subject_split(subjects, test_fraction, seed)[1])
+    chosen = parse_subject_list(test_subjects)
+    unknown = sorted(chosen - subjects)
+    if unknown:
+        raise ValueError(f"{dataset}: test subject(s) {unknown} are not in the dataset; "
+                         f"its subjects: {sorted(subjects)}")
+    return chosen
+
+
+def require_test_part(dataset: str, split: str, test_fraction: float, test_subjects: object = None) -> None:
+    if split == "test" and test_fraction == 0 and not test_subjects:
+        raise ValueError(f"{dataset}: split 'test' is empty with test_fraction=0; pass --test-fraction (e.g. 0.1)")
+
+
+# ---------------------------------------------------------------- records
+
+
+class Skips:
+    """Counts records skipped for bad data; logs the first few of each reason and a summary at the end."""
+
+    def __init__(self, dataset: str) -> None:
+        self.dataset, self.counts = dataset, Counter()
+
+    def add(self, reason: str, detail: str) -> None:
+        self.counts[reason] += 1
+        if self.counts[reason] <= _WARN_FIRST:
+            log.warning("%s: skipping %s (%s)", self.dataset, detail, reason)
+
+    def report(self, kept: int) -> None:
+        if self.counts:
+            summary = ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items()))
+            log.warning("%s: %d record(s) kept, %d skipped: %s", self.dataset, kept, self.counts.total(), summary)
+        else:
+            log.info("%s: %d record(s) kept", self.dataset, kept)
+
+
+def image_bytes(path: Path, skips: Skips) -> bytes | None:
+    """The file's own encoded bytes (read now, for this record only); None (skipped, counted) if unusable."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        skips.add("missing image", str(path))
+        return None
+    if not data.startswith((_PNG_MAGIC, _JPEG_MAGIC)):
+        skips.add("not a PNG/JPEG file", str(path))
+        return None
+    return data
+
+
+def record_key(dataset: str, *parts: str | int) -> str:
+    """A stable key ``dataset-part-part`` with anything but letters, digits, ``_`` and ``-`` replaced by ``_``."""
+    return "-".join([dataset, *(_KEY_UNSAFE.sub("_", str(p)).strip("_") or "_" for p in parts)])
+
+
+def make_record(key: str, image: bytes, labels: dict, caption: CaptionConfig) -> dict:
+    return {"key": key, "image": image, "labels": labels, "captions": captions_for(labels, caption)}
+
+
+def still_image_records(dataset: str, entries: Iterable[Entry], caption: CaptionConfig,
+                        skips: Skips | None = None) -> Iterator[dict]:
+    """Records from (key, image path, labels) entries: images read lazily, duplicates and bad images counted.
+
+    ``skips`` may be shared with the ``entries`` generator, so rows it drops appear in the same summary.
+    """
+    skips, seen, kept = skips or Skips(dataset), set(), 0
+    for key, path, labels in entries:
+        if key in seen:
+            skips.add("duplicate entry", key)
+            continue
+        seen.add(key)
+        data = image_bytes(path, skips)
+        if data is None:
+            continue
+        kept += 1
+        yield make_record(key, data, labels, caption)
+    skips.report(kept)
+
+
+def still_labels(dataset: str, aus: list[int] | None = None, emotions: list[str] | None = None, **extra) -> dict:
+    """The labels dict of a still image (no subject, no frame)."""
+    return {"aus": aus, "emotions": emotions, "dataset": dataset, "subject": None, "frame": None, **extra}

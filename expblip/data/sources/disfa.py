@@ -1,0 +1,105 @@
+"""DISFA → records (12 AUs: 1 2 4 5 6 9 12 15 17 20 25 26, present when intensity >= 2).
+
+Expected layout::
+
+    ROOT/ActionUnit_Labels/SN001/SN001_au1.txt      the release's per-subject, per-AU intensity files (12 per subject)
+    ROOT/Images_LeftCamera/SN001/00001.jpg          frames extracted from Videos_LeftCamera/LeftVideoSN001_comp.avi
+
+Intensity file: one line per frame, ``frame,intensity`` (1-based frame number, intensity 0-5; e.g. ``1,0``).
+Frame images: the integer file stem is the label file's 1-based frame number (any zero padding). Extract with
+``ffmpeg -i Videos_LeftCamera/LeftVideoSN001_comp.avi -start_number 1 -q:v 2 Images_LeftCamera/SN001/%05d.jpg``.
+A frame missing from some of a subject's 12 files, or without an image, is skipped and counted.
+
+Labels: ``aus`` (intensity >= 2), ``au_intensity`` ({"1": 0..5, ...} for all 12 AUs, string keys as in JSON),
+``subject`` = ``sequence`` ("SN001"), ``frame``. Split: subject-exclusive over the 27 subjects (default a third for
+test, the usual 3-fold protocol's size) or an explicit ``test_subjects`` list.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from functools import partial
+from pathlib import Path
+
+from expblip.data.captions import CaptionConfig
+from expblip.data.facs import DATASET_AUS
+from expblip.data.sources._common import (
+    Skips,
+    check_split,
+    in_split,
+    malformed,
+    parse_int,
+    require_dir,
+    require_file,
+    require_root,
+    require_test_part,
+    test_subject_set,
+    text_lines,
+)
+from expblip.data.sources._video import Frame, VideoSequence, video_records
+
+DATASET = "disfa"
+EXPECTED = "ROOT/ActionUnit_Labels/<SNxxx>/<SNxxx>_au<N>.txt and ROOT/Images_LeftCamera/<SNxxx>/<frame>.jpg"
+PRESENT_AT = 2  # an AU counts as present at intensity >= 2 (EXPBLIP.md)
+MAX_INTENSITY = 5
+TEST_FRACTION = 1 / 3
+_SUBJECT = re.compile(r"^SN\d{3}$")
+
+
+def read_intensity_file(path: Path) -> dict[int, int]:
+    """{frame: intensity} of one ``SNxxx_auN.txt``; a malformed line raises ValueError naming file and line."""
+    values: dict[int, int] = {}
+    for lineno, text in text_lines(path):
+        cells = [c.strip() for c in text.split(",")]
+        if len(cells) != 2:
+            raise malformed(path, lineno, f"expected 'frame,intensity', got {text!r}")
+        frame = parse_int(cells[0], path, lineno, "frame number")
+        intensity = parse_int(cells[1], path, lineno, "intensity")
+        if not 0 <= intensity <= MAX_INTENSITY:
+            raise malformed(path, lineno, f"intensity must be 0..{MAX_INTENSITY}, got {intensity}")
+        if frame in values:
+            raise malformed(path, lineno, f"frame {frame} appears twice")
+        values[frame] = intensity
+    return values
+
+
+def _label_files(label_dir: Path, subject: str) -> dict[int, Path]:
+    return {au: require_file(label_dir / subject / f"{subject}_au{au}.txt", DATASET,
+                             f"the AU{au} intensity file of {subject} ('frame,intensity' lines)")
+            for au in DATASET_AUS[DATASET]}
+
+
+def read_subject(files: dict[int, Path], subject: str, skips: Skips) -> list[Frame]:
+    """The frames labelled in all 12 files of a subject, with their intensities and present AUs."""
+    per_au = {au: read_intensity_file(path) for au, path in files.items()}
+    all_frames = set().union(*per_au.values())
+    common = set.intersection(*(set(v) for v in per_au.values()))
+    for frame in sorted(all_frames - common):
+        skips.add("frame missing from some AU files", f"{subject} frame {frame}")
+    frames = []
+    for number in sorted(common):
+        intensity = {au: per_au[au][number] for au in DATASET_AUS[DATASET]}
+        aus = [au for au, value in intensity.items() if value >= PRESENT_AT]
+        frames.append(Frame(number, aus, {"au_intensity": {str(au): v for au, v in intensity.items()}}))
+    return frames
+
+
+def records(root: str, split: str = "train", caption: CaptionConfig | None = None, subsample: bool = True, *,
+            test_fraction: float = TEST_FRACTION, split_seed: int = 0,
+            test_subjects: str | Iterable[str] | None = None, **_: object) -> Iterator[dict]:
+    """Left-camera frames of DISFA as records; ``subsample`` keeps every 10th frame plus label changes."""
+    check_split(split, DATASET)
+    require_test_part(DATASET, split, test_fraction, test_subjects)
+    base = require_root(root, DATASET, EXPECTED)
+    label_dir = require_dir(base / "ActionUnit_Labels", DATASET, "one SNxxx folder of intensity files per subject")
+    require_dir(base / "Images_LeftCamera", DATASET, "frames as Images_LeftCamera/<SNxxx>/<frame>.jpg")
+    subjects = sorted(p.name for p in label_dir.iterdir() if p.is_dir() and _SUBJECT.match(p.name))
+    if not subjects:
+        raise FileNotFoundError(f"{DATASET}: no SNxxx subject folders in {label_dir}; expected {EXPECTED}")
+    test = test_subject_set(DATASET, subjects, test_fraction, split_seed, test_subjects)
+    chosen = [s for s in subjects if in_split(split, s in test)]
+    files = {s: _label_files(label_dir, s) for s in chosen}  # checked now: a missing file fails before any work
+    sequences = [VideoSequence(s, s, base / "Images_LeftCamera" / s, partial(read_subject, files[s], s))
+                 for s in chosen]
+    return video_records(DATASET, sequences, caption or CaptionConfig(style="au"), subsample)

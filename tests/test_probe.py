@@ -1,0 +1,101 @@
+"""Linear probes: they learn separable features far above the baselines, deterministically, and run on an export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from expblip.data.shards import write_shards
+from expblip.data.synthetic import synthetic_records
+from expblip.eval.probe import ProbeConfig, extract_features, run_probe, run_probes, score_probe
+from expblip.model.blip2 import ModelConfig, build_model
+from expblip.model.tokenizer import train_caption_tokenizer
+from expblip.model.weights import export_hf
+
+AUS = (1, 4, 12)
+EMOTIONS = ("happiness", "sadness", "surprise")
+
+
+def _separable(n: int, seed: int) -> tuple[np.ndarray, list[dict]]:
+    """Features [n, 16] and labels: each AU is the sign of its own feature, the emotion is the cluster of 3 others."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 16)).astype(np.float32)
+    emotion = rng.integers(0, 3, size=n)
+    x[np.arange(n), 3 + emotion] += 4.0  # cluster centre per class
+    labels = [{"aus": [au for j, au in enumerate(AUS) if x[i, j] > 0.3], "emotions": [EMOTIONS[emotion[i]]]}
+              for i in range(n)]
+    labels[0] = {"aus": None, "emotions": None}  # an unlabelled sample: skipped and counted, not an error
+    return x, labels
+
+
+@pytest.mark.parametrize("cfg", [ProbeConfig(), ProbeConfig(optimizer="adam", steps=60, lr=0.05, batch_size=32)],
+                         ids=["lbfgs", "adam"])
+def test_probe_on_separable_features_beats_baselines_and_is_deterministic(cfg):
+    train_x, train_labels = _separable(300, seed=1)
+    test_x, test_labels = _separable(200, seed=2)
+    au = score_probe(train_x, train_labels, test_x, test_labels, "au", AUS, cfg)
+    emotion = score_probe(train_x, train_labels, test_x, test_labels, "emotion", AUS, cfg)
+    assert au["metric"] == "mean_au_f1" and set(au["per_au_f1"]) == set(AUS)
+    assert au["score"] > 0.9 and au["score"] > au["baseline"]["score"] + 0.3
+    assert emotion["metric"] == "accuracy" and emotion["classes"] == ["happiness", "sadness", "surprise"]
+    assert emotion["score"] > 0.95 and emotion["chance"] == pytest.approx(1 / 3)
+    assert emotion["score"] > emotion["baseline"]["score"] + 0.5 and emotion["baseline"]["score"] < 0.5
+    assert au["train_samples"] == 299 and au["skipped"] == {"train": 1, "test": 1}
+    again = score_probe(train_x, train_labels, test_x, test_labels, "au", AUS, cfg)
+    assert again == au  # same numbers, same loss: nothing random is left in the probe
+
+
+def test_probe_errors_name_the_missing_labels():
+    x, labels = _separable(20, seed=0)
+    no_emotions = [{"aus": lab["aus"], "emotions": None} for lab in labels]
+    with pytest.raises(ValueError, match="emotion probe needs"):
+        score_probe(x, no_emotions, x, labels, "emotion")
+    with pytest.raises(ValueError, match="no AU-labelled test samples"):
+        score_probe(x, labels, x, [{"aus": None}] * 20, "au", AUS)
+    with pytest.raises(ValueError, match="task must be"):
+        score_probe(x, labels, x, labels, "valence")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- on a tiny random export
+
+
+@pytest.fixture(scope="module")
+def export_and_shards(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("probe")
+    captions = [c for r in synthetic_records(40, seed=1) for c in r["captions"]]
+    tokenizer = train_caption_tokenizer(captions, vocab_size=300)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(), tokenizer)
+    export_hf(model.state_dict(), model.config, tokenizer, root / "export")
+    write_shards(synthetic_records(48, seed=0), str(root / "train"), samples_per_shard=24, progress=False)
+    write_shards(synthetic_records(16, seed=0, split="test"), str(root / "test"), samples_per_shard=16,
+                 progress=False)
+    return {"export": root / "export", "train": str(root / "train"), "test": str(root / "test"),
+            "config": model.config}
+
+
+def test_features_have_the_stated_pooling(export_and_shards):
+    cfg, export, test = export_and_shards["config"], export_and_shards["export"], export_and_shards["test"]
+    vit, labels = extract_features(export, test, "vit", batch_size=8)
+    assert vit.shape == (16, cfg.vision_config.hidden_size) and vit.dtype == np.float32 and len(labels) == 16
+    mean, _ = extract_features(export, test, "qformer", "mean", limit=5)
+    concat, _ = extract_features(export, test, "qformer", "concat", limit=5)
+    queries = cfg.num_query_tokens
+    assert mean.shape == (5, cfg.qformer_config.hidden_size) and concat.shape == (5, queries * mean.shape[1])
+    # mean pooling is the mean of the concatenated query outputs
+    assert np.allclose(concat.reshape(5, queries, -1).mean(axis=1), mean, atol=1e-5)
+
+
+def test_run_probe_on_tiny_export_reports_probe_and_baseline(export_and_shards):
+    e = export_and_shards
+    au = run_probe(e["export"], e["train"], e["test"], "vit", "au")
+    assert au["features"] == "vit" and au["pooling"] == "patch mean" and au["task"] == "au"
+    assert 0.0 <= au["score"] <= 1.0 and 0.0 < au["baseline"]["score"] <= 1.0
+    assert au["train_samples"] == 48 and au["test_samples"] == 16 and len(au["per_au_f1"]) == 12
+    both = run_probes(e["export"], e["train"], e["test"], "qformer", ("au", "emotion"), batch_size=16)
+    assert [p["task"] for p in both] == ["au", "emotion"] and both[0]["pooling"] == "query mean"
+    emotion = both[1]
+    assert 0.0 <= emotion["score"] <= 1.0 and 0.0 <= emotion["baseline"]["score"] <= 1.0
+    assert emotion["test_samples"] + emotion["skipped"]["test"] == 16 and emotion["chance"] > 0
+    assert run_probe(e["export"], e["train"], e["test"], "vit", "au") == au  # deterministic end to end
