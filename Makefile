@@ -16,9 +16,15 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast lint mlflow clean
+.PHONY: setup system-deps demo test test-fast lint mlflow clean
 
 setup: $(STAMP)
+
+# Debian packages the tests use: Chromium for the browser test (skipped, with a reason, where it cannot be installed)
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		chromium fonts-dejavu-core >/dev/null) || echo "note: chromium not installed; the browser test will skip"; }
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -28,7 +34,7 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/python launch/pipeline.py --recipe demo
 
-test: setup
+test: setup system-deps
 	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: setup

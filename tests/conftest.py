@@ -62,3 +62,26 @@ def _free_port() -> int:
 def read_metrics(run_dir: Path) -> list[dict]:
     """Rank 0's metrics.jsonl of a run, one dict per logged step."""
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- real services (tests/services.py)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS S3 server for the session (~3 s to start): .endpoint, .access_key, .secret, .env(), .client()."""
+    from services import seaweedfs
+
+    server = seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """The URI (http://127.0.0.1:PORT) of an MLflow tracking server for the session (~5-15 s to start)."""
+    from services import mlflow_server as start
+
+    uri, stop = start(tmp_path_factory.mktemp("mlflow-server"))
+    yield uri
+    stop()

@@ -302,7 +302,7 @@ def write_shards(
         fs.makedirs(root, exist_ok=True)  # object stores have no directories (and makedirs could create a bucket)
     manifest = _resume_state(out, _new_manifest(samples_per_shard, max_shard_bytes, meta))
     records = iter(records)
-    with tqdm(desc=f"shards → {out}", unit="sample", disable=not progress) as bar:
+    with tqdm(desc=f"shards → {out}", unit="sample", disable=not progress, mininterval=2.0) as bar:
         _skip_written(records, manifest["shards"], out, bar)
         samples = (encode_record(r) for r in records)
         pending = next(samples, None)

@@ -157,7 +157,7 @@ def generate_for_shards(captioner: Captioner, shards: str, gen: GenerationConfig
     """{"keys", "captions" (generated), "references" (the stream's pick), "all_references" (every caption of the
     sample), "labels", "skipped"} over the shards (eval transforms)."""
     out: dict = {"keys": [], "captions": [], "references": [], "all_references": [], "labels": [], "skipped": {}}
-    bar = tqdm(total=_expected_samples(shards, limit), unit="img", desc="captioning", disable=not progress)
+    bar = tqdm(total=_expected_samples(shards, limit), unit="img", desc="captioning", disable=not progress, mininterval=2.0)
     with bar:
         for batch in eval_batches(shards, captioner.image_size, batch_size, limit):
             pixels = renormalise(batch["pixel_values"], captioner.mean, captioner.std)

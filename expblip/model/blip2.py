@@ -127,10 +127,26 @@ class CaptionModel(nn.Module):
         self.blip2 = blip2
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None) -> torch.Tensor:
-        if pixel_values is None:  # 'lm' stage: <image> placeholders keep their (learned) token embedding
-            return self.blip2.language_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        if pixel_values is None:
+            return self.prefix_lm_loss(input_ids, attention_mask, labels)
         return self.blip2(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
                           labels=labels).loss
+
+    def prefix_lm_loss(self, input_ids, attention_mask, labels, noise: float = 0.1) -> torch.Tensor:
+        """'lm' stage: the LM learns the caption language *and* to read a soft prefix.
+
+        The <image> positions [B, Q] hold the mean embedding of the caption's own tokens (plus noise) instead of
+        query outputs: a frozen LM that only ever saw a constant prefix ignores whatever the Q-Former puts there
+        later, as a 2-layer OPT has none of the in-context reading a pre-trained OPT brings.
+        """
+        lm = self.blip2.language_model
+        embeds = lm.get_input_embeddings()(input_ids)  # [B, L, D]
+        content = (labels != -100).unsqueeze(-1).to(embeds.dtype)  # caption tokens and the end token
+        mean = (embeds * content).sum(1, keepdim=True) / content.sum(1, keepdim=True).clamp(min=1)  # [B, 1, D]
+        prefix = mean + noise * mean.std() * torch.randn_like(embeds)
+        is_image = (input_ids == self.blip2.config.image_token_id).unsqueeze(-1)
+        embeds = torch.where(is_image, prefix, embeds)
+        return lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels).loss
 
 
 def caption_inputs(tokenizer, captions: list[str], num_query: int, max_tokens: int) -> dict[str, torch.Tensor]:

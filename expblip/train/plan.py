@@ -1,0 +1,338 @@
+"""Memory plan: per-GPU and per-node CPU memory of a preset under ZeRO-2, ZeRO-3 and ZeRO-3 with CPU offload.
+
+    plan = make_plan(PlanConfig(preset="vitg-opt6.7b", gpus_per_node=8))
+    print(format_plan(plan))
+
+Two estimates sit side by side:
+
+* DeepSpeed's own (``estimate_zero2_model_states_mem_needs`` / ``estimate_zero3_model_states_mem_needs``, the
+  functions that DeepSpeed's ``*_all_cold`` helpers print, fed with parameter counts only). They assume that every
+  parameter trains, so for BLIP-2 with a frozen ViT and OPT they are far too high.
+* Ours, which splits the parameters the way our stages freeze them (bytes per parameter, 16-bit training):
+
+  =====================  =================================================================================
+  frozen parameter       2 (bf16/fp16 weight) — replicated under ZeRO-2, partitioned over all GPUs under
+                         ZeRO-3, on the CPU under ZeRO-3 + offload
+  trainable parameter    2 (16-bit weight, partitioned like the frozen ones)
+                         + 16 (fp32 master 4 + Adam m and v 8 + fp32 gradient 4) + 2 (16-bit gradient),
+                         these 18 partitioned over all GPUs by ZeRO-2 and ZeRO-3 (DeepSpeed's own split
+                         of its 18 bytes), on the CPU under offload
+  ZeRO-3 working set     4 × the largest layer's parameters (DeepSpeed's ``largest_layer_memory``): the
+                         gathered layer being computed (the OPT embedding, 206M parameters, for OPT-6.7B)
+  =====================  =================================================================================
+
+  plus activations for the micro-batch (below). CPU memory without offload is only what loading needs (see
+  ``load_note``).
+
+Activations (bytes, 16-bit), per transformer layer after Korthikanti et al. 2022 ("Reducing Activation
+Recomputation in Large Transformer Models", eq. 1): ``s·b·h·(34 + 5·a·s/h)`` for sequence s, micro-batch b,
+hidden h, heads a (the 5·a·s/h term is the eager attention matrix; fused SDPA kernels drop most of it, so this is
+an upper bound). With activation checkpointing a layer keeps only its input, ``2·s·b·h``, and one layer at a time
+is recomputed in full. Per tower:
+
+* ViT: s = (image / patch)² + 1 (257 for ViT-g/14 at 224). Trainable: all layers. Frozen: nothing requires a
+  gradient on that path, so autograd stores nothing; one layer's transient working set is counted.
+* Q-Former: s = query tokens, every layer counted with cross-attention to the ViT tokens
+  (``5·a·s_q·(s_q + s_v)`` for the attention matrices): an upper bound, it is small either way.
+* OPT: s = query tokens + 1 (BOS) + text tokens. Although OPT is frozen, the loss is differentiated through it
+  back to the query outputs, so its activations are stored (the full formula is again an upper bound: frozen
+  linears need not keep their inputs). Plus the logits: ``b·s·vocab·(2 + 4 + 4)`` (16-bit logits, fp32 copy for
+  the loss, fp32 gradient).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+
+from expblip.model.blip2 import PRESETS, ModelConfig, build_model
+
+GiB = 2**30
+Trainable = Literal["qformer", "qformer+vit"]
+OPT_VOCAB = 50265  # tokens of OPT's tokenizer (the model's embedding is padded to 50272); + <image>
+
+
+@dataclass
+class PlanConfig:
+    """What to plan for."""
+
+    preset: str = "vitg-opt6.7b"
+    gpus_per_node: int = 8
+    nodes: int = 1
+    micro_batch: int = 4  # images per GPU per micro-step (released step-2 config: 4)
+    gpu_gib: float = 80.0  # memory of one GPU
+    trainable: Trainable = "qformer"  # Q-Former + query tokens + projection (+ the ViT)
+    text_tokens: int = 64  # caption tokens after the queries (data.max_text_tokens)
+    headroom: float = 0.1  # fraction of GPU memory kept free (CUDA context, allocator fragmentation, buckets)
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset {self.preset!r} does not exist; choose one of {sorted(PRESETS)}")
+        if self.trainable not in ("qformer", "qformer+vit"):
+            raise ValueError(f"--trainable {self.trainable!r}: choose qformer or qformer+vit")
+        if min(self.gpus_per_node, self.nodes, self.micro_batch) < 1:
+            raise ValueError("--gpus-per-node, --nodes and --micro-batch must be >= 1")
+
+    @property
+    def gpus(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+# ---------------------------------------------------------------- parameter counts
+
+
+class _VocabOnly:
+    """Stand-in for a tokenizer where only its size and OPT's special ids matter (no tokenizer file needed)."""
+
+    pad_token_id, bos_token_id, caption_end = 1, 2, 50118  # OPT: <pad>, </s>, "\n" (Ċ)
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size + 1  # + <image>
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return self.size  # <image> is appended after the vocabulary
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [self.caption_end]}
+
+
+@dataclass
+class Dims:
+    """Shapes that set activation memory."""
+
+    vit_tokens: int
+    vit_hidden: int
+    vit_layers: int
+    vit_heads: int
+    queries: int
+    qf_hidden: int
+    qf_layers: int
+    qf_heads: int
+    lm_hidden: int
+    lm_layers: int
+    lm_heads: int
+    vocab: int
+
+
+@dataclass
+class ParamCounts:
+    """Parameters of a preset by tower (tied embeddings counted once) and DeepSpeed's 'largest layer'."""
+
+    vision: int
+    qformer: int  # Q-Former + query tokens
+    projection: int
+    lm: int
+    largest_layer: int
+    dims: Dims = field(repr=False)
+
+    @property
+    def total(self) -> int:
+        return self.vision + self.qformer + self.projection + self.lm
+
+    def trainable(self, which: Trainable) -> int:
+        return self.qformer + self.projection + (self.vision if which == "qformer+vit" else 0)
+
+
+_TOWER = {"vision_model": "vision", "qformer": "qformer", "query_tokens": "qformer",
+          "language_projection": "projection", "language_model": "lm"}
+
+
+def count_params(preset: str) -> ParamCounts:
+    """Build the preset on the meta device (no memory, no weights) and count its parameters per tower."""
+    cfg = ModelConfig(preset=preset, tokenizer="(meta)")  # type: ignore[arg-type]
+    vocab = cfg.tokenizer_vocab if preset == "tiny" else OPT_VOCAB
+    with torch.device("meta"):
+        model = build_model(cfg, _VocabOnly(vocab))
+    counts = dict.fromkeys(("vision", "qformer", "projection", "lm"), 0)
+    for name, param in model.named_parameters():  # deduplicates the tied lm_head / embed_tokens
+        counts[_TOWER[name.split(".")[0]]] += param.numel()
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return ParamCounts(**counts, largest_layer=largest, dims=_dims(model.config))
+
+
+def _dims(config) -> Dims:
+    v, q, t = config.vision_config, config.qformer_config, config.text_config
+    return Dims(vit_tokens=(v.image_size // v.patch_size) ** 2 + 1, vit_hidden=v.hidden_size,
+                vit_layers=v.num_hidden_layers, vit_heads=v.num_attention_heads, queries=config.num_query_tokens,
+                qf_hidden=q.hidden_size, qf_layers=q.num_hidden_layers, qf_heads=q.num_attention_heads,
+                lm_hidden=t.hidden_size, lm_layers=t.num_hidden_layers, lm_heads=t.num_attention_heads,
+                vocab=t.vocab_size)
+
+
+# ---------------------------------------------------------------- activations
+
+
+def _layer(s: int, b: int, h: int, a: int, s_kv: int | None = None) -> float:
+    """Bytes one transformer layer stores for backward (Korthikanti et al. 2022, eq. 1)."""
+    return s * b * h * 34 + 5 * a * b * s * (s_kv if s_kv is not None else s)
+
+
+def activation_bytes(dims: Dims, plan: PlanConfig, checkpointing: bool) -> dict[str, float]:
+    """Stored activations per GPU by tower for one micro-batch, with or without activation checkpointing."""
+    b = plan.micro_batch
+
+    def tower(layers: int, s: int, h: int, a: int, s_kv: int | None = None) -> float:
+        one = _layer(s, b, h, a, s_kv)
+        return layers * 2 * s * b * h + one if checkpointing else layers * one
+
+    vit_one = _layer(dims.vit_tokens, b, dims.vit_hidden, dims.vit_heads)
+    vit = (tower(dims.vit_layers, dims.vit_tokens, dims.vit_hidden, dims.vit_heads)
+           if plan.trainable == "qformer+vit" else vit_one)
+    qformer = tower(dims.qf_layers, dims.queries, dims.qf_hidden, dims.qf_heads, dims.queries + dims.vit_tokens)
+    s_lm = dims.queries + 1 + plan.text_tokens
+    lm = tower(dims.lm_layers, s_lm, dims.lm_hidden, dims.lm_heads) + b * s_lm * dims.vocab * (2 + 4 + 4)
+    return {"vision": vit, "qformer": qformer, "lm": lm}
+
+
+# ---------------------------------------------------------------- model states
+
+
+Strategy = Literal["zero2", "zero3", "zero3_offload"]
+STRATEGIES: dict[Strategy, str] = {"zero2": "ZeRO-2", "zero3": "ZeRO-3", "zero3_offload": "ZeRO-3 + CPU offload"}
+
+
+def deepspeed_estimate(counts: ParamCounts, plan: PlanConfig, strategy: Strategy) -> tuple[float, float]:
+    """(GPU bytes per GPU, CPU bytes per node) from DeepSpeed's estimators: every parameter trains."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    if strategy == "zero2":
+        cpu, gpu = estimate_zero2_model_states_mem_needs(counts.total, plan.gpus_per_node, plan.nodes,
+                                                         cpu_offload=False)
+    else:
+        offload = strategy == "zero3_offload"
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+            counts.total, counts.largest_layer, plan.gpus_per_node, plan.nodes, cpu_offload=offload,
+            cpu_offload_params=offload, zero_init=True)
+    return float(gpu), float(cpu)
+
+
+def model_state_bytes(counts: ParamCounts, plan: PlanConfig, strategy: Strategy) -> tuple[float, float]:
+    """(GPU bytes per GPU, CPU bytes per node) of weights, gradients and Adam states with our freezing."""
+    n, total, trained = plan.gpus, counts.total, counts.trainable(plan.trainable)
+    working_set = 4 * counts.largest_layer  # ZeRO-3: one gathered layer (DeepSpeed's largest_layer_memory)
+    if strategy == "zero2":
+        return 2 * total + 18 * trained / n, 0.0
+    if strategy == "zero3":
+        return 2 * total / n + 18 * trained / n + working_set, 0.0
+    return float(working_set), (2 * total + 18 * trained) / plan.nodes
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass
+class Row:
+    """One strategy: DeepSpeed's estimate, ours, and whether ours fits (bytes)."""
+
+    strategy: str
+    ds_gpu: float
+    ds_cpu_node: float
+    states_gpu: float
+    act_gpu: float
+    act_ckpt_gpu: float
+    cpu_node: float
+    fits: bool
+    fits_with_ckpt: bool
+
+    @property
+    def total_gpu(self) -> float:
+        return self.states_gpu + self.act_gpu
+
+    @property
+    def total_ckpt_gpu(self) -> float:
+        return self.states_gpu + self.act_ckpt_gpu
+
+
+@dataclass
+class Plan:
+    config: PlanConfig
+    counts: ParamCounts
+    activations: dict[str, float]  # by tower, no checkpointing
+    activations_ckpt: dict[str, float]
+    rows: list[Row]
+
+    def row(self, strategy: Strategy) -> Row:
+        return self.rows[list(STRATEGIES).index(strategy)]
+
+    @property
+    def load_note(self) -> str:
+        """CPU memory for loading initial weights, which the model-state figures above leave out."""
+        per_rank = 4 * self.counts.total  # fp32 safetensors read by every rank (train.loop._load_initial_weights)
+        return (f"loading model.weights: every rank reads the whole fp32 state, {self.config.gpus_per_node} × "
+                f"{per_rank / GiB:.1f} GiB = {self.config.gpus_per_node * per_rank / GiB:.0f} GiB CPU per node "
+                "at start-up (16-bit weights halve it)")
+
+
+def make_plan(plan: PlanConfig, counts: ParamCounts | None = None) -> Plan:
+    counts = counts or count_params(plan.preset)
+    act, act_ckpt = (activation_bytes(counts.dims, plan, c) for c in (False, True))
+    budget = plan.gpu_gib * GiB * (1 - plan.headroom)
+    rows = []
+    for strategy, label in STRATEGIES.items():
+        ds_gpu, ds_cpu = deepspeed_estimate(counts, plan, strategy)
+        gpu, cpu = model_state_bytes(counts, plan, strategy)
+        a, ac = sum(act.values()), sum(act_ckpt.values())
+        rows.append(Row(label, ds_gpu, ds_cpu, gpu, a, ac, cpu, gpu + a <= budget, gpu + ac <= budget))
+    return Plan(plan, counts, act, act_ckpt, rows)
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as a text table (GiB) with a verdict per strategy."""
+    return "\n".join(_lines(plan))
+
+
+def _lines(plan: Plan) -> Iterator[str]:
+    c, cfg = plan.counts, plan.config
+    m = 1e6
+    yield (f"{cfg.preset}: {c.total / m:,.0f}M parameters = vision {c.vision / m:,.0f}M + Q-Former {c.qformer / m:,.1f}M "
+           f"+ projection {c.projection / m:,.1f}M + LM {c.lm / m:,.0f}M; largest layer {c.largest_layer / m:,.0f}M")
+    yield (f"trainable ({cfg.trainable}): {c.trainable(cfg.trainable) / m:,.1f}M; {cfg.nodes} node(s) × "
+           f"{cfg.gpus_per_node} GPUs of {cfg.gpu_gib:g} GiB; micro-batch {cfg.micro_batch}, "
+           f"{cfg.text_tokens} text tokens; 16-bit weights")
+    g = lambda x: f"{x / GiB:.1f}"  # noqa: E731
+    widths = (22, 9, 10, 8, 8, 10, 8, 12, 10, 14)
+    header = ("GiB", "DS GPU", "DS CPU/nd", "states", "activ.", "act.ckpt", "total", "total(ckpt)", "CPU/node",
+              f"fits {cfg.gpu_gib:g} GiB?")
+    yield ""
+    yield "                       | DeepSpeed: all trainable | ours: frozen towers 16-bit only, per GPU + CPU per node"
+    yield _row(header, widths)
+    for r in plan.rows:
+        verdict = "yes" if r.fits else ("with act. ckpt" if r.fits_with_ckpt else "no")
+        yield _row((r.strategy, g(r.ds_gpu), g(r.ds_cpu_node), g(r.states_gpu), g(r.act_gpu), g(r.act_ckpt_gpu),
+                    g(r.total_gpu), g(r.total_ckpt_gpu), g(r.cpu_node), verdict), widths)
+    yield ""
+    yield ("activations per GPU, GiB (no ckpt / ckpt): " + ", ".join(
+        f"{k} {plan.activations[k] / GiB:.2f} / {plan.activations_ckpt[k] / GiB:.2f}" for k in plan.activations))
+    yield (f"fits = total <= {cfg.gpu_gib:g} GiB × {1 - cfg.headroom:.2f} (headroom for CUDA context, "
+           "communication buckets and fragmentation)")
+    yield plan.load_note
+
+
+def _row(cells, widths) -> str:
+    first, *rest = cells
+    return f"{first:<{widths[0]}} |" + "".join(f"{c:>{w}}" for c, w in zip(rest, widths[1:], strict=True))
+
+
+def plan_json(plan: Plan) -> str:
+    rows = [{**asdict(r), "total_gpu": r.total_gpu, "total_ckpt_gpu": r.total_ckpt_gpu} for r in plan.rows]
+    counts = {k: v for k, v in asdict(plan.counts).items() if k != "dims"} | {"total": plan.counts.total}
+    return json.dumps({"config": asdict(plan.config), "counts": counts, "activations": plan.activations,
+                       "activations_ckpt": plan.activations_ckpt, "rows": rows, "unit": "bytes"}, indent=2)
+
+
+def print_deepspeed_tables(plan: Plan) -> None:
+    """DeepSpeed's own *_all_cold printouts for the same parameter counts (every parameter trainable)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_cold
+
+    cfg, c = plan.config, plan.counts
+    estimate_zero2_model_states_mem_needs_all_cold(c.total, cfg.gpus_per_node, cfg.nodes)
+    estimate_zero3_model_states_mem_needs_all_cold(c.total, c.largest_layer, cfg.gpus_per_node, cfg.nodes)
