@@ -20,6 +20,7 @@ import yaml
 
 from expblip.data.stream import StreamConfig
 from expblip.model.blip2 import ModelConfig
+from expblip.model.stage1 import Stage1Config
 
 
 class ConfigError(ValueError):
@@ -60,7 +61,9 @@ class OptimConfig:
 class TrainConfig:
     """The loop: what to train, how long, where the run lives."""
 
-    stage: Literal["lm", "stage1", "stage2"] = "stage2"  # lm: caption-language pre-training of the LM alone
+    # vision / lm: the tiny world's tower pre-training (ViT on AU labels; OPT on caption text); stage1 / stage2: BLIP-2's
+    stage: Literal["vision", "lm", "stage1", "stage2"] = "stage2"
+    vision_aus: tuple[int, ...] = (1, 2, 4, 5, 6, 9, 12, 15, 20, 25, 26, 43)  # AUs the 'vision' stage's head predicts
     run_dir: str = "runs/default"  # checkpoints, resolved config, MLflow store (local path)
     max_steps: int = 200  # optimiser steps in total (a resumed run continues up to this); sets the lr schedule
     stop_after: int = 0  # stop with a checkpoint after this step, as a time-boxed job would (0 = run to max_steps)
@@ -81,18 +84,23 @@ class TrackingConfig:
     uri: str = ""
     experiment: str = "expblip"
     run_name: str = ""  # '' = the run directory's name
+    parent_run_id: str = ""  # MLflow run this one nests under (tag mlflow.parentRunId), e.g. a pipeline's run
 
 
 @dataclass
 class RayConfig:
     """Ray Train scaling and storage (launch/pretrain.py)."""
 
-    address: str = "local"  # 'local' starts an in-process cluster; 'auto' attaches to a running one
+    address: str = ""  # '' = attach when $RAY_ADDRESS is set (ray job submit), else start a local Ray; or 'auto'/URL
     num_workers: int = 2
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     storage_path: str = ""  # '' = <run_dir>/ray; a local path or s3://bucket/prefix
     max_failures: int = 0  # worker failures tolerated before the run fails
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1 or self.cpus_per_worker <= 0:
+            raise ConfigError("ray.num_workers must be >= 1 and ray.cpus_per_worker > 0")
 
 
 @dataclass
@@ -100,6 +108,7 @@ class Config:
     """The whole run."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -2,6 +2,14 @@
 
     python launch/pipeline.py --recipe demo                      # the synthetic-face demo (make demo)
     python launch/pipeline.py --recipe demo --stage2-steps 300   # a quicker, weaker demo
+
+The paper's chain (recipes/{exp_blip,au_blip,emot_blip,cat_blip,mix_blip}.yaml; expblip.pipeline.chain), on CPU:
+    python launch/pipeline.py --recipe exp_blip --out runs/pipeline --steps-scale 0.25      # about 4x quicker
+    python launch/pipeline.py --recipe exp_blip --llm-url http://127.0.0.1:8000/v1 --llm-model Qwen/Qwen2.5-7B-Instruct
+    python launch/pipeline.py --recipe mix_blip init=lm world.au_samples=1000 train.blip_stages=[stage2]
+    ray job submit --address http://HEAD:8265 --working-dir . -- python launch/pipeline.py --recipe exp_blip \\
+        --out /shared/expblip                                  # an absolute --out: the job runs in a copied directory
+Re-running the same command after an interruption continues where it stopped.
 """
 
 from __future__ import annotations
@@ -11,23 +19,50 @@ import sys
 
 from expblip.cli import run_main
 
+PIPELINE_RECIPES = ["au_blip", "emot_blip", "exp_blip", "mix_blip", "cat_blip"]
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="demo", choices=["demo"])
-    parser.add_argument("--out", default="demo", help="directory for shards, runs, MLflow store and reports")
-    parser.add_argument("--train-samples", type=int, default=6000)
-    parser.add_argument("--lm-steps", type=int, default=300)
-    parser.add_argument("--stage2-steps", type=int, default=1200)
+    parser.add_argument("--recipe", default="demo", choices=["demo", *PIPELINE_RECIPES])
+    parser.add_argument("--out", default=None,
+                        help="directory for shards, runs, MLflow store and reports (demo: 'demo'; else the recipe's)")
+    parser.add_argument("--train-samples", type=int, default=6000, help="demo only")
+    parser.add_argument("--vision-steps", type=int, default=300, help="demo only")
+    parser.add_argument("--lm-steps", type=int, default=300, help="demo only")
+    parser.add_argument("--stage2-steps", type=int, default=1200, help="demo only")
+    parser.add_argument("--llm-url", default="", help="OpenAI-compatible endpoint for the paper's LLM fusion")
+    parser.add_argument("--llm-model", default="", help="model name the --llm-url server knows")
+    parser.add_argument("--steps-scale", type=float, default=None, help="multiply every stage's training steps")
+    parser.add_argument("--init", choices=["au_blip", "emot_blip", "lm"], help="what Exp-, Cat- and Mix-BLIP start from")
+    parser.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. world.au_samples=500 init=lm")
     args = parser.parse_args(argv)
+    if args.recipe == "demo":
+        if args.overrides or args.llm_url or args.steps_scale is not None or args.init:
+            parser.error("--llm-url, --steps-scale, --init and overrides apply to the pipeline recipes, not to demo")
+        return run_main(lambda: _demo(args))
+    return run_main(lambda: _pipeline(args))
 
-    def go() -> None:
-        from expblip.pipeline.demo import DemoConfig, run_demo
 
-        run_demo(DemoConfig(out=args.out, train_samples=args.train_samples, lm_steps=args.lm_steps,
-                            stage2_steps=args.stage2_steps))
+def _demo(args: argparse.Namespace) -> None:
+    from expblip.pipeline.demo import DemoConfig, run_demo
 
-    return run_main(go)
+    run_demo(DemoConfig(out=args.out or "demo", train_samples=args.train_samples, vision_steps=args.vision_steps,
+                        lm_steps=args.lm_steps, stage2_steps=args.stage2_steps))
+
+
+def _pipeline(args: argparse.Namespace) -> None:
+    from expblip.pipeline.chain import run_pipeline
+    from expblip.pipeline.recipe import load_recipe
+
+    flags = [f"out={args.out}"] if args.out else []
+    if args.llm_url:
+        flags += [f"fusion.llm.url={args.llm_url}", f"fusion.llm.model={args.llm_model}"]
+    if args.steps_scale is not None:
+        flags.append(f"steps_scale={args.steps_scale}")
+    if args.init:
+        flags.append(f"init={args.init}")
+    run_pipeline(load_recipe(args.recipe, [*flags, *args.overrides]))
 
 
 if __name__ == "__main__":

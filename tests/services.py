@@ -179,9 +179,10 @@ def weed_mini_command(data_dir: Path, s3_config: Path, sockets: Path) -> tuple[l
 
     weed mini runs master, volume, filer, S3 and admin servers in one process, each with an HTTP and a gRPC port
     (gRPC defaults to HTTP + 10000, which can collide); all are set explicitly. Iceberg and Lance endpoints are off.
+    -logtostderr keeps weed's glog files out of /tmp (its log goes to our log file instead).
     """
     (master, master_g, volume, volume_g, filer, filer_g, s3, s3_g, admin, admin_g) = free_ports(10)
-    cmd = [weed_binary(), "mini", f"-dir={data_dir}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
+    cmd = [weed_binary(), "-logtostderr=true", "mini", f"-dir={data_dir}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
            "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
            f"-master.port={master}", f"-master.port.grpc={master_g}",
            f"-volume.port={volume}", f"-volume.port.grpc={volume_g}",
@@ -261,7 +262,9 @@ def ray_head(tmpdir: str | Path, num_cpus: int = 2, timeout_s: float = 90.0) -> 
            "--runtime-env-agent-port", str(env_agent), "--metrics-export-port", str(metrics),
            "--node-manager-port", str(node_mgr), "--object-manager-port", str(obj_mgr)]
     # Loopback only (else Ray binds the machine's address too); no token: client and head must agree (STACK.md).
-    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    # `python` in a job's entrypoint is this venv's, as on a cluster node whose environment is activated.
+    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = Process.start("ray head", cmd, root / "ray-head.log", env=env, cwd=root, grace_s=15.0)
     proc.cleanup.append(lambda: shutil.rmtree(temp_dir, ignore_errors=True))
     address = f"http://{LOOPBACK}:{dash}"

@@ -97,3 +97,16 @@ def test_ray_train_path_gives_the_same_first_losses(full_run, tiny_shards, init_
     ray_losses = [m["loss"] for m in read_metrics(tmp_path)]
     ds_losses = [m["loss"] for m in read_metrics(full_run)][:3]
     assert ray_losses == pytest.approx(ds_losses, rel=1e-4)
+
+
+def test_stage1_two_ranks_each_loss_falls(tiny_shards, tmp_path):
+    proc = run_launcher(deepspeed_cmd("--deepspeed", "ds_configs/zero3.json", f"data.train.shards={tiny_shards['train']}",
+                                      "train.stage=stage1", "data.train.batch_size=16", "optim.lr=2e-3",
+                                      "optim.warmup_steps=2", "train.max_steps=20", "train.log_every=1",
+                                      "train.ckpt_every=20", f"train.run_dir={tmp_path}"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = read_metrics(tmp_path)
+    for part in ("loss_itc", "loss_itm", "loss_itg"):
+        values = [m[part] for m in metrics]
+        assert sum(values[-4:]) / 4 < 0.9 * sum(values[:4]) / 4, (part, values)
+    assert (tmp_path / "export" / "qformer_tokenizer" / "tokenizer.json").is_file()

@@ -32,7 +32,8 @@ _VISION = {
 }
 _QFORMER = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 cross_attention_frequency=1, max_position_embeddings=128),
+                 cross_attention_frequency=1, max_position_embeddings=128,
+                 initializer_range=0.2),  # at 0.02 a random tiny Q-Former's [CLS] ignores the text (stage 1 stalls)
     "base": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                  cross_attention_frequency=2),
 }
@@ -113,8 +114,11 @@ def apply_freezing(model: Blip2ForConditionalGeneration, cfg: ModelConfig, stage
         "language_projection": not cfg.freeze_qformer,
         "language_model": not cfg.freeze_lm,
     }
-    if stage == "lm":
-        trains = {name: name == "language_model" for name in trains}
+    if stage == "stage1":  # representation learning: the LM and its projection take no part
+        trains.update(language_model=False, language_projection=False)
+    if stage in ("lm", "vision"):  # the tiny world's tower pre-training stages train one tower each
+        tower = "language_model" if stage == "lm" else "vision_model"
+        trains = {name: name == tower for name in trains}
     for name, param in model.named_parameters():
         param.requires_grad = trains[name.split(".")[0]]
 
@@ -147,6 +151,31 @@ class CaptionModel(nn.Module):
         is_image = (input_ids == self.blip2.config.image_token_id).unsqueeze(-1)
         embeds = torch.where(is_image, prefix, embeds)
         return lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels).loss
+
+
+class VisionPretrainModel(nn.Module):
+    """The tiny world's 'vision' stage: the ViT learns to see AUs through a linear multi-label head.
+
+    Paper presets start from EVA-CLIP's pre-trained ViT-g; a random tiny ViT earns a comparable starting point here
+    (DESIGN.md). The head is not part of BLIP-2 and is not exported. Shapes: pixels [B,3,S,S] -> pooled [B,Dv] -> [B,A].
+    """
+
+    def __init__(self, blip2: Blip2ForConditionalGeneration, num_targets: int):
+        super().__init__()
+        self.blip2 = blip2
+        self.head = nn.Linear(blip2.config.vision_config.hidden_size, num_targets)
+
+    def forward(self, pixel_values, targets, target_mask) -> torch.Tensor:
+        hidden = self.blip2.vision_model(pixel_values=pixel_values).last_hidden_state.mean(1)  # [B, Dv]
+        loss = nn.functional.binary_cross_entropy_with_logits(self.head(hidden), targets, reduction="none")
+        return (loss * target_mask).sum() / target_mask.sum().clamp(min=1)  # unlabelled samples count for nothing
+
+
+def au_targets(labels: list[dict], aus: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Multi-label targets [B, A] and a mask [B, A] that is 0 for samples without AU labels."""
+    targets = torch.tensor([[float(a in (lab.get("aus") or ())) for a in aus] for lab in labels])
+    mask = torch.tensor([[float(lab.get("aus") is not None)] * len(aus) for lab in labels])
+    return {"targets": targets, "target_mask": mask}
 
 
 def caption_inputs(tokenizer, captions: list[str], num_query: int, max_tokens: int) -> dict[str, torch.Tensor]:

@@ -3,8 +3,9 @@
 Stage1Model wraps the same Blip2ForConditionalGeneration that stage 2 trains, so vision_model, query_tokens and
 qformer are one set of parameters for both stages (state-dict keys `blip2.*`, as CaptionModel's). It adds only
 the text side of the Q-Former and the stage-1 heads (top-level keys: embeddings, vision_proj, text_proj, temp,
-itm_head, lm_head, lm_bias). Shapes: B local pairs, N = world * B gathered pairs, Q queries, T text tokens,
-P image patches, H Q-Former hidden, E embed_dim, V Q-Former text vocabulary.
+itm_head, lm_head; lm_head.decoder.weight is embeddings.word_embeddings.weight). Shapes: B local pairs,
+N = world * B gathered pairs, Q queries, T text tokens, P image patches, H Q-Former hidden, E embed_dim,
+V Q-Former text vocabulary.
 
     image  [B,3,S,S] -> ViT -> image_embeds [B,P,Dv] -> Q-Former(queries)    -> query_out [B,Q,H]
     text   [B,T] ([CLS] ... [SEP] [PAD]..)           -> Q-Former(text only)  -> text_out  [B,T,H]
@@ -23,6 +24,8 @@ the trainer injects (all_gather_with_grad below is the default it uses).
 
 from __future__ import annotations
 
+import string
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +33,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from torch import Tensor, nn
-from transformers import AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration, PreTrainedTokenizerBase
-from transformers import PreTrainedTokenizerFast
+from transformers import (
+    AutoTokenizer,
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
@@ -42,6 +50,7 @@ from expblip.model.blip2 import PRESETS, ModelConfig, blip2_config
 Gather = Callable[[Tensor], Tensor]
 _EMBED_DIM = {"tiny": 32, "base": 256}  # ITC projection size per Q-Former preset (BLIP-2: 256)
 QFORMER_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]  # [PAD] = 0 as in BERT
+_ALPHABET = string.ascii_lowercase + string.digits + string.punctuation  # always spellable, seen or not
 DEC_TOKEN = "[DEC]"  # BLIP-2's BOS for ITG; LAVIS adds it to bert-base-uncased as bos_token
 
 
@@ -67,14 +76,23 @@ class Stage1Config:
 
 
 def train_qformer_tokenizer(captions: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Train a lower-casing BERT-style WordPiece on caption text: `[CLS] text [SEP]`, [PAD] = 0, [DEC] as BOS."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=QFORMER_SPECIAL, show_progress=False)
-    tok.train_from_iterator(captions, trainer=trainer)
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    """A lower-casing BERT-style WordPiece from caption text: `[CLS] text [SEP]`, [PAD] = 0, [DEC] as BOS.
+
+    The vocabulary: the special tokens, every character seen or in _ALPHABET (as a word start and as a `##` continuation, so any
+    word still spells out), then the most frequent words whole (ties by spelling) up to vocab_size. A caption
+    grammar has a few hundred words, so this covers it. Deterministic on purpose: tokenizers' WordPieceTrainer
+    numbers `##` pieces in hash order and learns a different vocabulary in every process (and on every rank).
+    """
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts = Counter(word for caption in captions
+                     for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(caption)))
+    chars = sorted({ch for word in counts for ch in word} | set(_ALPHABET))
+    vocab = QFORMER_SPECIAL + chars + [f"##{ch}" for ch in chars]
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    vocab += words[: max(0, vocab_size - len(vocab))]
+    tok = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece(prefix="##")
+    cls, sep = vocab.index("[CLS]"), vocab.index("[SEP]")
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
                                                        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
@@ -113,13 +131,20 @@ def with_qformer_text(config: Blip2Config, qformer_tokenizer) -> Blip2Config:
     return config
 
 
-def build_stage1(cfg: ModelConfig, stage1: Stage1Config, tokenizer, qformer_tokenizer) -> Stage1Model:
-    """Random-init BLIP-2 whose Q-Former takes text, wrapped with the stage-1 heads (weights load separately)."""
-    config = with_qformer_text(blip2_config(cfg, tokenizer), qformer_tokenizer)
+def build_stage1(cfg: ModelConfig, stage1: Stage1Config, tokenizer, qformer_tokenizer,
+                 config: Blip2Config | None = None) -> Stage1Model:
+    """Random-init BLIP-2 whose Q-Former takes text, wrapped with the stage-1 heads (weights load separately).
+
+    config: a prepared Blip2Config to build instead of the preset's (it gets the Q-Former text side too).
+    """
+    config = with_qformer_text(config or blip2_config(cfg, tokenizer), qformer_tokenizer)
     if stage1.max_text_tokens > config.qformer_config.max_position_embeddings:
         raise ValueError(f"stage1.max_text_tokens={stage1.max_text_tokens} exceeds the Q-Former's "
                          f"{config.qformer_config.max_position_embeddings} text positions")
     blip2 = Blip2ForConditionalGeneration._from_config(config)
+    # transformers initialises query_tokens to zeros; BLIP-2 (LAVIS) draws them from N(0, initializer_range), so
+    # that the Q queries differ from the first step instead of relying on dropout to break their symmetry.
+    nn.init.normal_(blip2.query_tokens, std=config.qformer_config.initializer_range)
     embed_dim = stage1.embed_dim or _EMBED_DIM[PRESETS[cfg.preset][1]]
     return Stage1Model(blip2, dec_token_id=qformer_tokenizer.bos_token_id, embed_dim=embed_dim, temp=stage1.temp,
                        label_smoothing=stage1.label_smoothing)
@@ -132,7 +157,8 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
     """[B,...] on each rank -> [world*B,...] in rank order; the local slice keeps its graph, the rest are constants.
 
     The default `gather` the trainer injects (as BLIP-2: each rank back-propagates through its own features only;
-    DDP/DeepSpeed then average the gradients). World size 1 or no process group: `x` itself.
+    DDP/DeepSpeed then average the gradients). Every rank must pass the same B (drop a last partial batch);
+    text widths may differ (Stage1Model pads them first). World size 1 or no process group: `x` itself.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
@@ -187,7 +213,7 @@ class Stage1Model(nn.Module):
         self.embeddings = Blip2TextEmbeddings(qcfg)  # word + position embeddings; the Q-Former's layernorm follows
         self.vision_proj = nn.Linear(qcfg.hidden_size, embed_dim)
         self.text_proj = nn.Linear(qcfg.hidden_size, embed_dim)
-        self.temp = nn.Parameter(torch.tensor(float(temp)))
+        self.temp = nn.Parameter(torch.tensor([float(temp)]))  # shape [1]: ZeRO-3 cannot partition a 0-d tensor
         self.itm_head = nn.Linear(qcfg.hidden_size, 2)
         self.lm_head = TiedLMHead(qcfg, self.embeddings.word_embeddings)
         self._init_heads(qcfg.initializer_range)

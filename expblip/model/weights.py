@@ -2,21 +2,45 @@
 
 An export directory holds model.safetensors + config.json (Blip2ForConditionalGeneration.save_pretrained),
 the tokenizer, `expblip.json` (image size, normalisation, generation end token) and the run's resolved
-config as `config.yaml`. Only safe formats are read (safetensors; no pickles).
+config as `config.yaml`. Only safe formats are read by default (safetensors; `torch.load(weights_only=True)`).
+
+    state = import_hf_dir("Salesforce/blip2-opt-6.7b")           # a local copy of a public HF repo
+    state = import_lavis("blip2_pretrained.pth")                 # LAVIS names -> transformers' Blip2 names
+    report = load_into_model(model, state)                       # KeyReport; print(report.summary())
+
+    save_hf_dir(state, config, tokenizer, out)                   # full export, sharded safetensors
+    save_trainable_export(state, config, tokenizer, out, trainable)   # Q-Former (+ ...) + frozen-tower fingerprints
+    model, tokenizer, meta = load_trainable_export(out, towers="exports/initial")
+
+Key names are transformers' (`vision_model.*`, `qformer.*`, `query_tokens`, `language_projection.*`,
+`language_model.*`); the `blip2.` prefix of CaptionModel's state dict is stripped on the way in. Stage-1 weights
+that Blip2ForConditionalGeneration has no place for keep the names of Blip2ForImageTextRetrieval (`embeddings.*`,
+`vision_projection.*`, `text_projection.*`, `itm_head.*`, the Q-Former's text FFN `qformer.encoder.layer.N.
+intermediate|output.*`) or, where transformers has none, `lavis.<original name>` (`lavis.temp`,
+`lavis.Qformer.cls.*`), and are reported as extras, not as junk.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pickle
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import Blip2Config, Blip2ForConditionalGeneration
+from torch import nn
+from transformers import Blip2Config, Blip2ForConditionalGeneration, GenerationConfig
 
 from expblip.data.stream import CLIP_MEAN, CLIP_STD  # noqa: F401 - re-exported for serve
 from expblip.model.tokenizer import caption_end_id, load_tokenizer
 
 PREFIX = "blip2."  # CaptionModel wraps the HF model under this attribute
+TRAINABLE_FILE = "trainable.safetensors"
+KEEP_FP32 = ("qformer.", "query_tokens")  # Blip2ForConditionalGeneration._keep_in_fp32_modules
 
 
 def strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -35,12 +59,16 @@ def export_hf(state: dict[str, torch.Tensor], config: Blip2Config, tokenizer, ou
         raise ValueError(f"export to {out}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    meta = {"image_size": config.vision_config.image_size, "mean": CLIP_MEAN, "std": CLIP_STD,
-            "caption_end_id": caption_end_id(tokenizer), "num_query_tokens": config.num_query_tokens}
-    (out / "expblip.json").write_text(json.dumps(meta, indent=2))
+    (out / "expblip.json").write_text(json.dumps(processor_meta(config, tokenizer), indent=2))
     if resolved_config_yaml:
         (out / "config.yaml").write_text(resolved_config_yaml)
     return out
+
+
+def processor_meta(config: Blip2Config, tokenizer) -> dict:
+    """What a reader needs besides the weights: preprocessing and the generation end token (expblip.json)."""
+    return {"image_size": config.vision_config.image_size, "mean": CLIP_MEAN, "std": CLIP_STD,
+            "caption_end_id": caption_end_id(tokenizer), "num_query_tokens": config.num_query_tokens}
 
 
 def _is_tied(model, key: str) -> bool:
@@ -53,9 +81,12 @@ def load_export(path: str | Path, dtype: torch.dtype = torch.float32):
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not an expblip export (no config.json); pass RUN_DIR/export "
                                 "or the --out of launch/export.py")
+    meta = json.loads((path / "expblip.json").read_text()) if (path / "expblip.json").is_file() else {}
+    if meta.get("format") == "trainable-only":
+        raise ValueError(f"{path} is a trainable-only export (no frozen towers); merge it onto its towers: "
+                         f"python launch/export.py --merge {path} --towers TOWERS_DIR --out DIR")
     model = Blip2ForConditionalGeneration.from_pretrained(str(path), dtype=dtype, local_files_only=True,
                                                           use_safetensors=True)
-    meta = json.loads((path / "expblip.json").read_text()) if (path / "expblip.json").is_file() else {}
     return model.eval(), load_tokenizer(path), meta
 
 
@@ -70,3 +101,483 @@ def read_state(path: str | Path) -> dict[str, torch.Tensor]:
     for f in files:
         state.update(load_file(str(f)))
     return state
+
+
+# ---------------------------------------------------------------- safe reading
+
+
+class UnsafeCheckpointError(ValueError):
+    """A .pth/.bin file that holds more than tensors and plain containers (a pickle that could run code)."""
+
+
+def load_torch_file(path: str | Path, allow_pickle: bool = False) -> Any:
+    """torch.load on the CPU with weights_only=True (tensors, dicts, lists, numbers, strings) unless allowed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(
+            f"{path} holds pickled objects other than tensors ({str(err).splitlines()[0]}); it was refused "
+            "because unpickling can run arbitrary code. Convert it to safetensors, or pass allow_pickle=True "
+            "(--allow-pickle) only for a file from a source you trust") from err
+
+
+def _safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded checkpoint: LAVIS {"model": ...}, {"state_dict": ...} or the dict itself."""
+    for key in ("model", "state_dict"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"{path} holds no tensors (keys: {list(obj)[:8]})")
+    return tensors
+
+
+# ---------------------------------------------------------------- HF-format directories
+
+
+def import_hf_dir(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Weights of an HF-format BLIP-2 directory (config.json + model.safetensors or shards with an index).
+
+    The layout of the public Salesforce/blip2-opt-6.7b, blip2-opt-2.7b and blip2-itm-vit-g repositories:
+    `model.safetensors.index.json` maps every tensor to its shard and every shard it names must be present.
+    Falls back to `pytorch_model*.bin` (read with weights_only=True) when there is no safetensors file.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not an HF-format model directory (no config.json)")
+    for index_name, loader in (("model.safetensors.index.json", _safetensors),
+                               ("pytorch_model.bin.index.json", lambda f: _torch_state(f, allow_pickle))):
+        if (path / index_name).is_file():
+            return _read_sharded(path, index_name, loader)
+    if (path / "model.safetensors").is_file():
+        return _safetensors(path / "model.safetensors")
+    if (path / "pytorch_model.bin").is_file():
+        return _torch_state(path / "pytorch_model.bin", allow_pickle)
+    raise FileNotFoundError(f"{path} holds no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _torch_state(file: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    return _tensor_dict(load_torch_file(file, allow_pickle), file)
+
+
+def _read_sharded(path: Path, index_name: str, loader: Callable[[Path], dict]) -> dict[str, torch.Tensor]:
+    weight_map: dict[str, str] = json.loads((path / index_name).read_text())["weight_map"]
+    shards = sorted(set(weight_map.values()))
+    absent = [s for s in shards if not (path / s).is_file()]
+    if absent:
+        raise FileNotFoundError(f"{path / index_name} names shards that are not there: {absent}; "
+                                "download the complete repository")
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(loader(path / shard))
+    lost = sorted(set(weight_map) - set(state))
+    if lost:
+        raise ValueError(f"{path}: the index lists {len(lost)} tensors that no shard holds, e.g. {lost[:3]}")
+    return state
+
+
+# ---------------------------------------------------------------- LAVIS checkpoints
+
+# LAVIS name -> transformers name, applied in order to every key (the first match wins). After
+# transformers' convert_blip_2_original_to_pytorch.py; EVA's q_bias / v_bias are merged by _merge_qv_bias.
+LAVIS_RULES: list[tuple[str, str]] = [
+    (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
+    (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
+    (r"^visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
+    (r"^visual_encoder\.blocks\.(\d+)\.norm(\d)\.", r"vision_model.encoder.layers.\1.layer_norm\2."),
+    (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"vision_model.encoder.layers.\1.self_attn.qkv."),
+    (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
+    (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
+    (r"^ln_vision\.", "vision_model.post_layernorm."),
+    (r"^Qformer\.bert\.embeddings\.LayerNorm\.", "qformer.layernorm."),
+    (r"^Qformer\.bert\.embeddings\.(word|position)_embeddings\.", r"embeddings.\1_embeddings."),  # stage-1 text
+    (r"^Qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.",
+     r"qformer.encoder.layer.\1.\2.attention."),
+    (r"^Qformer\.bert\.encoder\.", "qformer.encoder."),  # attention.output, intermediate(_query), output(_query)
+    (r"^Qformer\.cls\.", "lavis.Qformer.cls."),  # stage-1 ITG head: no place in transformers' Blip2
+    (r"^temp$", "lavis.temp"),  # stage-1 ITC temperature
+    (r"^vision_proj\.", "vision_projection."),
+    (r"^text_proj\.", "text_projection."),
+    (r"^(opt|t5)_proj\.", "language_projection."),
+    (r"^(opt|t5)_model\.", "language_model."),
+]
+_LAVIS_DROPPED = re.compile(r"^Qformer\.bert\.embeddings\.position_ids$")  # a non-persistent buffer in transformers
+_QV_BIAS = re.compile(r"^visual_encoder\.blocks\.(\d+)\.attn\.([qv])_bias$")
+STAGE1_EXTRAS = re.compile(r"^(embeddings\.|vision_projection\.|text_projection\.|itm_head\.|lavis\.|"
+                           r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\.)")
+
+
+def lavis_name(key: str) -> str:
+    """The transformers name of one LAVIS key (unknown keys are returned unchanged)."""
+    for pattern, replacement in LAVIS_RULES:
+        new, n = re.subn(pattern, replacement, key)
+        if n:
+            return new
+    return key
+
+
+def lavis_to_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a LAVIS BLIP-2 state dict to transformers' Blip2 names (q/v biases merged into the qkv bias)."""
+    out: dict[str, torch.Tensor] = {}
+    biases: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")  # saved from a DDP-wrapped model
+        if _LAVIS_DROPPED.match(key):
+            continue
+        qv = _QV_BIAS.match(key)
+        if qv:
+            biases.setdefault(qv.group(1), {})[qv.group(2)] = value
+        else:
+            out[lavis_name(key)] = value
+    out.update(_merge_qv_bias(biases))
+    return out
+
+
+def _merge_qv_bias(biases: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """EVA keeps q and v biases (k has none); transformers holds one qkv bias = [q, 0, v]."""
+    merged = {}
+    for layer, qv in biases.items():
+        if set(qv) != {"q", "v"}:
+            raise ValueError(f"visual_encoder.blocks.{layer}.attn has only its {set(qv)} bias; q_bias and v_bias "
+                             "must come together")
+        merged[f"vision_model.encoder.layers.{layer}.self_attn.qkv.bias"] = torch.cat(
+            (qv["q"], torch.zeros_like(qv["v"]), qv["v"]))
+    return merged
+
+
+def import_lavis(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A LAVIS BLIP-2 checkpoint ({"model": state_dict} .pth, or .safetensors) in transformers' names.
+
+    Reads BLIP-2 stage-1 weights (Q-Former + ITC/ITM/ITG heads), BLIP-2 OPT weights and the Exp-BLIP trimmed
+    checkpoints that hold only the trained parameters; load the result with load_into_model and read its report.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state = _safetensors(path)
+    else:
+        state = _tensor_dict(load_torch_file(path, allow_pickle), path)
+    return lavis_to_hf(state)
+
+
+# ---------------------------------------------------------------- loading with a key report
+
+
+@dataclass
+class KeyReport:
+    """What load_into_model did with each key (transformers' names)."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # the model has it, the state does not
+    unexpected: list[str] = field(default_factory=list)  # the state has it, the model does not (not a stage-1 head)
+    mismatched_shapes: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, state's, model's)
+    extras: list[str] = field(default_factory=list)  # stage-1 heads the model has no place for
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched_shapes)
+
+    def summary(self, limit: int = 6) -> str:
+        """A few readable lines: counts, then the first keys of each kind, grouped by tower."""
+        total = len(self.loaded) + len(self.missing)
+        lines = [f"loaded {len(self.loaded)} of the model's {total} tensors"]
+        for label, keys in (("missing (kept as initialised)", self.missing), ("unexpected (ignored)", self.unexpected),
+                            ("stage-1 extras (ignored)", self.extras)):
+            if keys:
+                lines.append(f"{label}: {len(keys)} [{_towers(keys)}] e.g. {', '.join(keys[:limit])}")
+        for key, theirs, ours in self.mismatched_shapes[:limit]:
+            lines.append(f"shape mismatch (not loaded): {key} is {list(theirs)} in the state, {list(ours)} in the model")
+        if len(self.mismatched_shapes) > limit:
+            lines.append(f"... {len(self.mismatched_shapes) - limit} more shape mismatches")
+        return "\n".join(lines)
+
+
+def _towers(keys: Iterable[str]) -> str:
+    counts: dict[str, int] = {}
+    for k in keys:
+        tower = k.split(".")[0] if not k.startswith("lavis.") else "lavis"
+        counts[tower] = counts.get(tower, 0) + 1
+    return ", ".join(f"{t} {n}" for t, n in counts.items())
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The Blip2ForConditionalGeneration inside a CaptionModel (or the model itself)."""
+    inner = getattr(model, "blip2", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def load_into_model(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = False) -> KeyReport:
+    """Copy `state` into `model` (a Blip2 model or a CaptionModel) key by key; returns what happened.
+
+    Shapes must match exactly (mismatches are reported and skipped); values are cast to the parameter's dtype.
+    A key tied to another (OPT's lm_head and embed_tokens) counts as loaded when either is. `strict` raises
+    ValueError with the summary when anything is missing, unexpected or mismatched (extras are fine).
+    """
+    target = _unwrap(model)
+    own = target.state_dict(keep_vars=True)
+    state = strip_prefix(dict(state))
+    report = KeyReport()
+    done: set[int] = set()
+    with torch.no_grad():
+        for key, value in state.items():
+            if key not in own:
+                (report.extras if STAGE1_EXTRAS.match(key) else report.unexpected).append(key)
+            elif tuple(value.shape) != tuple(own[key].shape):
+                report.mismatched_shapes.append((key, tuple(value.shape), tuple(own[key].shape)))
+            else:
+                own[key].copy_(value)
+                report.loaded.append(key)
+                done.add(id(own[key]))
+    report.missing = [k for k, t in own.items() if k not in state and id(t) not in done]
+    report.loaded += [k for k, t in own.items() if k not in state and id(t) in done]  # tied aliases
+    if strict and not report.ok:
+        raise ValueError(f"weights do not fit the model:\n{report.summary()}")
+    return report
+
+
+# ---------------------------------------------------------------- writing HF-format directories
+
+
+def tied_aliases(config: Blip2Config) -> dict[str, str]:
+    """alias -> source for parameters that are one tensor (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = Blip2ForConditionalGeneration(config)
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
+def expected_shapes(config: Blip2Config) -> dict[str, tuple[int, ...]]:
+    """Persistent tensors of Blip2ForConditionalGeneration(config) and their shapes, tied aliases left out."""
+    with torch.device("meta"):
+        model = Blip2ForConditionalGeneration(config)
+    aliases = tied_aliases(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in aliases}
+
+
+def check_state(state: Mapping[str, Any], config: Blip2Config, where: str) -> None:
+    """Raise ValueError unless `state` (tied aliases removed) has exactly the model's keys and shapes."""
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [(k, tuple(state[k].shape), expected[k]) for k in expected if k in state
+             and tuple(state[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{where}: the weights do not fit the model config: missing {len(missing)} {missing[:4]}, "
+                         f"unexpected {len(unexpected)} {unexpected[:4]}, wrong shapes {wrong[:3]}")
+
+
+def _cast(key: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is None or not tensor.is_floating_point() or key.startswith(KEEP_FP32):
+        return tensor
+    return tensor.to(dtype)
+
+
+def write_safetensors(state: Mapping[str, Any], out: Path, dtype: torch.dtype | None = None,
+                      max_shard_bytes: int = 5 * 10**9, name: str = "model") -> list[str]:
+    """Write `state` as name.safetensors, or shards name-0000i-of-0000n.safetensors + index when larger.
+
+    Values may be lazy (anything with .shape, .dtype and .contiguous(), e.g. DeepSpeed's GatheredTensor):
+    each shard's tensors are materialised only while that shard is written.
+    """
+    from safetensors.torch import save_file
+
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, value in state.items():
+        nbytes = _numel(value.shape) * (dtype or value.dtype).itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    files = ([f"{name}.safetensors"] if len(shards) == 1 else
+             [f"{name}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    total = 0
+    for file, keys in zip(files, shards, strict=True):
+        tensors = {k: _cast(k, state[k].contiguous(), dtype).contiguous() for k in keys}
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        save_file(tensors, str(out / file), metadata={"format": "pt"})
+        del tensors
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {k: f for f, keys in zip(files, shards, strict=True) for k in keys}}
+        (out / f"{name}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return files
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def save_hf_dir(state: Mapping[str, Any], config: Blip2Config, tokenizer, out: str | Path,
+                resolved_config_yaml: str = "", dtype: torch.dtype | None = None, extra_meta: dict | None = None,
+                max_shard_bytes: int = 5 * 10**9) -> Path:
+    """Full HF-format export that stock Blip2ForConditionalGeneration.from_pretrained loads.
+
+    Unlike export_hf it builds no model (the key check runs on the meta device) and streams lazy tensors shard
+    by shard, so a 7.7B-parameter export needs little more memory than the state itself. `dtype` casts floating
+    tensors except the Q-Former and query tokens, which transformers keeps in fp32 anyway.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    aliases = tied_aliases(config)
+    state = {k: v for k, v in strip_prefix(dict(state)).items() if k not in aliases}
+    check_state(state, config, f"export to {out}")
+    write_safetensors(state, out, dtype, max_shard_bytes)
+    config = Blip2Config.from_dict(config.to_dict())  # a copy: the caller's config is left alone
+    config.architectures = ["Blip2ForConditionalGeneration"]
+    config.dtype = str(dtype or torch.float32).removeprefix("torch.")
+    config.save_pretrained(out)
+    _generation_config(config, tokenizer).save_pretrained(out)
+    _write_side_files(out, config, tokenizer, resolved_config_yaml, {"format": "full", **(extra_meta or {})})
+    return out
+
+
+def _generation_config(config: Blip2Config, tokenizer) -> GenerationConfig:
+    """The paper's decoding as generate()'s defaults: 5 beams, ends at "\\n" (Captioner's GenerationConfig)."""
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=caption_end_id(tokenizer),
+                            pad_token_id=tokenizer.pad_token_id, num_beams=5, max_new_tokens=60, min_new_tokens=3)
+
+
+def _write_side_files(out: Path, config: Blip2Config, tokenizer, resolved_config_yaml: str, meta: dict) -> None:
+    tokenizer.save_pretrained(out)
+    (out / "expblip.json").write_text(json.dumps({**processor_meta(config, tokenizer), **meta}, indent=2))
+    if resolved_config_yaml:
+        (out / "config.yaml").write_text(resolved_config_yaml)
+
+
+# ---------------------------------------------------------------- trainable-only exports
+
+
+class TowerMismatchError(ValueError):
+    """Frozen towers that are not the ones a trainable-only export was trained on."""
+
+
+def fingerprint(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> str:
+    """sha256 of the tensor's shape and bytes, after casting to `dtype` (the dtype the run held it in)."""
+    t = tensor.detach().to("cpu", dtype or tensor.dtype).contiguous()
+    digest = hashlib.sha256(repr(tuple(t.shape)).encode())
+    digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def save_trainable_export(state: Mapping[str, Any], config: Blip2Config, tokenizer, out: str | Path,
+                          trainable: Iterable[str], resolved_config_yaml: str = "",
+                          extra_meta: dict | None = None) -> Path:
+    """A small export: the trained tensors (`trainable`, e.g. Q-Former, query tokens, projection) in fp32, and a
+    sha256 fingerprint of every frozen tensor they were trained with, so merging onto other towers is refused.
+
+    Holds trainable.safetensors, config.json (the full Blip2Config), the tokenizer, config.yaml and expblip.json
+    ({"format": "trainable-only", "frozen": {key: {"sha256", "dtype", "shape"}}, ...}).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    aliases = tied_aliases(config)
+    state = {k: v for k, v in strip_prefix(dict(state)).items() if k not in aliases}
+    check_state(state, config, f"export to {out}")
+    keep = set(trainable)
+    absent = sorted(keep - set(state))
+    if absent:
+        raise ValueError(f"trainable keys not in the checkpoint: {absent[:5]}")
+    write_safetensors({k: state[k] for k in state if k in keep}, out, name=TRAINABLE_FILE.removesuffix(".safetensors"))
+    frozen = {}
+    for key in sorted(set(state) - keep):
+        tensor = state[key].contiguous()
+        frozen[key] = {"sha256": fingerprint(tensor), "dtype": str(tensor.dtype).removeprefix("torch."),
+                       "shape": list(tensor.shape)}
+    config.save_pretrained(out)
+    meta = {"format": "trainable-only", "trainable": sorted(keep), "frozen": frozen,
+            "towers": _tower_digests(frozen), **(extra_meta or {})}
+    _write_side_files(out, config, tokenizer, resolved_config_yaml, meta)
+    return out
+
+
+def _tower_digests(frozen: dict[str, dict]) -> dict[str, str]:
+    """One digest per frozen tower (over its tensors' fingerprints, in key order): easy to compare by eye."""
+    towers: dict[str, Any] = {}
+    for key in sorted(frozen):
+        towers.setdefault(key.split(".")[0], hashlib.sha256()).update(frozen[key]["sha256"].encode())
+    return {t: h.hexdigest() for t, h in towers.items()}
+
+
+def read_trainable_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(trained tensors, expblip.json) of a trainable-only export."""
+    path = Path(path)
+    meta_file = path / "expblip.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if meta.get("format") != "trainable-only":
+        raise ValueError(f"{path} is not a trainable-only export (expblip.json has no format: trainable-only)")
+    files = sorted(path.glob("trainable*.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(_safetensors(f))
+    return state, meta
+
+
+def check_towers(towers: Mapping[str, torch.Tensor], frozen: Mapping[str, dict]) -> list[str]:
+    """Problems ('key: why') between the given towers and the recorded fingerprints; [] when they match."""
+    problems = []
+    for key, want in frozen.items():
+        tensor = towers.get(key)
+        if tensor is None:
+            problems.append(f"{key}: absent from the towers")
+        elif list(tensor.shape) != want["shape"]:
+            problems.append(f"{key}: shape {list(tensor.shape)}, expected {want['shape']}")
+        elif fingerprint(tensor, getattr(torch, want["dtype"])) != want["sha256"]:
+            problems.append(f"{key}: different values (towers in {str(tensor.dtype).removeprefix('torch.')}, "
+                            f"trained with {want['dtype']})")
+    return problems
+
+
+def merge_trainable(path: str | Path, towers: str | Path | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full state: `towers` (an HF-format dir, a LAVIS .pth or a state dict) overlaid with a trainable-only export.
+
+    Raises TowerMismatchError naming the first differing tensors unless every frozen tensor matches its fingerprint.
+    """
+    trained, meta = read_trainable_export(path)
+    if not isinstance(towers, Mapping):
+        towers = Path(towers)
+        towers = import_hf_dir(towers) if towers.is_dir() else import_lavis(towers)
+    towers = strip_prefix(dict(towers))
+    problems = check_towers(towers, meta["frozen"])
+    if problems:
+        by_tower = _towers(p.split(":")[0] for p in problems)
+        raise TowerMismatchError(f"{path} was trained on other frozen towers: {len(problems)} of "
+                                 f"{len(meta['frozen'])} tensors differ ({by_tower}), e.g.\n  "
+                                 + "\n  ".join(problems[:5]))
+    return {**{k: towers[k] for k in meta["frozen"]}, **trained}
+
+
+def load_trainable_export(path: str | Path, towers: str | Path | Mapping[str, torch.Tensor],
+                          dtype: torch.dtype = torch.float32):
+    """(model in eval mode, tokenizer, meta) from a trainable-only export merged onto its frozen towers."""
+    path = Path(path)
+    state = merge_trainable(path, towers)
+    config = Blip2Config.from_pretrained(str(path), local_files_only=True)
+    model = Blip2ForConditionalGeneration(config)
+    load_into_model(model, state, strict=True)
+    if dtype != torch.float32:  # as from_pretrained(dtype=...): the Q-Former and query tokens stay fp32
+        model.to(dtype)
+        model.qformer.float()
+        model.query_tokens.data = model.query_tokens.data.float()
+    return model.eval(), load_tokenizer(path), read_trainable_export(path)[1]

@@ -1,9 +1,10 @@
 """The embedded demo: the synthetic-face world, end to end on 2 CPU workers, in about ten minutes.
 
-    shards (train + held-out) -> 'lm' stage (teach the tiny OPT the caption language)
-      -> stage 2 (Q-Former + projection + ViT learn to describe faces; OPT frozen) -> evaluate -> describe
+    shards (train + held-out) -> 'vision' stage (the tiny ViT learns to see AUs) -> 'lm' stage (the tiny OPT learns
+      the caption language) -> stage 2 (Q-Former + projection + ViT learn to describe faces; OPT frozen)
+      -> evaluate -> describe
 
-Both training stages run through Ray Train driving DeepSpeed ZeRO-3 (recipes/tiny_lm.yaml, recipes/tiny_stage2.yaml).
+Every training stage runs through Ray Train driving DeepSpeed ZeRO-3 (recipes/tiny_{vision,lm,stage2}.yaml).
 Stages whose outputs exist are skipped, so an interrupted demo continues where it stopped.
 """
 
@@ -25,6 +26,7 @@ class DemoConfig:
     out: str = "demo"
     train_samples: int = 6000
     test_samples: int = 300
+    vision_steps: int = 300
     lm_steps: int = 300
     stage2_steps: int = 1200
     beams: int = 3
@@ -91,7 +93,8 @@ def describe(demo: DemoConfig, run_dir: str) -> None:
 def run_demo(demo: DemoConfig | None = None) -> dict:
     demo = demo or DemoConfig()
     shards = make_shards(demo)
-    lm = train_stage(stage_config("tiny_lm", demo, shards["train"], demo.lm_steps))
+    vision = train_stage(stage_config("tiny_vision", demo, shards["train"], demo.vision_steps))
+    lm = train_stage(stage_config("tiny_lm", demo, shards["train"], demo.lm_steps, weights=vision))
     stage2 = train_stage(stage_config("tiny_stage2", demo, shards["train"], demo.stage2_steps, weights=lm))
     result = evaluate(demo, stage2, shards)
     describe(demo, stage2)

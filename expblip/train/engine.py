@@ -109,3 +109,10 @@ def gathered(params) -> object:
 
     params = [p for p in params if hasattr(p, "ds_id")]
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None) if params else nullcontext()
+
+
+def register_external(module: nn.Module, param: nn.Parameter) -> None:
+    """Tell ZeRO-3 that `module`'s forward reads `param`, which another module owns (a no-op without DeepSpeed)."""
+    import deepspeed
+
+    deepspeed.zero.register_external_parameter(module, param)

@@ -26,10 +26,25 @@ import yaml
 from expblip.config import Config, ConfigError, dump_config, to_dict
 from expblip.data.shards import resolve_shards
 from expblip.data.stream import Cursor, iterate_once, make_loader
-from expblip.model.blip2 import CaptionModel, apply_freezing, blip2_config, build_model, caption_inputs
+from expblip.model.blip2 import (
+    CaptionModel,
+    VisionPretrainModel,
+    apply_freezing,
+    au_targets,
+    build_model,
+    caption_inputs,
+)
+from expblip.model.stage1 import (
+    all_gather_with_grad,
+    build_stage1,
+    load_qformer_tokenizer,
+    qformer_text_inputs,
+    train_qformer_tokenizer,
+)
 from expblip.model.tokenizer import load_tokenizer, train_caption_tokenizer, wrap
 from expblip.model.weights import export_hf, read_state
-from expblip.train import checkpoint, engine as ds_engine
+from expblip.train import checkpoint
+from expblip.train import engine as ds_engine
 from expblip.train.optim import build_optimizer, build_scheduler
 from expblip.train.tracking import make_tracker
 
@@ -53,6 +68,8 @@ class Run:
     step: int = 0
     errors: dict = field(default_factory=dict)  # worker -> {kind: count}, cumulative
     history: list = field(default_factory=list)  # (step, loss) on rank 0
+    parts: dict = field(default_factory=dict)  # the named parts of the last loss (stage 1: loss_itc, ...)
+    qformer_tokenizer: object = None
     report: Reporter | None = None
 
 
@@ -73,8 +90,9 @@ def setup(cfg: Config, report: Reporter | None = None) -> Run:
     tag = _check_run_dir(cfg, run_dir)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     tokenizer = _tokenizer(cfg, rank, run_dir)
-    blip2_cfg = blip2_config(cfg.model, tokenizer)
-    model = CaptionModel(ds_engine.build_partitioned(ds_config, lambda: build_model(cfg.model, tokenizer)))
+    qformer_tokenizer = _qformer_tokenizer(cfg, rank, run_dir) if cfg.train.stage == "stage1" else None
+    model = ds_engine.build_partitioned(ds_config, lambda: _training_unit(cfg, tokenizer, qformer_tokenizer))
+    blip2_cfg = model.blip2.config
     if cfg.model.weights and tag is None:
         _load_initial_weights(model, cfg.model.weights, rank)
     apply_freezing(model.blip2, cfg.model, cfg.train.stage)
@@ -92,9 +110,38 @@ def setup(cfg: Config, report: Reporter | None = None) -> Run:
     batches = iter(make_loader(cfg.data.train, rank, world, cursor=cursor_state))
     tracker = make_tracker(cfg.tracking, run_dir, rank, run_id)
     run = Run(cfg, rank, world, engine, tokenizer, blip2_cfg, ds_config, batches, cursor, tracker, step=step,
-              report=report)
+              report=report, qformer_tokenizer=qformer_tokenizer)
     _record_start(run)
     return run
+
+
+def _training_unit(cfg: Config, tokenizer, qformer_tokenizer) -> torch.nn.Module:
+    """The module the engine wraps for this stage; each keeps the HF model at `.blip2` (what gets exported)."""
+    if cfg.train.stage == "stage1":
+        unit = build_stage1(cfg.model, cfg.stage1, tokenizer, qformer_tokenizer)
+        for param in unit.external_parameters():  # read outside their owner's forward: ZeRO-3 must gather them
+            ds_engine.register_external(unit, param)
+        return unit
+    blip2 = build_model(cfg.model, tokenizer)
+    if cfg.train.stage == "vision":
+        return VisionPretrainModel(blip2, len(cfg.train.vision_aus))
+    return CaptionModel(blip2)
+
+
+def _qformer_tokenizer(cfg: Config, rank: int, run_dir: Path):
+    """Stage 1's Q-Former text tokenizer: given, saved in the run or its weights, or trained on the captions."""
+    if cfg.stage1.qformer_tokenizer:
+        return load_qformer_tokenizer(cfg.stage1.qformer_tokenizer)
+    for candidate in (run_dir / "qformer_tokenizer", Path(_weights_dir(cfg.model.weights) or "/nonexistent",
+                                                          "qformer_tokenizer")):
+        if (candidate / "tokenizer.json").is_file():
+            return load_qformer_tokenizer(candidate)
+    captions = [_all_captions(cfg) if rank == 0 else None]
+    dist.broadcast_object_list(captions, src=0)  # the trainer is deterministic: every rank builds the same vocabulary
+    tokenizer = train_qformer_tokenizer(captions[0], cfg.stage1.qformer_vocab)
+    if rank == 0:
+        tokenizer.save_pretrained(run_dir / "qformer_tokenizer")
+    return tokenizer
 
 
 def _check_run_dir(cfg: Config, run_dir: Path) -> str | None:
@@ -169,16 +216,27 @@ def _record_start(run: Run) -> None:
 
 
 def model_inputs(run: Run, batch: dict) -> dict:
-    """Batch from the loader -> keyword arguments of CaptionModel.forward."""
+    """Batch from the loader -> keyword arguments of the training unit's forward."""
+    if run.cfg.train.stage == "vision":
+        inputs = {"pixel_values": _pixels(run, batch), **au_targets(batch["labels"], run.cfg.train.vision_aus)}
+        return {k: v.to(run.engine.device) for k, v in inputs.items()}
+    if run.cfg.train.stage == "stage1":
+        text = qformer_text_inputs(run.qformer_tokenizer, batch["captions"], run.cfg.stage1.max_text_tokens)
+        inputs = {"pixel_values": _pixels(run, batch), **text}
+        return {**{k: v.to(run.engine.device) for k, v in inputs.items()}, "gather": all_gather_with_grad}
     lm_only = run.cfg.train.stage == "lm"
     # the 'lm' stage keeps the captioning layout (<image> placeholders, then </s> and the caption) so that the
     # frozen LM later meets the query outputs at positions it was trained on
     inputs = caption_inputs(run.tokenizer, batch["captions"], run.blip2_config.num_query_tokens,
                             run.cfg.data.max_text_tokens)
     if not lm_only:
-        pixels = batch["pixel_values"]
-        inputs["pixel_values"] = pixels.to(torch.bfloat16) if run.engine.bfloat16_enabled() else pixels
+        inputs["pixel_values"] = _pixels(run, batch)
     return {k: v.to(run.engine.device) for k, v in inputs.items()}
+
+
+def _pixels(run: Run, batch: dict) -> torch.Tensor:
+    pixels = batch["pixel_values"]
+    return pixels.to(torch.bfloat16) if run.engine.bfloat16_enabled() else pixels
 
 
 def train_step(run: Run) -> torch.Tensor:
@@ -188,10 +246,13 @@ def train_step(run: Run) -> torch.Tensor:
         batch = next(run.batches)
         run.cursor.update(batch["cursor"])
         run.errors[batch["cursor"]["worker"]] = batch["errors"]
-        loss = run.engine(**model_inputs(run, batch))
+        out = run.engine(**model_inputs(run, batch))
+        loss = out["loss"] if isinstance(out, dict) else out  # stage 1 also returns its three parts
         run.engine.backward(loss)
         run.engine.step()
         losses.append(loss.detach().float())
+        if isinstance(out, dict):
+            run.parts = {k: v.detach().float().item() for k, v in out.items() if k != "loss"}
     run.step += 1
     return torch.stack(losses).mean()
 
@@ -209,6 +270,7 @@ def _global_metrics(run: Run, loss: torch.Tensor, seconds: float, steps: int) ->
     if norm is not None:
         metrics["grad_norm"] = float(norm)
     metrics.update({f"data.skipped.{k}": t[i + 1].item() for i, k in enumerate(kinds)})
+    metrics.update(run.parts)  # rank 0's last micro-batch (stage 1: loss_itc, loss_itm, loss_itg)
     return metrics
 
 
@@ -231,6 +293,8 @@ def export(run: Run) -> Path:
     state = checkpoint.consolidated_state_dict(run.engine.module.blip2, run.rank)
     if run.rank == 0:
         export_hf(state, run.blip2_config, run.tokenizer, out, yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
+        if run.qformer_tokenizer is not None:
+            run.qformer_tokenizer.save_pretrained(out / "qformer_tokenizer")
     dist.barrier()
     return out
 

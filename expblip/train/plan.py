@@ -302,7 +302,8 @@ def _lines(plan: Plan) -> Iterator[str]:
     header = ("GiB", "DS GPU", "DS CPU/nd", "states", "activ.", "act.ckpt", "total", "total(ckpt)", "CPU/node",
               f"fits {cfg.gpu_gib:g} GiB?")
     yield ""
-    yield "                       | DeepSpeed: all trainable | ours: frozen towers 16-bit only, per GPU + CPU per node"
+    yield ("DS = DeepSpeed's estimators (every parameter trains); ours: frozen towers hold 16-bit weights only. "
+           "GPU figures per GPU, CPU per node.")
     yield _row(header, widths)
     for r in plan.rows:
         verdict = "yes" if r.fits else ("with act. ckpt" if r.fits_with_ckpt else "no")

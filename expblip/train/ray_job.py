@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 
 from expblip.config import Config, ConfigError, from_dict, to_dict
@@ -38,6 +41,22 @@ def preflight(cfg: Config) -> None:
     loop_preflight(cfg)
     if cfg.tracking.enabled:
         check_reachable(tracking_uri(cfg.tracking, cfg.train.run_dir))
+    if "://" in cfg.ray.storage_path:
+        check_storage(cfg.ray.storage_path)
+
+
+def check_storage(url: str) -> None:
+    """Fail fast when Ray's checkpoint storage (e.g. s3://bucket/prefix) cannot be reached or does not exist."""
+    from expblip.data.shards import url_to_fs
+
+    try:
+        fs, path = url_to_fs(url)
+        bucket = path.split("/")[0]
+        if not fs.exists(bucket):
+            raise FileNotFoundError(f"bucket {bucket} does not exist")
+    except Exception as err:  # s3fs raises many kinds: connection, credentials, missing bucket
+        raise ConfigError(f"ray.storage_path {url} is unreachable ({type(err).__name__}: {err}); create the bucket "
+                          "or fix AWS_ENDPOINT_URL / credentials") from err
 
 
 def _worker(config: dict) -> None:
@@ -45,10 +64,56 @@ def _worker(config: dict) -> None:
 
     from expblip.train.loop import train
 
-    def report(metrics: dict, step: int, path) -> None:
-        ray.train.report({**{k: v for k, v in metrics.items() if isinstance(v, (int, float))}, "step": step})
+    cfg = from_dict(Config, config["cfg"])
+    _restore_from_ray(cfg)
 
-    train(from_dict(Config, config["cfg"]), report=report)
+    def report(metrics: dict, step: int, path) -> None:
+        scalars = {**{k: v for k, v in metrics.items() if isinstance(v, (int, float))}, "step": step}
+        if path is None:
+            ray.train.report(scalars)
+            return
+        stage = _stage_rank_files(Path(path), ray.train.get_context().get_world_rank())
+        try:  # every rank reports its own shards; Ray merges them into one checkpoint in storage
+            ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(str(stage)))
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    train(cfg, report=report)
+
+
+def _belongs_to(name: str, rank: int) -> bool:
+    """DeepSpeed's per-rank files (zero_pp_rank_R_*, our rankR.pt) go with rank R; shared files with rank 0."""
+    match = re.search(r"rank_?(\d+)", name)
+    return int(match.group(1)) == rank if match else rank == 0
+
+
+def _stage_rank_files(tag_dir: Path, rank: int) -> Path:
+    stage = Path(tempfile.mkdtemp(prefix=f"expblip-ckpt-rank{rank}-"))
+    (stage / tag_dir.name).mkdir()
+    for file in tag_dir.iterdir():
+        if file.is_file() and _belongs_to(file.name, rank):
+            shutil.copy2(file, stage / tag_dir.name / file.name)
+    if rank == 0:
+        (stage / "latest").write_text(tag_dir.name)
+    return stage
+
+
+def _restore_from_ray(cfg: Config) -> None:
+    """A restarted or re-submitted run on a machine whose run_dir lacks the newest checkpoint fetches it from
+    Ray's storage (checkpoints are then found where the loop always looks: run_dir/checkpoints)."""
+    import ray.train
+    import torch.distributed as dist
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None and ray.train.get_context().get_local_rank() == 0:
+        root = Path(cfg.train.run_dir, "checkpoints")
+        with checkpoint.as_directory() as src:
+            tag = Path(src, "latest").read_text().strip()
+            if not (root / tag).is_dir():
+                shutil.copytree(Path(src, tag), root / tag)
+                (root / "latest").write_text(tag)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def _init_ray(cfg: Config) -> None:
@@ -62,7 +127,7 @@ def _init_ray(cfg: Config) -> None:
 
 def run(cfg: Config):
     """Train `cfg` on Ray; returns Ray's Result (its metrics are rank 0's last report)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg = absolute_paths(cfg)
@@ -75,14 +140,11 @@ def run(cfg: Config):
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RunConfig(name=Path(cfg.train.run_dir).name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None)),
     )
     result = trainer.fit()
     if result.error:
         raise result.error
     return result
 
-
-def check_config(cfg: Config) -> None:
-    if cfg.ray.num_workers < 1:
-        raise ConfigError("ray.num_workers must be >= 1")

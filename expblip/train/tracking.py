@@ -63,7 +63,8 @@ class MlflowTracker:
             self.run = mlflow.start_run(run_id=run_id, log_system_metrics=False)
         else:
             mlflow.set_experiment(cfg.experiment)
-            self.run = mlflow.start_run(run_name=cfg.run_name or Path(run_dir).name)
+            tags = {"mlflow.parentRunId": cfg.parent_run_id} if cfg.parent_run_id else None
+            self.run = mlflow.start_run(run_name=cfg.run_name or Path(run_dir).name, tags=tags)
         self.run_id = self.run.info.run_id
         id_file.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.uri}))
 

@@ -1,0 +1,171 @@
+"""Checkpoint -> HF-format export, on the CPU with no process group (launch/export.py).
+
+    result = export_checkpoint("runs/stage2", "exports/stage2")                       # newest checkpoint, full
+    result = export_checkpoint("runs/stage2/checkpoints/step00000100", "exports/small", trainable_only=True)
+    merge_export("exports/small", towers="exports/initial", out="exports/merged")    # small export -> full again
+
+A full export is what stock `transformers.Blip2ForConditionalGeneration.from_pretrained(out)` loads (sharded
+safetensors, config.json, generation_config.json, tokenizer) plus expblip.json (preprocessing, caption end token,
+source checkpoint) and the run's resolved config.yaml. A trainable-only export keeps the trained tensors (Q-Former,
+query tokens, projection, + the ViT when it trained) and a sha256 fingerprint of every frozen tensor, so that
+merging it onto other towers is refused (expblip.model.weights.merge_trainable).
+
+The weights come from DeepSpeed's own `zero_to_fp32` (ZeRO-2 or ZeRO-3 shards, trainable parameters from the fp32
+master copy, frozen ones as stored), read lazily so that only one output shard is materialised at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from expblip.config import Config, ConfigError, load_config
+from expblip.model.blip2 import apply_freezing, blip2_config, build_model
+from expblip.model.tokenizer import load_tokenizer
+from expblip.model.weights import (
+    import_hf_dir,
+    import_lavis,
+    merge_trainable,
+    read_trainable_export,
+    save_hf_dir,
+    save_trainable_export,
+    strip_prefix,
+)
+from expblip.train import checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Checkpoint:
+    """Where one DeepSpeed checkpoint lives: root/tag holds the shards; run_dir may hold tokenizer/ and config."""
+
+    root: Path
+    tag: str
+    run_dir: Path
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.tag
+
+
+def resolve_checkpoint(path: str | Path) -> Checkpoint:
+    """A run directory (its newest checkpoint), its checkpoints/ directory, or one stepNNNNNNNN directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--checkpoint {path} does not exist; pass a run directory or a checkpoint directory")
+    if any(path.glob("*model_states.pt")):  # a tag directory: DeepSpeed's shards are in it
+        return Checkpoint(path.parent, path.name, path.parent.parent)
+    root = path if (path / "latest").is_file() else checkpoint.checkpoint_root(path)
+    tag = (root / "latest").read_text().strip() if (root / "latest").is_file() else ""
+    if not tag or not (root / tag).is_dir():
+        raise FileNotFoundError(f"{path} holds no complete DeepSpeed checkpoint (no {root / 'latest'} naming an "
+                                "existing directory); pass RUN_DIR or RUN_DIR/checkpoints/stepNNNNNNNN")
+    return Checkpoint(root, tag, root.parent)
+
+
+def run_config(ckpt: Checkpoint) -> tuple[Config, str]:
+    """(resolved config, its YAML text) of the checkpoint, else of its run directory."""
+    for file in (ckpt.path / "config.yaml", ckpt.run_dir / "config.yaml"):
+        if file.is_file():
+            return load_config(file), file.read_text()
+    raise FileNotFoundError(f"no config.yaml in {ckpt.path} or {ckpt.run_dir}; the export needs the run's config "
+                            "to rebuild the model's architecture")
+
+
+def find_tokenizer(cfg: Config, ckpt: Checkpoint, override: str = ""):
+    """The run's tokenizer, where the training loop found it (train.loop._tokenizer's order)."""
+    candidates = [override, str(ckpt.path / "tokenizer"), cfg.model.tokenizer, str(ckpt.run_dir / "tokenizer")]
+    weights = Path(cfg.model.weights) if cfg.model.weights else None
+    if weights is not None:
+        candidates += [str(weights / "export"), str(weights)]  # model.weights: an export or a run directory
+    for candidate in candidates:
+        if candidate and Path(candidate, "tokenizer.json").is_file():
+            return load_tokenizer(candidate)
+    tried = [c for c in candidates if c]
+    raise FileNotFoundError(f"no tokenizer for {ckpt.path}: none of {tried} holds tokenizer.json; pass --tokenizer DIR")
+
+
+def trainable_keys(cfg: Config, tokenizer) -> set[str]:
+    """Names of the parameters the run trained: the model built on the meta device, frozen as the stage froze it."""
+    with torch.device("meta"):
+        model = build_model(cfg.model, tokenizer)
+    apply_freezing(model, cfg.model, cfg.train.stage)
+    return {name for name, param in model.named_parameters() if param.requires_grad}
+
+
+def consolidated(ckpt: Checkpoint) -> dict:
+    """The checkpoint's full state (keys without the blip2. prefix), trainable tensors lazy (DeepSpeed's zero_to_fp32).
+
+    DeepSpeed prints its progress; it goes to stderr so that stdout stays the exporter's own.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(sys.stderr):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.root), tag=ckpt.tag, lazy_mode=True)
+    return strip_prefix(state)
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    checkpoint: Path
+    step: int
+    tensors: int
+    trainable_only: bool
+
+
+def export_checkpoint(checkpoint_path: str | Path, out: str | Path, trainable_only: bool = False,
+                      dtype: str = "float32", tokenizer_dir: str = "", overwrite: bool = False) -> ExportResult:
+    """Consolidate one ZeRO checkpoint and write a full (or trainable-only) HF-format export to `out`."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    _check_out(out, overwrite)
+    ckpt = resolve_checkpoint(checkpoint_path)
+    cfg, yaml_text = run_config(ckpt)
+    tokenizer = find_tokenizer(cfg, ckpt, tokenizer_dir)
+    config = blip2_config(cfg.model, tokenizer)
+    state = consolidated(ckpt)
+    step = int(ckpt.tag.removeprefix("step")) if ckpt.tag.removeprefix("step").isdigit() else -1
+    source = {"checkpoint": str(ckpt.path.resolve()), "step": step, "stage": cfg.train.stage,
+              "preset": cfg.model.preset}
+    if trainable_only:
+        keys = trainable_keys(cfg, tokenizer)
+        save_trainable_export(state, config, tokenizer, out, keys, yaml_text, {"source": source})
+    else:
+        save_hf_dir(state, config, tokenizer, out, yaml_text, DTYPES[dtype], {"source": source})
+    return ExportResult(Path(out), ckpt.path, step, len(state), trainable_only)
+
+
+def _check_out(out: str | Path, overwrite: bool) -> None:
+    """Refuse to write over an export unless asked; when asked, drop its weight files (shard counts may differ)."""
+    if not Path(out, "config.json").is_file():
+        return
+    if not overwrite:
+        raise FileExistsError(f"--out {out} already holds an export; choose another directory or pass --overwrite")
+    for old in [*Path(out).glob("*.safetensors"), *Path(out).glob("*.safetensors.index.json")]:
+        old.unlink()
+
+
+def merge_export(trainable_dir: str | Path, towers: str | Path, out: str | Path, dtype: str = "float32",
+                 allow_pickle: bool = False, overwrite: bool = False) -> Path:
+    """A full export from a trainable-only export and the frozen towers it was trained on (fingerprints checked)."""
+    from transformers import Blip2Config
+
+    trainable_dir = Path(trainable_dir)
+    _, meta = read_trainable_export(trainable_dir)
+    towers_path = Path(towers)
+    _check_out(out, overwrite)
+    tower_state = (import_hf_dir(towers_path, allow_pickle) if towers_path.is_dir()
+                   else import_lavis(towers_path, allow_pickle))
+    state = merge_trainable(trainable_dir, tower_state)
+    config = Blip2Config.from_pretrained(str(trainable_dir), local_files_only=True)
+    yaml_file = trainable_dir / "config.yaml"
+    yaml_text = yaml_file.read_text() if yaml_file.is_file() else ""
+    extra = {"source": meta.get("source", {}), "merged_from": {"trainable": str(trainable_dir.resolve()),
+                                                                "towers": str(towers_path.resolve())}}
+    return save_hf_dir(state, config, load_tokenizer(trainable_dir), out, yaml_text, DTYPES[dtype], extra)

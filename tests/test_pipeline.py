@@ -1,0 +1,214 @@
+"""The paper's chain: the synthetic world split as the paper's data, pseudo-captioning on Ray, and the whole pipeline
+(train, pseudo-caption, fuse, train, evaluate) end to end with tiny step counts, re-run and interrupted."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from expblip.config import load_config
+from expblip.data.captions import NO_AU_CAPTION
+from expblip.data.shards import read_manifest, write_shards
+from expblip.data.stream import ErrorCounter, read_shard
+from expblip.model.blip2 import GenerationConfig, ModelConfig, build_model
+from expblip.model.tokenizer import train_caption_tokenizer
+from expblip.model.weights import export_hf
+from expblip.pipeline import world
+from expblip.pipeline.pseudo import PseudoConfig, pseudo_caption
+from expblip.pipeline.recipe import RECIPES, REPO, load_recipe
+
+TINY_GEN = GenerationConfig(num_beams=1, max_new_tokens=6, min_new_tokens=1)  # a random model never stops early
+
+
+def _launch(name: str):
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", REPO / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _samples(shards: Path) -> dict[str, dict]:
+    """key -> raw sample (bytes members) of every shard of a manifest directory."""
+    errors = ErrorCounter(max_errors=0, max_error_rate=0.0)
+    out = {}
+    for entry in read_manifest(str(shards))["shards"]:
+        for raw in read_shard(str(shards / entry["url"]), errors):
+            out[raw["__key__"]] = raw
+    return out
+
+
+# ---------------------------------------------------------------- the world split and the recipes
+
+
+def test_world_parts_label_only_their_aspect_and_test_combinations_are_unseen():
+    au = list(world.part_records("au", 40))
+    emotion = list(world.part_records("emotion", 40))
+    test = list(world.part_records("test", 40))
+    for rec in au:
+        assert rec["labels"]["emotions"] is None and isinstance(rec["labels"]["aus"], list)
+        assert rec["captions"][0].startswith("It is a people who") or rec["captions"] == [NO_AU_CAPTION]
+    for rec in emotion:
+        assert rec["labels"]["aus"] is None and len(rec["labels"]["emotions"]) == 1
+        assert rec["captions"][0].startswith("The face shows")
+    assert {r["labels"]["emotions"][0] for r in emotion} >= {"neutral", "happiness"}
+    assert all(r["labels"]["aus"] is not None for r in test)
+    assert any(r["labels"]["emotions"] for r in test) and any(r["labels"]["emotions"] is None for r in test)
+
+    # the faces behind the labels: training draws (both parts) never show a held-out combination, test draws only do
+    train_combos = set()
+    for i in range(3000):
+        rng = random.Random(i)
+        train_combos.add(tuple(world.au_dataset_labels(rng)["aus"]))
+        drawn = world.emotion_dataset_labels(rng)
+        assert world.emotion_of_face(drawn["aus"]) == drawn["emotions"]  # emotion faces come from the prototypes
+        train_combos.add(tuple(drawn["aus"]))
+    test_combos = {tuple(world.test_labels(random.Random(f"t{i}"))["aus"]) for i in range(500)}
+    test_combos |= {tuple(r["labels"]["aus"]) for r in test}
+    assert not test_combos & train_combos
+    assert all(world.is_held_out(c) for c in test_combos)
+    assert len(test_combos) > 20 and len(train_combos) > 300
+    assert set(world.held_out_family_members()) == {"happiness", "sadness", "surprise", "fear", "disgust", "anger",
+                                                   "contempt"}
+
+
+def test_every_pipeline_recipe_and_stage_config_loads():
+    for name in RECIPES:
+        p = load_recipe(name)
+        assert p.target == name and p.train.blip_stages[-1] == "stage2"
+        for stage in (p.train.lm, p.train.stage1, p.train.stage2):
+            load_config(REPO / stage.recipe)
+    assert load_config(REPO / "recipes" / "tiny_stage1.yaml").train.stage == "stage1"
+    p = load_recipe("exp_blip", ["fusion.llm.url=http://127.0.0.1:1/v1", "fusion.llm.model=m"])
+    assert p.fusion_method == "llm" and load_recipe("exp_blip").fusion_method == "concat"
+    assert load_recipe("cat_blip", ["fusion.llm.url=http://127.0.0.1:1/v1", "fusion.llm.model=m"]).target == "cat_blip"
+
+
+# ---------------------------------------------------------------- pseudo-captioning
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory) -> Path:
+    """A tiny random BLIP-2 export whose tokenizer knows the world's captions."""
+    run = tmp_path_factory.mktemp("export_run")
+    captions = [c for part in ("au", "emotion") for r in world.part_records(part, 30) for c in r["captions"]]
+    tokenizer = train_caption_tokenizer(captions, vocab_size=300)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(), tokenizer)
+    export_hf(model.state_dict(), model.config, tokenizer, run / "export")
+    return run
+
+
+@pytest.mark.slow
+def test_pseudo_captions_carry_provenance_and_resume_per_shard(tiny_export, tmp_path):
+    src = tmp_path / "emotion"
+    write_shards(world.part_records("emotion", 12), str(src), samples_per_shard=4, progress=False)
+    out = tmp_path / "pseudo"
+    cfg = PseudoConfig(num_workers=2, batch_size=3, generation=TINY_GEN)
+
+    first = pseudo_caption(str(src), str(out), tiny_export, "au_caption", cfg)
+    assert first["captioned"] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]  # 3 tasks
+    assert first["samples"] == 12 and read_manifest(str(out))["total_samples"] == 12
+    sha = hashlib.sha256((tiny_export / "export" / "model.safetensors").read_bytes()).hexdigest()
+    before, after = _samples(src), _samples(out)
+    assert list(before) == list(after)  # same keys, same order
+    for key, raw in after.items():
+        labels, original = json.loads(raw["json"]), json.loads(before[key]["json"])
+        assert raw["png"] == before[key]["png"]  # images copied byte for byte
+        assert {k: labels[k] for k in original} == original  # labels (and captions) unchanged
+        assert isinstance(labels["au_caption"], str) and labels["au_caption"]
+        assert labels["pseudo"] == {"model": str((tiny_export / "export").resolve()), "export_sha": sha,
+                                    "generation": TINY_GEN.__dict__}
+
+    again = pseudo_caption(str(src), str(out), tiny_export, "au_caption", cfg)
+    assert again["captioned"] == [] and len(again["skipped_shards"]) == 3  # no task at all
+    (out / "shard-000001.tar").unlink()
+    redo = pseudo_caption(str(src), str(out), tiny_export, "au_caption", cfg)
+    assert redo["captioned"] == ["shard-000001.tar"]  # one task: only the missing shard
+    assert _samples(out).keys() == after.keys()
+
+    with pytest.raises(ValueError, match="other settings"):  # another decoding setting may not mix into this output
+        pseudo_caption(str(src), str(out), tiny_export, "au_caption",
+                       PseudoConfig(num_workers=1, generation=GenerationConfig(num_beams=2, max_new_tokens=6)))
+
+
+# ---------------------------------------------------------------- the whole chain
+
+
+# Each stage on Ray Train costs about a minute of worker start-up on a loaded 2-core machine, so the chain test trains
+# each stage in one local process (train.launcher=local) and runs the towers' lm stage and BLIP-2 stage 2 only;
+# pseudo-captioning still runs on Ray.
+TINY_CHAIN = ["train.launcher=local", "train.tower_stages=[lm]", "train.blip_stages=[stage2]", "world.au_samples=48", "world.emotion_samples=48", "world.test_samples=24", "world.samples_per_shard=16",
+              "train.lm.steps=4", "train.stage2.steps=4", "train.stage1.steps=4", "train.num_workers=1",
+              "train.overrides=[data.train.batch_size=8]", "pseudo.num_workers=1", "pseudo.batch_size=16",
+              "pseudo.generation.num_beams=1", "pseudo.generation.max_new_tokens=12", "eval.num_beams=1",
+              "eval.max_new_tokens=12", "fusion.samples_per_shard=32"]
+
+
+def _mtimes(out: Path) -> dict[str, float]:
+    return {str(p.relative_to(out)): p.stat().st_mtime for p in sorted(out.glob("runs/*/export/model.safetensors"))}
+
+
+@pytest.mark.slow
+def test_exp_blip_chain_end_to_end_rerun_skips_interrupt_redoes_only_the_lost_parts(tmp_path, capsys):
+    main = _launch("pipeline").main
+    out = tmp_path / "chain"
+    argv = ["--recipe", "exp_blip", "--out", str(out), *TINY_CHAIN]
+    assert main(argv) == 0
+    first = json.loads((out / "results.json").read_text())
+    printed = capsys.readouterr().out
+    for name in ("Exp-BLIP", "AU-BLIP", "Emot-BLIP", "Cat-BLIP", "constant caption"):
+        assert f"| {name} |" in printed
+    assert [r["model"] for r in first["rows"]] == ["Exp-BLIP", "AU-BLIP", "Emot-BLIP", "Cat-BLIP"]
+    assert all(isinstance(r["mean_au_f1"], float) for r in first["rows"])
+    assert isinstance(first["baseline"]["emotion_accuracy"], float)
+    # every stage ran; Cat-BLIP is Exp-BLIP without an LLM endpoint, so its evaluation is the one just made
+    assert {k for k, v in first["status"].items() if v != "ran"} == {"evaluate.cat_blip"}
+    assert "pseudo.au" in first["status"] and "fusion.concat" in first["status"]
+    assert "concat" in first["notes"]["fusion.resolved"]
+    fused = out / "shards" / "fused_concat"
+    assert len(read_manifest(str(fused))["shards"]) == 3  # 96 fused samples, 32 per shard
+    exp_run = out / "runs" / "exp_blip-concat-from_au_blip"
+    steps_before = (exp_run / "metrics.jsonl").read_text()
+    exports = _mtimes(out)
+    assert len(exports) == 4  # lm, au_blip, emot_blip, exp_blip (= Cat-BLIP without an LLM)
+
+    assert main(argv) == 0  # a finished chain: every stage skipped, nothing trained
+    second = json.loads((out / "results.json").read_text())
+    assert set(second["status"].values()) == {"skipped"} and second["status"].keys() == first["status"].keys()
+    assert _mtimes(out) == exports and second["rows"] == first["rows"]
+    assert "training" not in capsys.readouterr().out
+
+    shutil.rmtree(exp_run / "export")  # an interruption: Exp-BLIP's export and the last fused shard are lost
+    (fused / "shard-000002.tar").unlink()
+    kept_shard = (fused / "shard-000001.tar").stat().st_mtime
+    assert main(argv) == 0
+    third = json.loads((out / "results.json").read_text())
+    redone = {stage for stage, s in third["status"].items() if s == "ran"}
+    assert redone == {"fusion.concat", "exp_blip", "evaluate.exp_blip"}
+    assert (fused / "shard-000002.tar").is_file() and (fused / "shard-000001.tar").stat().st_mtime == kept_shard
+    assert (exp_run / "metrics.jsonl").read_text() == steps_before  # re-exported from its checkpoint, not retrained
+    assert {k: v for k, v in _mtimes(out).items() if "exp_blip" not in k} == {
+        k: v for k, v in exports.items() if "exp_blip" not in k}
+
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("expblip-pipeline")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("expblip.kind") == "pipeline"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["au_blip", "emot_blip", "exp_blip", "lm"]
+    assert len(runs) == 5  # no run was duplicated by the re-runs
+    assert {"exp_blip.mean_au_f1", "au_blip.emotion_accuracy", "baseline.mean_au_f1"} <= set(parent.data.metrics)
+    assert parent.data.params["target"] == "exp_blip" and parent.info.status == "FINISHED"
+    au_run = next(r for r in children if r.info.run_name == "au_blip")
+    assert "eval.au_f1" in au_run.data.metrics  # the evaluation is attached to the model's own run too

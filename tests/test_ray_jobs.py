@@ -1,0 +1,98 @@
+"""Ray jobs that survive failures, resume when re-submitted, run through `ray job submit`, and fail fast."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import REPO, read_metrics, run_launcher
+
+pytestmark = pytest.mark.slow
+
+
+def args(shards, run_dir, *extra) -> list[str]:
+    return [f"data.train.shards={shards}", "data.train.batch_size=8", "model.dropout=0.0", "optim.warmup_steps=2",
+            f"train.run_dir={run_dir}", "train.log_every=1", "tracking.experiment=ray-jobs", *extra]
+
+
+def _ray_train_workers() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "RayTrainWorker" in cmdline:
+            found.append(proc)
+    return found
+
+
+def test_sigkill_of_a_worker_resumes_from_last_checkpoint(tiny_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "launch/pretrain.py",
+           *args(tiny_shards["train"], run_dir, "train.max_steps=30", "train.ckpt_every=8", "ray.max_failures=1")]
+    driver = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "step00000008").is_dir():  # at least one checkpoint first
+        assert driver.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.5)
+    time.sleep(2.0)  # a few steps past the checkpoint
+    victims = _ray_train_workers()
+    assert victims, "no Ray Train worker process found"
+    victims[-1].send_signal(signal.SIGKILL)
+    out, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, out[-4000:]
+    steps = [m["step"] for m in read_metrics(run_dir)]
+    assert steps[-1] == 30 and sorted(set(steps)) == list(range(1, 31))  # finished, no step missing
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])  # where the 2nd attempt began
+    assert steps[restart] in (9, 17, 25)  # resumed right after a checkpoint (every 8 steps)
+    assert steps[restart - 1] - steps[restart] < 8  # nothing repeated beyond the checkpoint interval
+    assert "start step 0" in out and f"start step {steps[restart] - 1}" in out
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ray-jobs").experiment_id])
+    assert len(runs) == 1  # one MLflow run across both attempts
+    assert {m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")} == set(range(1, 31))
+
+
+def test_resubmitting_a_finished_run_with_more_steps_continues_it(tiny_shards, tmp_path):
+    first = run_launcher([sys.executable, "launch/pretrain.py",
+                          *args(tiny_shards["train"], tmp_path, "train.max_steps=4", "train.ckpt_every=4")])
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = run_launcher([sys.executable, "launch/pretrain.py",
+                           *args(tiny_shards["train"], tmp_path, "train.max_steps=7", "train.ckpt_every=4")])
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "start step 4" in second.stdout + second.stderr
+    assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 8))
+
+
+def test_ray_job_submit_against_a_local_head(tiny_shards, tmp_path):
+    from services import ray_head
+
+    address, stop = ray_head(tmp_path / "head")
+    try:
+        proc = run_launcher(["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
+                             sys.executable, "launch/pretrain.py",
+                             *args(tiny_shards["train"], tmp_path / "run", "train.max_steps=3", "ray.num_workers=2")],
+                            env={"PATH": f"{Path(sys.executable).parent}:{__import__('os').environ['PATH']}"})
+    finally:
+        stop()
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode == 0, logs[-4000:]
+    assert "[expblip] step 3/3" in logs and "succeeded" in logs.lower()
+
+
+@pytest.mark.parametrize("override, named", [("tracking.uri=http://127.0.0.1:9", "http://127.0.0.1:9"),
+                                             ("ray.storage_path=s3://no-such-bucket-expblip/x", "no-such-bucket")])
+def test_unreachable_tracking_or_storage_fails_before_workers(tiny_shards, tmp_path, s3_server, override, named):
+    start = time.time()
+    proc = run_launcher([sys.executable, "launch/pretrain.py", *args(tiny_shards["train"], tmp_path, override)],
+                        env=s3_server.env())
+    assert proc.returncode == 2 and named in proc.stderr
+    assert "RayTrainWorker" not in proc.stdout + proc.stderr and not (tmp_path / "checkpoints").exists()
+    assert time.time() - start < 60
