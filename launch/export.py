@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     kind = "trainable-only export" if result.trainable_only else "export"
     print(f"[expblip] {kind} of {result.checkpoint} (step {result.step}, {result.tensors} tensors): {result.out}")
+    if result.heads:  # stage-1 ITC/ITM/ITG heads, the vision stage's probe: training-only, as in RUN_DIR/export
+        print(f"[expblip] not exported: {len(result.heads)} stage-head tensors ({', '.join(result.heads[:4])} ...)")
     return 0
 
 

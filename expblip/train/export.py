@@ -10,8 +10,13 @@ source checkpoint) and the run's resolved config.yaml. A trainable-only export k
 query tokens, projection, + the ViT when it trained) and a sha256 fingerprint of every frozen tensor, so that
 merging it onto other towers is refused (expblip.model.weights.merge_trainable).
 
+Only the HF model of the training unit (its `.blip2`) is exported, as train.loop.export does: stage heads beside it
+(stage 1's text embeddings and ITC/ITM/ITG heads, the vision stage's probe) are named in expblip.json and left
+out; a stage-1 export carries its Q-Former text side and qformer_tokenizer/.
+
 The weights come from DeepSpeed's own `zero_to_fp32` (ZeRO-2 or ZeRO-3 shards, trainable parameters from the fp32
-master copy, frozen ones as stored), read lazily so that only one output shard is materialised at a time.
+master copy, frozen ones as stored). The frozen towers are read whole; trainable tensors are gathered lazily, one
+output shard at a time.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from pathlib import Path
 import torch
 
 from expblip.config import Config, ConfigError, load_config
-from expblip.model.blip2 import apply_freezing, blip2_config, build_model
+from expblip.model.blip2 import apply_freezing, blip2_config
 from expblip.model.tokenizer import load_tokenizer
 from expblip.model.weights import (
+    PREFIX,
     import_hf_dir,
     import_lavis,
     merge_trainable,
@@ -90,24 +96,52 @@ def find_tokenizer(cfg: Config, ckpt: Checkpoint, override: str = ""):
     raise FileNotFoundError(f"no tokenizer for {ckpt.path}: none of {tried} holds tokenizer.json; pass --tokenizer DIR")
 
 
-def trainable_keys(cfg: Config, tokenizer) -> set[str]:
+def trainable_keys(cfg: Config, config) -> set[str]:
     """Names of the parameters the run trained: the model built on the meta device, frozen as the stage froze it."""
+    from transformers import Blip2ForConditionalGeneration
+
     with torch.device("meta"):
-        model = build_model(cfg.model, tokenizer)
+        model = Blip2ForConditionalGeneration._from_config(config)
     apply_freezing(model, cfg.model, cfg.train.stage)
     return {name for name, param in model.named_parameters() if param.requires_grad}
 
 
-def consolidated(ckpt: Checkpoint) -> dict:
-    """The checkpoint's full state (keys without the blip2. prefix), trainable tensors lazy (DeepSpeed's zero_to_fp32).
+def consolidated(ckpt: Checkpoint) -> tuple[dict, list[str]]:
+    """(the HF model's state, names of the other tensors) of a checkpoint, via DeepSpeed's zero_to_fp32.
 
-    DeepSpeed prints its progress; it goes to stderr so that stdout stays the exporter's own.
+    Every training unit keeps the HF model at `.blip2` (CaptionModel, Stage1Model, VisionPretrainModel), and that
+    is what gets exported, as train.loop.export does; the stage heads beside it (stage-1 ITC/ITM/ITG, the vision
+    stage's probe) are left out and named. Trainable tensors stay lazy until written. DeepSpeed prints its
+    progress; it goes to stderr so that stdout stays the exporter's own.
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(sys.stderr):
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.root), tag=ckpt.tag, lazy_mode=True)
-    return strip_prefix(state)
+    if not any(k.startswith(PREFIX) for k in state):  # a bare HF model was trained
+        return dict(state), []
+    return strip_prefix({k: v for k, v in state.items() if k.startswith(PREFIX)}), sorted(
+        k for k in state if not k.startswith(PREFIX))
+
+
+def model_config(cfg: Config, ckpt: Checkpoint, tokenizer):
+    """(Blip2Config of the run's HF model, stage 1's Q-Former tokenizer or None), as the training loop built it."""
+    config = blip2_config(cfg.model, tokenizer)
+    if cfg.train.stage != "stage1":
+        return config, None
+    from expblip.model.stage1 import load_qformer_tokenizer, with_qformer_text
+
+    weights = Path(cfg.model.weights) if cfg.model.weights else None
+    candidates = [cfg.stage1.qformer_tokenizer, str(ckpt.path / "qformer_tokenizer"),
+                  str(ckpt.run_dir / "qformer_tokenizer")]
+    if weights is not None:
+        candidates += [str(weights / "export" / "qformer_tokenizer"), str(weights / "qformer_tokenizer")]
+    for candidate in candidates:
+        if candidate and Path(candidate, "tokenizer.json").is_file():
+            qformer_tokenizer = load_qformer_tokenizer(candidate)
+            return with_qformer_text(config, qformer_tokenizer), qformer_tokenizer
+    raise FileNotFoundError(f"no Q-Former tokenizer for the stage-1 checkpoint {ckpt.path}: none of "
+                            f"{[c for c in candidates if c]} holds tokenizer.json")
 
 
 @dataclass
@@ -115,8 +149,9 @@ class ExportResult:
     out: Path
     checkpoint: Path
     step: int
-    tensors: int
+    tensors: int  # of the HF model, tied aliases included
     trainable_only: bool
+    heads: list[str]  # stage heads in the checkpoint that an HF-format model has no place for
 
 
 def export_checkpoint(checkpoint_path: str | Path, out: str | Path, trainable_only: bool = False,
@@ -128,17 +163,19 @@ def export_checkpoint(checkpoint_path: str | Path, out: str | Path, trainable_on
     ckpt = resolve_checkpoint(checkpoint_path)
     cfg, yaml_text = run_config(ckpt)
     tokenizer = find_tokenizer(cfg, ckpt, tokenizer_dir)
-    config = blip2_config(cfg.model, tokenizer)
-    state = consolidated(ckpt)
+    config, qformer_tokenizer = model_config(cfg, ckpt, tokenizer)
+    state, heads = consolidated(ckpt)
     step = int(ckpt.tag.removeprefix("step")) if ckpt.tag.removeprefix("step").isdigit() else -1
     source = {"checkpoint": str(ckpt.path.resolve()), "step": step, "stage": cfg.train.stage,
-              "preset": cfg.model.preset}
+              "preset": cfg.model.preset, "heads_not_exported": heads}
     if trainable_only:
-        keys = trainable_keys(cfg, tokenizer)
+        keys = trainable_keys(cfg, config)
         save_trainable_export(state, config, tokenizer, out, keys, yaml_text, {"source": source})
     else:
         save_hf_dir(state, config, tokenizer, out, yaml_text, DTYPES[dtype], {"source": source})
-    return ExportResult(Path(out), ckpt.path, step, len(state), trainable_only)
+    if qformer_tokenizer is not None:
+        qformer_tokenizer.save_pretrained(Path(out) / "qformer_tokenizer")
+    return ExportResult(Path(out), ckpt.path, step, len(state), trainable_only, heads)
 
 
 def _check_out(out: str | Path, overwrite: bool) -> None:

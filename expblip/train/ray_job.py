@@ -119,10 +119,20 @@ def _restore_from_ray(cfg: Config) -> None:
 def _init_ray(cfg: Config) -> None:
     import ray
 
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     address = cfg.ray.address or ("auto" if os.environ.get("RAY_ADDRESS") else "local")
-    ray.init(address=address, runtime_env={"env_vars": env}, ignore_reinit_error=True,
+    # Inside `ray job submit` the job's runtime_env already reaches every worker, and Ray 2.60 refuses to merge a
+    # driver runtime_env that repeats one of its variables ("Failed to merge the Job's runtime env"): forward only the others.
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and k not in _job_env_vars()}
+    ray.init(address=address, runtime_env={"env_vars": env} if env else None, ignore_reinit_error=True,
              include_dashboard=False if address == "local" else None)
+
+
+def _job_env_vars() -> set[str]:
+    """Variables the submitted job's runtime_env already sets (empty outside `ray job submit`)."""
+    import json
+
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}")
+    return set((job.get("runtime_env") or {}).get("env_vars") or {})
 
 
 def run(cfg: Config):
