@@ -27,6 +27,7 @@ busy cores, extra threads spin against each other and add noise. The last line i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import io
 import itertools
@@ -34,7 +35,7 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,19 @@ def run(shards: str, batch_size: int, workers: int, rounds: int, samples: int) -
     return {name: rounds * batches * batch_size / seconds for name, seconds in totals.items()}
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` (0: left alone) for the block, then restored (main() is called
+    from tests, which must not inherit the setting)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=2000, help="samples per round (rounded down to full batches)")
@@ -131,9 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.samples < args.batch_size or min(args.batch_size, args.rounds) < 1 or args.workers < 0:
         parser.error("need --samples >= --batch-size >= 1, --rounds >= 1 and --workers >= 0")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
+    with torch_threads(args.threads), tempfile.TemporaryDirectory() as tmp:
         shards = make_shards(Path(tmp), args.samples)
         rates = run(shards, args.batch_size, args.workers, args.rounds, args.samples)
     n = args.rounds * (args.samples // args.batch_size) * args.batch_size

@@ -30,11 +30,12 @@ is ``ratio: <ours/hf>`` (captions/s against the per-image baseline; target >= 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,6 +116,21 @@ def run(export: Path, images: list, args: argparse.Namespace) -> tuple[dict[str,
     return {name: args.rounds * len(images) / s for name, s in seconds.items()}, captions
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` (0: left alone) for the block, then restored (main() is called
+    from tests, which must not inherit the setting)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=64)
@@ -132,16 +148,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
     from expblip.data.synthetic import synthetic_records
     from expblip.serve.captioner import resolve_export
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    try:
+        given = resolve_export(args.model) if args.model else None
+    except FileNotFoundError as err:
+        print(f"error: --model {err}", file=sys.stderr)
+        return 2
     images = [r["image"] for r in synthetic_records(args.images, seed=7)]
-    with tempfile.TemporaryDirectory() as tmp:
-        export = resolve_export(args.model) if args.model else make_export(Path(tmp))
+    with torch_threads(args.threads), tempfile.TemporaryDirectory() as tmp:
+        export = given or make_export(Path(tmp))
         rates, captions = run(export, images, args)
     n = len(images)
     matched = {name: sum(a == b for a, b in zip(captions["ours"], captions[name], strict=True)) for name in rates}

@@ -428,11 +428,14 @@ def random_resized_crop(
     return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
 
 
+_MEAN_HWC = np.asarray(CLIP_MEAN, dtype=np.float32)
+_INV_STD_HWC = 1.0 / np.asarray(CLIP_STD, dtype=np.float32)
+
+
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image → FloatTensor[3, H, W], CLIP-normalised."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (x - mean) / std
+    x = (np.asarray(img, dtype=np.float32) * (1.0 / 255.0) - _MEAN_HWC) * _INV_STD_HWC  # one numpy pass, [H, W, 3]
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
 def _key_seed(key: str) -> int:
@@ -686,7 +689,13 @@ def _loader(dataset: ShardStream, num_workers: int) -> BatchLoader:
     # batch_size=None: batches are collated inside the worker, so a batch never mixes workers. No persistent
     # workers: the loader is iterated once (epochs roll over inside the workers), and a persistent DataLoader would
     # keep its iterator (and worker processes) alive after an error.
-    return BatchLoader(DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False))
+    # collate_fn: batches arrive collated; the default conversion would walk every batch's nested labels again.
+    return BatchLoader(DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                                  collate_fn=_as_is))
+
+
+def _as_is(batch: dict) -> dict:
+    return batch
 
 
 def make_loader(cfg: StreamConfig, rank: int, world_size: int, cursor: Cursor | dict | None = None) -> Iterable[dict]:

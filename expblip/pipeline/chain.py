@@ -4,7 +4,7 @@
     vision     runs/vision                 the tiny ViT learns to see AUs on the AU dataset (tower pre-training)
     lm         runs/lm                     the tiny OPT learns the caption language of both datasets; both tower
                                            stages are shared by every model (train.tower_stages)
-    au_blip    runs/au_blip[-stage1]       BLIP-2 stage 1 (when the trainer has it), then stage 2, on AU captions
+    au_blip    runs/au_blip[-stage1]       BLIP-2 stage 1 (ITC+ITM+ITG), then stage 2, on AU captions
     emot_blip  runs/emot_blip[-stage1]     the same on emotion captions
     pseudo     shards/pseudo_{au,emotion}  Emot-BLIP describes the emotions of AU-dataset images, AU-BLIP the AUs of
                                            emotion-dataset images (Ray actors, one shard per task; pipeline.pseudo)
@@ -20,7 +20,7 @@ Interrupted training resumes from its newest checkpoint, pseudo-captioning and f
 
 Training stages run on Ray Train (train.launcher=ray), or each in one local process (train.launcher=local).
 MLflow: one parent run for the pipeline (OUT/mlflow_parent.json keeps its id across re-runs), one child run per
-training stage (tracking.parent_run_id), evaluation metrics logged to the parent (``MODEL.au_f1``, ...) and the full
+training stage (tracking.parent_run_id), evaluation metrics logged to the parent (``MODEL.mean_au_f1``, ...) and the full
 report attached to each model's own run. Store: sqlite under OUT unless $MLFLOW_TRACKING_URI is set.
 """
 
@@ -109,7 +109,7 @@ class Chain:
     out: Path
     parent: ParentRun | None = None
     status: dict[str, str] = field(default_factory=dict)  # stage -> "skipped" | "ran"
-    notes: dict[str, str] = field(default_factory=dict)  # decisions worth a param: fusion method, stages left out
+    notes: dict[str, str] = field(default_factory=dict)  # decisions worth a param (the fusion method used)
 
     def path(self, *parts: str) -> Path:
         return self.out.joinpath(*parts).resolve()
@@ -178,36 +178,26 @@ def union_manifest(out: Path, parts: Iterable[Path]) -> str:
 
 def make_world(chain: Chain) -> dict[str, str]:
     """shards/{au,emotion,test} and shards/lm (the union of both training parts, for the shared lm stage)."""
-    from expblip.pipeline.world import part_records
-
     w = chain.p.world
-    sizes = {"au": w.au_samples, "emotion": w.emotion_samples, "test": w.test_samples}
     shards = {}
-    for part, n in sizes.items():
+    for part, n in (("au", w.au_samples), ("emotion", w.emotion_samples), ("test", w.test_samples)):
         out = chain.path("shards", part)
-        meta = {"source": "expblip.pipeline.world", "part": part, "samples": n, "seed": w.seed}
-        shards[part] = ensure_shards(chain, f"world.{part}", out, lambda out=out, part=part, n=n, meta=meta: write_shards(
-            part_records(part, n, w.seed), str(out), samples_per_shard=w.samples_per_shard, meta=meta, progress=False))
+        shards[part] = ensure_shards(chain, f"world.{part}", out, lambda out=out, part=part, n=n: _write_part(
+            chain, part, n, out))
     shards["lm"] = union_manifest(chain.path("shards", "lm"), [Path(shards["au"]), Path(shards["emotion"])])
     return shards
 
 
+def _write_part(chain: Chain, part: str, n: int, out: Path) -> None:
+    from expblip.pipeline.world import part_records
+
+    w = chain.p.world
+    meta = {"source": "expblip.pipeline.world", "part": part, "samples": n, "seed": w.seed}
+    write_shards(part_records(part, n, w.seed), str(out), samples_per_shard=w.samples_per_shard, meta=meta,
+                 progress=False)
+
+
 # ---------------------------------------------------------------- training stages
-
-
-def trainer_supports(stage: str) -> bool:
-    """Whether the training loop implements ``train.stage=<stage>``.
-
-    'stage1' (ITC + ITM + ITG, expblip.model.stage1) arrives with the stage-1 trainer; until the loop dispatches on
-    it, a stage1 run would silently train the captioning loss under a stage-1 label, so the chain leaves it out.
-    """
-    if stage != "stage1":
-        return True
-    import inspect
-
-    from expblip.train import loop
-
-    return "stage1" in inspect.getsource(loop)
 
 
 def _scaled(value: int, scale: float) -> int:
@@ -221,8 +211,8 @@ def stage_config(chain: Chain, name: str, kind: StageConfig, shards: str, weight
             f"tracking.experiment={p.experiment}", f"tracking.run_name={name}",
             f"tracking.parent_run_id={chain.parent.run_id if chain.parent else ''}",
             f"ray.num_workers={p.train.num_workers}", f"ray.cpus_per_worker={p.train.cpus_per_worker}",
-            f"ray.use_gpu={str(p.train.use_gpu).lower()}"]
-    base.append(f"model.weights={weights}")  # always: a stage recipe's own default names the demo's run dirs
+            f"ray.use_gpu={str(p.train.use_gpu).lower()}",
+            f"model.weights={weights}"]  # always, even '': a stage recipe's own default names the demo's run dirs
     user = [*p.train.overrides, *kind.overrides]
     recipe = stage_recipe(kind.recipe)
     plain = load_config(recipe, base + user)
@@ -300,20 +290,10 @@ def train_towers(chain: Chain, shards: dict[str, str]) -> str:
     return weights
 
 
-def blip_stages(chain: Chain) -> list[str]:
-    """train.blip_stages without the stages the trainer cannot run yet (noted for the output and MLflow)."""
-    stages = [s for s in chain.p.train.blip_stages if trainer_supports(s)]
-    left_out = [s for s in chain.p.train.blip_stages if s not in stages]
-    if left_out:
-        chain.notes["blip_stages.left_out"] = (f"{', '.join(left_out)}: the trainer does not implement "
-                                               "train.stage=stage1 yet (expblip.train.loop)")
-    return stages
-
-
 def train_blip(chain: Chain, name: str, shards: str, init: str) -> str:
     """AU-BLIP or Emot-BLIP: each of its BLIP-2 stages, each starting from the previous one's export."""
     weights = init
-    for stage in blip_stages(chain):
+    for stage in chain.p.train.blip_stages:
         kind = chain.p.train.stage1 if stage == "stage1" else chain.p.train.stage2
         stage_name = f"{name}.stage1" if stage == "stage1" else name
         run_dir = chain.path("runs", f"{name}-stage1" if stage == "stage1" else name)
@@ -519,7 +499,6 @@ def _log_recipe(chain: Chain) -> None:
     from expblip.data.llm import display_url
 
     p = chain.p
-    blip_stages(chain)  # notes the stages left out
     method = p.fusion_method
     chain.notes["fusion.resolved"] = (f"llm ({p.fusion.llm.model} at {display_url(p.fusion.llm.url)})" if method == "llm"
                                       else "concat (no LLM endpoint given: on the synthetic world both fusion methods "

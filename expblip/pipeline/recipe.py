@@ -74,8 +74,8 @@ class TrainingConfig:
     # dataset, then the OPT learns the caption language of both datasets. Leave out 'vision' to start the lm stage
     # from random towers.
     tower_stages: list[TowerStage] = field(default_factory=lambda: ["vision", "lm"])
-    # BLIP-2 stages of AU-BLIP and Emot-BLIP, in order; Exp-, Cat- and Mix-BLIP train stage 2 only. stage1 runs only
-    # where the trainer implements it (a note in the output and the MLflow params says when it was left out).
+    # BLIP-2 stages of AU-BLIP and Emot-BLIP, in order (stage1 = ITC + ITM + ITG, expblip.model.stage1); Exp-, Cat-
+    # and Mix-BLIP train stage 2 only, from the model ``init`` names.
     blip_stages: list[BlipStage] = field(default_factory=lambda: ["stage1", "stage2"])
     # ray: Ray Train (num_workers workers, DeepSpeed ZeRO-3); local: one process per stage, a world of one as
     # `python launch/finetune.py` (quick debugging and tests; pseudo-captioning still runs on Ray)
