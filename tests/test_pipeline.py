@@ -115,6 +115,7 @@ def test_pseudo_captions_carry_provenance_and_resume_per_shard(tiny_export, tmp_
     first = pseudo_caption(str(src), str(out), tiny_export, "au_caption", cfg)
     assert first["captioned"] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]  # 3 tasks
     assert first["samples"] == 12 and read_manifest(str(out))["total_samples"] == 12
+    assert first["empty_captions"] < 12 and first["skipped_samples"] == 0
     sha = hashlib.sha256((tiny_export / "export" / "model.safetensors").read_bytes()).hexdigest()
     before, after = _samples(src), _samples(out)
     assert list(before) == list(after)  # same keys, same order
@@ -122,7 +123,7 @@ def test_pseudo_captions_carry_provenance_and_resume_per_shard(tiny_export, tmp_
         labels, original = json.loads(raw["json"]), json.loads(before[key]["json"])
         assert raw["png"] == before[key]["png"]  # images copied byte for byte
         assert {k: labels[k] for k in original} == original  # labels (and captions) unchanged
-        assert isinstance(labels["au_caption"], str) and labels["au_caption"]
+        assert isinstance(labels["au_caption"], str)  # a random model may generate nothing: "" (counted)
         assert labels["pseudo"] == {"model": str((tiny_export / "export").resolve()), "export_sha": sha,
                                     "generation": TINY_GEN.__dict__}
 

@@ -320,7 +320,8 @@ def make_pseudo(chain: Chain, world: dict[str, str], au_blip: str, emot_blip: st
         target = chain.path("shards", f"pseudo_{part}")
         stats = pseudo_caption(world[part], str(target), model, field_name, chain.p.pseudo)
         chain.mark(f"pseudo.{part}", bool(stats["captioned"]),
-                   f"{len(stats['captioned'])} shards captioned, {len(stats['skipped_shards'])} already done")
+                   f"{len(stats['captioned'])} shards captioned, {len(stats['skipped_shards'])} already done, "
+                   f"{stats['empty_captions']} empty captions")
         out[part] = str(target)
     return out
 

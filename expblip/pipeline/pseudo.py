@@ -17,7 +17,8 @@ Resuming is per shard: an output shard that exists with the input's sample count
 counting its keys) is skipped, so re-running after an interruption or after deleting an output shard captions only
 what is missing. ``manifest.json`` is written once every shard is done. An output directory holds the captions of
 one export and one decoding setting: re-running with another export (its sha differs) is refused; write elsewhere.
-A sample without a readable image or labels is dropped and counted in the shard's entry (``skipped``).
+A sample without a readable image or labels is dropped and counted in the shard's entry (``skipped``); an empty
+generated caption is kept as "" and counted (``empty``), and fusion then skips that sample as missing a sentence.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ class ShardCaptioner:
                    for (key, image, labels), caption in zip(decoded, captions, strict=True)]
         entry = write_tar(out_url, samples)
         return {**entry, "input_samples": len(decoded) + skipped + errors.skipped, "skipped": skipped + errors.skipped,
-                "seconds": round(time.perf_counter() - start, 2)}
+                "empty": sum(1 for c in captions if not c.strip()), "seconds": round(time.perf_counter() - start, 2)}
 
 
 def _decode(raw: dict) -> tuple[str, bytes, dict] | None:
@@ -265,7 +266,8 @@ def pseudo_caption(in_shards: str | list[str], out: str, export: str | Path, fie
     """Add ``field_name`` pseudo-captions by ``export`` to every sample of ``in_shards``, written to ``out``.
 
     Returns {"complete", "shards", "samples", "captioned" (shard names captioned now, one task each), "skipped_shards"
-    (already done), "skipped_samples", "export_sha"}.
+    (already done), "skipped_samples", "empty_captions" (generated but empty: fusion will count them as missing),
+    "export_sha"}.
     """
     cfg = cfg or PseudoConfig()
     if field_name not in ("au_caption", "emotion_caption"):
@@ -298,6 +300,7 @@ def pseudo_caption(in_shards: str | list[str], out: str, export: str | Path, fie
             "captioned": [SHARD_NAME.format(i) for i, _, _ in pending],
             "skipped_shards": [SHARD_NAME.format(i) for i in skipped_shards],
             "skipped_samples": sum(e.get("skipped", 0) for e in entries.values()),
+            "empty_captions": sum(e.get("empty", 0) for e in entries.values()),
             "export_sha": provenance["export_sha"]}
 
 

@@ -88,6 +88,7 @@ def setup(cfg: Config, report: Reporter | None = None) -> Run:
     ds_config = ds_engine.resolve_ds_config(cfg, world)
     run_dir = Path(cfg.train.run_dir)
     tag = _check_run_dir(cfg, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     tokenizer = _tokenizer(cfg, rank, run_dir)
     qformer_tokenizer = _qformer_tokenizer(cfg, rank, run_dir) if cfg.train.stage == "stage1" else None
