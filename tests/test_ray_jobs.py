@@ -10,7 +10,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import REPO, read_metrics, run_launcher
 
 pytestmark = pytest.mark.slow

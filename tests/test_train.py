@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import deepspeed_cmd, read_metrics, run_launcher
+
 from expblip.model.weights import read_state
 
 pytestmark = pytest.mark.slow
