@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -49,10 +50,10 @@ def test_sigkill_of_a_worker_resumes_from_last_checkpoint(tiny_shards, tmp_path)
     assert driver.returncode == 0, out[-4000:]
     steps = [m["step"] for m in read_metrics(run_dir)]
     assert steps[-1] == 60 and sorted(set(steps)) == list(range(1, 61))  # finished, no step missing
-    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])  # where the 2nd attempt began
-    assert (steps[restart] - 1) % 8 == 0  # resumed right after a checkpoint (every 8 steps)
-    assert steps[restart - 1] - steps[restart] < 8  # nothing repeated beyond the checkpoint interval
-    assert "start step 0" in out and f"start step {steps[restart] - 1}" in out
+    starts = [int(n) for n in re.findall(r"start step (\d+)", out)]
+    assert starts[0] == 0 and len(starts) >= 2, starts  # a second attempt began after the kill
+    assert starts[-1] > 0 and starts[-1] % 8 == 0, starts  # ...from the newest checkpoint (every 8 steps)
+    assert len(steps) - len(set(steps)) < 8  # nothing repeated beyond the checkpoint interval
 
     import mlflow
 
