@@ -85,6 +85,8 @@ class TrackingConfig:
     experiment: str = "expblip"
     run_name: str = ""  # '' = the run directory's name
     parent_run_id: str = ""  # MLflow run this one nests under (tag mlflow.parentRunId), e.g. a pipeline's run
+    recipe: str = ""  # tag 'recipe'; '' = the stem of the --config file
+    system_metrics_every_s: float = 10.0  # MLflow system/* metrics (CPU, memory, disk, network, GPU); 0 = off
 
 
 @dataclass
@@ -129,6 +131,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         tree = yaml.safe_load(path.read_text()) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        if cls is Config and isinstance(tree.get("tracking", {}), dict):
+            tree.setdefault("tracking", {}).setdefault("recipe", path.stem)
     for item in overrides or []:
         _set_dotted(tree, item)
     return from_dict(cls, tree)

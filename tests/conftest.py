@@ -27,6 +27,15 @@ for _k, _v in ENV_DEFAULTS.items():
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests use stores under tmp_path
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri():
+    """Every test starts without $MLFLOW_TRACKING_URI; one that leaks it (as mlflow.set_tracking_uri does) fails."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    leaked = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    assert leaked is None, f"the test left MLFLOW_TRACKING_URI={leaked} in the environment"
+
+
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> dict[str, Path]:
     """256 training faces (4 shards of 64) and 64 held-out faces, written once per session."""

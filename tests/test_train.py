@@ -32,7 +32,8 @@ def init_export(tiny_shards, tmp_path_factory) -> Path:
 def common(tiny_shards, init_export) -> list[str]:
     return [f"data.train.shards={tiny_shards['train']}", "data.train.batch_size=8", f"model.weights={init_export}",
             "model.dropout=0.0", "model.freeze_lm=false", "optim.lr=3e-3", "optim.min_lr=1e-4", "optim.warmup_steps=2", "train.max_steps=24",
-            "train.log_every=1", "train.ckpt_every=12", "tracking.experiment=spine"]
+            "train.log_every=1", "train.ckpt_every=12", "tracking.experiment=spine",
+            "tracking.system_metrics_every_s=1"]
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +90,19 @@ def test_mlflow_run_holds_params_and_per_step_metrics(full_run):
     assert run.data.params["optim.lr"] == "0.003" and run.data.params["train.stage"] == "stage2"
     history = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, 25))
-    for name in ("lr", "samples_per_s", "data.skipped.total"):
-        assert len(client.get_metric_history(run.info.run_id, name)) == 24
+    for name in ("lr", "grad_norm", "samples_per_s", "tokens_per_s", "data.skipped.total"):
+        assert len(client.get_metric_history(run.info.run_id, name)) == 24, name
+    tokens = client.get_metric_history(run.info.run_id, "tokens_per_s")
+    samples = client.get_metric_history(run.info.run_id, "samples_per_s")
+    # every caption is padded/queried to more than 8 tokens, so tokens/s exceeds samples/s several times over
+    assert all(t.value > 8 * s.value for t, s in zip(tokens, samples, strict=True))
+    system = [k for k in run.data.metrics if k.startswith("system/")]
+    assert "system/cpu_utilization_percentage" in system and "system/system_memory_usage_megabytes" in system
+    tags = run.data.tags
+    assert tags["stage"] == "stage2" and tags["preset"] == "tiny" and tags["world_size"] == "2"
+    head = run_launcher(["git", "rev-parse", "HEAD"]).stdout.strip() or "unknown"
+    assert tags["recipe"] == "(none)" and tags["git_commit"].startswith(head)
+    assert run.info.status == "FINISHED"
     assert {"config.yaml", "ds_config.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
 

@@ -46,7 +46,7 @@ from expblip.model.weights import export_hf, read_state
 from expblip.train import checkpoint
 from expblip.train import engine as ds_engine
 from expblip.train.optim import build_optimizer, build_scheduler
-from expblip.train.tracking import make_tracker
+from expblip.train.tracking import git_commit, make_tracker
 
 Reporter = Callable[[dict, int, Path | None], None]  # (metrics, step, checkpoint dir or None)
 
@@ -69,6 +69,7 @@ class Run:
     errors: dict = field(default_factory=dict)  # worker -> {kind: count}, cumulative
     history: list = field(default_factory=list)  # (step, loss) on rank 0
     parts: dict = field(default_factory=dict)  # the named parts of the last loss (stage 1: loss_itc, ...)
+    tokens: int = 0  # text tokens (attention mask ones) this rank has trained on since the last log
     qformer_tokenizer: object = None
     report: Reporter | None = None
 
@@ -208,7 +209,8 @@ def _record_start(run: Run) -> None:
     dump_config(run.cfg, run_dir / "config.yaml")
     (run_dir / "ds_config.json").write_text(yaml.safe_dump(run.ds_config))
     run.tracker.log_params(to_dict(run.cfg))
-    run.tracker.set_tags({"stage": run.cfg.train.stage, "preset": run.cfg.model.preset, "world_size": run.world})
+    run.tracker.set_tags({"stage": run.cfg.train.stage, "preset": run.cfg.model.preset, "world_size": run.world,
+                          "recipe": run.cfg.tracking.recipe or "(none)", "git_commit": git_commit()})
     print(f"[expblip] {run.cfg.train.stage} run in {run_dir}: world {run.world}, start step {run.step}, "
           f"MLflow {run.tracker.uri} run {run.tracker.run_id}", flush=True)
 
@@ -247,7 +249,10 @@ def train_step(run: Run) -> torch.Tensor:
         batch = next(run.batches)
         run.cursor.update(batch["cursor"])
         run.errors[batch["cursor"]["worker"]] = batch["errors"]
-        out = run.engine(**model_inputs(run, batch))
+        inputs = model_inputs(run, batch)
+        if "attention_mask" in inputs:
+            run.tokens += int(inputs["attention_mask"].sum())
+        out = run.engine(**inputs)
         loss = out["loss"] if isinstance(out, dict) else out  # stage 1 also returns its three parts
         run.engine.backward(loss)
         run.engine.step()
@@ -261,16 +266,19 @@ def train_step(run: Run) -> torch.Tensor:
 def _global_metrics(run: Run, loss: torch.Tensor, seconds: float, steps: int) -> dict:
     """Collective: loss averaged and skipped samples summed over ranks."""
     kinds = sorted({k for counts in run.errors.values() for k in counts} | {"total"})
-    local = [loss.item()] + [sum(c.get(k, 0) for c in run.errors.values()) for k in kinds[:-1]]
-    local.append(sum(local[1:]))
+    skipped = [sum(c.get(k, 0) for c in run.errors.values()) for k in kinds[:-1]]
+    local = [loss.item(), run.tokens, *skipped, sum(skipped)]
     t = torch.tensor(local, dtype=torch.float64)
     dist.all_reduce(t)
+    run.tokens = 0
     samples = steps * run.cfg.data.train.batch_size * run.cfg.optim.grad_accum * run.world
     metrics = {"loss": t[0].item() / run.world, "lr": run.engine.get_lr()[0], "samples_per_s": samples / seconds}
+    if t[1] > 0:
+        metrics["tokens_per_s"] = t[1].item() / seconds
     norm = run.engine.get_global_grad_norm()
     if norm is not None:
         metrics["grad_norm"] = float(norm)
-    metrics.update({f"data.skipped.{k}": t[i + 1].item() for i, k in enumerate(kinds)})
+    metrics.update({f"data.skipped.{k}": t[i + 2].item() for i, k in enumerate(kinds)})
     metrics.update(run.parts)  # rank 0's last micro-batch (stage 1: loss_itc, loss_itm, loss_itg)
     return metrics
 

@@ -14,11 +14,11 @@ import tempfile
 from pathlib import Path
 
 from expblip.config import Config, ConfigError, from_dict, to_dict
-from expblip.train.tracking import check_reachable, tracking_uri
+from expblip.train.tracking import GIT_ENV, check_reachable, git_commit, tracking_uri
 
 # Variables the workers need to see as the driver does (never logged: they may hold credentials).
 FORWARDED_ENV = ("DS_ACCELERATOR", "PYTHONWARNINGS", "OMP_NUM_THREADS", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL",
-                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN")
+                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", GIT_ENV)
 
 
 def absolute_paths(cfg: Config) -> Config:
@@ -122,6 +122,7 @@ def _init_ray(cfg: Config) -> None:
     address = cfg.ray.address or ("auto" if os.environ.get("RAY_ADDRESS") else "local")
     # Inside `ray job submit` the job's runtime_env already reaches every worker, and Ray 2.60 refuses to merge a
     # driver runtime_env that repeats one of its variables ("Failed to merge the Job's runtime env"): forward only the others.
+    os.environ.setdefault(GIT_ENV, git_commit())  # workers may run from a copy without .git
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and k not in _job_env_vars()}
     ray.init(address=address, runtime_env={"env_vars": env} if env else None, ignore_reinit_error=True,
              include_dashboard=False if address == "local" else None)

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 from expblip.config import ConfigError, TrackingConfig, flatten
+
+GIT_ENV = "EXPBLIP_GIT_COMMIT"
 
 
 class NullTracker:
@@ -49,43 +53,104 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 class MlflowTracker:
-    """Rank 0's link to MLflow."""
+    """Rank 0's link to MLflow, through an MlflowClient bound to one URI.
+
+    No process-wide MLflow state is touched (mlflow.set_tracking_uri would also set $MLFLOW_TRACKING_URI for the
+    rest of the process and its children), so several runs in one process (a pipeline) each keep their own store.
+    """
 
     def __init__(self, cfg: TrackingConfig, run_dir: str | Path, run_id: str | None = None):
-        import mlflow
+        from mlflow import MlflowClient
 
-        self._mlflow = mlflow
         self.uri = tracking_uri(cfg, run_dir)
-        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
         id_file = Path(run_dir) / "mlflow_run.json"
         run_id = run_id or (json.loads(id_file.read_text())["run_id"] if id_file.is_file() else None)
         if run_id:
-            self.run = mlflow.start_run(run_id=run_id, log_system_metrics=False)
+            self.run_id = self.client.get_run(run_id).info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
         else:
-            mlflow.set_experiment(cfg.experiment)
-            tags = {"mlflow.parentRunId": cfg.parent_run_id} if cfg.parent_run_id else None
-            self.run = mlflow.start_run(run_name=cfg.run_name or Path(run_dir).name, tags=tags)
-        self.run_id = self.run.info.run_id
+            self.run_id = self.client.create_run(_experiment_id(self.client, cfg.experiment),
+                                                 run_name=cfg.run_name or Path(run_dir).name,
+                                                 tags=_start_tags(cfg)).info.run_id
         id_file.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.uri}))
+        self.system = _system_monitor(self.run_id, self.uri, cfg.system_metrics_every_s)
 
     def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
         flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
-        existing = self._mlflow.get_run(self.run_id).data.params
-        new = {k: v for k, v in flat.items() if k not in existing}  # params are immutable once logged
-        if new:
-            self._mlflow.log_params(new)
+        existing = self.client.get_run(self.run_id).data.params
+        new = [Param(k, v) for k, v in flat.items() if k not in existing]  # params are immutable once logged
+        for start in range(0, len(new), 100):
+            self.client.log_batch(self.run_id, params=new[start : start + 100])
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), stamp, step) for k, v in metrics.items()])
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
-        self._mlflow.log_artifact(str(path), artifact_path=folder)
+        self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
 
     def set_tags(self, tags: dict) -> None:
-        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def close(self, status: str = "FINISHED") -> None:
-        self._mlflow.end_run(status=status)
+        if self.system is not None:
+            self.system.finish()
+            self.system = None
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def _experiment_id(client, name: str) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # another process created it first
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def _start_tags(cfg: TrackingConfig) -> dict:
+    tags = {"mlflow.source.git.commit": git_commit(), "git_commit": git_commit()}
+    if cfg.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.parent_run_id
+    return tags
+
+
+def _system_monitor(run_id: str, uri: str, every_s: float):
+    """MLflow's own sampler (CPU, memory, disk, network; GPU when there is one) as system/* metrics, or None."""
+    if every_s <= 0:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, resume_logging=True, tracking_uri=uri)
+    monitor.start()
+    return monitor
+
+
+def git_commit() -> str:
+    """$EXPBLIP_GIT_COMMIT (set by a driver for workers without the repository), else HEAD of the checkout that
+    holds this package ('-dirty' when it has uncommitted changes), else 'unknown'."""
+    if os.environ.get(GIT_ENV):
+        return os.environ[GIT_ENV]
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
 
 
 def make_tracker(cfg: TrackingConfig, run_dir: str | Path, rank: int, run_id: str | None = None):
