@@ -31,6 +31,7 @@ class DemoConfig:
     stage2_steps: int = 1200
     beams: int = 3
     describe: int = 4  # held-out faces described at the end
+    probe_train: int = 2000  # training faces for the linear probes
 
 
 def make_shards(demo: DemoConfig) -> dict[str, str]:
@@ -75,6 +76,19 @@ def evaluate(demo: DemoConfig, run_dir: str, shards: dict[str, str]) -> dict:
     return result
 
 
+def probe(demo: DemoConfig, run_dir: str, shards: dict[str, str]) -> list[dict]:
+    """Linear probes on the trained Q-Former's query outputs (EXPBLIP.md, evaluation point 2), printed and saved."""
+    from expblip.eval.probe import run_probes
+
+    au, emotion = run_probes(run_dir, shards["train"], shards["test"], "qformer", ("au", "emotion"),
+                             limit=demo.probe_train, batch_size=64)
+    Path(demo.out, "eval", "probe.json").write_text(json.dumps([au, emotion], indent=2))
+    print(f"linear probe on Q-Former features ({au['train_samples']} training faces): mean AU F1 {au['score']:.3f} "
+          f"(all-positive {au['baseline']['score']:.3f}); emotion accuracy {emotion['score']:.3f} "
+          f"(majority {emotion['baseline']['score']:.3f}, chance {emotion['chance']:.3f})")
+    return [au, emotion]
+
+
 def describe(demo: DemoConfig, run_dir: str) -> None:
     """Save a few held-out faces as PNG and caption them as `launch/describe.py` would."""
     from expblip.data.synthetic import synthetic_records
@@ -97,6 +111,7 @@ def run_demo(demo: DemoConfig | None = None) -> dict:
     lm = train_stage(stage_config("tiny_lm", demo, shards["train"], demo.lm_steps, weights=vision))
     stage2 = train_stage(stage_config("tiny_stage2", demo, shards["train"], demo.stage2_steps, weights=lm))
     result = evaluate(demo, stage2, shards)
+    result["probes"] = probe(demo, stage2, shards)
     describe(demo, stage2)
     run_id = json.loads(Path(stage2, "mlflow_run.json").read_text())
     print(f"MLflow: {run_id['tracking_uri']} (run {run_id['run_id']}); "
