@@ -1,4 +1,4 @@
-"""Records → tar shards + manifest: round trip, limits, resumable writing, helpful errors, and S3 through moto."""
+"""Records → tar shards + manifest: round trip, limits, resumable writing, helpful errors, and S3 on the local SeaweedFS server."""
 
 from __future__ import annotations
 
@@ -123,24 +123,13 @@ def test_missing_inputs_name_url_and_fix(tmp_path):
 
 
 @pytest.fixture
-def s3_bucket(monkeypatch):
-    """A moto S3 server on a free port, the AWS env pointing at it, and an empty bucket."""
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    for name, value in {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
+def s3_bucket(s3_server, monkeypatch, request):
+    """The session's SeaweedFS S3 server, the AWS env pointing at it, and an empty bucket of this test's own."""
+    for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
-    boto3.client("s3").create_bucket(Bucket="shards")
-    yield "s3://shards"
-    server.stop()
+    bucket = "shards-" + request.node.name.replace("_", "-")[:40].lower()
+    s3_server.client().create_bucket(Bucket=bucket)
+    return f"s3://{bucket}"
 
 
 def test_s3_round_trip_and_stream(s3_bucket):

@@ -37,6 +37,17 @@ def common(tiny_shards, init_export) -> list[str]:
 
 
 @pytest.fixture(scope="module")
+def s3_shards(tiny_shards, s3_server) -> str:
+    """The same training shards, uploaded to the local SeaweedFS S3 server: runs that read them must see the same
+    data in the same order as the runs that read the local copy (their losses are compared below)."""
+    client = s3_server.client()
+    client.create_bucket(Bucket="spine")
+    for f in sorted(tiny_shards["train"].iterdir()):
+        client.upload_file(str(f), "spine", f"train/{f.name}")
+    return "s3://spine/train"
+
+
+@pytest.fixture(scope="module")
 def full_run(tiny_shards, init_export, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("full")
     proc = run_launcher(deepspeed_cmd("--deepspeed", "ds_configs/zero3.json", *common(tiny_shards, init_export),
@@ -59,12 +70,15 @@ def test_loss_falls_frozen_towers_identical_trainable_changed(full_run, init_exp
     assert len(changed) > 0.8 * len(trained)
 
 
-def test_stopped_run_resumes_at_next_step_with_same_trajectory(full_run, tiny_shards, init_export, tmp_path):
-    args = [*common(tiny_shards, init_export), f"train.run_dir={tmp_path}"]
-    first = run_launcher(deepspeed_cmd("--deepspeed", "ds_configs/zero3.json", *args, "train.stop_after=12"))
+def test_stopped_run_resumes_at_next_step_with_same_trajectory(full_run, tiny_shards, init_export, tmp_path,
+                                                               s3_shards, s3_server):
+    # this run reads its shards from s3:// through the deepspeed launcher; the reference read the local copy
+    args = [*common(tiny_shards, init_export), f"train.run_dir={tmp_path}", f"data.train.shards={s3_shards}"]
+    first = run_launcher(deepspeed_cmd("--deepspeed", "ds_configs/zero3.json", *args, "train.stop_after=12"),
+                         env=s3_server.env())
     assert first.returncode == 0, first.stderr[-3000:]
     assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 13))
-    second = run_launcher(deepspeed_cmd("--deepspeed", "ds_configs/zero3.json", *args))
+    second = run_launcher(deepspeed_cmd("--deepspeed", "ds_configs/zero3.json", *args), env=s3_server.env())
     assert second.returncode == 0, second.stderr[-3000:]
     assert "start step 12" in second.stdout
     resumed = read_metrics(tmp_path)
@@ -106,9 +120,12 @@ def test_mlflow_run_holds_params_and_per_step_metrics(full_run):
     assert {"config.yaml", "ds_config.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
-def test_ray_train_path_gives_the_same_first_losses(full_run, tiny_shards, init_export, tmp_path):
+def test_ray_train_path_gives_the_same_first_losses(full_run, tiny_shards, init_export, tmp_path, s3_shards,
+                                                    s3_server):
+    # Ray workers read the shards from s3:// (credentials reach them from the driver's AWS_* environment)
     proc = run_launcher([sys.executable, "launch/pretrain.py", *common(tiny_shards, init_export),
-                         f"train.run_dir={tmp_path}", "train.stop_after=3", "ray.num_workers=2"])
+                         f"data.train.shards={s3_shards}", f"train.run_dir={tmp_path}", "train.stop_after=3",
+                         "ray.num_workers=2"], env=s3_server.env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ray_losses = [m["loss"] for m in read_metrics(tmp_path)]
     ds_losses = [m["loss"] for m in read_metrics(full_run)][:3]

@@ -261,7 +261,7 @@ def _write_one_shard(
     count, nbytes, keys, pending = 0, 0, [], first
     with fs.open(path, "wb") as f:
         sink = _HashingWriter(f)
-        with wds.TarWriter(sink, encoder=False, mtime=0.0) as writer:  # mtime fixed: identical runs, identical bytes
+        with wds.TarWriter(sink, encoder=False, mtime=0) as writer:  # fixed int mtime: same bytes, no pax headers
             while pending is not None:
                 size = _tar_size(pending)
                 if count and (count >= max_samples or nbytes + size > max_bytes):
