@@ -3,8 +3,9 @@
 Layout of a run directory:
     run_dir/config.yaml                     resolved config of the run
     run_dir/checkpoints/latest              DeepSpeed's pointer to the newest tag
-    run_dir/checkpoints/step00000100/       DeepSpeed shards (+ client_state: step, MLflow run id)
+    run_dir/checkpoints/step00000100/       DeepSpeed shards (+ client_state: step, MLflow run id, world_size)
         rank0.pt, rank1.pt ...              loader cursor and RNG state of each rank
+        elastic.pt                          world-size-free state (rank 0): see save_elastic
         config.yaml, ds_config.json         what produced it
     run_dir/export/                         HF-format model (expblip.model.weights.export_hf)
 """
@@ -46,10 +47,14 @@ def rank_state(cursor_state: dict) -> dict:
 
 
 def save(engine, run_dir: str | Path, step: int, client_state: dict, cursor_state: dict, extra_files: dict) -> Path:
-    """Collective: every rank writes its shards and state; rank 0 writes `extra_files` (name -> text)."""
+    """Collective: every rank writes its shards and state; rank 0 writes `extra_files` (name -> text).
+
+    elastic.pt is written before DeepSpeed's shards: DeepSpeed's `latest` pointer, written last, then vouches for it.
+    """
     root, tag = checkpoint_root(run_dir), tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    save_elastic(engine, root / tag, rank, {**client_state, "world_size": world})
+    engine.save_checkpoint(str(root), tag=tag, client_state={**client_state, "world_size": world})
     torch.save(rank_state(cursor_state), root / tag / f"rank{rank}.pt")
     if rank == 0:
         for name, text in extra_files.items():
@@ -58,15 +63,19 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict, cursor_stat
     return root / tag
 
 
+def written_world_size(run_dir: str | Path, tag: str) -> int:
+    """The number of ranks that wrote checkpoint `tag` (one rank{r}.pt each)."""
+    return len(list((checkpoint_root(run_dir) / tag).glob("rank*.pt")))
+
+
 def load(engine, run_dir: str | Path, tag: str) -> tuple[dict, dict | None]:
-    """Restore engine state (weights, optimiser, schedule, step); return (client_state, this rank's cursor)."""
+    """Same world size: restore engine state (weights, optimiser, schedule, step) exactly with DeepSpeed's loader;
+    return (client_state, this rank's cursor)."""
     root = checkpoint_root(run_dir)
     path, client_state = engine.load_checkpoint(str(root), tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}; delete it to resume from an older one")
     state_file = root / tag / f"rank{dist.get_rank()}.pt"
-    if not state_file.is_file():  # written by another world size: the loader restarts its epoch
-        return client_state, None
     state = torch.load(state_file, weights_only=True)
     torch.set_rng_state(state["torch_rng"])
     random.setstate(_as_tuple(state["python_rng"]))
@@ -99,15 +108,25 @@ def consolidated_state_dict(model: nn.Module, rank: int) -> dict[str, torch.Tens
 
 
 def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], rank: int) -> dict[str, list[str]]:
-    """Copy `state` (held by rank 0, or every rank) into a possibly partitioned model; returns a key report."""
+    """Collective: copy `state`, held by rank 0 only (other ranks pass {}), into a possibly partitioned model.
+
+    Only the key names travel to the other ranks; each tensor goes from rank 0 into the partitions (ZeRO-3) or is
+    broadcast (replicated parameters). Returns the key report, correct on rank 0 (empty lists elsewhere).
+    """
     own = dict(model.named_parameters())
-    report = {"missing": sorted(set(own) - set(state)), "unexpected": sorted(set(state) - set(own))}
+    names = [sorted(state) if rank == 0 else None]
+    dist.broadcast_object_list(names, src=0)
+    given = set(names[0])
+    report = {"missing": sorted(set(own) - given), "unexpected": sorted(given - set(own))} if rank == 0 else \
+        {"missing": [], "unexpected": []}
     for name, param in own.items():
-        if name not in state:
+        if name not in given:
             continue
         with torch.no_grad(), _gathered_for_write(param):
-            if rank == 0 or not hasattr(param, "ds_id"):
+            if rank == 0:
                 param.copy_(state[name].to(param.dtype))
+            if not hasattr(param, "ds_id"):  # replicated: every rank needs the values
+                dist.broadcast(param.data, src=0)
     return report
 
 
@@ -119,6 +138,171 @@ def _gathered_for_write(param):
     from contextlib import nullcontext
 
     return nullcontext()
+
+
+# ---------------------------------------------------------------- elastic state: resume at another world size
+#
+# DeepSpeed's ZeRO-3 shards (optimizer partitions, per-rank files) only load at the world size that wrote them, and its
+# universal-checkpoint conversion (deepspeed/checkpoint/ds_to_universal.py, `checkpoint.load_universal`) restores only
+# the optimiser's parameter groups under ZeRO-3: frozen towers are not written back, and it needs an offline
+# conversion pass. So rank 0 also writes elastic.pt, keyed by parameter name and free of the world size.
+
+ELASTIC = "elastic.pt"
+_MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state besides its step count
+
+
+def _inner_optimizer(engine):
+    """The torch optimiser under DeepSpeed's ZeRO wrapper (whose state holds the flat fp32 partitions)."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def save_elastic(engine, directory: Path, rank: int, client_state: dict) -> None:
+    """Collective: rank 0 writes `directory`/elastic.pt.
+
+    Frozen parameters: weights in their own dtype. Trainable ones: fp32 master weights and Adam moments, each
+    assembled from its partitions by DeepSpeed's safe_get_full_* (one parameter at a time). Also the optimiser's step
+    count and hyper-parameters, the lr schedule, the engine counters and `client_state`. Rank 0 holds the whole state
+    in host memory while writing: fine for BLIP-2's trainable Q-Former; frozen multi-billion towers cost their size.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    state: dict = {"weights": {}, "fp32": {}, **{k: {} for k in _MOMENTS}}
+    for name, param in engine.module.named_parameters():
+        if param.requires_grad:
+            full = {"fp32": safe_get_full_fp32_param(param),
+                    **{k: safe_get_full_optimizer_state(param, k) for k in _MOMENTS}}
+            if rank == 0:
+                for key, value in full.items():
+                    state[key][name] = value.detach().to("cpu", torch.float32, copy=True).reshape(_full_shape(param))
+        else:
+            with gathered([param]):
+                if rank == 0:
+                    state["weights"][name] = param.detach().to("cpu", copy=True)
+    if rank != 0:
+        return
+    steps = [s["step"] for s in _inner_optimizer(engine).state.values() if "step" in s]
+    state.update(
+        world_size=dist.get_world_size(), client_state=client_state, trainable=sorted(state["fp32"]),
+        optimizer_step=float(steps[0]) if steps else 0.0,
+        param_groups=[{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups],
+        lr_scheduler=engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+        counters={k: getattr(engine, k) for k in ("global_steps", "global_samples", "skipped_steps")},
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(state, directory / ELASTIC)
+
+
+def _full_shape(param) -> torch.Size:
+    return param.ds_shape if hasattr(param, "ds_shape") else param.shape  # ZeRO-3 params are empty outside forward
+
+
+def read_elastic(run_dir: str | Path, tag: str, rank: int) -> dict:
+    """Rank 0: the elastic state of checkpoint `tag`; {} on the other ranks (they receive it piece by piece)."""
+    path = checkpoint_root(run_dir) / tag / ELASTIC
+    if not path.is_file():  # every rank sees the same directory, so every rank raises
+        raise RuntimeError(f"checkpoint {path.parent} has no {ELASTIC} (written before resuming at another world size "
+                           "was supported): resume it with the number of ranks that wrote it")
+    return torch.load(path, weights_only=True, map_location="cpu") if rank == 0 else {}
+
+
+def elastic_weights(elastic: dict) -> dict[str, torch.Tensor]:
+    """Rank 0: every parameter's weights (frozen ones as saved, trainable ones from their fp32 masters)."""
+    return {**elastic.get("weights", {}), **elastic.get("fp32", {})}
+
+
+def restore_elastic(engine, elastic: dict, rank: int) -> dict:
+    """Collective, after deepspeed.initialize: scatter fp32 masters and Adam moments into this world's partitions,
+    restore step count, schedule and counters. Returns the checkpoint's client_state.
+
+    The module weights must already hold elastic_weights() (load_weights_into before deepspeed.initialize).
+    """
+    meta = [{k: v for k, v in elastic.items() if k not in ("weights", "fp32", *_MOMENTS)} if rank == 0 else None]
+    dist.broadcast_object_list(meta, src=0)
+    meta = meta[0]
+    trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    differ = sorted({n for n, _ in trainable} ^ set(meta["trainable"]))
+    if differ:
+        raise RuntimeError(f"the trainable parameters differ from those of the checkpoint ({differ[:8]}): resume with "
+                           "the checkpoint's model.freeze_* and train.stage")
+    _create_adam_state(engine)
+    for name, param in trainable:
+        shape = _full_shape(param)
+        for key in ("fp32", *_MOMENTS):
+            value = elastic[key][name].contiguous() if rank == 0 else torch.empty(shape, dtype=torch.float32)
+            dist.broadcast(value, src=0)  # every rank keeps only its own slice of it
+            _set_fp32_state(param, value, None if key == "fp32" else key)
+    _restore_schedule(engine, meta)
+    return meta["client_state"]
+
+
+def _set_fp32_state(param, value: torch.Tensor, key: str | None) -> None:
+    """Write the full fp32 `value` of `param`'s master weight (key None) or Adam moment `key` into this rank's slice.
+
+    ZeRO-3 goes through the local API with our own slicing: deepspeed 0.19.8's set_full_hp_param slices the unpadded
+    value, so it fails on the last rank whenever numel % world != 0 ("start + length exceeds dimension size").
+    """
+    from deepspeed.utils import (
+        safe_set_full_fp32_param,
+        safe_set_full_optimizer_state,
+        safe_set_local_fp32_param,
+        safe_set_local_optimizer_state,
+    )
+
+    if not hasattr(param, "ds_id"):  # ZeRO-1/2: the fragment API slices correctly
+        if key is None:
+            safe_set_full_fp32_param(param, value)
+        else:
+            safe_set_full_optimizer_state(param, value, key)
+        return
+    size = param.ds_tensor.numel()  # ceil(numel / world): the last rank's slice ends in padding
+    padded = torch.zeros(size * dist.get_world_size(group=param.ds_process_group), dtype=torch.float32)
+    padded[: value.numel()] = value.flatten()
+    mine = padded.narrow(0, size * dist.get_rank(group=param.ds_process_group), size)
+    if key is None:
+        safe_set_local_fp32_param(param, mine)
+    else:
+        safe_set_local_optimizer_state(param, mine, key)
+
+
+def _create_adam_state(engine) -> None:
+    """torch's AdamW creates its state at its first step; the restore writes into that state before the first step.
+
+    The state is keyed by DeepSpeed's flat fp32 partitions (one per sub-group under ZeRO-3, per group under ZeRO-1/2).
+    """
+    zero = engine.optimizer
+    flats = getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups
+    for flat in flats:
+        state = _inner_optimizer(engine).state[flat]
+        state.setdefault("step", torch.tensor(0.0))
+        for key in _MOMENTS:
+            state.setdefault(key, torch.zeros_like(flat, memory_format=torch.preserve_format))
+
+
+def _restore_schedule(engine, meta: dict) -> None:
+    """Adam's step count, the param groups' hyper-parameters (lr included), the lr schedule, engine counters."""
+    for state in _inner_optimizer(engine).state.values():
+        if "step" in state:
+            old = state["step"]
+            state["step"] = torch.tensor(meta["optimizer_step"], dtype=old.dtype) if torch.is_tensor(old) \
+                else type(old)(meta["optimizer_step"])
+    for group, saved in zip(engine.optimizer.param_groups, meta["param_groups"], strict=True):
+        group.update(saved)
+    if meta["lr_scheduler"] is not None:
+        engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    for key, value in meta["counters"].items():
+        setattr(engine, key, value)
+
+
+def epoch_start_cursor(run_dir: str | Path, tag: str) -> dict:
+    """Loader cursor for a resume at another world size: the start of the earliest epoch any saving rank was in.
+
+    Positions are per rank split and cannot be re-divided, so part of that epoch is seen again.
+    """
+    from expblip.data.stream import Cursor
+
+    files = sorted((checkpoint_root(run_dir) / tag).glob("rank*.pt"))
+    epochs = [Cursor.from_state_dict(torch.load(f, weights_only=True)["cursor"]).at_epoch_start().epoch for f in files]
+    return Cursor(epoch=min(epochs, default=0)).state_dict()
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -116,3 +116,21 @@ def register_external(module: nn.Module, param: nn.Parameter) -> None:
     import deepspeed
 
     deepspeed.zero.register_external_parameter(module, param)
+
+
+def resident_parameter_bytes(model: nn.Module) -> tuple[int, int]:
+    """(parameter bytes this rank holds, bytes of the whole model).
+
+    Under ZeRO-3 a rank holds `ds_tensor`, its slice of each parameter: ceil(numel / world) elements, so the padding
+    is at most world - 1 elements per parameter. Unpartitioned parameters count whole.
+    """
+    held = total = 0
+    for param in model.parameters():
+        if hasattr(param, "ds_tensor"):
+            size = param.ds_tensor.element_size()
+            held += param.ds_tensor.numel() * size
+            total += param.ds_numel * size
+        else:
+            held += param.numel() * param.element_size()
+            total += param.numel() * param.element_size()
+    return held, total

@@ -95,19 +95,20 @@ def setup(cfg: Config, report: Reporter | None = None) -> Run:
     qformer_tokenizer = _qformer_tokenizer(cfg, rank, run_dir) if cfg.train.stage == "stage1" else None
     model = ds_engine.build_partitioned(ds_config, lambda: _training_unit(cfg, tokenizer, qformer_tokenizer))
     blip2_cfg = model.blip2.config
-    if cfg.model.weights and tag is None:
+    elastic = _elastic_resume(run_dir, tag, rank, world)
+    if elastic is not None:  # another world size: the weights go in before DeepSpeed builds its fp32 partitions
+        checkpoint.load_weights_into(model, checkpoint.elastic_weights(elastic), rank)
+    elif cfg.model.weights and tag is None:
         _load_initial_weights(model, cfg.model.weights, rank)
     apply_freezing(model.blip2, cfg.model, cfg.train.stage)
     optimizer = build_optimizer(model, cfg.optim)
     # the schedule is built on DeepSpeed's wrapped optimiser, whose param groups differ from ours under ZeRO
     engine = ds_engine.initialize(model, optimizer, lambda opt: build_scheduler(opt, cfg.optim, cfg.train.max_steps),
                                   ds_config)
-    step, cursor_state, run_id = 0, None, None
+    _report_resident(engine.module, rank, world)
     random.seed(cfg.train.seed + rank)  # dropout and augmentation differ per rank; a resume restores them below
     torch.manual_seed(cfg.train.seed + rank)
-    if tag is not None:
-        client, cursor_state = checkpoint.load(engine, run_dir, tag)
-        step, run_id = client["step"], client.get("mlflow_run_id")
+    step, run_id, cursor_state = _resume(engine, run_dir, tag, elastic, rank)
     cursor = Cursor.from_state_dict(cursor_state) if cursor_state else Cursor()
     batches = iter(make_loader(cfg.data.train, rank, world, cursor=cursor_state))
     tracker = make_tracker(cfg.tracking, run_dir, rank, run_id)
@@ -115,6 +116,40 @@ def setup(cfg: Config, report: Reporter | None = None) -> Run:
               report=report, qformer_tokenizer=qformer_tokenizer)
     _record_start(run)
     return run
+
+
+def _elastic_resume(run_dir: Path, tag: str | None, rank: int, world: int) -> dict | None:
+    """The elastic state (rank 0; {} elsewhere) when resuming a checkpoint written by another world size, else None."""
+    if tag is None:
+        return None
+    saved = checkpoint.written_world_size(run_dir, tag)
+    if saved == world:
+        return None
+    if rank == 0:
+        print(f"[expblip] checkpoint {tag} was written by {saved} ranks and this run has {world}: restoring weights "
+              f"and optimiser state from its {checkpoint.ELASTIC}; the data loader restarts the checkpoint's epoch "
+              "from its beginning (per-rank loader positions do not carry over to another world size)", flush=True)
+    return checkpoint.read_elastic(run_dir, tag, rank)
+
+
+def _resume(engine, run_dir: Path, tag: str | None, elastic: dict | None, rank: int) -> tuple[int, str | None, dict]:
+    """(step, MLflow run id, loader cursor state) after restoring checkpoint `tag`; fresh: (0, None, None)."""
+    if tag is None:
+        return 0, None, None
+    if elastic is None:  # same world size: DeepSpeed's own shards, this rank's exact loader position and RNG
+        client, cursor_state = checkpoint.load(engine, run_dir, tag)
+    else:
+        client = checkpoint.restore_elastic(engine, elastic, rank)
+        cursor_state = checkpoint.epoch_start_cursor(run_dir, tag)
+    return client["step"], client.get("mlflow_run_id"), cursor_state
+
+
+def _report_resident(module: torch.nn.Module, rank: int, world: int) -> None:
+    """Every rank: the parameter bytes it holds (about 1/world of the model under ZeRO-3's partitioned construction)."""
+    held, total = ds_engine.resident_parameter_bytes(module)
+    mib = 2**20
+    print(f"[expblip] rank {rank} resident parameters {held / mib:.3f} MiB of {total / mib:.3f} MiB "
+          f"(share {held / total:.4f}, 1/world = {1 / world:.4f})", flush=True)
 
 
 def _training_unit(cfg: Config, tokenizer, qformer_tokenizer) -> torch.nn.Module:
@@ -196,8 +231,9 @@ def _load_initial_weights(model: CaptionModel, weights: str, rank: int) -> None:
     source = _weights_dir(weights)
     if not Path(source).is_dir():
         raise ConfigError(f"model.weights {weights} does not exist; give an export or run directory")
-    report = checkpoint.load_weights_into(model.blip2, read_state(source), rank)
-    if report["missing"] or report["unexpected"]:
+    # rank 0 alone reads the file (a full copy per rank would not fit at 7B); the others receive their partitions
+    report = checkpoint.load_weights_into(model.blip2, read_state(source) if rank == 0 else {}, rank)
+    if rank == 0 and (report["missing"] or report["unexpected"]):
         print(f"[expblip] weights {source}: missing {report['missing'][:8]}, unexpected {report['unexpected'][:8]}")
 
 

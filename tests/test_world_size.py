@@ -1,0 +1,119 @@
+"""Resume at another world size: a ZeRO-3 checkpoint of 2 ranks continues on 1 and on 3 with the same state.
+
+Run as a script (by the deepspeed launcher, see `_resume_cmd`) it resumes, dumps the state it restored, then trains on.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import deepspeed_cmd, read_metrics, run_launcher
+from test_train import init_export  # noqa: F401 - the module-scoped fixture of the initial weights
+
+pytestmark = pytest.mark.slow
+ZERO3 = "ds_configs/zero3.json"
+MAX_STEPS, STOPPED_AT = 6, 4
+
+
+def _args(tiny_shards, weights, run_dir) -> list[str]:
+    return [f"data.train.shards={tiny_shards['train']}", "data.train.batch_size=8", f"model.weights={weights}",
+            "model.dropout=0.0", "optim.lr=3e-3", "optim.min_lr=1e-4", "optim.warmup_steps=2",
+            f"train.max_steps={MAX_STEPS}", "train.log_every=1", f"train.ckpt_every={STOPPED_AT}",
+            "tracking.enabled=false", f"train.run_dir={run_dir}"]
+
+
+@pytest.fixture(scope="module")
+def stopped(tiny_shards, init_export, tmp_path_factory):  # noqa: F811
+    """2 ranks trained to a checkpoint at step 4 of 6: (run dir, launcher stdout)."""
+    run_dir = tmp_path_factory.mktemp("two-ranks")
+    proc = run_launcher(deepspeed_cmd("--deepspeed", ZERO3, *_args(tiny_shards, init_export, run_dir),
+                                      f"train.stop_after={STOPPED_AT}", ranks=2))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir, proc.stdout
+
+
+def test_each_rank_holds_half_the_parameters(stopped):
+    lines = re.findall(r"rank (\d) resident parameters ([\d.]+) MiB of ([\d.]+) MiB \(share ([\d.]+)", stopped[1])
+    assert sorted(int(r) for r, *_ in lines) == [0, 1], stopped[1][-3000:]
+    print(*re.findall(r"\[expblip\] rank \d resident parameters .*", stopped[1]), sep="\n")  # shown by pytest -rP
+    for _, held, total, share in lines:
+        # a ZeRO-3 slice holds ceil(numel / world) elements: at most world - 1 padding elements per parameter, a few
+        # hundred of the tiny model's ~1.5e5 parameters, so the share sits within 1% of 1/world
+        assert float(share) == pytest.approx(1 / 2, abs=0.01)
+        assert float(held) < 0.51 * float(total)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_two_rank_checkpoint_resumes_on_another_world_size(stopped, world, tiny_shards, init_export,  # noqa: F811
+                                                           tmp_path):
+    from expblip.config import load_config
+    from expblip.train.optim import lr_at
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped[0], run_dir)
+    args = _args(tiny_shards, init_export, run_dir)
+    proc = run_launcher(_resume_cmd(*args, f"--dump={tmp_path / 'restored'}", ranks=world))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "start step 4" in proc.stdout and f"written by 2 ranks and this run has {world}" in proc.stdout
+
+    saved = torch.load(run_dir / "checkpoints" / "step00000004" / "elastic.pt", weights_only=True)
+    restored = torch.load(tmp_path / "restored" / "elastic.pt", weights_only=True)
+    assert saved["fp32"] and saved["weights"]  # the Q-Former trains; the ViT and OPT are frozen
+    for key in ("fp32", "exp_avg", "exp_avg_sq", "weights"):
+        assert saved[key].keys() == restored[key].keys(), key
+        assert all(torch.equal(saved[key][k], restored[key][k]) for k in saved[key]), key
+    assert any(v.abs().sum() > 0 for v in restored["exp_avg_sq"].values())  # moments of 4 steps, not fresh zeros
+    assert restored["optimizer_step"] == saved["optimizer_step"] == STOPPED_AT
+    assert restored["lr_scheduler"]["last_epoch"] == saved["lr_scheduler"]["last_epoch"] == STOPPED_AT
+    assert restored["param_groups"] == saved["param_groups"] and restored["counters"] == saved["counters"]
+    module = torch.load(tmp_path / "restored" / "module.pt", weights_only=True)  # what forward will compute with
+    assert all(torch.equal(module[k], v) for k, v in {**saved["weights"], **saved["fp32"]}.items())
+
+    metrics = read_metrics(run_dir)  # steps 1-4 from 2 ranks, then this run's
+    assert [m["step"] for m in metrics] == list(range(1, MAX_STEPS + 1))
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+    optim = load_config(None, args).optim
+    assert [m["lr"] for m in metrics] == pytest.approx([lr_at(s, optim, MAX_STEPS) for s in range(1, MAX_STEPS + 1)])
+    assert (run_dir / "checkpoints" / f"step{MAX_STEPS:08d}" / f"rank{world - 1}.pt").is_file()
+
+
+def _resume_cmd(*args: str, ranks: int) -> list[str]:
+    """deepspeed_cmd, but running this file as the training script."""
+    cmd = deepspeed_cmd("--deepspeed", ZERO3, *args, ranks=ranks)
+    cmd[cmd.index("launch/finetune.py")] = str(Path(__file__).resolve())
+    return cmd
+
+
+def _resume_dump_and_train(argv: list[str]) -> int:
+    """launch/finetune.py, with setup() followed by a dump of the state it restored (elastic.pt + module weights)."""
+    from expblip.cli import config_parser, parse_config, run_main
+    from expblip.train import checkpoint, loop
+
+    parser = config_parser(__doc__)
+    parser.add_argument("--deepspeed")
+    parser.add_argument("--dump")
+    parser.add_argument("--local_rank", type=int, default=-1)
+    args = parser.parse_args(argv)
+    setup = loop.setup
+
+    def setup_and_dump(cfg, report=None):
+        run = setup(cfg, report)
+        out = Path(args.dump)
+        checkpoint.save_elastic(run.engine, out, run.rank, {})
+        module = checkpoint.consolidated_state_dict(run.engine.module, run.rank)
+        if run.rank == 0:
+            torch.save(module, out / "module.pt")
+        return run
+
+    loop.setup = setup_and_dump
+    return run_main(lambda: loop.train(parse_config(args, [f"train.ds_config={args.deepspeed}"])))
+
+
+if __name__ == "__main__":
+    sys.exit(_resume_dump_and_train(sys.argv[1:]))
