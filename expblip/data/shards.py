@@ -161,7 +161,7 @@ def _tar_size(sample: dict[str, Any]) -> int:
     return sum(_TAR_BLOCK + -(-n // _TAR_BLOCK) * _TAR_BLOCK for n in sizes)
 
 
-class _HashingWriter:
+class HashingWriter:
     """Forwards writes while counting bytes and computing the sha256 recorded in the manifest."""
 
     def __init__(self, f: IO[bytes]) -> None:
@@ -260,7 +260,7 @@ def _write_one_shard(
     fs, path = url_to_fs(url)
     count, nbytes, keys, pending = 0, 0, [], first
     with fs.open(path, "wb") as f:
-        sink = _HashingWriter(f)
+        sink = HashingWriter(f)
         with wds.TarWriter(sink, encoder=False, mtime=0) as writer:  # fixed int mtime: same bytes, no pax headers
             while pending is not None:
                 size = _tar_size(pending)

@@ -409,7 +409,7 @@ def swap_left_right(text: str) -> str:
 def random_resized_crop(
     img: Image.Image,
     size: int,
-    rng: np.random.Generator,
+    rng: random.Random,
     scale: tuple[float, float] = (0.8, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> Image.Image:
@@ -421,40 +421,47 @@ def random_resized_crop(
         aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
         w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
-            top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+            top, left = rng.randrange(height - h + 1), rng.randrange(width - w + 1)
             return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
     return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
 
 
-_MEAN_HWC = np.asarray(CLIP_MEAN, dtype=np.float32)
-_INV_STD_HWC = 1.0 / np.asarray(CLIP_STD, dtype=np.float32)
+_MEAN = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255.0
+_INV_STD = 1.0 / (torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255.0)
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image → FloatTensor[3, H, W], CLIP-normalised."""
-    x = (np.asarray(img, dtype=np.float32) * (1.0 / 255.0) - _MEAN_HWC) * _INV_STD_HWC  # one numpy pass, [H, W, 3]
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+def to_uint8(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image → ByteTensor[3, H, W] (one copy of the pixels)."""
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 
-def _key_seed(key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+def normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """ByteTensor[B, 3, H, W] → FloatTensor, CLIP-normalised: ((x / 255) - mean) / std, once per batch."""
+    return (pixels.float() - _MEAN) * _INV_STD
+
+
+def _sample_rng(seed: int, epoch: int, key: str) -> random.Random:
+    """The generator of one sample's augmentation: the same (seed, epoch, key) draws the same crop in any process."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(digest, "little"))
 
 
 def transform(
     image: Image.Image, captions: list[str], cfg: StreamConfig, epoch: int, key: str
 ) -> tuple[torch.Tensor, str]:
-    """(pixels [3,S,S], caption): caption choice, crop and flip drawn from a generator seeded by (seed, epoch, key)."""
-    rng = np.random.default_rng([cfg.seed, epoch, _key_seed(key)])
-    caption = captions[int(rng.integers(len(captions)))]
+    """(pixels uint8 [3,S,S], caption): caption choice, crop and flip drawn from a generator seeded by
+    (seed, epoch, key). Normalisation happens per batch (``normalise``), where it is vectorised."""
+    rng = _sample_rng(cfg.seed, epoch, key)
+    caption = captions[rng.randrange(len(captions))]
     if cfg.train:
         image = random_resized_crop(image, cfg.image_size, rng)
         if rng.random() < 0.5:
             image, caption = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), swap_left_right(caption)
     else:
         image = image.resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)
-    return to_tensor(image), caption.lower() if cfg.lowercase else caption
+    return to_uint8(image), caption.lower() if cfg.lowercase else caption
 
 
 # ---------------------------------------------------------------- cursor
@@ -632,7 +639,7 @@ class ShardStream(IterableDataset):
             "rank": self.rank,
         }
         return {
-            "pixel_values": torch.stack([s["pixel_values"] for s in samples]),  # [B, 3, S, S]
+            "pixel_values": normalise(torch.stack([s["pixel_values"] for s in samples])),  # [B, 3, S, S] float
             "captions": [s["caption"] for s in samples],
             "labels": [s["labels"] for s in samples],
             "keys": [s["key"] for s in samples],

@@ -39,7 +39,16 @@ from typing import Literal
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
-from expblip.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, encode_record, join_url, resolve_shards, url_to_fs
+from expblip.data.shards import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    HashingWriter,
+    encode_record,
+    join_url,
+    resolve_shards,
+    url_to_fs,
+)
 from expblip.data.stream import ErrorCounter, read_shard
 from expblip.model.blip2 import GenerationConfig
 
@@ -90,21 +99,6 @@ def init_ray() -> None:
 # ---------------------------------------------------------------- one shard (runs in a Ray actor)
 
 
-class _HashingWriter:
-    """Forwards writes, counting bytes and computing the sha256 recorded in the manifest."""
-
-    def __init__(self, f) -> None:
-        self.f, self.nbytes, self.sha = f, 0, hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        self.nbytes += len(data)
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
 def write_tar(url: str, samples: list[dict]) -> dict:
     """Write encoded samples to ``url`` (via a temporary name, so a shard is whole or absent); its manifest entry."""
     import webdataset as wds
@@ -112,8 +106,8 @@ def write_tar(url: str, samples: list[dict]) -> dict:
     fs, path = url_to_fs(url)
     tmp = f"{path}.tmp-{os.getpid()}"
     with fs.open(tmp, "wb") as f:
-        sink = _HashingWriter(f)
-        with wds.TarWriter(sink, encoder=False, mtime=0.0) as writer:  # fixed mtime: same input, same bytes
+        sink = HashingWriter(f)
+        with wds.TarWriter(sink, encoder=False, mtime=0) as writer:  # fixed int mtime: same bytes, no pax headers
             for sample in samples:
                 writer.write(sample)
     fs.mv(tmp, path)
