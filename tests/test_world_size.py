@@ -117,3 +117,29 @@ def _resume_dump_and_train(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_resume_dump_and_train(sys.argv[1:]))
+
+
+def test_frozen_towers_in_bf16_trainable_parts_in_fp32(tiny_shards, init_export, tmp_path):  # noqa: F811
+    """model.frozen_dtype under ZeRO-3 (kept in this file, which owns the partitioned-memory checks)."""
+    steps = 8
+    args = [*_args(tiny_shards, init_export, tmp_path), f"train.max_steps={steps}", f"train.ckpt_every={steps}",
+            "model.frozen_dtype=bfloat16"]
+    proc = run_launcher(deepspeed_cmd("--deepspeed", ZERO3, *args, ranks=2))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the training state as the engine held it (the HF export is written through an fp32 model)
+    state = torch.load(tmp_path / "checkpoints" / f"step{steps:08d}" / "elastic.pt", weights_only=True)
+    frozen, masters = state["weights"], state["fp32"]
+    assert {k.split(".")[1] for k in frozen} == {"vision_model", "language_model"}
+    assert {k.split(".")[1] for k in masters} == {"qformer", "query_tokens", "language_projection"}
+    assert {v.dtype for v in frozen.values()} == {torch.bfloat16}
+    assert {v.dtype for v in masters.values()} == {torch.float32}
+    # the resident line counts the bf16 towers at 2 bytes: the whole model is smaller than in fp32
+    total = {float(t) for t in re.findall(r"resident parameters [\d.]+ MiB of ([\d.]+) MiB", proc.stdout)}
+    assert len(total) == 1 and total.pop() < 0.8 * _model_mib(frozen, masters, bytes_per_element=4)
+    losses = [m["loss"] for m in read_metrics(tmp_path)]
+    assert len(losses) == steps and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
+
+
+def _model_mib(*states: dict, bytes_per_element: int) -> float:
+    return sum(v.numel() for s in states for v in s.values()) * bytes_per_element / 2**20

@@ -66,6 +66,8 @@ class ModelConfig:
     freeze_qformer: bool = False
     freeze_lm: bool = True  # OPT stays frozen in every paper stage; the tiny world's 'lm' stage trains it
     dropout: float = 0.1  # Q-Former hidden dropout (0 makes resumed runs bit-comparable)
+    # dtype of the *frozen* ViT / OPT (halves their memory); the trainable Q-Former, queries and projection stay fp32
+    frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -121,6 +123,30 @@ def apply_freezing(model: Blip2ForConditionalGeneration, cfg: ModelConfig, stage
         trains = {name: name == tower for name in trains}
     for name, param in model.named_parameters():
         param.requires_grad = trains[name.split(".")[0]]
+    _cast_frozen_towers(model, getattr(torch, cfg.frozen_dtype))
+
+
+def _cast_frozen_towers(model: Blip2ForConditionalGeneration, dtype: torch.dtype) -> None:
+    """Frozen ViT / OPT to `dtype`; the dtype boundaries are then crossed in both directions.
+
+    ViT -> Q-Former: transformers casts the encoder states to the Q-Former's dtype. Q-Former -> projection:
+    transformers casts the query output to the *ViT's* dtype, so a pre-hook casts it back to the projection's.
+    Projection -> OPT: transformers casts the projected queries to the LM's embedding dtype.
+    """
+    if dtype == torch.float32:
+        return
+    for tower in (model.vision_model, model.language_model):
+        if not any(p.requires_grad for p in tower.parameters()):
+            for param in tower.parameters():
+                param.data = param.data.to(dtype)  # a ZeRO-3 partition is cast by expblip.train.engine
+    if not getattr(model.language_projection, "_expblip_casts_input", False):
+        model.language_projection.register_forward_pre_hook(_to_weight_dtype)
+        model.language_projection._expblip_casts_input = True
+
+
+def _to_weight_dtype(module: nn.Module, args: tuple) -> tuple:
+    dtype = module.weight.dtype
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
 class CaptionModel(nn.Module):

@@ -134,3 +134,11 @@ def resident_parameter_bytes(model: nn.Module) -> tuple[int, int]:
             held += param.numel() * param.element_size()
             total += param.numel() * param.element_size()
     return held, total
+
+
+def cast_partitions(model: nn.Module) -> None:
+    """Give each ZeRO-3 partition its parameter's dtype (model.frozen_dtype casts `param.data`, empty under ZeRO-3;
+    DeepSpeed gathers in the partition's dtype)."""
+    for param in model.parameters():
+        if hasattr(param, "ds_tensor") and param.ds_tensor.dtype != param.dtype:
+            param.ds_tensor.data = param.ds_tensor.data.to(param.dtype)

@@ -101,6 +101,7 @@ def setup(cfg: Config, report: Reporter | None = None) -> Run:
     elif cfg.model.weights and tag is None:
         _load_initial_weights(model, cfg.model.weights, rank)
     apply_freezing(model.blip2, cfg.model, cfg.train.stage)
+    ds_engine.cast_partitions(model)  # model.frozen_dtype
     optimizer = build_optimizer(model, cfg.optim)
     # the schedule is built on DeepSpeed's wrapped optimiser, whose param groups differ from ours under ZeRO
     engine = ds_engine.initialize(model, optimizer, lambda opt: build_scheduler(opt, cfg.optim, cfg.train.max_steps),
