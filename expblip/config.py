@@ -87,6 +87,9 @@ class TrackingConfig:
     parent_run_id: str = ""  # MLflow run this one nests under (tag mlflow.parentRunId), e.g. a pipeline's run
     recipe: str = ""  # tag 'recipe'; '' = the stem of the --config file
     system_metrics_every_s: float = 10.0  # MLflow system/* metrics (CPU, memory, disk, network, GPU); 0 = off
+    # artefact 'export' at the end: the trainable-only export (Q-Former, queries, projection + fingerprints of the
+    # frozen towers; MBs at paper scale), the full HF-format export (GBs), or none
+    log_export: Literal["trainable", "full", "none"] = "trainable"
 
 
 @dataclass

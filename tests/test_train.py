@@ -117,7 +117,10 @@ def test_mlflow_run_holds_params_and_per_step_metrics(full_run):
     head = run_launcher(["git", "rev-parse", "HEAD"]).stdout.strip() or "unknown"
     assert tags["recipe"] == "(none)" and tags["git_commit"].startswith(head)
     assert run.info.status == "FINISHED"
-    assert {"config.yaml", "ds_config.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "ds_config.json", "export"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    # the trainable-only export (tracking.log_export default): trained tensors + fingerprints of the frozen towers
+    exported = {a.path for a in client.list_artifacts(run.info.run_id, "export")}
+    assert {"export/trainable.safetensors", "export/expblip.json", "export/config.yaml"} <= exported, exported
 
 
 def test_ray_train_path_gives_the_same_first_losses(full_run, tiny_shards, init_export, tmp_path, s3_shards,

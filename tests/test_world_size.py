@@ -16,6 +16,8 @@ import torch
 from conftest import deepspeed_cmd, read_metrics, run_launcher
 from test_train import init_export  # noqa: F401 - the module-scoped fixture of the initial weights
 
+from expblip.model.weights import read_state
+
 pytestmark = pytest.mark.slow
 ZERO3 = "ds_configs/zero3.json"
 MAX_STEPS, STOPPED_AT = 6, 4
@@ -64,16 +66,21 @@ def test_two_rank_checkpoint_resumes_on_another_world_size(stopped, world, tiny_
 
     saved = torch.load(run_dir / "checkpoints" / "step00000004" / "elastic.pt", weights_only=True)
     restored = torch.load(tmp_path / "restored" / "elastic.pt", weights_only=True)
-    assert saved["fp32"] and saved["weights"]  # the Q-Former trains; the ViT and OPT are frozen
-    for key in ("fp32", "exp_avg", "exp_avg_sq", "weights"):
+    # the Q-Former trains; the ViT and OPT are frozen and not repeated in elastic.pt: they are re-read from
+    # model.weights, where they came from
+    assert saved["fp32"] and not saved["weights"] and saved["frozen_from"] == str(init_export)
+    for key in ("fp32", "exp_avg", "exp_avg_sq"):
         assert saved[key].keys() == restored[key].keys(), key
         assert all(torch.equal(saved[key][k], restored[key][k]) for k in saved[key]), key
+    initial = read_state(init_export)
+    assert restored["weights"] and all(torch.equal(v, initial[k.removeprefix("blip2.")])
+                                       for k, v in restored["weights"].items())
     assert any(v.abs().sum() > 0 for v in restored["exp_avg_sq"].values())  # moments of 4 steps, not fresh zeros
     assert restored["optimizer_step"] == saved["optimizer_step"] == STOPPED_AT
     assert restored["lr_scheduler"]["last_epoch"] == saved["lr_scheduler"]["last_epoch"] == STOPPED_AT
     assert restored["param_groups"] == saved["param_groups"] and restored["counters"] == saved["counters"]
     module = torch.load(tmp_path / "restored" / "module.pt", weights_only=True)  # what forward will compute with
-    assert all(torch.equal(module[k], v) for k, v in {**saved["weights"], **saved["fp32"]}.items())
+    assert all(torch.equal(module[k], v) for k, v in {**restored["weights"], **saved["fp32"]}.items())
 
     metrics = read_metrics(run_dir)  # steps 1-4 from 2 ranks, then this run's
     assert [m["step"] for m in metrics] == list(range(1, MAX_STEPS + 1))
@@ -122,8 +129,9 @@ if __name__ == "__main__":
 def test_frozen_towers_in_bf16_trainable_parts_in_fp32(tiny_shards, init_export, tmp_path):  # noqa: F811
     """model.frozen_dtype under ZeRO-3 (kept in this file, which owns the partitioned-memory checks)."""
     steps = 8
+    # no model.weights: random towers from the seed, so elastic.pt holds the frozen towers as the engine kept them
     args = [*_args(tiny_shards, init_export, tmp_path), f"train.max_steps={steps}", f"train.ckpt_every={steps}",
-            "model.frozen_dtype=bfloat16"]
+            "model.frozen_dtype=bfloat16", "model.weights="]
     proc = run_launcher(deepspeed_cmd("--deepspeed", ZERO3, *args, ranks=2))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # the training state as the engine held it (the HF export is written through an fp32 model)

@@ -46,14 +46,16 @@ def rank_state(cursor_state: dict) -> dict:
     return {"cursor": cursor_state, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
 
 
-def save(engine, run_dir: str | Path, step: int, client_state: dict, cursor_state: dict, extra_files: dict) -> Path:
+def save(engine, run_dir: str | Path, step: int, client_state: dict, cursor_state: dict, extra_files: dict,
+         frozen_source: str = "") -> Path:
     """Collective: every rank writes its shards and state; rank 0 writes `extra_files` (name -> text).
+    `frozen_source` (model.weights): where the frozen towers can be re-read, so elastic.pt need not repeat them.
 
     elastic.pt is written before DeepSpeed's shards: DeepSpeed's `latest` pointer, written last, then vouches for it.
     """
     root, tag = checkpoint_root(run_dir), tag_for(step)
     rank, world = dist.get_rank(), dist.get_world_size()
-    save_elastic(engine, root / tag, rank, {**client_state, "world_size": world})
+    save_elastic(engine, root / tag, rank, {**client_state, "world_size": world}, frozen_source)
     engine.save_checkpoint(str(root), tag=tag, client_state={**client_state, "world_size": world})
     torch.save(rank_state(cursor_state), root / tag / f"rank{rank}.pt")
     if rank == 0:
@@ -156,10 +158,12 @@ def _inner_optimizer(engine):
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
-def save_elastic(engine, directory: Path, rank: int, client_state: dict) -> None:
+def save_elastic(engine, directory: Path, rank: int, client_state: dict, frozen_source: str = "") -> None:
     """Collective: rank 0 writes `directory`/elastic.pt.
 
-    Frozen parameters: weights in their own dtype. Trainable ones: fp32 master weights and Adam moments, each
+    Frozen parameters: weights in their own dtype, unless `frozen_source` names the initial weights they were
+    loaded from (frozen weights never change: a resume re-reads them there, and a 7B tower is not rewritten with
+    every checkpoint); elastic.pt then records the source under "frozen_from". Trainable ones: fp32 master weights and Adam moments, each
     assembled from its partitions by DeepSpeed's safe_get_full_* (one parameter at a time). Also the optimiser's step
     count and hyper-parameters, the lr schedule, the engine counters and `client_state`. Rank 0 holds the whole state
     in host memory while writing: fine for BLIP-2's trainable Q-Former; frozen multi-billion towers cost their size.
@@ -174,12 +178,13 @@ def save_elastic(engine, directory: Path, rank: int, client_state: dict) -> None
             if rank == 0:
                 for key, value in full.items():
                     state[key][name] = value.detach().to("cpu", torch.float32, copy=True).reshape(_full_shape(param))
-        else:
+        elif not frozen_source:
             with gathered([param]):
                 if rank == 0:
                     state["weights"][name] = param.detach().to("cpu", copy=True)
     if rank != 0:
         return
+    state["frozen_from"] = frozen_source
     steps = [s["step"] for s in _inner_optimizer(engine).state.values() if "step" in s]
     state.update(
         world_size=dist.get_world_size(), client_state=client_state, trainable=sorted(state["fp32"]),

@@ -42,7 +42,7 @@ from expblip.model.stage1 import (
     train_qformer_tokenizer,
 )
 from expblip.model.tokenizer import load_tokenizer, train_caption_tokenizer, wrap
-from expblip.model.weights import export_hf, read_state
+from expblip.model.weights import export_hf, read_state, save_trainable_export
 from expblip.train import checkpoint
 from expblip.train import engine as ds_engine
 from expblip.train.optim import build_optimizer, build_scheduler
@@ -97,6 +97,8 @@ def setup(cfg: Config, report: Reporter | None = None) -> Run:
     blip2_cfg = model.blip2.config
     elastic = _elastic_resume(run_dir, tag, rank, world)
     if elastic is not None:  # another world size: the weights go in before DeepSpeed builds its fp32 partitions
+        if cfg.model.weights:  # the frozen towers, which elastic.pt does not repeat (checkpoint.save_elastic)
+            _load_initial_weights(model, cfg.model.weights, rank)
         checkpoint.load_weights_into(model, checkpoint.elastic_weights(elastic), rank)
     elif cfg.model.weights and tag is None:
         _load_initial_weights(model, cfg.model.weights, rank)
@@ -327,10 +329,14 @@ def save_checkpoint(run: Run) -> Path:
     client = {"step": run.step, "mlflow_run_id": run.tracker.run_id}
     files = {"config.yaml": yaml.safe_dump(to_dict(run.cfg), sort_keys=False),
              "ds_config.json": yaml.safe_dump(run.ds_config)}
-    path = checkpoint.save(run.engine, run.cfg.train.run_dir, run.step, client, run.cursor.state_dict(), files)
+    path = checkpoint.save(run.engine, run.cfg.train.run_dir, run.step, client, run.cursor.state_dict(), files,
+                           frozen_source=run.cfg.model.weights)
     if run.rank == 0:
         checkpoint.prune(run.cfg.train.run_dir, run.cfg.train.keep_checkpoints)
     return path
+
+
+TRAINABLE_EXPORT = "export-trainable"  # beside export/ when tracking.log_export=trainable
 
 
 def export(run: Run) -> Path:
@@ -341,6 +347,10 @@ def export(run: Run) -> Path:
         export_hf(state, run.blip2_config, run.tokenizer, out, yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
         if run.qformer_tokenizer is not None:
             run.qformer_tokenizer.save_pretrained(out / "qformer_tokenizer")
+        if run.cfg.tracking.enabled and run.cfg.tracking.log_export == "trainable":
+            trainable = [n for n, p in run.engine.module.blip2.named_parameters() if p.requires_grad]
+            save_trainable_export(state, run.blip2_config, run.tokenizer, Path(run.cfg.train.run_dir, TRAINABLE_EXPORT),
+                                  trainable, yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
     dist.barrier()
     return out
 
@@ -387,4 +397,7 @@ def _finish(run: Run) -> None:
         run_dir = Path(run.cfg.train.run_dir)
         run.tracker.log_artifact(run_dir / "config.yaml")
         run.tracker.log_artifact(run_dir / "ds_config.json")
+        log = run.cfg.tracking.log_export
+        if log != "none":  # the small trainable-only export, or the whole HF-format one
+            run.tracker.log_artifacts(run_dir / (TRAINABLE_EXPORT if log == "trainable" else "export"), "export")
     run.tracker.close()
