@@ -28,6 +28,7 @@ from expblip.data.stream import (
     iterate_once,
     make_loader,
     plan_worker_shards,
+    read_captions,
     swap_left_right,
 )
 
@@ -314,3 +315,16 @@ def test_eval_transform_resizes_and_normalises(tmp_path):
     expected = [(v / 255 - m) / s for v, m, s in zip((128, 64, 32), CLIP_MEAN, CLIP_STD, strict=True)]
     assert batch["pixel_values"].shape == (1, 3, 8, 8) and batch["captions"] == ["grey"]
     assert torch.allclose(batch["pixel_values"][0].mean(dim=(1, 2)), torch.tensor(expected), atol=1e-4)
+
+
+def test_read_captions_gives_every_caption_of_every_readable_sample_without_decoding(tmp_path):
+    records = [{**r, "captions": [f"Sample {i} Left", f"second {i}"]} for i, r in enumerate(_records(5))]
+    records[2]["image"] = records[2]["image"][:40]  # a PNG cut short: never decoded, so its captions still count
+    write_shards(records, str(tmp_path / "ds"), samples_per_shard=2, progress=False)
+    captions = read_captions(StreamConfig(shards=str(tmp_path / "ds")))
+    assert captions == [c for i in range(5) for c in (f"sample {i} left", f"second {i}")]
+    assert read_captions(StreamConfig(shards=str(tmp_path / "ds"), lowercase=False))[0] == "Sample 0 Left"
+    # broken JSON and caption-less samples are left out, bad images are not looked at, a cut-off shard gives what it
+    # held and a missing one nothing
+    keys = ["ok0", "corrupt", "bomb", "noimage", "ok1", "cut0", "cut1", "tail0", "tail1", "tail2"]
+    assert read_captions(StreamConfig(shards=_bad_data_shards(tmp_path))) == [f"good {k}" for k in keys]

@@ -725,6 +725,22 @@ def iterate_once(cfg: StreamConfig, rank: int = 0, world_size: int = 1) -> Itera
     yield from _loader(dataset, cfg.num_workers)
 
 
+def read_captions(cfg: StreamConfig) -> list[str]:
+    """Every caption of every readable sample, in shard order, as training sees them (lower-cased when
+    ``cfg.lowercase``); images are not decoded, bad samples are left out. For building a tokenizer."""
+    shards, _ = resolve_shards(cfg.shards)
+    errors = ErrorCounter(max_errors=2**62, max_error_rate=1.0)
+    captions: list[str] = []
+    for url in shards:
+        for raw in read_shard(url, errors):
+            try:
+                found = sample_captions(parse_labels(raw), raw)
+            except _Skip:
+                continue
+            captions.extend(c.lower() if cfg.lowercase else c for c in found)
+    return captions
+
+
 def count_samples(spec: str | list[str]) -> int:
     """Samples in a shard spec: from the manifest when there is one, else by reading every shard."""
     shards, counts = resolve_shards(spec)

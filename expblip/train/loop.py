@@ -11,7 +11,6 @@ CPU run (2 ranks):  deepspeed --num_gpus 2 launch/finetune.py --deepspeed ds_con
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import time
@@ -25,7 +24,7 @@ import yaml
 
 from expblip.config import Config, ConfigError, dump_config, to_dict
 from expblip.data.shards import resolve_shards
-from expblip.data.stream import Cursor, iterate_once, make_loader
+from expblip.data.stream import Cursor, make_loader, read_captions
 from expblip.model.blip2 import (
     CaptionModel,
     VisionPretrainModel,
@@ -226,8 +225,7 @@ def _weights_dir(weights: str) -> str:
 
 
 def _all_captions(cfg: Config) -> list[str]:
-    spec = dataclasses.replace(cfg.data.train, train=False, shuffle_buffer=0)
-    return [c for batch in iterate_once(spec) for c in batch["captions"]]
+    return read_captions(cfg.data.train)
 
 
 def _load_initial_weights(model: CaptionModel, weights: str, rank: int) -> None:
