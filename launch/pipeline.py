@@ -18,6 +18,9 @@ import argparse
 import sys
 
 from expblip.cli import run_main
+from expblip.pipeline.demo import DemoConfig
+
+DEMO = DemoConfig()  # the demo flags default to its sizes
 
 PIPELINE_RECIPES = ["au_blip", "emot_blip", "exp_blip", "mix_blip", "cat_blip"]
 
@@ -27,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default="demo", choices=["demo", *PIPELINE_RECIPES])
     parser.add_argument("--out", default=None,
                         help="directory for shards, runs, MLflow store and reports (demo: 'demo'; else the recipe's)")
-    parser.add_argument("--train-samples", type=int, default=6000, help="demo only")
-    parser.add_argument("--vision-steps", type=int, default=300, help="demo only")
-    parser.add_argument("--lm-steps", type=int, default=300, help="demo only")
-    parser.add_argument("--stage2-steps", type=int, default=1200, help="demo only")
+    parser.add_argument("--train-samples", type=int, default=DEMO.train_samples, help="demo only")
+    parser.add_argument("--vision-steps", type=int, default=DEMO.vision_steps, help="demo only")
+    parser.add_argument("--lm-steps", type=int, default=DEMO.lm_steps, help="demo only")
+    parser.add_argument("--stage2-steps", type=int, default=DEMO.stage2_steps, help="demo only")
     parser.add_argument("--llm-url", default="", help="OpenAI-compatible endpoint for the paper's LLM fusion")
     parser.add_argument("--llm-model", default="", help="model name the --llm-url server knows")
     parser.add_argument("--steps-scale", type=float, default=None, help="multiply every stage's training steps")
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from expblip.pipeline.demo import DemoConfig, run_demo
+    from expblip.pipeline.demo import run_demo
 
     run_demo(DemoConfig(out=args.out or "demo", train_samples=args.train_samples, vision_steps=args.vision_steps,
                         lm_steps=args.lm_steps, stage2_steps=args.stage2_steps))
