@@ -28,7 +28,7 @@ class DemoConfig:
     test_samples: int = 300
     vision_steps: int = 300
     lm_steps: int = 300
-    stage2_steps: int = 1000
+    stage2_steps: int = 900
     beams: int = 3
     describe: int = 4  # held-out faces described at the end
     probe_train: int = 2000  # training faces for the linear probes
