@@ -1,4 +1,4 @@
-"""The embedded demo: the synthetic-face world, end to end on 2 CPU workers, in about ten minutes.
+"""The embedded demo: the synthetic-face world, end to end on 2 CPU workers, in about twelve minutes.
 
     shards (train + held-out) -> 'vision' stage (the tiny ViT learns to see AUs) -> 'lm' stage (the tiny OPT learns
       the caption language) -> stage 2 (Q-Former + projection + ViT learn to describe faces; OPT frozen)
@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 @dataclass
 class DemoConfig:
-    """Sizes of the demo; the defaults finish in about ten minutes on 2 cores."""
+    """Sizes of the demo; the defaults finish in about twelve minutes on 2 cores
+    (plus ~3 minutes to create the environment on a fresh machine)."""
 
     out: str = "demo"
     train_samples: int = 6000
