@@ -207,6 +207,11 @@ class ErrorCounter:
         self.seen = 0  # samples decoded (or tried) + shard-level failures
         self.urls: dict[str, str] = {}  # kind → the latest URL where it happened
 
+    @classmethod
+    def unlimited(cls) -> ErrorCounter:
+        """Counts, never stops: for one-off passes (evaluation, captioning, counting) that report what they skipped."""
+        return cls(max_errors=2**62, max_error_rate=1.0)
+
     def sample(self) -> None:
         """One more sample read (good or bad)."""
         self.seen += 1
@@ -729,7 +734,7 @@ def read_captions(cfg: StreamConfig) -> list[str]:
     """Every caption of every readable sample, in shard order, as training sees them (lower-cased when
     ``cfg.lowercase``); images are not decoded, bad samples are left out. For building a tokenizer."""
     shards, _ = resolve_shards(cfg.shards)
-    errors = ErrorCounter(max_errors=2**62, max_error_rate=1.0)
+    errors = ErrorCounter.unlimited()
     captions: list[str] = []
     for url in shards:
         for raw in read_shard(url, errors):
@@ -746,5 +751,5 @@ def count_samples(spec: str | list[str]) -> int:
     shards, counts = resolve_shards(spec)
     if counts is not None:
         return sum(counts)
-    errors = ErrorCounter(max_errors=2**62, max_error_rate=1.0)
+    errors = ErrorCounter.unlimited()
     return sum(1 for url in shards for _ in read_shard(url, errors))

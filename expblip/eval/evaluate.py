@@ -101,7 +101,7 @@ def training_captions(shards: str, limit: int | None = None, lowercase: bool = T
     Lower-cased by default, as the stream lower-cases the captions a model trains on.
     """
     urls, _ = resolve_shards(shards)
-    errors = stream.ErrorCounter(max_errors=2**62, max_error_rate=1.0)  # skipped samples are counted and logged
+    errors = stream.ErrorCounter.unlimited()  # skipped samples are counted and logged
     captions: list[str] = []
     for url in urls:
         for raw in stream.read_shard(url, errors):

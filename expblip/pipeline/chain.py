@@ -357,7 +357,7 @@ def mix_records(urls: list[str]) -> Iterable[dict]:
     from expblip.data.stream import ErrorCounter, read_shard
     from expblip.pipeline.fusion import sentences
 
-    errors = ErrorCounter(max_errors=2**62, max_error_rate=1.0)
+    errors = ErrorCounter.unlimited()
     for url in urls:
         for raw in read_shard(url, errors):
             labels = json.loads(raw["json"].decode("utf-8"))

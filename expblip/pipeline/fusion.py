@@ -168,7 +168,7 @@ def _ordered_map(fn: Callable[[dict], _Result], items: Iterable[dict], workers: 
 
 
 def _input_samples(urls: list[str], stats: FusionStats) -> Iterator[dict]:
-    errors = ErrorCounter(max_errors=2**62, max_error_rate=1.0)  # count, never stop: the stats report them
+    errors = ErrorCounter.unlimited()  # the stats report them
     for url in urls:
         before = errors.skipped
         yield from read_shard(url, errors)

@@ -133,7 +133,7 @@ class ShardCaptioner:
     def caption_shard(self, in_url: str, out_url: str) -> dict:
         """Caption every image of ``in_url`` into ``out_url``; returns the output's manifest entry (+ timings)."""
         start = time.perf_counter()
-        errors = ErrorCounter(max_errors=2**62, max_error_rate=1.0)
+        errors = ErrorCounter.unlimited()
         decoded, skipped = [], 0
         for raw in read_shard(in_url, errors):
             item = _decode(raw)
@@ -223,7 +223,7 @@ def _finished(out_url: str, expected: int, entry: dict | None) -> bool:
 def _input_counts(urls: list[str], counts: list[int] | None) -> list[int]:
     if counts is not None:
         return counts
-    errors = ErrorCounter(max_errors=2**62, max_error_rate=1.0)
+    errors = ErrorCounter.unlimited()
     return [sum(1 for _ in read_shard(url, errors)) for url in urls]
 
 

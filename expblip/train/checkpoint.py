@@ -54,9 +54,9 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict, cursor_stat
     elastic.pt is written before DeepSpeed's shards: DeepSpeed's `latest` pointer, written last, then vouches for it.
     """
     root, tag = checkpoint_root(run_dir), tag_for(step)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    save_elastic(engine, root / tag, rank, {**client_state, "world_size": world}, frozen_source)
-    engine.save_checkpoint(str(root), tag=tag, client_state={**client_state, "world_size": world})
+    rank, client_state = dist.get_rank(), {**client_state, "world_size": dist.get_world_size()}
+    save_elastic(engine, root / tag, rank, client_state, frozen_source)
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
     torch.save(rank_state(cursor_state), root / tag / f"rank{rank}.pt")
     if rank == 0:
         for name, text in extra_files.items():

@@ -175,7 +175,7 @@ def _qformer_tokenizer(cfg: Config, rank: int, run_dir: Path):
                                                           "qformer_tokenizer")):
         if (candidate / "tokenizer.json").is_file():
             return load_qformer_tokenizer(candidate)
-    captions = [_all_captions(cfg) if rank == 0 else None]
+    captions = [read_captions(cfg.data.train) if rank == 0 else None]
     dist.broadcast_object_list(captions, src=0)  # the trainer is deterministic: every rank builds the same vocabulary
     tokenizer = train_qformer_tokenizer(captions[0], cfg.stage1.qformer_vocab)
     if rank == 0:
@@ -206,7 +206,7 @@ def _tokenizer(cfg: Config, rank: int, run_dir: Path):
         raise ConfigError(f"model.preset {cfg.model.preset} needs model.tokenizer (a local tokenizer directory)")
     text = [None]
     if rank == 0:  # train once and broadcast: every rank must hold the identical vocabulary
-        captions = _all_captions(cfg)
+        captions = read_captions(cfg.data.train)
         text[0] = train_caption_tokenizer(captions, cfg.model.tokenizer_vocab).backend_tokenizer.to_str()
     dist.broadcast_object_list(text, src=0)
     from tokenizers import Tokenizer
@@ -222,10 +222,6 @@ def _weights_dir(weights: str) -> str:
     if weights and Path(weights, "export", "config.json").is_file():
         return str(Path(weights, "export"))
     return weights
-
-
-def _all_captions(cfg: Config) -> list[str]:
-    return read_captions(cfg.data.train)
 
 
 def _load_initial_weights(model: CaptionModel, weights: str, rank: int) -> None:
@@ -246,8 +242,10 @@ def _record_start(run: Run) -> None:
     dump_config(run.cfg, run_dir / "config.yaml")
     (run_dir / "ds_config.json").write_text(yaml.safe_dump(run.ds_config))
     run.tracker.log_params(to_dict(run.cfg))
+    commit = git_commit()  # set on every (re)start: a resumed run may run newer code
     run.tracker.set_tags({"stage": run.cfg.train.stage, "preset": run.cfg.model.preset, "world_size": run.world,
-                          "recipe": run.cfg.tracking.recipe or "(none)", "git_commit": git_commit()})
+                          "recipe": run.cfg.tracking.recipe or "(none)", "git_commit": commit,
+                          "mlflow.source.git.commit": commit})
     print(f"[expblip] {run.cfg.train.stage} run in {run_dir}: world {run.world}, start step {run.step}, "
           f"MLflow {run.tracker.uri} run {run.tracker.run_id}", flush=True)
 

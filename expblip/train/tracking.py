@@ -73,7 +73,7 @@ class MlflowTracker:
         else:
             self.run_id = self.client.create_run(_experiment_id(self.client, cfg.experiment),
                                                  run_name=cfg.run_name or Path(run_dir).name,
-                                                 tags=_start_tags(cfg)).info.run_id
+                                                 tags=_parent_tag(cfg)).info.run_id
         id_file.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.uri}))
         self.system = _system_monitor(self.run_id, self.uri, cfg.system_metrics_every_s)
 
@@ -123,11 +123,8 @@ def _experiment_id(client, name: str) -> str:
         return found.experiment_id
 
 
-def _start_tags(cfg: TrackingConfig) -> dict:
-    tags = {"mlflow.source.git.commit": git_commit(), "git_commit": git_commit()}
-    if cfg.parent_run_id:
-        tags["mlflow.parentRunId"] = cfg.parent_run_id
-    return tags
+def _parent_tag(cfg: TrackingConfig) -> dict:
+    return {"mlflow.parentRunId": cfg.parent_run_id} if cfg.parent_run_id else {}
 
 
 def _system_monitor(run_id: str, uri: str, every_s: float):
