@@ -27,7 +27,7 @@ class DemoConfig:
     out: str = "demo"
     train_samples: int = 6000
     test_samples: int = 300
-    vision_steps: int = 300
+    vision_steps: int = 1000
     lm_steps: int = 300
     stage2_steps: int = 900
     beams: int = 3

@@ -66,7 +66,7 @@ class StageConfig:
 class TrainingConfig:
     """The training stages and how each one is scaled on Ray Train."""
 
-    vision: StageConfig = field(default_factory=lambda: StageConfig("recipes/tiny_vision.yaml", 300))
+    vision: StageConfig = field(default_factory=lambda: StageConfig("recipes/tiny_vision.yaml", 3000))
     lm: StageConfig = field(default_factory=lambda: StageConfig("recipes/tiny_lm.yaml", 300))
     stage1: StageConfig = field(default_factory=lambda: StageConfig("recipes/tiny_stage1.yaml", 300))
     stage2: StageConfig = field(default_factory=lambda: StageConfig("recipes/tiny_stage2.yaml", 1200))
