@@ -4,7 +4,7 @@
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/finetune.py --deepspeed ds_configs/zero3.json \
         --config recipes/tiny_stage2.yaml data.train.shards=demo/shards/train train.run_dir=runs/stage2
     # GPUs
-    deepspeed --num_gpus 8 launch/finetune.py --deepspeed ds_configs/zero3.json --config recipes/au_blip_stage2.yaml
+    deepspeed --num_gpus 8 launch/finetune.py --deepspeed ds_configs/zero3.json --config recipes/paper_stage2.yaml
 """
 
 from __future__ import annotations

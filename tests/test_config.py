@@ -71,6 +71,16 @@ def test_every_shipped_recipe_loads(path):
     assert cfg.train.max_steps > 0
 
 
+@pytest.mark.parametrize("stage,min_lr", [("stage1", 1e-5), ("stage2", 5e-5)])
+def test_paper_stage_configs_carry_the_papers_numbers(stage, min_lr):
+    cfg = load_config(REPO / "recipes" / f"paper_{stage}.yaml")
+    assert (cfg.model.preset, cfg.model.query_tokens, cfg.model.freeze_vision, cfg.model.freeze_lm) == (
+        "vitg-opt6.7b", 32, True, True)
+    assert cfg.data.train.image_size == cfg.model.image_size == 224 and cfg.data.train.crop_scale == 0.8
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, cfg.optim.weight_decay) == (1e-4, min_lr, 2000, 0.05)
+    assert cfg.train.stage == stage and cfg.data.train.batch_size == 32
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)
 def test_every_ds_config_loads_and_gets_our_numbers(path):
     cfg = load_config(None, [f"train.ds_config={path}", "data.train.batch_size=3", "optim.grad_accum=2",
