@@ -7,7 +7,9 @@
 
 Emotion faces. An emotion face shows its synthetic prototype (``SYNTHETIC_PROTOTYPES``) and, with probability
 ``EXTRA_AU_P``, one extra AU that keeps the face in that emotion's *family*: not in the prototype, not exclusive
-with it (12/15, 5/43), and not turning it into another emotion's face (contempt 12 + cheek raise 6 is happiness).
+with it (12/15, 5/43), and not making the face show another emotion's whole prototype that the emotion's own does
+not already contain (contempt 12 + cheek raise 6 is happiness; sadness 1+4+15 + nose wrinkle 9 shows disgust 9+15;
+surprise + lip-corner pull 12 shows contempt 12). Such a face would carry two emotions' evidence under one label.
 Real emotion datasets hold such faces (a happy face that also blinks); here they give the test set emotion faces
 with unseen AU combinations. Neutral faces are always the bare face.
 
@@ -66,15 +68,21 @@ def emotion_families() -> dict[Combo, str]:
     return families
 
 
+def _shown_prototypes(aus: Combo, protos: dict[Combo, str]) -> set[str]:
+    """The non-neutral emotions whose whole prototype the face shows."""
+    return {e for p, e in protos.items() if p and set(p) <= set(aus)}
+
+
 def _extras(emotion: str, proto: Combo, protos: dict[Combo, str]) -> list[Combo]:
     if emotion == "neutral":
         return []
     out = []
+    own = _shown_prototypes(proto, protos)  # fear's prototype already holds surprise's and anger's
     for au in SYNTHETIC_AUS:
         if au in proto or _exclusive(set(proto), au):
             continue
         combo = tuple(sorted({*proto, au, *((25,) if au == 26 else ())}))  # the world's rule: 26 implies 25
-        if combo not in protos:  # contempt + 6 = happiness: not a contempt face
+        if _shown_prototypes(combo, protos) <= own:  # contempt + 6 shows happiness: not a contempt face
             out.append(combo)
     return out
 
