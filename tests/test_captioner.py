@@ -141,7 +141,8 @@ def test_perfect_captions_score_one_and_the_constant_baseline_less():
     perfect = evaluate_captions(captions, labels, AUS)
     assert perfect["mean_au_f1"] == pytest.approx(1.0)
     assert perfect["emotion_accuracy"] == pytest.approx(1.0)
-    assert perfect["counts"] == {"samples": 12, "au_labelled": 12, "emotion_labelled": 4, "nothing_parsed": 0}
+    assert perfect["counts"] == {"samples": 12, "au_labelled": 12, "emotion_labelled": 4, "nothing_parsed": 0,
+                                 "names_aus": 12, "names_emotion": 4, "names_both": 4}
     smile = "It is a people who pulls lip corner."
     base = constant_caption_baseline([smile, smile, captions[0]], labels, AUS)
     assert base["caption"] == smile
@@ -149,6 +150,7 @@ def test_perfect_captions_score_one_and_the_constant_baseline_less():
     assert base["per_au_f1"][12] == pytest.approx(2 / 13)
     assert base["mean_au_f1"] == pytest.approx(2 / 13 / 12)
     assert base["emotion_accuracy"] == 0.0
+    assert (base["counts"]["names_aus"], base["counts"]["names_emotion"], base["counts"]["names_both"]) == (12, 0, 0)
 
 
 def test_unlabelled_aspects_are_left_out():

@@ -413,18 +413,24 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _share(counts: dict, name: str) -> float | None:
+    """counts[name] as a share of the scored samples (None for results written before the count existed)."""
+    return counts[name] / counts["samples"] if name in counts and counts.get("samples") else None
+
+
 def results_table(rows: list[dict], baseline: dict, test: dict) -> str:
     """The comparison: text-parsed mean AU F1 and emotion accuracy of each model and the constant caption."""
     lines = [f"Held-out test set: {test['samples']} faces ({test['au_labelled']} AU-labelled, "
              f"{test['emotion_labelled']} emotion-labelled), AU combinations unseen in training; scores parsed from "
              "the generated text.", "",
-             "| model | trained on | mean AU F1 | emotion accuracy |", "|---|---|---:|---:|"]
+             "| model | trained on | mean AU F1 | emotion accuracy | captions naming AUs and an emotion |",
+             "|---|---|---:|---:|---:|"]
     for row in rows:
         lines.append(f"| {row['model']} | {row['trained_on']} | {_fmt(row['mean_au_f1'])} | "
-                     f"{_fmt(row['emotion_accuracy'])} |")
+                     f"{_fmt(row['emotion_accuracy'])} | {_fmt(row.get('names_both'))} |")
     caption = baseline["caption"] if len(baseline["caption"]) <= 60 else baseline["caption"][:57] + "..."
     lines.append(f"| constant caption | \"{caption}\" | {_fmt(baseline['mean_au_f1'])} | "
-                 f"{_fmt(baseline['emotion_accuracy'])} |")
+                 f"{_fmt(baseline['emotion_accuracy'])} | {_fmt(baseline.get('names_both'))} |")
     return "\n".join(lines)
 
 
@@ -485,14 +491,16 @@ def evaluate_models(chain: Chain, models: dict[str, Model], test: str) -> dict:
     order = [chain.p.target, *(k for k in TABLE_ORDER if k != chain.p.target)]
     rows = [{"key": k, "model": MODEL_NAMES[k], "trained_on": models[k].trained_on, "run_dir": models[k].run_dir,
              "mean_au_f1": results[k]["model"]["mean_au_f1"],
-             "emotion_accuracy": results[k]["model"]["emotion_accuracy"]} for k in order if k in models]
-    baseline = results[chain.p.target]["baseline"]
+             "emotion_accuracy": results[k]["model"]["emotion_accuracy"],
+             "names_both": _share(results[k]["model"]["counts"], "names_both")} for k in order if k in models]
+    baseline = {**results[chain.p.target]["baseline"]}
+    baseline["names_both"] = _share(baseline.get("counts", {}), "names_both")
     metrics = {f"{r['key']}.{name}": r[name] for r in rows for name in ("mean_au_f1", "emotion_accuracy")}
     metrics.update({f"baseline.{n}": baseline[n] for n in ("mean_au_f1", "emotion_accuracy")})
     if chain.parent:
         chain.parent.log_metrics({k: v for k, v in metrics.items() if v is not None})
     counts = results[chain.p.target]["model"]["counts"]
-    return {"rows": rows, "baseline": {k: baseline[k] for k in ("caption", "mean_au_f1", "emotion_accuracy")},
+    return {"rows": rows, "baseline": {k: baseline[k] for k in ("caption", "mean_au_f1", "emotion_accuracy", "names_both")},
             "table": results_table(rows, baseline, counts)}
 
 
