@@ -464,15 +464,12 @@ def transform(
     (seed, epoch, key). Normalisation happens per batch (``normalise``), where it is vectorised."""
     rng = _sample_rng(cfg.seed, epoch, key)
     caption = captions[rng.randrange(len(captions))]
-    if cfg.train:
-        if cfg.crop_scale < 1.0:
-            image = random_resized_crop(image, cfg.image_size, rng, scale=(cfg.crop_scale, 1.0))
-        else:
-            image = image.resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)
-        if cfg.flip and rng.random() < 0.5:
-            image, caption = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), swap_left_right(caption)
+    if cfg.train and cfg.crop_scale < 1.0:
+        image = random_resized_crop(image, cfg.image_size, rng, scale=(cfg.crop_scale, 1.0))
     else:
         image = image.resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)
+    if cfg.train and cfg.flip and rng.random() < 0.5:
+        image, caption = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), swap_left_right(caption)
     return to_uint8(image), caption.lower() if cfg.lowercase else caption
 
 

@@ -65,9 +65,9 @@ def evaluate_captions(captions: Sequence[str], labels: Sequence[dict], aus: Sequ
         truth, pred = [set(labels[i]["emotions"]) for i in emo_rows], [set(parsed[i]["emotions"]) for i in emo_rows]
         accuracy, confusion = emotion_accuracy(truth, pred), confusion_of(truth, pred)
     counts = {"samples": len(captions), "au_labelled": len(au_rows), "emotion_labelled": len(emo_rows),
-              "nothing_parsed": sum(1 for p in parsed if not p["aus"] and not p["emotions"]),
-              "names_aus": sum(1 for p in parsed if p["aus"]), "names_emotion": sum(1 for p in parsed if p["emotions"]),
-              "names_both": sum(1 for p in parsed if p["aus"] and p["emotions"])}
+              "nothing_parsed": sum(not p["aus"] and not p["emotions"] for p in parsed),
+              "names_aus": sum(bool(p["aus"]) for p in parsed), "names_emotion": sum(bool(p["emotions"]) for p in parsed),
+              "names_both": sum(bool(p["aus"] and p["emotions"]) for p in parsed)}
     return {"mean_au_f1": f1["mean"] if f1 else None, "per_au_f1": f1["per_au"] if f1 else {},
             "emotion_accuracy": accuracy, "emotion_confusion": confusion, "counts": counts}
 
