@@ -6,6 +6,7 @@ The shipped ds_configs/*.json hold ZeRO and precision policy only; every number 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import socket
@@ -31,8 +32,22 @@ def init_distributed() -> tuple[int, int]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "gloo":
+        _skip_cpu_shm_all_reduce()
     deepspeed.init_distributed(dist_backend=backend)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _skip_cpu_shm_all_reduce() -> None:
+    """On the CPU accelerator DeepSpeed 0.19 JIT-builds a shared-memory all-reduce op in init_distributed.
+
+    Only tensor-parallel inference (inference_all_reduce) uses it; training collectives go through gloo. Building it
+    costs a g++ run the first time; a build that is killed leaves ~/.cache/torch_extensions/*/deepspeed_shm_comm/lock
+    behind and every later run waits on that lock forever; and every run leaves a 66 MiB
+    /dev/shm/deepspeed_allreduce_buffer_* file per rank that nothing removes. So training does not build it.
+    """
+    # not `import deepspeed.comm.torch as m`: deepspeed.comm's own `torch` attribute is the torch package
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def _free_port() -> int:
