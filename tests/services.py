@@ -27,6 +27,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 BIN = Path(sys.executable).parent  # the venv's bin: weed, mlflow and ray live beside python
 LOOPBACK = "127.0.0.1"
@@ -41,6 +42,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
+
+
+def port_open(endpoint: str) -> bool:
+    """Whether something listens at http://host:port (a service's endpoint or a Ray head's address)."""
+    url = urlparse(endpoint)
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex((url.hostname, url.port)) == 0
 
 
 def free_ports(n: int) -> list[int]:

@@ -208,7 +208,7 @@ def _submit(address: str, runtime_env: Path, entrypoint: list[str]) -> subproces
 @pytest.mark.slow  # a Ray head + 2 ZeRO-3 workers through `ray job submit` (~1.5-3 min, ~4 GB)
 def test_runtime_env_job_trains_on_a_ray_head(tmp_path, tiny_shards, mlflow_server):
     from mlflow import MlflowClient
-    from services import ray_head
+    from services import port_open, ray_head
 
     # cluster/runtime_env.yaml as shipped, pointed at this machine's services; CPU instead of GPU.
     spec = _load("runtime_env.yaml")
@@ -229,6 +229,7 @@ def test_runtime_env_job_trains_on_a_ray_head(tmp_path, tiny_shards, mlflow_serv
             actors = json.loads(resp.read())["data"]["result"]["result"]
     finally:
         stop()
+    assert not port_open(address)  # the head is gone once stopped
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     # `ray job submit` follows the job's logs: they show the training steps, and the job succeeds
     assert "[expblip] step 1/2" in result.stdout and "[expblip] step 2/2" in result.stdout

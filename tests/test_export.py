@@ -190,24 +190,3 @@ def test_bad_checkpoint_paths_are_named(run_dir, full, tmp_path, capsys):
     assert "no complete DeepSpeed checkpoint" in capsys.readouterr().err
     assert main(["--checkpoint", str(run_dir), "--out", str(full)]) == 2
     assert "already holds an export" in capsys.readouterr().err
-
-
-def test_stage1_checkpoint_exports_its_blip2_and_names_the_heads(tiny_shards, towers, tmp_path):
-    """Stage 1 trains the Q-Former's text side and ITC/ITM/ITG heads beside the HF model: the export keeps the
-    HF model (Q-Former with its text feed-forwards) as the loop's own export does, and names the heads it leaves."""
-    from expblip.train.export import export_checkpoint
-
-    run = tmp_path / "run"
-    proc = run_launcher(deepspeed_cmd(
-        "--deepspeed", "ds_configs/zero3.json", f"data.train.shards={tiny_shards['train']}", "data.train.batch_size=4",
-        f"model.weights={towers['init']}", "model.dropout=0.0", "train.stage=stage1", "train.max_steps=1",
-        f"train.run_dir={run}", "tracking.enabled=false"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = export_checkpoint(run, tmp_path / "export")
-    ours, trainers = read_state(tmp_path / "export"), read_state(run / "export")
-    assert sorted(ours) == sorted(trainers) and all(torch.equal(ours[k], trainers[k]) for k in ours)
-    assert any(".intermediate." in k for k in ours)  # the Q-Former's text side travels with it
-    assert {"itm_head.weight", "vision_proj.weight", "text_proj.weight"} <= set(result.heads)
-    meta = json.loads((tmp_path / "export" / "expblip.json").read_text())
-    assert meta["source"]["stage"] == "stage1" and meta["source"]["heads_not_exported"] == result.heads
-    assert (tmp_path / "export" / "qformer_tokenizer" / "tokenizer.json").is_file()

@@ -32,7 +32,7 @@ def _ray_train_workers(driver_pid: int) -> list[psutil.Process]:
     return found
 
 
-def test_sigkill_of_a_worker_resumes_from_last_checkpoint(tiny_shards, tmp_path):
+def test_sigkill_of_a_worker_resumes_from_last_checkpoint_and_a_resubmission_continues(tiny_shards, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "launch/pretrain.py",
            *args(tiny_shards["train"], run_dir, "train.max_steps=60", "train.ckpt_every=8", "ray.max_failures=1")]
@@ -61,16 +61,15 @@ def test_sigkill_of_a_worker_resumes_from_last_checkpoint(tiny_shards, tmp_path)
     assert len(runs) == 1  # one MLflow run across both attempts
     assert {m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")} == set(range(1, 61))
 
-
-def test_resubmitting_a_finished_run_with_more_steps_continues_it(tiny_shards, tmp_path):
-    first = run_launcher([sys.executable, "launch/pretrain.py",
-                          *args(tiny_shards["train"], tmp_path, "train.max_steps=4", "train.ckpt_every=4")])
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    second = run_launcher([sys.executable, "launch/pretrain.py",
-                           *args(tiny_shards["train"], tmp_path, "train.max_steps=7", "train.ckpt_every=4")])
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "start step 4" in second.stdout + second.stderr
-    assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 8))
+    # the finished run, submitted again with more steps, continues from its last checkpoint (step 60)
+    again = run_launcher([sys.executable, "launch/pretrain.py",
+                          *args(tiny_shards["train"], run_dir, "train.max_steps=64", "train.ckpt_every=8")])
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert set(re.findall(r"start step (\d+)", again.stdout + again.stderr)) == {"60"}  # every rank at 60
+    assert [m["step"] for m in read_metrics(run_dir)][-4:] == [61, 62, 63, 64]
+    runs = client.search_runs([client.get_experiment_by_name("ray-jobs").experiment_id])
+    assert len(runs) == 1 and {m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")} == set(
+        range(1, 65))
 
 
 # `ray job submit` against a local `ray start --head`: tests/test_cluster_specs.py::test_runtime_env_job_trains_on_a_ray_head

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -157,14 +158,28 @@ def test_ray_train_path_gives_the_same_first_losses(full_run, tiny_shards, init_
     assert ray_losses == pytest.approx(ds_losses, rel=1e-4)
 
 
-def test_stage1_two_ranks_each_loss_falls(tiny_shards, tmp_path):
+def test_stage1_two_ranks_each_loss_falls_and_the_checkpoint_exports_its_blip2(tiny_shards, tmp_path):
+    from expblip.train.export import export_checkpoint
+
+    run = tmp_path / "run"
     proc = run_launcher(deepspeed_cmd("--deepspeed", "ds_configs/zero3.json", f"data.train.shards={tiny_shards['train']}",
                                       "train.stage=stage1", "data.train.batch_size=16", "optim.lr=2e-3",
                                       "optim.warmup_steps=2", "train.max_steps=20", "train.log_every=1",
-                                      "train.ckpt_every=20", f"train.run_dir={tmp_path}"))
+                                      "train.ckpt_every=20", f"train.run_dir={run}"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    metrics = read_metrics(tmp_path)
+    metrics = read_metrics(run)
     for part in ("loss_itc", "loss_itm", "loss_itg"):
         values = [m[part] for m in metrics]
         assert sum(values[-4:]) / 4 < 0.9 * sum(values[:4]) / 4, (part, values)
+    assert (run / "export" / "qformer_tokenizer" / "tokenizer.json").is_file()
+
+    # Stage 1 trains the Q-Former's text side and ITC/ITM/ITG heads beside the HF model: the checkpoint's export keeps
+    # the HF model (Q-Former with its text feed-forwards) as the loop's own export does, and names the heads it leaves.
+    result = export_checkpoint(run, tmp_path / "export")
+    ours, trainers = read_state(tmp_path / "export"), read_state(run / "export")
+    assert sorted(ours) == sorted(trainers) and all(torch.equal(ours[k], trainers[k]) for k in ours)
+    assert any(".intermediate." in k for k in ours)  # the Q-Former's text side travels with it
+    assert {"itm_head.weight", "vision_proj.weight", "text_proj.weight"} <= set(result.heads)
+    meta = json.loads((tmp_path / "export" / "expblip.json").read_text())
+    assert meta["source"]["stage"] == "stage1" and meta["source"]["heads_not_exported"] == result.heads
     assert (tmp_path / "export" / "qformer_tokenizer" / "tokenizer.json").is_file()
