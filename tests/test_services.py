@@ -1,13 +1,10 @@
-"""The real services of tests/services.py answer like the real thing: S3 (boto3, s3fs), MLflow over HTTP, a Ray head."""
+"""The real services of tests/services.py answer like the real thing: S3 (boto3, s3fs) and MLflow over HTTP.
+The Ray head is exercised by tests/test_cluster_specs.py::test_runtime_env_job_trains_on_a_ray_head."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from services import port_open, seaweedfs
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_s3_put_get_with_boto3(s3_server):

@@ -61,22 +61,25 @@ def stale_extension_lock(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def full_run(tiny_shards, init_export, tmp_path_factory, stale_extension_lock) -> Path:
+def shm_before() -> set[Path]:
+    return set(Path("/dev/shm").glob(SHM_BUFFERS))
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_shards, init_export, tmp_path_factory, stale_extension_lock, shm_before) -> Path:
     run_dir = tmp_path_factory.mktemp("full")
-    shm_before = set(Path("/dev/shm").glob(SHM_BUFFERS))
     proc = run_launcher(deepspeed_cmd("--deepspeed", "ds_configs/zero3.json", *common(tiny_shards, init_export),
                                       f"train.run_dir={run_dir}"),
                         env={"TORCH_EXTENSIONS_DIR": str(stale_extension_lock)}, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (run_dir / "shm_left").write_text("\n".join(sorted(map(str, set(Path("/dev/shm").glob(SHM_BUFFERS)) - shm_before))))
     return run_dir
 
 
-def test_cpu_training_builds_no_shm_op_and_leaves_no_shm_buffers(full_run, stale_extension_lock):
+def test_cpu_training_builds_no_shm_op_and_leaves_no_shm_buffers(full_run, stale_extension_lock, shm_before):
     # the run finished although a killed build's lock sits where DeepSpeed would JIT-build its CPU shm all-reduce
     assert (stale_extension_lock / "deepspeed_shm_comm" / "lock").exists()
     assert not list((stale_extension_lock / "deepspeed_shm_comm").glob("*.so"))
-    assert (full_run / "shm_left").read_text() == ""  # no 66 MiB /dev/shm buffer per rank left behind
+    assert set(Path("/dev/shm").glob(SHM_BUFFERS)) <= shm_before  # no 66 MiB /dev/shm buffer per rank left behind
 
 
 def test_loss_falls_frozen_towers_identical_trainable_changed(full_run, init_export):
