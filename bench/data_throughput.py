@@ -81,7 +81,7 @@ def bare_loader(urls: list[str], batch_size: int, workers: int) -> Iterable:
     import webdataset as wds
     from torch.utils.data import DataLoader
 
-    from expblip.data.stream import CLIP_MEAN, CLIP_STD
+    from expblip.pixels import CLIP_MEAN, CLIP_STD
 
     decode = functools.partial(bare_decode, mean=np.asarray(CLIP_MEAN, np.float32), std=np.asarray(CLIP_STD, np.float32))
     dataset = (

@@ -95,8 +95,8 @@ def timed(fn: Callable[[], list[str]]) -> tuple[float, list[str]]:
 
 def run(export: Path, images: list, args: argparse.Namespace) -> tuple[dict[str, float], dict[str, list[str]]]:
     """(captions/s, captions) of each path over ``args.rounds`` alternating rounds."""
+    from expblip.infer.captioner import Captioner
     from expblip.model.blip2 import GenerationConfig
-    from expblip.serve.captioner import Captioner
 
     gen = GenerationConfig(num_beams=args.beams, max_new_tokens=args.max_new_tokens)
     ours = Captioner.from_export(export)
@@ -149,7 +149,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from expblip.data.synthetic import synthetic_records
-    from expblip.serve.captioner import resolve_export
+    from expblip.infer.captioner import resolve_export
 
     try:
         given = resolve_export(args.model) if args.model else None

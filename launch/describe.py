@@ -10,7 +10,7 @@
     python launch/describe.py --model runs/stage2 --device cuda --beams 8 --batch-size 64 demo/faces/
 
 Each line reads ``path: caption  [AUs: 1, 2, 12] [emotion: happiness]``; AUs and emotions are parsed from the
-caption (expblip.eval.parse). A missing model directory, a missing image or a file that is not an image prints one
+caption (expblip.infer.parse). A missing model directory, a missing image or a file that is not an image prints one
 line naming it and exits with status 2.
 """
 
@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
+    from expblip.infer.captioner import Captioner, describe_files, format_description, list_images, resolve_export
     from expblip.model.blip2 import GenerationConfig
-    from expblip.serve.captioner import Captioner, describe_files, format_description, list_images, resolve_export
 
     gen = GenerationConfig(num_beams=args.beams, sample=args.sample, max_new_tokens=args.max_new_tokens)
     try:

@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import uvicorn
 
+    from expblip.infer.captioner import Captioner, resolve_export
     from expblip.model.blip2 import GenerationConfig
     from expblip.serve.app import MiB, create_app
-    from expblip.serve.captioner import Captioner, resolve_export
 
     try:
         captioner = Captioner.from_export(resolve_export(args.model), device=args.device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -47,6 +48,48 @@ def tiny_shards(tmp_path_factory) -> dict[str, Path]:
     write_shards(synthetic_records(64, seed=0, split="test"), str(root / "test"), samples_per_shard=32,
                  progress=False)
     return {"train": root / "train", "test": root / "test"}
+
+
+def launch_module(name: str):
+    """Import launch/NAME.py (a script, not a package module) to call its main(argv) in this process."""
+    return _import_file(f"launch_{name}", REPO / "launch" / f"{name}.py")
+
+
+def bench_module(name: str):
+    """Import bench/NAME.py."""
+    return _import_file(f"bench_{name}", REPO / "bench" / f"{name}.py")
+
+
+def _import_file(module_name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_tiny_export(out: Path, captions: list[str] | None = None, seed: int = 0, vocab_size: int = 300) -> Path:
+    """A tiny random BLIP-2 export at ``out`` with a byte-level BPE trained on ``captions`` (default: the captions of
+    40 synthetic faces). A random model never emits its end token: generate with a short max_new_tokens."""
+    import torch
+
+    from expblip.data.synthetic import synthetic_records
+    from expblip.model.blip2 import ModelConfig, build_model
+    from expblip.model.tokenizer import train_caption_tokenizer
+    from expblip.model.weights import export_hf
+
+    captions = captions or [c for r in synthetic_records(40, seed=1) for c in r["captions"]]
+    tokenizer = train_caption_tokenizer(captions, vocab_size=vocab_size)
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(), tokenizer)
+    return export_hf(model.state_dict(), model.config, tokenizer, out)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory) -> Path:
+    """A run directory holding export/ (make_tiny_export), shared by the session: read it, never write into it."""
+    run = tmp_path_factory.mktemp("tiny_run")
+    make_tiny_export(run / "export")
+    return run
 
 
 def run_launcher(args: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:

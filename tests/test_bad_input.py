@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import launch_module
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _launcher(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 @pytest.fixture()
@@ -44,7 +39,7 @@ def test_bad_input_fails_naming_the_thing(launcher, override, named, existing_ru
     before = _snapshot(existing_run)
     args = [f"data.train.shards={tiny_shards['train']}", f"train.run_dir={existing_run}",
             override.format(missing=tmp_path / "missing-shards")]
-    code = _launcher(launcher)(args)
+    code = launch_module(launcher).main(args)
     assert code != 0
     assert named in capsys.readouterr().err
     assert _snapshot(existing_run) == before

@@ -6,22 +6,18 @@ that our captions and plain transformers' are the same strings.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
+from conftest import bench_module
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIO = re.compile(r"ratio: (\d+\.\d+)")
 
 
 def _bench(name: str):
-    """Import bench/NAME.py (a script, not a package module)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module(name)
 
 
 def _ratio(out: str) -> float:

@@ -15,13 +15,13 @@ import pytest
 from browser import Chromium, Page, find_chromium
 from PIL import Image
 from skimage import data
-from test_serve import GEN, tiny_export
+from test_serve import GEN
 
 from expblip.data.captions import au_caption, concat_fusion, emotion_caption
 from expblip.data.facs import AUS
 from expblip.data.synthetic import synthetic_records
+from expblip.infer.captioner import Captioner
 from expblip.serve.app import background_server, create_app
-from expblip.serve.captioner import Captioner
 
 CHROMIUM = find_chromium()
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH (apt-get install -y chromium, "
@@ -38,8 +38,8 @@ class ScriptedCaptioner(Captioner):
 
 
 @pytest.fixture(scope="module")
-def captioner(tmp_path_factory) -> Captioner:
-    return Captioner.from_export(tiny_export(tmp_path_factory.mktemp("browser") / "export"))
+def captioner(tiny_run_dir) -> Captioner:
+    return Captioner.from_export(tiny_run_dir / "export")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import launch_module
 from PIL import Image
 
 from expblip.data.captions import au_caption, concat_fusion, emotion_caption
@@ -19,30 +19,24 @@ from expblip.data.shards import write_shards
 from expblip.data.stream import StreamConfig, normalise, transform
 from expblip.data.synthetic import synthetic_records
 from expblip.eval.evaluate import (
-    constant_caption_baseline,
+    TrainingText,
+    baseline_rows,
     evaluate_captions,
     evaluate_export,
-    summary_line,
-    training_captions,
-    write_report,
+    strongest,
+    training_text,
 )
-from expblip.eval.parse import parse_caption
-from expblip.model.blip2 import GenerationConfig, ModelConfig, build_model
-from expblip.model.tokenizer import train_caption_tokenizer
-from expblip.model.weights import CLIP_MEAN, CLIP_STD, export_hf
-from expblip.serve.captioner import Captioner, ImageError, load_images, resolve_export
+from expblip.eval.report import summary_line, write_report
+from expblip.infer.captioner import Captioner, ImageError, load_images, resolve_export
+from expblip.infer.parse import parse_caption
+from expblip.model.blip2 import GenerationConfig
+from expblip.pixels import CLIP_MEAN, CLIP_STD
 
 ROOT = Path(__file__).resolve().parents[1]
 GEN = GenerationConfig(num_beams=3, max_new_tokens=6, min_new_tokens=1)  # short: a random model never stops early
 AUS = DATASET_AUS["synthetic"]
 
 
-def _launch(name: str):
-    """Import launch/NAME.py (a script, not a package module)."""
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", ROOT / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +45,9 @@ def records() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, records) -> Path:
+def run_dir(tiny_run_dir) -> Path:
     """A run directory holding export/: tiny random BLIP-2 with a tokenizer trained on synthetic captions."""
-    run = tmp_path_factory.mktemp("run")
-    captions = [c for r in synthetic_records(40, seed=1) for c in r["captions"]]
-    tokenizer = train_caption_tokenizer(captions, vocab_size=300)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(), tokenizer)
-    export_hf(model.state_dict(), model.config, tokenizer, run / "export")
-    return run
+    return tiny_run_dir
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +124,7 @@ def _one_au_each() -> tuple[list[str], list[dict]]:
     return captions, labels
 
 
-def test_perfect_captions_score_one_and_the_constant_baseline_less():
+def test_perfect_captions_score_one_and_every_baseline_less():
     captions, labels = _one_au_each()
     perfect = evaluate_captions(captions, labels, AUS)
     assert perfect["mean_au_f1"] == pytest.approx(1.0)
@@ -144,13 +132,43 @@ def test_perfect_captions_score_one_and_the_constant_baseline_less():
     assert perfect["counts"] == {"samples": 12, "au_labelled": 12, "emotion_labelled": 4, "nothing_parsed": 0,
                                  "names_aus": 12, "names_emotion": 4, "names_both": 4}
     smile = "It is a people who pulls lip corner."
-    base = constant_caption_baseline([smile, smile, captions[0]], labels, AUS)
+    rows = {b["key"]: b for b in baseline_rows(TrainingText([smile, smile, captions[0]], labels), labels, AUS)}
+    assert list(rows) == ["most_frequent", "all_aus", "majority_emotion", "chance"]
+    base = rows["most_frequent"]
     assert base["caption"] == smile
     # AU12: 1 true positive, 11 false positives -> F1 = 2/13; every other AU scores 0 and stays in the mean.
     assert base["per_au_f1"][12] == pytest.approx(2 / 13)
     assert base["mean_au_f1"] == pytest.approx(2 / 13 / 12)
     assert base["emotion_accuracy"] == 0.0
     assert (base["counts"]["names_aus"], base["counts"]["names_emotion"], base["counts"]["names_both"]) == (12, 0, 0)
+    # naming all 12 AUs: each AU has prevalence 1/12, so F1 = 2p / (1 + p) = 2/13 on every AU
+    assert rows["all_aus"]["per_au_f1"] == pytest.approx(dict.fromkeys(AUS, 2 / 13))
+    assert parse_caption(rows["all_aus"]["caption"])["aus"] == sorted(AUS)
+    # the majority emotion (a four-way tie: the first seen, happiness) is right on 1 of the 4 emotion faces
+    assert rows["majority_emotion"]["caption"] == "The face shows happiness."
+    assert rows["majority_emotion"]["emotion_accuracy"] == pytest.approx(1 / 4)
+    # chance: each AU named with probability 1/2 -> 2p / (1 + 2p) = 1/7; one of 4 training emotions -> 1/4
+    assert rows["chance"]["mean_au_f1"] == pytest.approx(1 / 7) and rows["chance"]["emotion_accuracy"] == 0.25
+    best = strongest(list(rows.values()))
+    assert best["mean_au_f1"]["key"] == "all_aus" and best["mean_au_f1"]["score"] == pytest.approx(2 / 13)
+    assert best["emotion_accuracy"]["score"] == pytest.approx(1 / 4)
+
+
+def test_a_constant_caption_naming_everything_cannot_game_the_emotion_metric():
+    """The issue's finding: a caption naming every AU and every emotion scored emotion accuracy 1.0 under the
+    containment rule. Under the strict rule it scores nothing, at most the majority share, on single-label faces."""
+    from expblip.data.facs import EMOTIONS
+
+    faces = list(synthetic_records(300, seed=0, split="test"))
+    labels = [{"aus": r["labels"]["aus"], "emotions": r["labels"]["emotions"]} for r in faces]
+    everything = concat_fusion(au_caption(AUS), emotion_caption(EMOTIONS))
+    assert parse_caption(everything) == {"aus": sorted(AUS), "emotions": sorted(EMOTIONS)}
+    scores = evaluate_captions([everything] * len(labels), labels, AUS)
+    single = [lab["emotions"][0] for lab in labels if lab["emotions"] and len(lab["emotions"]) == 1]
+    majority_share = max(single.count(e) for e in set(single)) / len(single)
+    assert scores["emotion_accuracy"] <= majority_share and scores["emotion_accuracy"] == 0.0
+    all_aus = baseline_rows(TrainingText(["x"], labels), labels, AUS)[1]
+    assert scores["mean_au_f1"] == pytest.approx(all_aus["mean_au_f1"])  # it is the best constant for AU F1
 
 
 def test_unlabelled_aspects_are_left_out():
@@ -163,17 +181,25 @@ def test_unlabelled_aspects_are_left_out():
 
 def test_evaluate_export_on_shards_and_report(run_dir, records, tmp_path):
     write_shards(records, str(tmp_path / "test"), samples_per_shard=4, progress=False)
-    result = evaluate_export(run_dir, str(tmp_path / "test"), AUS, GEN, limit=5,
-                             baseline_captions=["it is a people who drops jaw."], batch_size=4, progress=False)
+    train = TrainingText(["it is a people who drops jaw."], [{"aus": [26], "emotions": ["surprise"]}])
+    result = evaluate_export(run_dir, str(tmp_path / "test"), AUS, GEN, limit=5, train=train, batch_size=4,
+                             progress=False)
     assert result["model"]["counts"]["samples"] == 5
     assert [s["key"] for s in result["samples"]] == [r["key"] for r in records[:5]]
     assert result["samples"][0]["truth"]["aus"] == records[0]["labels"]["aus"]
-    assert result["baseline"]["caption"] == "it is a people who drops jaw." and result["baseline"]["caption_source"] == "train"
+    keys = [b["key"] for b in result["baselines"]]
+    assert keys == ["most_frequent", "all_aus", "majority_emotion", "chance"] and result["baseline_source"] == "train"
+    assert result["baselines"][0]["caption"] == "it is a people who drops jaw."
+    assert result["baselines"][1]["caption"] == au_caption([26])  # the only AU of the training labels
     out = write_report(result, tmp_path / "eval")
     assert json.loads((out / "metrics.json").read_text())["model"]["counts"]["samples"] == 5
     report = (out / "report.md").read_text()
-    assert "| AU | model F1 | baseline F1 |" in report and "| 26 |" in report and summary_line(result) in report
-    assert training_captions(str(tmp_path / "test")) == [r["captions"][0].lower() for r in records]
+    for row in ("| AU | model | most frequent training caption | every AU of the training labels |",
+                "| majority training emotion (surprise) |", "| chance |", "| 26 |", summary_line(result)):
+        assert row in report, row
+    text = training_text(str(tmp_path / "test"))
+    assert text.captions == [r["captions"][0].lower() for r in records]
+    assert text.labels == [{"aus": r["labels"]["aus"], "emotions": r["labels"]["emotions"]} for r in records]
 
 
 # ---------------------------------------------------------------- the scripts
@@ -181,12 +207,15 @@ def test_evaluate_export_on_shards_and_report(run_dir, records, tmp_path):
 
 def test_evaluate_cli_prints_table_and_summary(run_dir, records, tmp_path, capsys):
     write_shards(records[:4], str(tmp_path / "test"), samples_per_shard=4, progress=False)
-    code = _launch("evaluate").main(["--model", str(run_dir), "--shards", str(tmp_path / "test"), "--beams", "2",
+    code = launch_module("evaluate").main(["--model", str(run_dir), "--shards", str(tmp_path / "test"), "--beams", "2",
                                      "--max-new-tokens", "4", "--no-progress", "--out", str(tmp_path / "eval")])
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 0 and (tmp_path / "eval" / "report.md").is_file()
-    assert re.fullmatch(r"held-out mean AU F1: \d\.\d{3} \(constant-caption baseline: \d\.\d{3}\)", out[-1])
-    assert _launch("evaluate").main(["--model", str(tmp_path / "nomodel"), "--shards", "x"]) == 2
+    assert re.fullmatch(r"held-out mean AU F1: \d\.\d{3} \(best constant caption: \d\.\d{3}\)", out[-1])
+    assert any(line.startswith("| most frequent training caption |") for line in out)  # every baseline row
+    assert any(line.startswith("| every AU of the training labels |") for line in out)
+    assert any(line.startswith("| chance |") for line in out)
+    assert launch_module("evaluate").main(["--model", str(tmp_path / "nomodel"), "--shards", "x"]) == 2
     assert "nomodel" in capsys.readouterr().err
 
 
@@ -195,7 +224,7 @@ def test_describe_cli_lines_json_and_errors(run_dir, records, tmp_path, capsys):
     faces.mkdir()
     for i, r in enumerate(records[:3]):
         r["image"].save(faces / f"face{i}.png")
-    describe = _launch("describe").main
+    describe = launch_module("describe").main
     args = ["--model", str(run_dir), "--beams", "2", "--max-new-tokens", "4"]
     assert describe([*args, str(faces)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -216,7 +245,7 @@ def test_serving_and_evaluation_import_neither_ray_nor_deepspeed(run_dir):
     # Wall 2, in a fresh interpreter (other tests in this process may have imported them): load and caption too.
     import subprocess
 
-    code = ("import sys; from PIL import Image; import expblip.eval.evaluate; from expblip.serve import Captioner; "
+    code = ("import sys; from PIL import Image; import expblip.eval.evaluate; from expblip.infer.captioner import Captioner; "
             f"Captioner.from_export({str(run_dir / 'export')!r}).caption([Image.new('RGB', (64, 64))]); "
             "bad = [m for m in ('ray', 'deepspeed', 'expblip.train', 'mlflow') if m in sys.modules]; "
             "sys.exit(f'imported {bad}' if bad else 0)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import launch_module
 from PIL import Image
 
 from expblip.eval.compare import MISSING, RunSummary, comparison_table, differing_params
@@ -24,10 +24,7 @@ FAST_LOSSES = [4.0, 3.0, 2.2, 1.7, 1.25]  # lr 1e-3
 
 
 def _compare_main(argv: list[str]) -> int:
-    spec = importlib.util.spec_from_file_location("launch_compare", ROOT / "launch" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return launch_module("compare").main(argv)
 
 
 def _training_run(uri: str, run_dir: Path, experiment: str, lr: str, losses: list[float],

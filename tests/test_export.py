@@ -3,7 +3,6 @@ trainable-only exports round-trip onto their frozen towers and refuse others."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, deepspeed_cmd, run_launcher
+from conftest import deepspeed_cmd, launch_module, run_launcher
 
 from expblip.model.weights import TowerMismatchError, load_trainable_export, merge_trainable, read_state
 
@@ -21,11 +20,6 @@ pytestmark = pytest.mark.slow
 STEPS = 2
 
 
-def _launch(name: str):
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", REPO / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _random_export(tokenizer, seed: int, out: Path) -> Path:
@@ -66,7 +60,7 @@ def run_dir(tiny_shards, towers, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def full(run_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("exports") / "full"
-    assert _launch("export").main(["--checkpoint", str(run_dir), "--out", str(out)]) == 0
+    assert launch_module("export").main(["--checkpoint", str(run_dir), "--out", str(out)]) == 0
     return out
 
 
@@ -127,8 +121,8 @@ print(json.dumps({"ids": new, "caption": tok.decode(new, skip_special_tokens=Tru
 
 def test_stock_transformers_generates_what_our_captioner_generates(full, tmp_path):
     from expblip.data.synthetic import synthetic_records
+    from expblip.infer.captioner import Captioner
     from expblip.model.blip2 import GenerationConfig
-    from expblip.serve.captioner import Captioner
 
     image = next(synthetic_records(1, seed=5, split="test"))["image"]
     image.save(tmp_path / "face.png")
@@ -169,13 +163,13 @@ def test_trainable_only_export_round_trips_onto_its_towers(small, full, towers):
 def test_trainable_only_export_refuses_other_towers(small, towers, tmp_path, capsys):
     with pytest.raises(TowerMismatchError, match="trained on other frozen towers"):
         merge_trainable(small, towers["other"])
-    main = _launch("export").main
+    main = launch_module("export").main
     assert main(["--merge", str(small), "--towers", str(towers["other"]), "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert re.search(r"tensors differ \(language_model \d+, vision_model \d+\)", err), err
     assert not (tmp_path / "bad" / "config.json").exists()
     assert main(["--merge", str(small), "--towers", str(towers["init"]), "--out", str(tmp_path / "good")]) == 0
-    from expblip.serve.captioner import Captioner
+    from expblip.infer.captioner import Captioner
 
     with pytest.raises(ValueError, match="trainable-only export"):
         Captioner.from_export(small)  # no frozen towers in it: refused with the merge command
@@ -183,7 +177,7 @@ def test_trainable_only_export_refuses_other_towers(small, towers, tmp_path, cap
 
 
 def test_bad_checkpoint_paths_are_named(run_dir, full, tmp_path, capsys):
-    main = _launch("export").main
+    main = launch_module("export").main
     assert main(["--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "nowhere does not exist" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "x")]) == 2

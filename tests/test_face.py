@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import launch_module
 from PIL import Image
 from skimage import data
 
-from expblip.serve.face import Box, crop_face, detect_faces, square_around
+from expblip.infer.face import Box, crop_face, detect_faces, square_around
 
 ASTRONAUT_FACE = Box(x=165, y=55, width=110, height=120)  # Eileen Collins' face in the 512x512 photo, by eye
 
@@ -73,19 +74,13 @@ def test_tiny_images_have_no_face():
     assert face is None and crop.size == (10, 10)
 
 
-def test_describe_cli_crop_face_names_the_face(tmp_path, astronaut, capsys):
-    import importlib.util
+def test_describe_cli_crop_face_names_the_face(tmp_path, tiny_run_dir, astronaut, capsys):
     import json
-    from pathlib import Path
 
-    from test_serve import tiny_export
-
-    export = tiny_export(tmp_path / "export")
+    export = tiny_run_dir / "export"
     astronaut.save(tmp_path / "astronaut.png")
     Image.new("RGB", (90, 60), "grey").save(tmp_path / "wall.png")
-    spec = importlib.util.spec_from_file_location("launch_describe", Path(__file__).parents[1] / "launch" / "describe.py")
-    describe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(describe)
+    describe = launch_module("describe")
     args = ["--model", str(export), "--beams", "1", "--max-new-tokens", "3", "--crop-face"]
     assert describe.main([*args, str(tmp_path / "astronaut.png"), str(tmp_path / "wall.png")]) == 0
     astronaut_line, wall_line = capsys.readouterr().out.strip().splitlines()

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from expblip.eval.parse import EMOTIONS, parse_aus, parse_caption, parse_emotions
+from expblip.infer.parse import EMOTIONS, parse_aus, parse_caption, parse_emotions
 
 NO_AU_CAPTION = (
     "The eyes may be open and looking straight ahead, with the mouth closed or slightly open in a relaxed position. "

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch_module
 
 from expblip.train.plan import GiB, PlanConfig, count_params, make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _launch(name: str):
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", ROOT / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +81,7 @@ def test_training_the_vit_costs_states_and_activations(plan):
 
 
 def test_script_prints_the_table_and_the_verdicts(capsys):
-    main = _launch("plan").main
+    main = launch_module("plan").main
     assert main(["--preset", "vitg-opt6.7b", "--gpus-per-node", "8", "--nodes", "1"]) == 0
     out = capsys.readouterr().out
     assert "vitg-opt6.7b: 7,753M parameters" in out
@@ -99,7 +94,7 @@ def test_script_prints_the_table_and_the_verdicts(capsys):
 
 
 def test_script_refuses_an_unknown_preset(capsys):
-    assert _launch("plan").main(["--preset", "vitx"]) == 2
+    assert launch_module("plan").main(["--preset", "vitx"]) == 2
     assert "--preset 'vitx' does not exist" in capsys.readouterr().err
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_export
+from transformers import Blip2Config
 
 from expblip.data.facs import DATASET_AUS
 from expblip.data.shards import write_shards
@@ -64,16 +66,12 @@ def test_probe_errors_name_the_missing_labels():
 @pytest.fixture(scope="module")
 def export_and_shards(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("probe")
-    captions = [c for r in synthetic_records(40, seed=1) for c in r["captions"]]
-    tokenizer = train_caption_tokenizer(captions, vocab_size=300)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(), tokenizer)
-    export_hf(model.state_dict(), model.config, tokenizer, root / "export")
+    export = make_tiny_export(root / "export")
     write_shards(synthetic_records(48, seed=0), str(root / "train"), samples_per_shard=24, progress=False)
     write_shards(synthetic_records(16, seed=0, split="test"), str(root / "test"), samples_per_shard=16,
                  progress=False)
     return {"export": root / "export", "train": str(root / "train"), "test": str(root / "test"),
-            "config": model.config}
+            "config": Blip2Config.from_pretrained(export)}
 
 
 def test_features_have_the_stated_pooling(export_and_shards):
@@ -88,17 +86,29 @@ def test_features_have_the_stated_pooling(export_and_shards):
     assert np.allclose(concat.reshape(5, queries, -1).mean(axis=1), mean, atol=1e-5)
 
 
-def test_run_probe_on_tiny_export_reports_probe_and_baseline(export_and_shards):
+def test_run_probe_on_tiny_export_scores_baselines_from_the_labels(export_and_shards):
     e = export_and_shards
     au = run_probe(e["export"], e["train"], e["test"], "vit", "au")
     assert au["features"] == "vit" and au["pooling"] == "patch mean" and au["task"] == "au"
-    assert 0.0 <= au["score"] <= 1.0 and 0.0 < au["baseline"]["score"] <= 1.0
     assert au["train_samples"] == 48 and au["test_samples"] == 16 and len(au["per_au_f1"]) == 12
+    # all-positive: F1 = 2p / (1 + p) for an AU of held-out prevalence p, 0 for one that never occurs
+    test = [r["labels"] for r in synthetic_records(16, seed=0, split="test")]
+    aus = DATASET_AUS["synthetic"]
+    prevalence = {a: sum(a in lab["aus"] for lab in test) / len(test) for a in aus}
+    expected = {a: 2 * p / (1 + p) for a, p in prevalence.items()}
+    assert au["baseline"]["per_au_f1"] == pytest.approx(expected)
+    assert au["baseline"]["score"] == pytest.approx(sum(expected.values()) / len(aus))
     both = run_probes(e["export"], e["train"], e["test"], "qformer", ("au", "emotion"), batch_size=16)
     assert [p["task"] for p in both] == ["au", "emotion"] and both[0]["pooling"] == "query mean"
     emotion = both[1]
-    assert 0.0 <= emotion["score"] <= 1.0 and 0.0 <= emotion["baseline"]["score"] <= 1.0
-    assert emotion["test_samples"] + emotion["skipped"]["test"] == 16 and emotion["chance"] > 0
+    train = [r["labels"] for r in synthetic_records(48, seed=0)]
+    classes = sorted({lab["emotions"][0] for lab in train if lab["emotions"] and len(lab["emotions"]) == 1})
+    assert sorted(emotion["classes"]) == classes and emotion["chance"] == pytest.approx(1 / len(classes))
+    single = [lab["emotions"][0] for lab in test if lab["emotions"] and len(lab["emotions"]) == 1
+              and lab["emotions"][0] in classes]
+    majority = emotion["baseline"]["name"].split("(")[1].rstrip(")")
+    assert emotion["baseline"]["score"] == pytest.approx(single.count(majority) / len(single))
+    assert emotion["test_samples"] == len(single) and emotion["test_samples"] + emotion["skipped"]["test"] == 16
     assert run_probe(e["export"], e["train"], e["test"], "vit", "au") == au  # deterministic end to end
 
 
@@ -106,14 +116,16 @@ def test_run_probe_on_tiny_export_reports_probe_and_baseline(export_and_shards):
 
 
 def _train_vision(model, shards: str, steps: int) -> None:
-    """The demo's 'vision' stage in plain PyTorch: the tiny ViT learns to see the world's AUs."""
+    """The demo's 'vision' stage in plain PyTorch (recipes/tiny_vision.yaml: lr 2e-3, batch 32, no random crop):
+    the tiny ViT learns to see the world's AUs."""
     from expblip.data.stream import StreamConfig, make_loader
     from expblip.model.blip2 import VisionPretrainModel, au_targets
 
     aus = DATASET_AUS["synthetic"]
     unit = VisionPretrainModel(model, len(aus))
     opt = torch.optim.AdamW(list(model.vision_model.parameters()) + list(unit.head.parameters()), lr=2e-3)
-    batches = iter(make_loader(StreamConfig(shards=shards, batch_size=32, seed=0), rank=0, world_size=1))
+    cfg = StreamConfig(shards=shards, batch_size=32, seed=0, crop_scale=1.0)
+    batches = iter(make_loader(cfg, rank=0, world_size=1))
     for _ in range(steps):
         batch = next(batches)
         loss = unit(batch["pixel_values"], **au_targets(batch["labels"], aus))
@@ -122,25 +134,29 @@ def _train_vision(model, shards: str, steps: int) -> None:
         opt.step()
 
 
+STEPS = 600
+
+
 @pytest.mark.slow
-def test_probe_on_the_trained_synthetic_world_model_beats_chance_clearly(tmp_path, capsys):
+def test_probe_on_the_trained_synthetic_world_model_beats_all_positive_and_the_random_vit(tmp_path, capsys):
     train, test = str(tmp_path / "train"), str(tmp_path / "test")
-    write_shards(synthetic_records(600, seed=0), train, samples_per_shard=300, progress=False)
+    write_shards(synthetic_records(1200, seed=0), train, samples_per_shard=600, progress=False)
     write_shards(synthetic_records(200, seed=0, split="test"), test, samples_per_shard=200, progress=False)
     captions = [c for r in synthetic_records(40, seed=1) for c in r["captions"]]
     tokenizer = train_caption_tokenizer(captions, vocab_size=300)
     results = {}
-    for steps in (0, 400):  # the random tiny ViT, and the same ViT after the demo's 'vision' stage
+    for steps in (0, STEPS):  # the random tiny ViT, and the same ViT after the demo's 'vision' stage
         torch.manual_seed(0)
         model = build_model(ModelConfig(), tokenizer)
         _train_vision(model, train, steps)
         export_hf(model.state_dict(), model.config, tokenizer, tmp_path / f"export{steps}")
         results[steps] = run_probes(tmp_path / f"export{steps}", train, test, "vit", ("au", "emotion"), batch_size=64)
-    (au0, _), (au, emotion) = results[0], results[400]
+    (au0, emotion0), (au, emotion) = results[0], results[STEPS]
     with capsys.disabled():
-        print(f"\nlinear probe on the trained tiny ViT (400 steps): mean AU F1 {au['score']:.3f} (random ViT "
-              f"{au0['score']:.3f}, all-positive {au['baseline']['score']:.3f}); emotion accuracy "
-              f"{emotion['score']:.3f} (majority {emotion['baseline']['score']:.3f}, chance {emotion['chance']:.3f})")
-    assert emotion["score"] > 2 * emotion["chance"] and emotion["score"] > emotion["baseline"]["score"] + 0.1
-    assert au["score"] > au0["score"] + 0.2  # measured 0.31 against 0.006
-    assert min(au["per_au_f1"][k] for k in (25, 26)) > 0.6  # jaw and lips apart: the largest shapes
+        print(f"\nlinear probe on the trained tiny ViT ({STEPS} steps): mean AU F1 {au['score']:.3f} (all-positive "
+              f"{au['baseline']['score']:.3f}, random ViT {au0['score']:.3f}); emotion accuracy "
+              f"{emotion['score']:.3f} (majority {emotion['baseline']['score']:.3f}, chance {emotion['chance']:.3f}, "
+              f"random ViT {emotion0['score']:.3f})")
+    assert au["score"] > au["baseline"]["score"] + 0.15  # the strongest free baseline, by a real margin
+    assert au["score"] > au0["score"] + 0.2
+    assert emotion["score"] > max(emotion["baseline"]["score"], emotion["chance"], emotion0["score"]) + 0.15

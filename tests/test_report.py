@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import launch_module, make_tiny_export
 from PIL import Image
 
 from expblip.data.captions import au_caption, concat_fusion, emotion_caption
 from expblip.data.shards import write_shards
 from expblip.data.synthetic import synthetic_records
 from expblip.eval.caption_metrics import caption_scores
-from expblip.eval.evaluate import constant_caption_baseline, evaluate_captions
-from expblip.eval.report import eval_metrics, find_mlflow_run, log_to_mlflow, summary_line, write_report
+from expblip.eval.evaluate import TrainingText, baseline_rows, evaluate_captions, strongest
+from expblip.eval.report import eval_metrics, find_mlflow_run, log_to_mlflow, summary_lines, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 AUS = (1, 4, 12, 26)
@@ -52,8 +51,9 @@ def result() -> dict:
     probe = {"features": "qformer", "pooling": "query mean", "dim": 32, "task": "au", "metric": "mean_au_f1",
              "score": 0.71, "per_au_f1": {1: 0.7, 4: 0.72}, "baseline": {"name": "all-positive", "score": 0.4},
              "train_samples": 40, "test_samples": 8, "skipped": {"train": 0, "test": 0}, "train_loss": 0.2}
-    return {"model": evaluate_captions(generated, labels, AUS),
-            "baseline": {**constant_caption_baseline([smile], labels, AUS), "caption_source": "train"},
+    baselines = baseline_rows(TrainingText([smile], labels), labels, AUS)
+    return {"model": evaluate_captions(generated, labels, AUS), "baselines": baselines, "best": strongest(baselines),
+            "baseline_source": "train",
             "samples": [{"key": f"k{i}", "caption": c, "truth": {"caption": references[i][0], **lab}}
                         for i, (c, lab) in enumerate(zip(generated, labels, strict=True))],
             "settings": {"export": "runs/x/export", "shards": "shards/test"},
@@ -83,23 +83,30 @@ def test_write_report_files_tables_and_plots(result, tmp_path):
     assert saved["model"]["mean_au_f1"] == pytest.approx(result["model"]["mean_au_f1"])
     assert saved["captions"]["model"]["cider"] == pytest.approx(result["captions"]["model"]["cider"])
     report = (out / "report.md").read_text()
-    for expected in ("| AU | model F1 | baseline F1 |", "| 26 |", "| metric | model | baseline |", "| rouge_l_best |",
-                     "| true \\ predicted | happiness | sadness | surprise | none |",
+    for expected in ("| AU | model | most frequent training caption | every AU of the training labels | "
+                     "majority training emotion (happiness) | chance |", "| 26 |",
+                     "| metric | model | most frequent training caption |", "| rouge_l_best |",
+                     "| predictor | mean AU F1 | emotion accuracy | caption |",
+                     '| every AU of the training labels | 0.',
+                     "| true \\ named | happiness | sadness | surprise | several | none |",
                      "| features | pooling | task | metric | probe | baseline | chance |",
                      "| qformer | query mean | au | mean_au_f1 | 0.710 | 0.400 (all-positive)",
-                     "skipped: no emotion labels", "![per-AU F1, model vs baseline](au_f1.png)",
+                     "skipped: no emotion labels", "![per-AU F1, model vs the best constant caption](au_f1.png)",
                      "![emotion confusion](emotion_confusion.png)", "meteor skipped: not requested",
-                     summary_line(result)):
+                     *summary_lines(result)):
         assert expected in report, expected
+    # 5 of the 6 emotion faces right; the majority emotion (happiness) is 2 of 6
+    assert summary_lines(result)[0] == "held-out emotion accuracy: 0.833 (best constant caption: 0.333)"
 
 
 def test_emotion_confusion_is_in_the_result_and_the_report(result, tmp_path):
     confusion = result["model"]["emotion_confusion"]
     assert confusion["classes"] == ["happiness", "sadness", "surprise"]  # EMOTIONS order
-    # rows: true class; columns: classes + "none". One sadness face was read as happiness.
-    assert confusion["matrix"] == [[2, 0, 0, 0], [1, 1, 0, 0], [0, 0, 2, 0]]
+    assert confusion["columns"] == ["happiness", "sadness", "surprise", "several", "none"]
+    # rows: true class; columns: what the caption named. One sadness face was read as happiness.
+    assert confusion["matrix"] == [[2, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 2, 0, 0]]
     report = (write_report(result, tmp_path) / "report.md").read_text()
-    assert "| sadness | 1 | 1 | 0 | 0 |" in report
+    assert "| sadness | 1 | 1 | 0 | 0 | 0 |" in report
 
 
 def test_report_without_optional_parts(result, tmp_path):
@@ -114,10 +121,13 @@ def test_report_without_optional_parts(result, tmp_path):
 def test_eval_metrics_are_flat_and_prefixed(result):
     metrics = eval_metrics(result)
     assert metrics["eval.au_f1"] == pytest.approx(result["model"]["mean_au_f1"])
-    assert metrics["eval.baseline.au_f1"] == pytest.approx(result["baseline"]["mean_au_f1"])
+    for b in result["baselines"]:
+        assert metrics[f"eval.baseline.{b['key']}.au_f1"] == pytest.approx(b["mean_au_f1"])
+    assert metrics["eval.best_baseline.au_f1"] == max(b["mean_au_f1"] for b in result["baselines"])
+    assert metrics["eval.best_baseline.emotion_accuracy"] == max(b["emotion_accuracy"] for b in result["baselines"])
     assert metrics["eval.au_f1.au26"] == pytest.approx(result["model"]["per_au_f1"][26])
     assert metrics["eval.rouge_l"] == pytest.approx(result["captions"]["model"]["rouge_l"])
-    assert metrics["eval.baseline.cider"] == pytest.approx(result["captions"]["baseline"]["cider"])
+    assert metrics["eval.baseline.most_frequent.cider"] == pytest.approx(result["captions"]["baseline"]["cider"])
     assert metrics["eval.probe.qformer.au_f1"] == 0.71 and metrics["eval.probe.qformer.au_f1.baseline"] == 0.4
     assert "eval.meteor" not in metrics and "eval.embedding_similarity" not in metrics  # skipped: not logged
     assert all(k.startswith("eval.") and isinstance(v, float) for k, v in metrics.items())
@@ -162,7 +172,7 @@ def test_log_to_mlflow_without_run_id_makes_a_new_run_beside_the_store(result, t
     run_id = log_to_mlflow(result, out, training_run["uri"], experiment="expblip-eval", run_name="eval-only")
     run = client.get_run(run_id)
     assert run_id != training_run["run_id"] and run.info.status == "FINISHED"
-    assert run.data.metrics["eval.baseline.au_f1"] == pytest.approx(result["baseline"]["mean_au_f1"])
+    assert run.data.metrics["eval.best_baseline.au_f1"] == pytest.approx(result["best"]["mean_au_f1"]["score"])
     assert client.get_experiment(run.info.experiment_id).name == "expblip-eval"
     assert run.info.artifact_uri.startswith((training_run["root"] / "mlartifacts").as_uri())
 
@@ -178,35 +188,23 @@ def test_find_mlflow_run_from_run_dir_or_export(tmp_path):
 # ---------------------------------------------------------------- the CLI end to end
 
 
-def _launch(name: str):
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", ROOT / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_evaluate_cli_probes_caption_metrics_and_mlflow(training_run, tmp_path, capsys):
-    from expblip.model.blip2 import ModelConfig, build_model
-    from expblip.model.tokenizer import train_caption_tokenizer
-    from expblip.model.weights import export_hf
-
     run_dir = tmp_path / "run"
-    tokenizer = train_caption_tokenizer([c for r in synthetic_records(40, seed=1) for c in r["captions"]], 300)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(), tokenizer)
-    export_hf(model.state_dict(), model.config, tokenizer, run_dir / "export")
+    make_tiny_export(run_dir / "export")
     (run_dir / "mlflow_run.json").write_text(json.dumps({"run_id": training_run["run_id"],
                                                          "tracking_uri": training_run["uri"]}))
     write_shards(synthetic_records(24, seed=0), str(tmp_path / "train"), samples_per_shard=24, progress=False)
     write_shards(synthetic_records(6, seed=0, split="test"), str(tmp_path / "test"), samples_per_shard=6,
                  progress=False)
-    code = _launch("evaluate").main(["--model", str(run_dir), "--shards", str(tmp_path / "test"), "--beams", "2",
+    code = launch_module("evaluate").main(["--model", str(run_dir), "--shards", str(tmp_path / "test"), "--beams", "2",
                                      "--max-new-tokens", "4", "--no-progress", "--no-meteor", "--probe", "vit",
                                      "--probe-task", "au", "--probe-train-shards", str(tmp_path / "train"),
                                      "--mlflow", "--out", str(tmp_path / "eval")])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert re.fullmatch(r"held-out mean AU F1: \d\.\d{3} \(constant-caption baseline: \d\.\d{3}\)",
+    assert re.fullmatch(r"held-out mean AU F1: \d\.\d{3} \(best constant caption: \d\.\d{3}\)",
                         out.strip().splitlines()[-1])
     assert "| rouge_l_best |" in out and "| vit | patch mean | au | mean_au_f1 |" in out
     assert f"mlflow run: {training_run['run_id']}" in out
@@ -218,7 +216,7 @@ def test_evaluate_cli_probes_caption_metrics_and_mlflow(training_run, tmp_path, 
 
 def test_evaluate_cli_refuses_probe_without_training_shards(capsys):
     with pytest.raises(SystemExit):
-        _launch("evaluate").parse_args(["--model", "m", "--shards", "s", "--probe", "vit"])
+        launch_module("evaluate").parse_args(["--model", "m", "--shards", "s", "--probe", "vit"])
     assert "--probe-train-shards" in capsys.readouterr().err
 
 

@@ -13,31 +13,19 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-import torch
+from conftest import launch_module, make_tiny_export
 from PIL import Image, ImageFile
 from starlette.exceptions import HTTPException
 
 from expblip.data.facs import AUS
 from expblip.data.synthetic import synthetic_records
-from expblip.eval.parse import parse_caption
-from expblip.model.blip2 import GenerationConfig, ModelConfig, build_model
-from expblip.model.tokenizer import train_caption_tokenizer
-from expblip.model.weights import export_hf
+from expblip.infer.captioner import Captioner
+from expblip.infer.parse import parse_caption
+from expblip.model.blip2 import GenerationConfig
 from expblip.serve.app import background_server, create_app, decode_upload
-from expblip.serve.captioner import Captioner
 
 GEN = GenerationConfig(num_beams=2, max_new_tokens=6, min_new_tokens=1)  # short: a random model never stops early
 LIMIT = 256 * 1024  # max_upload_bytes of the test app
-
-
-def tiny_export(path: Path) -> Path:
-    """A tiny random BLIP-2 export (as tests/test_captioner.py builds it) with a tokenizer of synthetic captions."""
-    captions = [c for r in synthetic_records(40, seed=1) for c in r["captions"]]
-    tokenizer = train_caption_tokenizer(captions, vocab_size=300)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(), tokenizer)
-    export_hf(model.state_dict(), model.config, tokenizer, path)
-    return path
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -97,7 +85,7 @@ def get(url: str) -> tuple[int, dict[str, str], bytes]:
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory) -> Path:
-    return tiny_export(tmp_path_factory.mktemp("serve") / "export")
+    return make_tiny_export(tmp_path_factory.mktemp("serve") / "export")
 
 
 @pytest.fixture(scope="module")
@@ -214,20 +202,15 @@ def test_empty_and_missing_file_are_400(server):
 
 
 def test_serve_script_reports_a_missing_model(tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("launch_serve", Path(__file__).parents[1] / "launch" / "serve.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main(["--model", str(tmp_path / "nomodel")]) == 2
+    assert launch_module("serve").main(["--model", str(tmp_path / "nomodel")]) == 2
     assert "nomodel" in capsys.readouterr().err
-    assert module.parse_args(["--model", "m"]).host == "127.0.0.1"  # loopback unless asked
+    assert launch_module("serve").parse_args(["--model", "m"]).host == "127.0.0.1"  # loopback unless asked
 
 
 def test_app_imports_neither_ray_nor_deepspeed():
     import subprocess
 
-    code = ("import sys; import expblip.serve.app, expblip.serve.face; "
+    code = ("import sys; import expblip.serve.app, expblip.infer.face; "
             "bad = [m for m in ('ray', 'deepspeed', 'expblip.train', 'mlflow') if m in sys.modules]; "
             "sys.exit(f'imported {bad}' if bad else 0)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import logging
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+from conftest import launch_module
 from PIL import Image
 
 from expblip.data.captions import NO_AU_CAPTION, CaptionConfig
@@ -385,10 +385,7 @@ def test_faceme_majority_of_three(tmp_path):
 
 def _make_shards_main():
     """launch/make_shards.py's main (a script, not a package module)."""
-    spec = importlib.util.spec_from_file_location("launch_make_shards", REPO / "launch" / "make_shards.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return launch_module("make_shards").main
 
 
 def test_make_shards_rafdb_end_to_end(tmp_path, capsys):

@@ -19,8 +19,6 @@ from PIL import Image
 
 from expblip.data.shards import write_shards
 from expblip.data.stream import (
-    CLIP_MEAN,
-    CLIP_STD,
     Cursor,
     ShardSlice,
     StreamConfig,
@@ -32,6 +30,7 @@ from expblip.data.stream import (
     read_captions,
     swap_left_right,
 )
+from expblip.pixels import CLIP_MEAN, CLIP_STD
 
 
 def _png(i: int, size: int = 8) -> bytes:

@@ -50,11 +50,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from expblip.data.shards import resolve_shards, url_to_fs
+from expblip.pixels import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger(__name__)
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ERROR_KINDS = (
     "truncated_tar",
     "bad_image",

@@ -1,21 +1,29 @@
-"""Held-out evaluation of an export: generate captions, parse them into AUs and emotions, score against the labels.
+"""Held-out evaluation of an export: generate captions, parse them into AUs and emotions, score against the labels,
+beside every baseline that costs nothing.
 
-    result = evaluate_export("runs/stage2/export", "demo/shards/test", baseline_captions=training_captions(TRAIN),
-                             caption_metrics=True)
-    write_report(result, "runs/stage2/eval")          # metrics.json + report.md + plots (expblip.eval.report)
-    print(summary_line(result))   # held-out mean AU F1: 0.612 (constant-caption baseline: 0.143)
+    train = training_text("demo/shards/train")          # captions and labels, read without decoding an image
+    result = evaluate_export("runs/stage2/export", "demo/shards/test", train=train, caption_metrics=True)
+    write_report(result, "runs/stage2/eval")            # metrics.json + report.md + plots (expblip.eval.report)
+    print(summary_line(result))  # held-out mean AU F1: 0.861 (best constant caption: 0.412)
 
 Scoring follows expblip.eval.metrics: per-AU binary F1 (zero_division=0, every AU in ``aus`` stays in the mean)
 over the samples whose dataset labels AUs (``labels["aus"]`` is a list, possibly empty), and emotion accuracy over
-the samples that carry at least one emotion label (with the confusion matrix of the single-emotion samples).
-With ``caption_metrics`` the generated captions are also scored as text against all reference captions of each
-image (expblip.eval.caption_metrics: BLEU, METEOR, ROUGE-L, CIDEr, best-over-references and embedding similarity).
+the samples that carry at least one emotion label, with the strict rule: the emotions a caption names must equal
+the true set (the confusion matrix adds the columns "several" and "none").
 
-The baseline is the *constant caption*: the single most frequent training caption (ties: the first seen), predicted
-for every held-out image and scored exactly like the model. It is what a captioner that ignores the image can
-reach, so a model must beat it to show that it reads faces. Without training captions, the most frequent held-out
-reference caption stands in; that uses the test labels and is an optimistic (harder to beat) baseline, and the
-result says so under ``baseline.caption_source``.
+Baselines (``result["baselines"]``), each predicted for every held-out image and scored exactly like the model:
+1. the most frequent training caption (ties: the first seen);
+2. the best constant caption for each metric, chosen on the *training* labels: for AU F1 the rule caption naming
+   every scored AU the training set shows (a constant prediction's F1 on an AU is 2p/(1+p) > 0 when it names it
+   and 0 when not, so naming every AU that occurs is the best constant), for emotion accuracy the caption of the
+   majority training emotion;
+3. chance: every AU named with probability 1/2 (F1 of the expected counts, 2p/(1+2p)); one of the training set's
+   K emotion classes drawn uniformly (1/K).
+``result["best"]`` names the strongest baseline of each metric: a learned score means something only above it.
+Without training text the held-out references and labels stand in; that uses the test labels and is an optimistic
+(harder to beat) choice, and ``result["baseline_source"]`` says so.
+With ``caption_metrics`` the generated captions are also scored as text against all reference captions of each
+image (expblip.eval.caption_metrics), beside the most frequent training caption.
 
 Nothing here imports Ray or DeepSpeed (DESIGN.md, wall 2).
 """
@@ -25,20 +33,22 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from expblip.data import stream
+from expblip.data.captions import au_caption, emotion_caption
 from expblip.data.facs import DATASET_AUS, EMOTIONS
 from expblip.data.shards import resolve_shards
 from expblip.eval.caption_metrics import caption_scores
-from expblip.eval.metrics import au_f1, emotion_accuracy, emotion_confusion
-from expblip.eval.parse import parse_caption
-from expblip.eval.report import au_table, summary_line, write_report  # noqa: F401 - the report lives in report.py
+from expblip.eval.metrics import CONFUSION_EXTRA, au_f1, emotion_accuracy, emotion_confusion
+from expblip.infer.captioner import Captioner, resolve_export
+from expblip.infer.parse import parse_caption
 from expblip.model.blip2 import GenerationConfig
-from expblip.serve.captioner import Captioner, resolve_export
+from expblip.pixels import CLIP_MEAN, CLIP_STD
 
 SAMPLES_KEPT = 20  # examples stored in the result and the report
 
@@ -73,12 +83,21 @@ def evaluate_captions(captions: Sequence[str], labels: Sequence[dict], aus: Sequ
 
 
 def confusion_of(truth: Sequence[set[str]], pred: Sequence[set[str]]) -> dict | None:
-    """{"classes", "matrix" [true][predicted, last column "none"]} over the single-emotion samples (None if none)."""
-    seen = {next(iter(t)) for t in truth if len(t) == 1}
-    classes = [e for e in EMOTIONS if e in seen] + sorted(seen - set(EMOTIONS))
-    if not classes:
+    """{"classes", "columns", "matrix" [true][named]} over the single-emotion samples (None if none).
+
+    Rows: the true classes; columns: those classes and any other emotion a caption names alone, then "several" and
+    "none" (expblip.eval.metrics.emotion_confusion).
+    """
+    true_classes = {next(iter(t)) for t in truth if len(t) == 1}
+    if not true_classes:
         return None
-    return {"classes": classes, "matrix": emotion_confusion(truth, pred, classes).tolist()}
+    named_alone = {next(iter(p)) for t, p in zip(truth, pred, strict=True) if len(t) == 1 and len(p) == 1}
+    seen = true_classes | named_alone
+    classes = [e for e in EMOTIONS if e in seen] + sorted(seen - set(EMOTIONS))
+    matrix = emotion_confusion(truth, pred, classes)
+    rows = [i for i, c in enumerate(classes) if c in true_classes]
+    return {"classes": [classes[i] for i in rows], "columns": [*classes, *CONFUSION_EXTRA],
+            "matrix": matrix[rows].tolist()}
 
 
 def most_frequent_caption(captions: Sequence[str]) -> str:
@@ -88,45 +107,105 @@ def most_frequent_caption(captions: Sequence[str]) -> str:
     return Counter(c.strip() for c in captions).most_common(1)[0][0]
 
 
-def constant_caption_baseline(train_captions: Sequence[str], labels: Sequence[dict], aus: Sequence[int]) -> dict:
-    """The most frequent training caption predicted for every sample, scored like the model (+ "caption")."""
-    caption = most_frequent_caption(train_captions)
-    return {"caption": caption, **evaluate_captions([caption] * len(labels), labels, aus)}
+@dataclass
+class TrainingText:
+    """What the baselines are chosen on: every training caption and every training sample's labels."""
+
+    captions: list[str]
+    labels: list[dict]  # {"aus": list | None, "emotions": list | None} per sample
+    source: str = "train"  # or a note that held-out text stood in
+
+
+def constant_captions(train: TrainingText, aus: Sequence[int]) -> list[tuple[str, str, str]]:
+    """(key, name, caption) of each constant baseline that the training text defines (see the module docstring)."""
+    out = [("most_frequent", "most frequent training caption", most_frequent_caption(train.captions))]
+    seen_aus = sorted({a for lab in train.labels for a in lab.get("aus") or [] if a in set(aus)})
+    if seen_aus:  # the best constant for AU F1
+        out.append(("all_aus", "every AU of the training labels", au_caption(seen_aus)))
+    emotions = Counter(e for lab in train.labels for e in lab.get("emotions") or [])
+    if emotions:  # the best constant for emotion accuracy
+        majority = emotions.most_common(1)[0][0]
+        out.append(("majority_emotion", f"majority training emotion ({majority})", emotion_caption([majority])))
+    return out
+
+
+def chance_scores(train: TrainingText, labels: Sequence[dict], aus: Sequence[int]) -> dict:
+    """Chance as a baseline row: AU F1 of naming each AU with probability 1/2 (expected counts: 2p/(1+2p), p the
+    held-out prevalence), emotion accuracy 1/K over the K emotion classes of the training labels."""
+    au_rows = [set(lab["aus"]) for lab in labels if lab.get("aus") is not None]
+    per_au = {au: (2 * p / (1 + 2 * p) if p else 0.0) for au in aus
+              for p in [sum(au in row for row in au_rows) / len(au_rows) if au_rows else 0.0]}
+    classes = {e for lab in train.labels for e in lab.get("emotions") or []}
+    has_emotions = any(lab.get("emotions") for lab in labels)
+    return {"key": "chance", "name": "chance", "caption": None, "mean_au_f1": sum(per_au.values()) / len(per_au) if au_rows else None,
+            "per_au_f1": per_au if au_rows else {},
+            "emotion_accuracy": 1 / len(classes) if classes and has_emotions else None}
+
+
+def baseline_rows(train: TrainingText, labels: Sequence[dict], aus: Sequence[int]) -> list[dict]:
+    """Every baseline, scored on the held-out ``labels`` exactly like the model (chance analytically)."""
+    rows = [{"key": key, "name": name, "caption": caption, **evaluate_captions([caption] * len(labels), labels, aus)}
+            for key, name, caption in constant_captions(train, aus)]
+    return [*rows, chance_scores(train, labels, aus)]
+
+
+METRICS = ("mean_au_f1", "emotion_accuracy")
+
+
+def strongest(baselines: Sequence[dict]) -> dict:
+    """{metric: {"score", "key", "name", "constant"}} of the best baseline per metric (None where none scores it);
+    ``constant`` is False when chance is the strongest."""
+    best: dict = {}
+    for metric in METRICS:
+        scored = [b for b in baselines if b.get(metric) is not None]
+        top = max(scored, key=lambda b: b[metric], default=None)
+        best[metric] = None if top is None else {"score": top[metric], "key": top["key"], "name": top["name"],
+                                                 "constant": top["caption"] is not None}
+    return best
 
 
 # ---------------------------------------------------------------- reading shards
 
 
-def training_captions(shards: str, limit: int | None = None, lowercase: bool = True) -> list[str]:
-    """Every caption of a shard spec, read from the JSON/txt members without decoding an image.
-
-    Lower-cased by default, as the stream lower-cases the captions a model trains on.
+def training_text(shards: str, limit: int | None = None, lowercase: bool = True) -> TrainingText:
+    """Every caption and every sample's labels of a shard spec, read from the JSON/txt members without decoding an
+    image (``limit``: the first N samples). Lower-cased by default, as the stream lower-cases what a model trains on.
     """
     urls, _ = resolve_shards(shards)
     errors = stream.ErrorCounter.unlimited()  # skipped samples are counted and logged
     captions: list[str] = []
+    labels: list[dict] = []
     for url in urls:
         for raw in stream.read_shard(url, errors):
             try:
-                captions.extend(stream.sample_captions(stream.parse_labels(raw), raw))
+                parsed = stream.parse_labels(raw)
+                found = stream.sample_captions(parsed, raw)
             except Exception as bad:  # the stream's skip signal: bad JSON or no caption
                 errors.add(getattr(bad, "kind", "bad_json"), url, f"{raw['__key__']}: {bad}")
-            if limit is not None and len(captions) >= limit:
-                return [c.lower() if lowercase else c for c in captions[:limit]]
+                continue
+            captions.extend(c.lower() if lowercase else c for c in found)
+            labels.append(_label_fields(parsed))
+            if limit is not None and len(labels) >= limit:
+                return TrainingText(captions, labels)
     if not captions:
         raise ValueError(f"no captions could be read from {shards} (skipped: {errors.counts}); check the shard URL")
-    return [c.lower() if lowercase else c for c in captions]
+    return TrainingText(captions, labels)
+
+
+def training_captions(shards: str, limit: int | None = None, lowercase: bool = True) -> list[str]:
+    """Every caption of a shard spec (see training_text)."""
+    return training_text(shards, limit, lowercase).captions
 
 
 def renormalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Stream pixels are CLIP-normalised; re-normalise [B,3,S,S] to an export that uses another mean/std."""
-    if tuple(mean) == tuple(stream.CLIP_MEAN) and tuple(std) == tuple(stream.CLIP_STD):
+    if tuple(mean) == tuple(CLIP_MEAN) and tuple(std) == tuple(CLIP_STD):
         return pixels
 
     def col(v: Sequence[float]) -> torch.Tensor:
         return torch.tensor(v, dtype=pixels.dtype).view(1, 3, 1, 1)
 
-    return (pixels * col(stream.CLIP_STD) + col(stream.CLIP_MEAN) - col(mean)) / col(std)
+    return (pixels * col(CLIP_STD) + col(CLIP_MEAN) - col(mean)) / col(std)
 
 
 def eval_batches(shards: str, image_size: int, batch_size: int, limit: int | None) -> Iterator[dict]:
@@ -191,31 +270,33 @@ def caption_text_scores(run: dict, baseline_caption: str, meteor: bool = True, d
 
 
 def evaluate_export(export_dir: str | Path, shards: str, aus: Sequence[int] = DATASET_AUS["synthetic"],
-                    gen: GenerationConfig | None = None, limit: int | None = None,
-                    baseline_captions: Sequence[str] | None = None, batch_size: int = 16, device: str = "cpu",
-                    progress: bool = True, caption_metrics: bool = False, meteor: bool = True) -> dict:
-    """Caption the held-out shards with the export and score model and constant-caption baseline.
+                    gen: GenerationConfig | None = None, limit: int | None = None, train: TrainingText | None = None,
+                    batch_size: int = 16, device: str = "cpu", progress: bool = True, caption_metrics: bool = False,
+                    meteor: bool = True) -> dict:
+    """Caption the held-out shards with the export; score the model and every baseline.
 
-    ``export_dir`` may also be a run directory (its export/ is used). Returns {"model": scores, "baseline": scores +
-    caption + caption_source, "samples": the first 20 {key, caption, truth}, "settings"} and, with
-    ``caption_metrics``, "captions": {"model", "baseline"} text scores (``meteor=False`` skips METEOR's JVM).
+    ``export_dir`` may also be a run directory (its export/ is used). Returns {"model": scores, "baselines": [rows],
+    "best": strongest(baselines), "baseline_source", "samples": the first 20 {key, caption, truth}, "settings"}
+    and, with ``caption_metrics``, "captions": {"model", "baseline"} text scores (``meteor=False`` skips METEOR).
     """
     resolve_shards(shards)  # a wrong shard URL fails before the model loads
     captioner = Captioner.from_export(resolve_export(export_dir), device=device)
     run = generate_for_shards(captioner, shards, gen, limit, batch_size, progress)
     labels = [_label_fields(lab) for lab in run["labels"]]
-    source = "train" if baseline_captions else "held-out references (optimistic: uses the test labels)"
-    baseline = constant_caption_baseline(list(baseline_captions or run["references"]), labels, aus)
+    if train is None:
+        train = TrainingText(run["references"], labels, "held-out references and labels (optimistic: uses the "
+                                                        "test labels; pass the training shards)")
     model = evaluate_captions(run["captions"], labels, aus)
     model["counts"]["skipped"] = run["skipped"]
+    baselines = baseline_rows(train, labels, aus)
     samples = [{"key": k, "caption": c, "truth": {"caption": r, **lab}}
                for k, c, r, lab in zip(run["keys"], run["captions"], run["references"], labels, strict=True)]
     settings = {"export": str(export_dir), "shards": shards, "aus": list(aus), "limit": limit,
                 "generation": dataclasses.asdict(gen or GenerationConfig())}
-    result = {"model": model, "baseline": {**baseline, "caption_source": source},
+    result = {"model": model, "baselines": baselines, "best": strongest(baselines), "baseline_source": train.source,
               "samples": samples[:SAMPLES_KEPT], "settings": settings}
     if caption_metrics:
-        result["captions"] = caption_text_scores(run, baseline["caption"], meteor, device)
+        result["captions"] = caption_text_scores(run, baselines[0]["caption"], meteor, device)
     return result
 
 

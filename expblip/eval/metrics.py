@@ -4,9 +4,10 @@ Conventions (EXPBLIP.md, evaluation point 3):
 - Per-AU F1 is sklearn's binary F1 with ``zero_division=0``. An AU absent from both truth and prediction in
   every sample has no precision or recall; it counts as F1 = 0 and stays in the mean, never skipped (skipping
   it is the known bug of earlier language-based evaluations). Scores are fractions in [0, 1], not percentages.
-- Emotion accuracy: with one true emotion, a prediction is correct when it contains that emotion (a caption
-  naming "happiness and surprise" is right for a happy face). Any other truth (several labels, as in RAF-DB
-  compound or FaceME, or none) needs the exact set.
+- Emotion accuracy: a prediction is right only when the set of emotions it names *equals* the true set. A face
+  labelled with one emotion is right only when the caption names exactly that emotion: naming "happiness and
+  surprise" for a happy face is wrong, as is naming none. (A containment rule would let one constant caption that
+  names every emotion score 1.0.) Faces with several true emotions (RAF-DB compound, FaceME) need the same set.
 """
 
 from __future__ import annotations
@@ -50,32 +51,44 @@ def au_f1(truth: Sequence[set[int]], pred: Sequence[set[int]], aus: Sequence[int
     return {"per_au": per_au, "mean": float(np.mean(list(per_au.values())))}
 
 
-def _emotion_correct(true: set[str], pred: set[str]) -> bool:
-    """One true emotion: contained in the prediction. Otherwise: exact set match."""
-    return true <= pred if len(true) == 1 else true == pred
+def emotion_correct(true: set[str], pred: set[str]) -> bool:
+    """The strict rule: the predicted emotions equal the true set (see the module docstring)."""
+    return set(true) == set(pred)
 
 
 def emotion_accuracy(truth: Sequence[set[str]], pred: Sequence[set[str]]) -> float:
-    """Fraction of samples whose predicted emotions are correct (see the module docstring)."""
+    """Fraction of samples whose predicted emotion set equals the true set (see the module docstring)."""
     _check_pairs(truth, pred)
-    return sum(_emotion_correct(t, p) for t, p in zip(truth, pred, strict=True)) / len(truth)
+    return sum(emotion_correct(t, p) for t, p in zip(truth, pred, strict=True)) / len(truth)
+
+
+CONFUSION_EXTRA = ("several", "none")  # the confusion matrix's last two columns
 
 
 def emotion_confusion(truth: Sequence[set[str]], pred: Sequence[set[str]], classes: Sequence[str]) -> np.ndarray:
-    """Counts, shape (len(classes), len(classes) + 1): row = true class, column = predicted class.
+    """Counts, shape (len(classes), len(classes) + 2): row = true class, column = what the caption named.
 
-    A prediction containing the true class counts on the diagonal (as in ``emotion_accuracy``); otherwise the
-    first of ``classes`` it names; the last column counts predictions naming none of ``classes``. Samples whose
-    truth is not exactly one of ``classes`` are skipped; their number is ``len(truth) - matrix.sum()``.
+    Column j < len(classes): the caption named exactly class j (the diagonal is what ``emotion_accuracy`` counts
+    right); column "several": it named two or more emotions; column "none": it named no emotion. ``classes`` must
+    cover every emotion a caption names alone (ValueError otherwise). Samples whose truth is not exactly one of
+    ``classes`` are skipped; their number is ``len(truth) - matrix.sum()``.
     """
     _check_pairs(truth, pred)
     index = {name: i for i, name in enumerate(classes)}
-    matrix = np.zeros((len(classes), len(classes) + 1), dtype=np.int64)
+    several, none = len(classes), len(classes) + 1
+    matrix = np.zeros((len(classes), len(classes) + len(CONFUSION_EXTRA)), dtype=np.int64)
     for true, guess in zip(truth, pred, strict=True):
         if len(true) != 1 or next(iter(true)) not in index:
             continue
         row = index[next(iter(true))]
-        named = [index[c] for c in classes if c in guess]
-        col = row if row in named else (named[0] if named else len(classes))
+        if not guess:
+            col = none
+        elif len(guess) > 1:
+            col = several
+        elif next(iter(guess)) in index:
+            col = index[next(iter(guess))]
+        else:
+            raise ValueError(f"a prediction names {sorted(guess)}, which is not one of the classes {list(classes)}; "
+                             "pass classes that cover every emotion predicted alone")
         matrix[row, col] += 1
     return matrix

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from expblip.data.facs import DATASET_AUS, EMOTIONS
 from expblip.eval.evaluate import eval_batches, renormalise
 from expblip.eval.metrics import au_f1, emotion_accuracy
-from expblip.serve.captioner import Captioner, resolve_export
+from expblip.infer.captioner import Captioner, resolve_export
 
 Features = Literal["vit", "qformer"]
 Task = Literal["au", "emotion"]

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 from transformers import Blip2Config, Blip2ForConditionalGeneration, GenerationConfig
 
-from expblip.data.stream import CLIP_MEAN, CLIP_STD  # noqa: F401 - re-exported for serve
 from expblip.model.tokenizer import caption_end_id, load_tokenizer
+from expblip.pixels import CLIP_MEAN, CLIP_STD
 
 PREFIX = "blip2."  # CaptionModel wraps the HF model under this attribute
 TRAINABLE_FILE = "trainable.safetensors"

@@ -67,13 +67,14 @@ def train_stage(cfg: Config) -> str:
 
 
 def evaluate(demo: DemoConfig, run_dir: str, shards: dict[str, str]) -> dict:
-    from expblip.eval.evaluate import au_table, evaluate_export, training_captions, write_report
+    from expblip.eval.evaluate import evaluate_export, training_text
+    from expblip.eval.report import baseline_table, write_report
     from expblip.model.blip2 import GenerationConfig
 
     result = evaluate_export(run_dir, shards["test"], gen=GenerationConfig(num_beams=demo.beams),
-                             baseline_captions=training_captions(shards["train"]), batch_size=32)
+                             train=training_text(shards["train"]), batch_size=32)
     write_report(result, Path(demo.out, "eval"))
-    print(au_table(result))
+    print(baseline_table(result))
     return result
 
 
@@ -93,7 +94,7 @@ def probe(demo: DemoConfig, run_dir: str, shards: dict[str, str]) -> list[dict]:
 def describe(demo: DemoConfig, run_dir: str) -> None:
     """Save a few held-out faces as PNG and caption them as `launch/describe.py` would."""
     from expblip.data.synthetic import synthetic_records
-    from expblip.serve.captioner import Captioner, resolve_export
+    from expblip.infer.captioner import Captioner, resolve_export
 
     faces = Path(demo.out, "faces")
     faces.mkdir(parents=True, exist_ok=True)
@@ -106,6 +107,8 @@ def describe(demo: DemoConfig, run_dir: str) -> None:
 
 
 def run_demo(demo: DemoConfig | None = None) -> dict:
+    from expblip.eval.report import summary_line
+
     demo = demo or DemoConfig()
     shards = make_shards(demo)
     vision = train_stage(stage_config("tiny_vision", demo, shards["train"], demo.vision_steps))
@@ -118,6 +121,5 @@ def run_demo(demo: DemoConfig | None = None) -> dict:
     print(f"MLflow: {run_id['tracking_uri']} (run {run_id['run_id']}); "
           f"browse with: .venv/bin/mlflow ui --backend-store-uri {run_id['tracking_uri']}")
     print(f"report: {Path(demo.out, 'eval', 'report.md')}")
-    print(f"held-out mean AU F1: {result['model']['mean_au_f1']:.3f} "
-          f"(constant-caption baseline: {result['baseline']['mean_au_f1']:.3f})")
+    print(summary_line(result))  # held-out mean AU F1: <model> (best constant caption: <baseline>)
     return result

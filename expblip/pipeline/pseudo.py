@@ -123,7 +123,7 @@ class ShardCaptioner:
     def __init__(self, export: str, field_name: CaptionField, provenance: dict, cfg: PseudoConfig) -> None:
         import torch
 
-        from expblip.serve.captioner import Captioner
+        from expblip.infer.captioner import Captioner
 
         if not cfg.use_gpu:
             torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
@@ -175,7 +175,7 @@ def file_sha256(path: str | Path) -> str:
 
 def provenance_of(export: str | Path, gen: GenerationConfig) -> dict:
     """The ``labels["pseudo"]`` stamp: export directory, sha256 of its weights, decoding settings."""
-    from expblip.serve.captioner import resolve_export
+    from expblip.infer.captioner import resolve_export
 
     export_dir = resolve_export(export).resolve()
     return {"model": str(export_dir), "export_sha": file_sha256(export_dir / "model.safetensors"),

@@ -38,9 +38,9 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from expblip.data.facs import AUS, EMOTIONS
+from expblip.infer import face as face_detection
+from expblip.infer.captioner import Captioner, ImageError, load_image
 from expblip.model.blip2 import GenerationConfig
-from expblip.serve import face as face_detection
-from expblip.serve.captioner import Captioner, ImageError, load_image
 
 MiB = 1024 * 1024
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # PIL decoders tried; no EPS/PDF/... (EPS would run Ghostscript)

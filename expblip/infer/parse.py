@@ -1,9 +1,9 @@
 """Read facial Action Units (AUs) and emotions out of free caption text.
 
 Generated captions are scored by parsing them back into labels (EXPBLIP.md, evaluation point 3):
-AU numbers by regex, phrases by the tables below, negated clauses dropped. The tables are built
-from the AU table in EXPBLIP.md (FACS names and the paper's verb forms) plus common paraphrases;
-they are kept here, self-contained, so that evaluation never depends on the data package.
+AU numbers by regex, phrases by the tables below, negated clauses dropped. FACS names and the emotion
+vocabulary come from the one AU table, ``expblip.data.facs``; the verb forms and paraphrases below add the
+many ways a caption can say the same thing.
 
 Parsing policy:
 1. Recognised: AU numbers ("AU12", "AU 12", "AUs 1 and 2", "AU1+2", "action unit 4"), FACS names
@@ -28,6 +28,8 @@ Parsing policy:
 from __future__ import annotations
 
 import re
+
+from expblip.data.facs import AUS, EMOTIONS
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Text clean-up: canonical spellings first, then resting alternatives and negated clauses are blanked with " | " so
@@ -253,38 +255,6 @@ _AU_PHRASES: list[tuple[tuple[int, ...], list[str]]] = [
     ((43,), _acts(("close", "shut"), _EYES)),
 ]
 
-# FACS names from EXPBLIP.md ("brow" also matches "eyebrow").
-_FACS_NAMES = {
-    1: "inner brow raiser",
-    2: "outer brow raiser",
-    4: "brow lowerer",
-    5: "upper lid raiser",
-    6: "cheek raiser",
-    7: "lid tightener",
-    8: "lips toward each other",
-    9: "nose wrinkler",
-    10: "upper lip raiser",
-    11: "nasolabial deepener",
-    12: "lip corner puller",
-    14: "dimpler",
-    15: "lip corner depressor",
-    16: "lower lip depressor",
-    17: "chin raiser",
-    18: "lip pucker",
-    19: "tongue show",
-    20: "lip stretcher",
-    21: "neck tightener",
-    22: "lip funneler",
-    23: "lip tightener",
-    24: "lip pressor",
-    25: "lips part",
-    26: "jaw drop",
-    27: "mouth stretch",
-    28: "lip suck",
-    43: "eyes closed",
-}
-
-
 def _name_pattern(name: str) -> str:
     r"""FACS name to regex: inner brow raiser -> \binner\s+(?:eye)?brow\s+raisers?\b."""
     return r"\b" + r"\s+".join(name.split()).replace("brow", "(?:eye)?brow") + r"s?\b"
@@ -292,7 +262,7 @@ def _name_pattern(name: str) -> str:
 
 _AU_RULES: list[tuple[tuple[int, ...], re.Pattern[str]]] = [
     (aus, re.compile("|".join(f"(?:{p})" for p in patterns))) for aus, patterns in _AU_PHRASES
-] + [((au,), re.compile(_name_pattern(name))) for au, name in _FACS_NAMES.items()]
+] + [((number,), re.compile(_name_pattern(au.name))) for number, au in AUS.items()]
 
 # "AU12", "au 12", "AUs 1 and 2", "AU1+2", "action units 6, 12", RAF-AU side prefixes "AU L12", intensity "AU12B".
 _AU_NUMBERS = re.compile(
@@ -311,10 +281,11 @@ _EMOTION_WORDS = {
     "anger": r"anger|angry|angrily|rage|furious|fury|irritated|irritation|annoyed|annoyance|hostile|hostility",
     "contempt": r"contempt|contemptuous|scorn|scornful|disdain|disdainful|sneer|sneers|sneering",
 }
+if set(_EMOTION_WORDS) != set(EMOTIONS):  # the vocabulary lives in expblip.data.facs; this table only adds words
+    raise ImportError(f"parse.py's emotion words {sorted(_EMOTION_WORDS)} differ from facs.EMOTIONS {sorted(EMOTIONS)}")
 _EMOTIONS: dict[str, re.Pattern[str]] = {
-    name: re.compile(rf"\b(?:{words})\b") for name, words in _EMOTION_WORDS.items()
+    name: re.compile(rf"\b(?:{_EMOTION_WORDS[name]})\b") for name in EMOTIONS
 }
-EMOTIONS: tuple[str, ...] = tuple(_EMOTION_WORDS)
 
 
 def _au_numbers(text: str) -> set[int]:

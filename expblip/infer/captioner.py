@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from expblip.eval.parse import parse_caption
+from expblip.infer.parse import parse_caption
 from expblip.model.blip2 import GenerationConfig, generate_captions
-from expblip.model.weights import CLIP_MEAN, CLIP_STD, load_export
+from expblip.model.weights import load_export
+from expblip.pixels import CLIP_MEAN, CLIP_STD
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 PIL_DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default, used when Image.MAX_IMAGE_PIXELS has been set to None
@@ -200,7 +201,7 @@ def describe_files(captioner: Captioner, paths: Iterable[str | Path], gen: Gener
     """(path, description) for every image named by ``paths``, loading only ``batch_size`` images at a time.
 
     All paths are listed (and missing ones reported) before the first image is captioned. With ``crop_face`` each
-    image is cut to the square around its largest face (expblip.serve.face) and the description gains
+    image is cut to the square around its largest face (expblip.infer.face) and the description gains
     ``"face"``: the box in the image's pixels, or None when none was found and the centre square was described.
     """
     files = list_images(paths)
@@ -209,7 +210,7 @@ def describe_files(captioner: Captioner, paths: Iterable[str | Path], gen: Gener
         images = [load_image(p) for p in chunk]
         faces: list[dict | None] = []
         if crop_face:
-            from expblip.serve.face import crop_face as crop
+            from expblip.infer.face import crop_face as crop
 
             crops = [crop(image) for image in images]
             images = [c.image for c in crops]
