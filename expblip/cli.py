@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
 from expblip.config import Config, ConfigError, load_config
+from expblip.log import setup_logging
 
 
 def config_parser(description: str) -> argparse.ArgumentParser:
@@ -21,7 +23,9 @@ def parse_config(args: argparse.Namespace, extra: list[str] | None = None) -> Co
 
 
 def run_main(fn: Callable[[], object]) -> int:
-    """Call fn; configuration and input errors print one clear line and exit 2 (no traceback)."""
+    """Set up the console (expblip.log: rank 0 logs, other ranks warn) and call fn; configuration and input errors
+    print one clear line and exit 2 (no traceback)."""
+    setup_logging(int(os.environ.get("RANK", "0") or 0))
     try:
         fn()
     except (ConfigError, FileNotFoundError) as err:

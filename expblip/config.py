@@ -74,6 +74,16 @@ class TrainConfig:
     ds_config: str = "ds_configs/zero3.json"  # DeepSpeed JSON: ZeRO stage and precision policy; numbers come from here
     resume: bool = True  # continue from the newest checkpoint in run_dir when there is one
     overwrite: bool = False  # allow starting fresh in a run_dir that already holds another run
+    # held-out evaluation on data.eval (expblip.train.heldout): every eval_every steps (0 = off) and at the end
+    eval_every: int = 0
+    eval_batches: int = 4  # held-out batches per rank for eval/loss (the same fixed batches every time)
+    eval_generate: int = 0  # held-out images captioned (greedy) and scored by the evaluator per evaluation; 0 = off
+    eval_max_new_tokens: int = 40  # caption length limit of those captions
+    eval_aus: tuple[int, ...] = ()  # AUs scored by eval/mean_au_f1; () = every AU of the training labels
+
+    def __post_init__(self) -> None:
+        if self.eval_every < 0 or self.eval_batches < 1 or self.eval_generate < 0:
+            raise ConfigError("train.eval_every and train.eval_generate must be >= 0 and train.eval_batches >= 1")
 
 
 @dataclass
@@ -102,6 +112,7 @@ class RayConfig:
     use_gpu: bool = False
     storage_path: str = ""  # '' = <run_dir>/ray; a local path or s3://bucket/prefix
     max_failures: int = 0  # worker failures tolerated before the run fails
+    verbose: bool = False  # show Ray's own console output (workers, controller) instead of expblip's lines only
 
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.cpus_per_worker <= 0:
@@ -119,6 +130,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.eval_every and not self.data.eval.shards:
+            raise ConfigError("train.eval_every needs held-out shards: set data.eval.shards (or train.eval_every=0)")
 
 
 # ---------------------------------------------------------------- loading

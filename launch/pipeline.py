@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llm-model", default="", help="model name the --llm-url server knows")
     parser.add_argument("--steps-scale", type=float, default=None, help="multiply every stage's training steps")
     parser.add_argument("--init", choices=["au_blip", "emot_blip", "lm"], help="what Exp-, Cat- and Mix-BLIP start from")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own console output of every stage")
     parser.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. world.au_samples=500 init=lm")
     args = parser.parse_args(argv)
     if args.recipe == "demo":
@@ -51,7 +52,7 @@ def _demo(args: argparse.Namespace) -> None:
     from expblip.pipeline.demo import run_demo
 
     run_demo(DemoConfig(out=args.out or "demo", train_samples=args.train_samples, vision_steps=args.vision_steps,
-                        lm_steps=args.lm_steps, stage2_steps=args.stage2_steps))
+                        lm_steps=args.lm_steps, stage2_steps=args.stage2_steps, verbose=args.verbose))
 
 
 def _pipeline(args: argparse.Namespace) -> None:
@@ -65,6 +66,8 @@ def _pipeline(args: argparse.Namespace) -> None:
         flags.append(f"steps_scale={args.steps_scale}")
     if args.init:
         flags.append(f"init={args.init}")
+    if args.verbose:
+        flags.append("verbose=true")
     run_pipeline(load_recipe(args.recipe, [*flags, *args.overrides]))
 
 

@@ -15,13 +15,17 @@ from expblip.cli import config_parser, parse_config, run_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = config_parser(__doc__).parse_args(argv)
+    parser = config_parser(__doc__)
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own console output (ray.verbose=true)")
+    args = parser.parse_args(argv)
 
     def go() -> None:
+        from expblip.log import get_logger
         from expblip.train.ray_job import run
 
-        result = run(parse_config(args))
-        print(f"[expblip] finished: {result.metrics}")
+        result = run(parse_config(args, ["ray.verbose=true"] if args.verbose else []))
+        metrics = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()}
+        get_logger("launch").info(f"finished: {metrics}")
 
     return run_main(go)
 

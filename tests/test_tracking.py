@@ -52,16 +52,31 @@ def test_a_restarted_rank0_reattaches_to_the_same_run_with_a_continuous_step_axi
 def test_system_metrics_are_sampled_into_the_run(tmp_path):
     import time
 
+    import psutil
     from mlflow import MlflowClient
 
     tracker, uri = _tracker(tmp_path, "s", system_metrics_every_s=0.2)
     time.sleep(1.5)
+    used = psutil.virtual_memory().used / 2**20
     tracker.close()
-    metrics = MlflowClient(uri).get_run(tracker.run_id).data.metrics
-    assert metrics["system/cpu_utilization_percentage"] >= 0 and metrics["system/system_memory_usage_megabytes"] > 0
+    client = MlflowClient(uri)
+    memory = client.get_metric_history(tracker.run_id, "system/system_memory_usage_megabytes")
+    assert len(memory) >= 3  # sampled every 0.2 s over 1.5 s (MLflow logs samples in batches)
+    assert [m.step for m in memory] == sorted(m.step for m in memory)
+    assert abs(memory[-1].value - used) < 0.25 * used  # the machine's memory in use, as psutil reads it
+    assert client.get_metric_history(tracker.run_id, "system/cpu_utilization_percentage")
 
 
 def test_recipe_tag_defaults_to_the_config_file_stem():
     assert load_config("recipes/tiny_stage2.yaml").tracking.recipe == "tiny_stage2"
     assert load_config("recipes/tiny_stage2.yaml", ["tracking.recipe=mine"]).tracking.recipe == "mine"
     assert load_config(None).tracking.recipe == ""
+
+
+def test_uris_are_shown_with_their_credentials_redacted(tmp_path):
+    from expblip.train.tracking import redact_uri
+
+    assert redact_uri("https://alice:s3cret@mlflow.example.com:5000/x") == "https://***@mlflow.example.com:5000/x"
+    assert redact_uri("https://token@mlflow.example.com") == "https://***@mlflow.example.com"
+    assert redact_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert redact_uri("sqlite:////tmp/x/mlflow.db") == "sqlite:////tmp/x/mlflow.db"

@@ -30,11 +30,24 @@ def init_export(tiny_shards, tmp_path_factory) -> Path:
     return export_hf(model.state_dict(), model.config, tok, tmp_path_factory.mktemp("init") / "export")
 
 
-def common(tiny_shards, init_export) -> list[str]:
+@pytest.fixture(scope="module")
+def uneven_eval(tmp_path_factory) -> Path:
+    """40 held-out faces in shards of 16, 16 and 8: the two ranks' shares differ (32 vs 8 samples), so the
+    evaluation must pad the smaller share or one rank would wait alone in a collective."""
+    from expblip.data.shards import write_shards
+    from expblip.data.synthetic import synthetic_records
+
+    out = tmp_path_factory.mktemp("eval") / "test"
+    write_shards(synthetic_records(40, seed=5, split="test"), str(out), samples_per_shard=16, progress=False)
+    return out
+
+
+def common(tiny_shards, init_export, uneven_eval) -> list[str]:
     return [f"data.train.shards={tiny_shards['train']}", "data.train.batch_size=8", f"model.weights={init_export}",
             "model.dropout=0.0", "model.freeze_lm=false", "optim.lr=3e-3", "optim.min_lr=1e-4", "optim.warmup_steps=2", "train.max_steps=24",
             "train.log_every=1", "train.ckpt_every=12", "tracking.experiment=spine",
-            "tracking.system_metrics_every_s=1"]
+            "tracking.system_metrics_every_s=1", f"data.eval.shards={uneven_eval}", "data.eval.batch_size=8",
+            "train.eval_every=12", "train.eval_batches=3", "train.eval_generate=12", "train.eval_max_new_tokens=8"]
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +79,9 @@ def shm_before() -> set[Path]:
 
 
 @pytest.fixture(scope="module")
-def full_run(tiny_shards, init_export, tmp_path_factory, stale_extension_lock, shm_before) -> Path:
+def full_run(tiny_shards, init_export, uneven_eval, tmp_path_factory, stale_extension_lock, shm_before) -> Path:
     run_dir = tmp_path_factory.mktemp("full")
-    proc = run_launcher(deepspeed_cmd("--deepspeed", "ds_configs/zero3.json", *common(tiny_shards, init_export),
+    proc = run_launcher(deepspeed_cmd("--deepspeed", "ds_configs/zero3.json", *common(tiny_shards, init_export, uneven_eval),
                                       f"train.run_dir={run_dir}"),
                         env={"TORCH_EXTENSIONS_DIR": str(stale_extension_lock)}, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -80,6 +93,24 @@ def test_cpu_training_builds_no_shm_op_and_leaves_no_shm_buffers(full_run, stale
     assert (stale_extension_lock / "deepspeed_shm_comm" / "lock").exists()
     assert not list((stale_extension_lock / "deepspeed_shm_comm").glob("*.so"))
     assert set(Path("/dev/shm").glob(SHM_BUFFERS)) <= shm_before  # no 66 MiB /dev/shm buffer per rank left behind
+
+
+def test_heldout_evaluation_every_12_steps_on_both_ranks_with_the_best_step(full_run):
+    import mlflow
+
+    lines = {m["step"]: m for m in read_metrics(full_run)}
+    evaluated = sorted(step for step, m in lines.items() if "eval/loss" in m)
+    assert evaluated == [12, 24]  # train.eval_every=12, and the last step
+    first, last = lines[12], lines[24]
+    assert last["eval/loss"] < first["eval/loss"]  # the held-out loss falls as the training loss does
+    assert last["eval/best_step"] == 24 and last["eval/best_loss"] == last["eval/loss"]
+    for m in (first, last):  # 6 captions from each rank, scored by the strict evaluator beside the best constants
+        assert m["eval/captions"] == 12 and {"eval/mean_au_f1", "eval/emotion_accuracy"} <= set(m)
+        assert m["eval/best_baseline.mean_au_f1"] > 0.1  # every AU of the training labels, named at once
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{full_run / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("spine").experiment_id])[0]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/loss")] == [12, 24]
+    assert run.data.tags["eval.best_step"] == "24"
 
 
 def test_loss_falls_frozen_towers_identical_trainable_changed(full_run, init_export):
@@ -96,10 +127,10 @@ def test_loss_falls_frozen_towers_identical_trainable_changed(full_run, init_exp
     assert len(changed) > 0.8 * len(trained)
 
 
-def test_stopped_run_resumes_at_next_step_with_same_trajectory(full_run, tiny_shards, init_export, tmp_path,
-                                                               s3_shards, s3_server):
+def test_stopped_run_resumes_at_next_step_with_same_trajectory(full_run, tiny_shards, init_export, uneven_eval,
+                                                               tmp_path, s3_shards, s3_server):
     # this run reads its shards from s3:// through the deepspeed launcher; the reference read the local copy
-    args = [*common(tiny_shards, init_export), f"train.run_dir={tmp_path}", f"data.train.shards={s3_shards}"]
+    args = [*common(tiny_shards, init_export, uneven_eval), f"train.run_dir={tmp_path}", f"data.train.shards={s3_shards}"]
     first = run_launcher(deepspeed_cmd("--deepspeed", "ds_configs/zero3.json", *args, "train.stop_after=12"),
                          env=s3_server.env())
     assert first.returncode == 0, first.stderr[-3000:]
@@ -149,10 +180,10 @@ def test_mlflow_run_holds_params_and_per_step_metrics(full_run):
     assert {"export/trainable.safetensors", "export/expblip.json", "export/config.yaml"} <= exported, exported
 
 
-def test_ray_train_path_gives_the_same_first_losses(full_run, tiny_shards, init_export, tmp_path, s3_shards,
-                                                    s3_server):
+def test_ray_train_path_gives_the_same_first_losses(full_run, tiny_shards, init_export, uneven_eval, tmp_path,
+                                                    s3_shards, s3_server):
     # Ray workers read the shards from s3:// (credentials reach them from the driver's AWS_* environment)
-    proc = run_launcher([sys.executable, "launch/pretrain.py", *common(tiny_shards, init_export),
+    proc = run_launcher([sys.executable, "launch/pretrain.py", *common(tiny_shards, init_export, uneven_eval),
                          f"data.train.shards={s3_shards}", f"train.run_dir={tmp_path}", "train.stop_after=3",
                          "ray.num_workers=2"], env=s3_server.env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -38,8 +38,10 @@ import yaml
 
 from expblip.config import Config, ConfigError, flatten, load_config, to_dict
 from expblip.data.shards import MANIFEST, PARTIAL_MANIFEST, read_manifest, resolve_shards, write_shards
+from expblip.log import get_logger
 from expblip.pipeline.recipe import PipelineConfig, StageConfig, stage_recipe
 
+log = get_logger(__name__)
 MODEL_NAMES = {"exp_blip": "Exp-BLIP", "au_blip": "AU-BLIP", "emot_blip": "Emot-BLIP", "cat_blip": "Cat-BLIP",
                "mix_blip": "Mix-BLIP"}
 TABLE_ORDER = ("exp_blip", "au_blip", "emot_blip", "cat_blip", "mix_blip")
@@ -47,7 +49,7 @@ PARENT_FILE = "mlflow_parent.json"
 
 
 def say(message: str) -> None:
-    print(f"[pipeline] {message}", flush=True)
+    log.info(f"pipeline: {message}")
 
 
 # ---------------------------------------------------------------- MLflow parent run
@@ -211,7 +213,7 @@ def stage_config(chain: Chain, name: str, kind: StageConfig, shards: str, weight
             f"tracking.experiment={p.experiment}", f"tracking.run_name={name}",
             f"tracking.parent_run_id={chain.parent.run_id if chain.parent else ''}",
             f"ray.num_workers={p.train.num_workers}", f"ray.cpus_per_worker={p.train.cpus_per_worker}",
-            f"ray.use_gpu={str(p.train.use_gpu).lower()}",
+            f"ray.use_gpu={str(p.train.use_gpu).lower()}", f"ray.verbose={str(p.verbose).lower()}",
             f"model.weights={weights}"]  # always, even '': a stage recipe's own default names the demo's run dirs
     user = [*p.train.overrides, *kind.overrides]
     recipe = stage_recipe(kind.recipe)
@@ -255,19 +257,19 @@ def train_stage(chain: Chain, name: str, cfg: Config) -> str:
 
 
 def _train_in_this_process(cfg: Config) -> None:
+    from expblip.log import setup_logging
     from expblip.train.loop import train
 
+    setup_logging(0)  # a spawned process: a world of one, its rank 0 logs
     train(cfg)
 
 
 def launch(cfg: Config, launcher: str) -> None:
     """Ray Train (expblip.train.ray_job.run), or the loop in one fresh process: a world of one, which keeps the
     process group, DeepSpeed and RANK variables out of the pipeline's own process."""
-    from expblip.pipeline.pseudo import init_ray
     from expblip.train import ray_job
 
     if launcher == "ray":
-        init_ray()
         ray_job.run(cfg)
         return
     cfg = ray_job.absolute_paths(cfg)

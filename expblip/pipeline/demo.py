@@ -33,6 +33,7 @@ class DemoConfig:
     beams: int = 3
     describe: int = 4  # held-out faces described at the end
     probe_train: int = 2000  # training faces for the linear probes
+    verbose: bool = False  # Ray's own console output (ray.verbose)
 
 
 def make_shards(demo: DemoConfig) -> dict[str, str]:
@@ -51,7 +52,8 @@ def make_shards(demo: DemoConfig) -> dict[str, str]:
 
 def stage_config(recipe: str, demo: DemoConfig, shards: str, steps: int, weights: str = "") -> Config:
     overrides = [f"data.train.shards={shards}", f"train.run_dir={Path(demo.out, 'runs', recipe)}",
-                 f"train.max_steps={steps}", f"tracking.uri=sqlite:///{Path(demo.out, 'mlflow.db').resolve()}"]
+                 f"train.max_steps={steps}", f"tracking.uri=sqlite:///{Path(demo.out, 'mlflow.db').resolve()}",
+                 f"ray.verbose={str(demo.verbose).lower()}"]
     if weights:
         overrides.append(f"model.weights={weights}")
     return load_config(REPO / "recipes" / f"{recipe}.yaml", overrides)

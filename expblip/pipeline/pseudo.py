@@ -80,22 +80,6 @@ class PseudoConfig:
 # ---------------------------------------------------------------- Ray
 
 
-def init_ray() -> None:
-    """Start a local Ray, or attach to the cluster of $RAY_ADDRESS; the workers see the driver's FORWARDED_ENV.
-
-    Training stages (expblip.train.ray_job.run) then find Ray initialised and reuse it.
-    """
-    import ray
-
-    from expblip.train.ray_job import FORWARDED_ENV
-
-    if ray.is_initialized():
-        return
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    address = "auto" if os.environ.get("RAY_ADDRESS") else "local"
-    ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=False if address == "local" else None)
-
-
 # ---------------------------------------------------------------- one shard (runs in a Ray actor)
 
 
@@ -242,7 +226,9 @@ def _run_tasks(pending: list[tuple[int, str, str]], export: str, field_name: Cap
     import ray
     from ray.util import ActorPool
 
-    init_ray()
+    from expblip.train.ray_job import init_ray
+
+    init_ray()  # a no-op when the pipeline started Ray already
     actor_cls = ray.remote(ShardCaptioner).options(num_cpus=cfg.cpus_per_worker,
                                                     num_gpus=cfg.gpus_per_worker if cfg.use_gpu else 0)
     actors = [actor_cls.remote(export, field_name, provenance, cfg) for _ in range(min(cfg.num_workers, len(pending)))]
@@ -305,7 +291,7 @@ def _caption_pending(pending: list[tuple[int, str, str]], out: str, provenance: 
     def on_done(entry: dict) -> None:
         entries[index_of[entry["url"]]] = entry
         _write_json(join_url(out, PROGRESS_FILE), {"shards": [entries[i] for i in sorted(entries)]})
-        print(f"[pseudo] {out}/{entry['url']}: {entry['samples']} {field_name}s in {entry['seconds']} s", flush=True)
+        log.info("pseudo: %s/%s: %d %ss in %s s", out, entry["url"], entry["samples"], field_name, entry["seconds"])
 
     _run_tasks(pending, provenance["model"], field_name, provenance, cfg, on_done)
 

@@ -123,6 +123,7 @@ class PipelineConfig:
     init: Init = "au_blip"  # what Exp-, Cat- and Mix-BLIP start from (the paper leaves it open)
     steps_scale: float = 1.0  # multiplies every stage's steps (and its warm-up, logging and checkpoint intervals)
     experiment: str = "expblip-pipeline"  # MLflow experiment of the parent run and of every stage's child run
+    verbose: bool = False  # show Ray's own console output (every stage's ray.verbose)
     world: WorldConfig = field(default_factory=WorldConfig)
     train: TrainingConfig = field(default_factory=TrainingConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)

@@ -1,10 +1,10 @@
 """The one training loop, run by both launchers (`deepspeed launch/finetune.py`, Ray Train's launch/pretrain.py).
 
     run = setup(cfg)                  # process group, tokenizer, model, DeepSpeed engine, resume, loader, MLflow
-    while run.step < max_steps:
-        metrics = train_step(run)     # grad_accum micro-batches -> one optimiser step
-        log / checkpoint
-    finish(run)                       # final checkpoint, HF-format export, artefacts
+    while run.step < run.end:
+        step(run)                     # grad_accum micro-batches -> one optimiser step; then, when due, the log
+                                      # (means over the window), the held-out evaluation and a checkpoint
+    export(run); _finish(run)         # HF-format export, artefacts
 
 CPU run (2 ranks):  deepspeed --num_gpus 2 launch/finetune.py --deepspeed ds_configs/zero3.json data.train.shards=DIR
 """
@@ -25,6 +25,7 @@ import yaml
 from expblip.config import Config, ConfigError, dump_config, to_dict
 from expblip.data.shards import resolve_shards
 from expblip.data.stream import Cursor, make_loader, read_captions
+from expblip.log import get_logger
 from expblip.model.blip2 import (
     CaptionModel,
     VisionPretrainModel,
@@ -42,10 +43,12 @@ from expblip.model.stage1 import (
 )
 from expblip.model.tokenizer import load_tokenizer, train_caption_tokenizer, wrap
 from expblip.model.weights import export_hf, read_state, save_trainable_export
-from expblip.train import checkpoint
+from expblip.train import checkpoint, heldout
 from expblip.train import engine as ds_engine
 from expblip.train.optim import build_optimizer, build_scheduler
 from expblip.train.tracking import git_commit, make_tracker
+
+log = get_logger(__name__)
 
 Reporter = Callable[[dict, int, Path | None], None]  # (metrics, step, checkpoint dir or None)
 
@@ -65,12 +68,28 @@ class Run:
     cursor: Cursor
     tracker: object
     step: int = 0
+    end: int = 0  # the step this process stops at (train.max_steps, or train.stop_after)
     errors: dict = field(default_factory=dict)  # worker -> {kind: count}, cumulative
     history: list = field(default_factory=list)  # (step, loss) on rank 0
-    parts: dict = field(default_factory=dict)  # the named parts of the last loss (stage 1: loss_itc, ...)
+    window: Window = field(default_factory=lambda: Window())  # what the next log line averages
     tokens: int = 0  # text tokens (attention mask ones) this rank has trained on since the last log
     qformer_tokenizer: object = None
     report: Reporter | None = None
+    heldout: heldout.HeldoutState = field(default_factory=heldout.HeldoutState)
+
+
+@dataclass
+class Window:
+    """The steps since the last log line: their losses (and stage 1's parts) are averaged, their time measured."""
+
+    losses: list = field(default_factory=list)  # this rank's mean loss of each step
+    parts: dict = field(default_factory=dict)  # name -> list of this rank's values (stage 1: loss_itc, ...)
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: torch.Tensor, parts: dict[str, float]) -> None:
+        self.losses.append(float(loss))
+        for name, value in parts.items():
+            self.parts.setdefault(name, []).append(value)
 
 
 # ---------------------------------------------------------------- setup
@@ -82,8 +101,20 @@ def preflight(cfg: Config) -> None:
     ds_engine.load_ds_config(cfg.train.ds_config)
 
 
+def _quiet_libraries() -> None:
+    """Libraries' own INFO chatter (MLflow store creation and system-metrics notes, transformers' shard-writing bars)
+    would bury the loop's lines; their warnings still show."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    hf_logging.disable_progress_bar()
+
+
 def setup(cfg: Config, report: Reporter | None = None) -> Run:
     preflight(cfg)
+    _quiet_libraries()
     rank, world = ds_engine.init_distributed()
     ds_config = ds_engine.resolve_ds_config(cfg, world)
     run_dir = Path(cfg.train.run_dir)
@@ -110,12 +141,14 @@ def setup(cfg: Config, report: Reporter | None = None) -> Run:
     _report_resident(engine.module, rank, world)
     random.seed(cfg.train.seed + rank)  # dropout and augmentation differ per rank; a resume restores them below
     torch.manual_seed(cfg.train.seed + rank)
-    step, run_id, cursor_state = _resume(engine, run_dir, tag, elastic, rank)
+    step, client, cursor_state = _resume(engine, run_dir, tag, elastic, rank)
     cursor = Cursor.from_state_dict(cursor_state) if cursor_state else Cursor()
     batches = iter(make_loader(cfg.data.train, rank, world, cursor=cursor_state))
-    tracker = make_tracker(cfg.tracking, run_dir, rank, run_id)
-    run = Run(cfg, rank, world, engine, tokenizer, blip2_cfg, ds_config, batches, cursor, tracker, step=step,
-              report=report, qformer_tokenizer=qformer_tokenizer)
+    tracker = make_tracker(cfg.tracking, run_dir, rank, client.get("mlflow_run_id"))
+    end = min(cfg.train.max_steps, cfg.train.stop_after or cfg.train.max_steps)
+    run = Run(cfg, rank, world, engine, tokenizer, blip2_cfg, ds_config, batches, cursor, tracker, step=step, end=end,
+              report=report, qformer_tokenizer=qformer_tokenizer,
+              heldout=heldout.HeldoutState.from_state_dict(client.get("heldout")))
     _record_start(run)
     return run
 
@@ -127,31 +160,35 @@ def _elastic_resume(run_dir: Path, tag: str | None, rank: int, world: int) -> di
     saved = checkpoint.written_world_size(run_dir, tag)
     if saved == world:
         return None
-    if rank == 0:
-        print(f"[expblip] checkpoint {tag} was written by {saved} ranks and this run has {world}: restoring weights "
-              f"and optimiser state from its {checkpoint.ELASTIC}; the data loader restarts the checkpoint's epoch "
-              "from its beginning (per-rank loader positions do not carry over to another world size)", flush=True)
+    log.info(f"checkpoint {tag} was written by {saved} ranks and this run has {world}: restoring weights and "
+             f"optimiser state from its {checkpoint.ELASTIC}; the data loader restarts the checkpoint's epoch from its "
+             "beginning (per-rank loader positions do not carry over to another world size)")
     return checkpoint.read_elastic(run_dir, tag, rank)
 
 
-def _resume(engine, run_dir: Path, tag: str | None, elastic: dict | None, rank: int) -> tuple[int, str | None, dict]:
-    """(step, MLflow run id, loader cursor state) after restoring checkpoint `tag`; fresh: (0, None, None)."""
+def _resume(engine, run_dir: Path, tag: str | None, elastic: dict | None, rank: int) -> tuple[int, dict, dict]:
+    """(step, client state: MLflow run id, held-out best step..., loader cursor state) after restoring checkpoint
+    `tag`; fresh: (0, {}, None)."""
     if tag is None:
-        return 0, None, None
+        return 0, {}, None
     if elastic is None:  # same world size: DeepSpeed's own shards, this rank's exact loader position and RNG
         client, cursor_state = checkpoint.load(engine, run_dir, tag)
     else:
         client = checkpoint.restore_elastic(engine, elastic, rank)
         cursor_state = checkpoint.epoch_start_cursor(run_dir, tag)
-    return client["step"], client.get("mlflow_run_id"), cursor_state
+    return client["step"], client, cursor_state
 
 
 def _report_resident(module: torch.nn.Module, rank: int, world: int) -> None:
-    """Every rank: the parameter bytes it holds (about 1/world of the model under ZeRO-3's partitioned construction)."""
+    """Collective; rank 0 logs the parameter bytes each rank holds (about 1/world of the model under ZeRO-3's
+    partitioned construction)."""
     held, total = ds_engine.resident_parameter_bytes(module)
+    shares = [None] * world
+    dist.all_gather_object(shares, held)
     mib = 2**20
-    print(f"[expblip] rank {rank} resident parameters {held / mib:.3f} MiB of {total / mib:.3f} MiB "
-          f"(share {held / total:.4f}, 1/world = {1 / world:.4f})", flush=True)
+    log.info(f"resident parameters per rank (MiB of {total / mib:.3f}): "
+             + ", ".join(f"rank {r} {h / mib:.3f} (share {h / total:.4f})" for r, h in enumerate(shares))
+             + f"; 1/world = {1 / world:.4f}")
 
 
 def _training_unit(cfg: Config, tokenizer, qformer_tokenizer) -> torch.nn.Module:
@@ -231,7 +268,7 @@ def _load_initial_weights(model: CaptionModel, weights: str, rank: int) -> None:
     # rank 0 alone reads the file (a full copy per rank would not fit at 7B); the others receive their partitions
     report = checkpoint.load_weights_into(model.blip2, read_state(source) if rank == 0 else {}, rank)
     if rank == 0 and (report["missing"] or report["unexpected"]):
-        print(f"[expblip] weights {source}: missing {report['missing'][:8]}, unexpected {report['unexpected'][:8]}")
+        log.warning(f"weights {source}: missing {report['missing'][:8]}, unexpected {report['unexpected'][:8]}")
 
 
 def _record_start(run: Run) -> None:
@@ -240,14 +277,14 @@ def _record_start(run: Run) -> None:
         return
     run_dir = Path(run.cfg.train.run_dir)
     dump_config(run.cfg, run_dir / "config.yaml")
-    (run_dir / "ds_config.json").write_text(yaml.safe_dump(run.ds_config))
+    (run_dir / "ds_config.json").write_text(json.dumps(run.ds_config, indent=2))
     run.tracker.log_params(to_dict(run.cfg))
     commit = git_commit()  # set on every (re)start: a resumed run may run newer code
     run.tracker.set_tags({"stage": run.cfg.train.stage, "preset": run.cfg.model.preset, "world_size": run.world,
                           "recipe": run.cfg.tracking.recipe or "(none)", "git_commit": commit,
                           "mlflow.source.git.commit": commit})
-    print(f"[expblip] {run.cfg.train.stage} run in {run_dir}: world {run.world}, start step {run.step}, "
-          f"MLflow {run.tracker.uri} run {run.tracker.run_id}", flush=True)
+    log.info(f"{run.cfg.train.stage} run in {run_dir}: world {run.world}, start step {run.step} of "
+             f"{run.cfg.train.max_steps}, MLflow {run.tracker.display_uri} run {run.tracker.run_id}")
 
 
 # ---------------------------------------------------------------- step
@@ -278,8 +315,8 @@ def _pixels(run: Run, batch: dict) -> torch.Tensor:
 
 
 def train_step(run: Run) -> torch.Tensor:
-    """grad_accum micro-batches and one optimiser step; returns the mean local loss."""
-    losses = []
+    """grad_accum micro-batches and one optimiser step; returns this rank's mean loss of the step."""
+    losses, parts = [], {}
     for _ in range(run.cfg.optim.grad_accum):
         batch = next(run.batches)
         run.cursor.update(batch["cursor"])
@@ -293,28 +330,56 @@ def train_step(run: Run) -> torch.Tensor:
         run.engine.step()
         losses.append(loss.detach().float())
         if isinstance(out, dict):
-            run.parts = {k: v.detach().float().item() for k, v in out.items() if k != "loss"}
+            parts = {k: v.detach().float().item() for k, v in out.items() if k != "loss"}
     run.step += 1
-    return torch.stack(losses).mean()
+    loss = torch.stack(losses).mean()
+    run.window.add(loss, parts)
+    return loss
 
 
-def _global_metrics(run: Run, loss: torch.Tensor, seconds: float, steps: int) -> dict:
-    """Collective: loss averaged and skipped samples summed over ranks."""
+def step(run: Run) -> dict:
+    """One step as the loop runs it: train_step, then the log line (means over the window), the held-out
+    evaluation and a checkpoint when they are due. Collective. Returns this step's logged metrics (rank 0) or {}."""
+    train_step(run)
+    cfg, last = run.cfg.train, run.step == run.end
+    evaluate = bool(cfg.eval_every) and (run.step % cfg.eval_every == 0 or last)
+    metrics: dict = {}
+    if run.step % cfg.log_every == 0 or last or evaluate:  # an evaluation's line also holds the training window
+        metrics = _global_metrics(run)
+        if evaluate:
+            metrics.update(heldout.evaluate(run, run.heldout, model_inputs))
+        _log(run, metrics)
+    if (cfg.ckpt_every and run.step % cfg.ckpt_every == 0) or last:
+        path = save_checkpoint(run)
+        if run.report:
+            run.report(metrics, run.step, path)
+    return metrics
+
+
+def _global_metrics(run: Run) -> dict:
+    """Collective: the window's loss (and parts) averaged over its steps and the ranks, skipped samples summed over
+    ranks, throughput over the window. Starts a new window."""
+    window, run.window = run.window, Window()
+    seconds, steps = time.perf_counter() - window.start, len(window.losses)
     kinds = sorted({k for counts in run.errors.values() for k in counts} | {"total"})
     skipped = [sum(c.get(k, 0) for c in run.errors.values()) for k in kinds[:-1]]
-    local = [loss.item(), run.tokens, *skipped, sum(skipped)]
-    t = torch.tensor(local, dtype=torch.float64)
+    names = sorted(window.parts)
+    means = [sum(window.losses) / steps, *(sum(window.parts[n]) / len(window.parts[n]) for n in names)]
+    t = torch.tensor([*means, run.tokens, *skipped, sum(skipped)], dtype=torch.float64)
     dist.all_reduce(t)
     run.tokens = 0
     samples = steps * run.cfg.data.train.batch_size * run.cfg.optim.grad_accum * run.world
-    metrics = {"loss": t[0].item() / run.world, "lr": run.engine.get_lr()[0], "samples_per_s": samples / seconds}
-    if t[1] > 0:
-        metrics["tokens_per_s"] = t[1].item() / seconds
+    metrics = {"loss": t[0].item() / run.world, "lr": run.engine.get_lr()[0], "samples_per_s": samples / seconds,
+               "seconds_per_step": seconds / steps}
+    metrics.update({name: t[1 + i].item() / run.world for i, name in enumerate(names)})  # stage 1: loss_itc, ...
+    tokens = t[1 + len(names)].item()
+    if tokens > 0:
+        metrics["tokens_per_s"] = tokens / seconds
     norm = run.engine.get_global_grad_norm()
     if norm is not None:
         metrics["grad_norm"] = float(norm)
-    metrics.update({f"data.skipped.{k}": t[i + 2].item() for i, k in enumerate(kinds)})
-    metrics.update(run.parts)  # rank 0's last micro-batch (stage 1: loss_itc, loss_itm, loss_itg)
+    first = 2 + len(names)
+    metrics.update({f"data.skipped.{k}": t[first + i].item() for i, k in enumerate(kinds)})
     return metrics
 
 
@@ -322,9 +387,9 @@ def _global_metrics(run: Run, loss: torch.Tensor, seconds: float, steps: int) ->
 
 
 def save_checkpoint(run: Run) -> Path:
-    client = {"step": run.step, "mlflow_run_id": run.tracker.run_id}
+    client = {"step": run.step, "mlflow_run_id": run.tracker.run_id, "heldout": run.heldout.state_dict()}
     files = {"config.yaml": yaml.safe_dump(to_dict(run.cfg), sort_keys=False),
-             "ds_config.json": yaml.safe_dump(run.ds_config)}
+             "ds_config.json": json.dumps(run.ds_config, indent=2)}
     path = checkpoint.save(run.engine, run.cfg.train.run_dir, run.step, client, run.cursor.state_dict(), files,
                            frozen_source=run.cfg.model.weights)
     if run.rank == 0:
@@ -352,23 +417,12 @@ def export(run: Run) -> Path:
 
 
 def train(cfg: Config, report: Reporter | None = None) -> dict:
-    """Set up, run to cfg.train.max_steps, checkpoint, export. Returns rank 0's last metrics."""
+    """Set up, run to cfg.train.max_steps (or stop_after), checkpoint, export. Returns rank 0's last metrics."""
     run = setup(cfg, report)
     metrics: dict = {}
-    tick, since = time.perf_counter(), run.step
     try:
-        end = min(cfg.train.max_steps, cfg.train.stop_after or cfg.train.max_steps)
-        while run.step < end:
-            loss = train_step(run)
-            last = run.step == end
-            if run.step % cfg.train.log_every == 0 or last:
-                metrics = _global_metrics(run, loss, time.perf_counter() - tick, run.step - since)
-                _log(run, metrics)
-                tick, since = time.perf_counter(), run.step
-            if (cfg.train.ckpt_every and run.step % cfg.train.ckpt_every == 0) or last:
-                path = save_checkpoint(run)
-                if run.report:
-                    run.report(metrics, run.step, path)
+        while run.step < run.end:
+            metrics = step(run) or metrics
         metrics["export"] = str(export(run))
     except BaseException:
         run.tracker.close("FAILED")
@@ -377,20 +431,40 @@ def train(cfg: Config, report: Reporter | None = None) -> dict:
     return metrics
 
 
+def _eta(run: Run, seconds_per_step: float) -> str:
+    left = int(seconds_per_step * (run.cfg.train.max_steps - run.step))
+    return f"{left // 3600}h{left % 3600 // 60:02d}m" if left >= 3600 else f"{left // 60}m{left % 60:02d}s"
+
+
 def _log(run: Run, metrics: dict) -> None:
     run.tracker.log_metrics(metrics, step=run.step)
-    if run.rank == 0:
-        run.history.append((run.step, metrics["loss"]))
-        with open(Path(run.cfg.train.run_dir) / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": run.step, **metrics}) + "\n")
-        print(f"[expblip] step {run.step}/{run.cfg.train.max_steps} loss {metrics['loss']:.4f} "
-              f"lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s "
-              f"skipped {int(metrics['data.skipped.total'])}", flush=True)
+    if run.rank != 0:
+        return
+    run.history.append((run.step, metrics["loss"]))
+    with open(Path(run.cfg.train.run_dir) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": run.step, **metrics}) + "\n")
+    progress = {"step": run.step, "total": run.cfg.train.max_steps, "loss": metrics["loss"],
+                "samples_per_s": metrics["samples_per_s"], "eta": _eta(run, metrics["seconds_per_step"])}
+    log.info(f"step {run.step}/{run.cfg.train.max_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+             f"{metrics['samples_per_s']:.1f} samples/s ETA {progress['eta']} "
+             f"skipped {int(metrics['data.skipped.total'])}", extra={"progress": progress})
+    if "eval/loss" in metrics:
+        _log_eval(run, metrics)
+
+
+def _log_eval(run: Run, metrics: dict) -> None:
+    scores = [f"{name} {metrics[f'eval/{name}']:.3f} (strongest baseline "
+              f"{metrics[f'eval/best_baseline.{name}']:.3f})" for name in ("mean_au_f1", "emotion_accuracy")
+              if f"eval/{name}" in metrics and f"eval/best_baseline.{name}" in metrics]
+    log.info(f"held-out at step {run.step}: loss {metrics['eval/loss']:.4f} (best {metrics['eval/best_loss']:.4f} at "
+             f"step {metrics['eval/best_step']})" + "".join(f"; {s}" for s in scores))
 
 
 def _finish(run: Run) -> None:
     if run.rank == 0:
         run_dir = Path(run.cfg.train.run_dir)
+        if run.heldout.best_step >= 0:
+            run.tracker.set_tags({"eval.best_step": run.heldout.best_step})
         run.tracker.log_artifact(run_dir / "config.yaml")
         run.tracker.log_artifact(run_dir / "ds_config.json")
         log = run.cfg.tracking.log_export

@@ -2,11 +2,17 @@
 
 Ray creates the process group (gloo on CPU, NCCL on GPU) and sets RANK/WORLD_SIZE; the loop's
 deepspeed.init_distributed wraps it. Checks that can fail fast run on the driver, before any worker starts.
+
+The console: by default the driver shows expblip's own lines only, each once, and one progress line (a bar on a
+terminal) per stage. Workers log through ``expblip.log`` into a relay (a small Ray actor) that the driver drains;
+Ray's own worker and controller output is not forwarded (``ray.init(log_to_driver=False)``). A failure still
+raises on the driver with the worker's traceback. ``ray.verbose=true`` (``--verbose``) forwards Ray's output instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import shutil
@@ -14,6 +20,8 @@ import tempfile
 from pathlib import Path
 
 from expblip.config import Config, ConfigError, from_dict, to_dict
+from expblip.log import setup_logging
+from expblip.train.console import Console, RelayHandler
 from expblip.train.tracking import GIT_ENV, check_reachable, git_commit, tracking_uri
 
 # Variables the workers need to see as the driver does (never logged: they may hold credentials).
@@ -65,6 +73,9 @@ def _worker(config: dict) -> None:
     from expblip.train.loop import train
 
     cfg = from_dict(Config, config["cfg"])
+    rank = ray.train.get_context().get_world_rank()
+    relay = config.get("console")
+    setup_logging(rank, RelayHandler(relay) if relay is not None else None)
     _restore_from_ray(cfg)
 
     def report(metrics: dict, step: int, path) -> None:
@@ -116,16 +127,30 @@ def _restore_from_ray(cfg: Config) -> None:
         dist.barrier()
 
 
-def _init_ray(cfg: Config) -> None:
+QUIET_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # a print in a worker goes to stdout once, not also via a logger
+
+
+def init_ray(address: str = "", verbose: bool = False) -> None:
+    """Start a local Ray, or attach to ``address`` / the cluster of $RAY_ADDRESS; the workers see FORWARDED_ENV.
+
+    Quiet unless ``verbose``: Ray logs warnings only on the driver and does not forward worker output (expblip's
+    lines come through expblip.train.console). A second call is a no-op.
+    """
     import ray
 
-    address = cfg.ray.address or ("auto" if os.environ.get("RAY_ADDRESS") else "local")
+    if ray.is_initialized():
+        return
+    address = address or ("auto" if os.environ.get("RAY_ADDRESS") else "local")
     # Inside `ray job submit` the job's runtime_env already reaches every worker, and Ray 2.60 refuses to merge a
     # driver runtime_env that repeats one of its variables ("Failed to merge the Job's runtime env"): forward only the others.
     os.environ.setdefault(GIT_ENV, git_commit())  # workers may run from a copy without .git
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and k not in _job_env_vars()}
+    forwarded = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env = {k: v for k, v in {**forwarded, **QUIET_ENV}.items() if k not in _job_env_vars()}
+    if not verbose:
+        logging.getLogger("ray").setLevel(logging.WARNING)  # the driver's own Ray lines (cluster start, Train V2)
     ray.init(address=address, runtime_env={"env_vars": env} if env else None, ignore_reinit_error=True,
-             include_dashboard=False if address == "local" else None)
+             include_dashboard=False if address == "local" else None, log_to_driver=verbose,
+             logging_level=logging.INFO if verbose else logging.WARNING)
 
 
 def _job_env_vars() -> set[str]:
@@ -143,19 +168,27 @@ def run(cfg: Config):
 
     cfg = absolute_paths(cfg)
     preflight(cfg)
-    _init_ray(cfg)
+    init_ray(cfg.ray.address, cfg.ray.verbose)
     storage = cfg.ray.storage_path or str(Path(cfg.train.run_dir, "ray").resolve())
+    console = None if cfg.ray.verbose else Console(Path(cfg.train.run_dir).name)
     trainer = TorchTrainer(
         train_loop_per_worker=_worker,
-        train_loop_config={"cfg": to_dict(cfg)},
+        train_loop_config={"cfg": to_dict(cfg), "console": console.actor if console else None},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RunConfig(name=Path(cfg.train.run_dir).name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None)),
     )
-    result = trainer.fit()
+    with console or _nothing():
+        result = trainer.fit()
     if result.error:
         raise result.error
     return result
+
+
+def _nothing():
+    from contextlib import nullcontext
+
+    return nullcontext()
 

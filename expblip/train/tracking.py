@@ -18,11 +18,20 @@ from expblip.config import ConfigError, TrackingConfig, flatten
 GIT_ENV = "EXPBLIP_GIT_COMMIT"
 
 
+def redact_uri(uri: str) -> str:
+    """The URI with any ``user:password@`` replaced by ``***@``: what may be shown, logged or stored."""
+    parts = urlparse(uri)
+    if not parts.username and not parts.password:
+        return uri
+    return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
 class NullTracker:
     """Stand-in for ranks other than 0 and for tracking.enabled=false."""
 
     run_id: str | None = None
     uri: str = ""
+    display_uri: str = ""
 
     def log_params(self, params: dict) -> None: ...
     def log_metrics(self, metrics: dict, step: int) -> None: ...
@@ -64,6 +73,7 @@ class MlflowTracker:
         from mlflow import MlflowClient
 
         self.uri = tracking_uri(cfg, run_dir)
+        self.display_uri = redact_uri(self.uri)
         self.client = MlflowClient(self.uri)
         id_file = Path(run_dir) / "mlflow_run.json"
         run_id = run_id or (json.loads(id_file.read_text())["run_id"] if id_file.is_file() else None)

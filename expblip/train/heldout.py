@@ -1,0 +1,130 @@
+"""Held-out evaluation during training, every ``train.eval_every`` steps on ``data.eval``: collective, every rank.
+
+    metrics = evaluate(run, state)   # {"eval/loss", "eval/mean_au_f1", "eval/emotion_accuracy", ...} on rank 0
+
+- **Loss**: every rank scores ``train.eval_batches`` batches of its share of the held-out shards (the stream pads
+  each rank's share, so every rank takes the same number of forward passes and no rank waits alone in a
+  collective); the sums are all-reduced into one mean over the samples.
+- **Captions** (``train.eval_generate`` > 0, caption stages): every rank captions the same number of held-out
+  images with greedy decoding (``synced_gpus`` under ZeRO-3, where every rank must step ``generate`` together); rank
+  0 gathers them and scores them with the evaluator (strict emotion rule), beside the best constant caption chosen
+  on the training labels (``eval/best_constant.*``, logged once).
+- **Best step**: the step with the lowest held-out loss so far (``eval/best_loss``, ``eval/best_step``); kept in the
+  checkpoint, so a resumed run continues the comparison.
+The same fixed held-out batches are used at every evaluation (eval transforms, no shuffling): curves are comparable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from expblip.data.stream import make_loader
+from expblip.log import get_logger
+
+log = get_logger(__name__)
+TRAINING_LABELS_READ = 20_000  # training samples the constant baselines are chosen on (labels only, no images)
+CAPTION_STAGES = ("stage2",)
+
+
+@dataclass
+class HeldoutState:
+    """What outlives one evaluation: the best step so far and (rank 0) the baselines to print beside the scores."""
+
+    best_step: int = -1
+    best_loss: float = float("inf")
+    baselines: dict = field(default_factory=dict)  # metric -> {"score", "name"}, filled at the first evaluation
+
+    def state_dict(self) -> dict:
+        return {"best_step": self.best_step, "best_loss": self.best_loss}
+
+    @classmethod
+    def from_state_dict(cls, state: dict | None) -> HeldoutState:
+        return cls(**(state or {}))
+
+
+def _eval_stream(run):
+    cfg = dataclasses.replace(run.cfg.data.eval, train=False, shuffle_buffer=0)
+    return iter(make_loader(cfg, run.rank, run.world))
+
+
+@torch.no_grad()
+def heldout_loss(run, model_inputs) -> float:
+    """Collective: the mean loss over ``eval_batches`` held-out batches of every rank."""
+    batches, total = _eval_stream(run), torch.zeros(2, dtype=torch.float64)
+    for _ in range(run.cfg.train.eval_batches):
+        batch = next(batches)
+        out = run.engine(**model_inputs(run, batch))
+        loss = out["loss"] if isinstance(out, dict) else out
+        total += torch.tensor([float(loss) * len(batch["keys"]), len(batch["keys"])], dtype=torch.float64)
+    dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+@torch.no_grad()
+def heldout_captions(run) -> tuple[list[str], list[dict]]:
+    """Collective: greedy captions of the same number of held-out images on every rank; all of them on rank 0."""
+    from expblip.model.blip2 import GenerationConfig, generate_captions
+    from expblip.train.engine import gathered
+
+    blip2 = run.engine.module.blip2
+    gen = GenerationConfig(num_beams=1, max_new_tokens=run.cfg.train.eval_max_new_tokens)
+    per_rank = -(-run.cfg.train.eval_generate // run.world)  # ceil: every rank runs the same number of batches
+    batches, captions, labels = _eval_stream(run), [], []
+    partitioned = hasattr(blip2.query_tokens, "ds_id")
+    dtype = torch.bfloat16 if run.engine.bfloat16_enabled() else torch.float32  # as the loop feeds the engine
+    while len(captions) < per_rank:
+        batch = next(batches)
+        pixels = batch["pixel_values"].to(run.engine.device, dtype)
+        with gathered([blip2.query_tokens]):  # read outside forward: ZeRO-3 must gather it explicitly
+            captions += generate_captions(blip2, run.tokenizer, pixels, gen, synced_gpus=partitioned and run.world > 1)
+        labels += batch["labels"]
+    gathered_all = [None] * run.world
+    dist.all_gather_object(gathered_all, (captions[:per_rank], labels[:per_rank]))
+    return [c for part in gathered_all for c in part[0]], [lab for part in gathered_all for lab in part[1]]
+
+
+def _baselines(run) -> dict:
+    """Rank 0: the training text the constant captions are chosen on (the first samples' labels and captions) and
+    the AUs to score: ``train.eval_aus``, else every AU those training labels show."""
+    from expblip.eval.evaluate import training_text
+
+    train = training_text(run.cfg.data.train.shards, limit=TRAINING_LABELS_READ)
+    seen = sorted({a for lab in train.labels for a in lab.get("aus") or []})
+    return {"train": train, "aus": list(run.cfg.train.eval_aus) or seen}
+
+
+def caption_scores(run, state: HeldoutState, captions: list[str], labels: list[dict]) -> dict:
+    """Rank 0: evaluator scores of the held-out captions, beside the best constant captions (first time only)."""
+    from expblip.eval.evaluate import baseline_rows, evaluate_captions, strongest
+
+    if not state.baselines:
+        state.baselines = _baselines(run)
+    scored = [{"aus": lab.get("aus"), "emotions": lab.get("emotions")} for lab in labels]
+    if not state.baselines["aus"]:  # an emotion-only dataset: no AU to score
+        scored = [{**lab, "aus": None} for lab in scored]
+    model = evaluate_captions(captions, scored, state.baselines["aus"])
+    metrics = {f"eval/{k}": model[k] for k in ("mean_au_f1", "emotion_accuracy") if model[k] is not None}
+    metrics["eval/captions"] = len(captions)
+    best = strongest(baseline_rows(state.baselines["train"], scored, state.baselines["aus"]))
+    metrics.update({f"eval/best_baseline.{k}": v["score"] for k, v in best.items() if v is not None})
+    return metrics
+
+
+def evaluate(run, state: HeldoutState, model_inputs) -> dict:
+    """Collective: the held-out metrics of this step (complete on rank 0), and the best step so far."""
+    run.engine.module.eval()
+    try:
+        metrics = {"eval/loss": heldout_loss(run, model_inputs)}
+        if run.cfg.train.eval_generate and run.cfg.train.stage in CAPTION_STAGES:
+            captions, labels = heldout_captions(run)
+            if run.rank == 0:
+                metrics.update(caption_scores(run, state, captions, labels))
+    finally:
+        run.engine.module.train()
+    if metrics["eval/loss"] < state.best_loss:
+        state.best_step, state.best_loss = run.step, metrics["eval/loss"]
+    return {**metrics, "eval/best_loss": state.best_loss, "eval/best_step": state.best_step}
