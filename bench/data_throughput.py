@@ -18,10 +18,11 @@ same number of full batches (samples // batch size) from the same shards:
         normalisation → ``torch.stack`` into [B, 3, 64, 64]. No shuffle, no labels, no captions, no error handling.
 
 Both run through a ``torch.utils.data.DataLoader(batch_size=None, num_workers=--workers)``, which is created anew
-(and its workers started) in every timed round, for both. Rounds alternate bare / ours so machine noise hits
-both. ``--threads`` sets torch's intra-op threads in this process (DataLoader workers always use one): on a few
-busy cores, extra threads spin against each other and add noise. The last line is ``ratio: <ours/bare>``
-(samples/s; target >= 0.9). It never asserts a time.
+(and its workers started) in every timed round, for both. The order alternates between rounds (bare, ours; then
+ours, bare; ...: bench/rounds.py) so machine noise hits both, and the reported figures are medians over the rounds.
+``--threads`` sets torch's intra-op threads in this process (DataLoader workers always use one): on a few busy
+cores, extra threads spin against each other and add noise. The last line is ``ratio: <ours/bare>`` (the median of
+the rounds' samples/s ratios; target >= 0.9). It never asserts a time.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rounds import alternating, median, median_ratio  # noqa: E402 - bench/rounds.py, beside this script
 
 IMAGE_SIZE = 64
 NUM_SHARDS = 4
@@ -103,8 +106,8 @@ def time_batches(make: Callable[[], Iterable], batches: int) -> float:
     return elapsed
 
 
-def run(shards: str, batch_size: int, workers: int, rounds: int, samples: int) -> dict[str, float]:
-    """Samples/s of each path over ``rounds`` alternating rounds (after one short warm-up of each)."""
+def run(shards: str, batch_size: int, workers: int, rounds: int, samples: int) -> dict[str, list[float]]:
+    """Seconds of each path in each of ``rounds`` alternating rounds (after one short warm-up of each)."""
     from expblip.data.shards import resolve_shards
 
     urls, _ = resolve_shards(shards)
@@ -115,11 +118,8 @@ def run(shards: str, batch_size: int, workers: int, rounds: int, samples: int) -
     }
     for make in paths.values():
         time_batches(make, 1)  # warm-up: imports, first decode
-    totals = dict.fromkeys(paths, 0.0)
-    for _ in range(rounds):
-        for name, make in paths.items():
-            totals[name] += time_batches(make, batches)
-    return {name: rounds * batches * batch_size / seconds for name, seconds in totals.items()}
+    return alternating({name: (lambda make=make: time_batches(make, batches)) for name, make in paths.items()},
+                       rounds)
 
 
 @contextlib.contextmanager
@@ -140,18 +140,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=2000, help="samples per round (rounded down to full batches)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes, for both paths")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads in this process (0 = torch's)")
     args = parser.parse_args(argv)
     if args.samples < args.batch_size or min(args.batch_size, args.rounds) < 1 or args.workers < 0:
         parser.error("need --samples >= --batch-size >= 1, --rounds >= 1 and --workers >= 0")
     with torch_threads(args.threads), tempfile.TemporaryDirectory() as tmp:
         shards = make_shards(Path(tmp), args.samples)
-        rates = run(shards, args.batch_size, args.workers, args.rounds, args.samples)
-    n = args.rounds * (args.samples // args.batch_size) * args.batch_size
-    print(f"bare WebDataset+PIL: {rates['bare']:.0f} samples/s   expblip loader: {rates['ours']:.0f} samples/s"
-          f"   ({n} samples each, batch {args.batch_size}, workers {args.workers})")
-    print(f"ratio: {rates['ours'] / rates['bare']:.3f}", flush=True)
+        seconds = run(shards, args.batch_size, args.workers, args.rounds, args.samples)
+    n = (args.samples // args.batch_size) * args.batch_size
+    rates = {name: [n / s for s in values] for name, values in seconds.items()}
+    print(f"bare WebDataset+PIL: {median(rates['bare']):.0f} samples/s   expblip loader: {median(rates['ours']):.0f} "
+          f"samples/s   (medians of {args.rounds} alternating rounds of {n} samples, batch {args.batch_size}, "
+          f"workers {args.workers})")
+    print("per-round ratios: " + " ".join(f"{b / o:.3f}" for o, b in zip(seconds["ours"], seconds["bare"], strict=True)))
+    print(f"ratio: {median_ratio(seconds, 'bare', 'ours'):.3f}", flush=True)  # rates: ours/bare = bare's time/ours
     return 0
 
 

@@ -91,15 +91,28 @@ def test_few_steps_of_training_reduce_the_loss(model, tok):
 
 @pytest.mark.parametrize("gen", [GenerationConfig(num_beams=3, max_new_tokens=8),
                                  GenerationConfig(sample=True, max_new_tokens=8)], ids=["beam", "nucleus"])
-def test_generation_returns_one_caption_per_image(model, tok, gen):
+def test_generation_decodes_only_the_new_tokens_of_each_image(model, tok, gen):
+    from expblip.model.tokenizer import caption_end_id
+
+    pixels = torch.randn(3, 3, 64, 64)
     torch.manual_seed(0)
-    captions = generate_captions(model.eval(), tok, torch.randn(3, 3, 64, 64), gen)
-    assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+    captions = generate_captions(model.eval(), tok, pixels, gen)
+    torch.manual_seed(0)  # the same draw for nucleus sampling
+    kwargs = dict(num_beams=1, do_sample=True, top_p=gen.top_p) if gen.sample else dict(num_beams=gen.num_beams)
+    out = model.generate(pixel_values=pixels, max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens,
+                         eos_token_id=caption_end_id(tok), pad_token_id=tok.pad_token_id, **kwargs)
+    prompt = model.config.num_query_tokens + 1  # the image tokens and </s>: never part of a caption
+    assert out.shape[1] <= prompt + gen.max_new_tokens
+    assert captions == [t.strip() for t in tok.batch_decode(out[:, prompt:], skip_special_tokens=True)]
+    assert all(tok.decode(row[:prompt]).count("<image>") == model.config.num_query_tokens for row in out)
 
 
-@pytest.mark.parametrize("preset, billions", [("vitg-opt6.7b", (7.5, 8.0)), ("vitg-opt2.7b", (3.7, 4.1)),
-                                              ("vitb-opt2.7b", (2.8, 3.1))])
-def test_paper_presets_build_the_paper_shapes_without_memory(tok, preset, billions):
+# (ViT width, depth), (OPT width, depth): EVA ViT-g/14 1408 x 39 (LAVIS drops its last layer of 40), CLIP ViT-B/16
+# 768 x 12; OPT-6.7B 4096 x 32, OPT-2.7B 2560 x 32 (the released configs of Salesforce/blip2-opt-*).
+@pytest.mark.parametrize("preset, billions, vit, opt", [("vitg-opt6.7b", (7.5, 8.0), (1408, 39), (4096, 32)),
+                                                        ("vitg-opt2.7b", (3.7, 4.1), (1408, 39), (2560, 32)),
+                                                        ("vitb-opt2.7b", (2.8, 3.1), (768, 12), (2560, 32))])
+def test_paper_presets_build_the_paper_shapes_without_memory(tok, preset, billions, vit, opt):
     """Built on the meta device: the same code path as training, no weights allocated."""
     cfg = ModelConfig(preset=preset, tokenizer="/not/needed/for/shapes")
     with torch.device("meta"):
@@ -108,4 +121,7 @@ def test_paper_presets_build_the_paper_shapes_without_memory(tok, preset, billio
     assert billions[0] < n < billions[1], n
     c = blip2_config(cfg, tok)
     assert c.num_query_tokens == 32 and c.text_config.vocab_size == 50272
-    assert PRESETS[preset][0] in ("vitg", "vitb")
+    assert (c.vision_config.hidden_size, c.vision_config.num_hidden_layers) == vit
+    assert (c.text_config.hidden_size, c.text_config.num_hidden_layers) == opt
+    assert (c.qformer_config.hidden_size, c.qformer_config.num_hidden_layers) == (768, 12)  # BERT-base
+    assert c.qformer_config.encoder_hidden_size == vit[0] and PRESETS[preset][3] == 32

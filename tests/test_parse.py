@@ -4,7 +4,9 @@ import random
 
 import pytest
 
-from expblip.infer.parse import EMOTIONS, parse_aus, parse_caption, parse_emotions
+from expblip.data.captions import au_caption
+from expblip.data.facs import AUS, EMOTIONS, third_person
+from expblip.infer.parse import parse_aus, parse_caption, parse_emotions
 
 NO_AU_CAPTION = (
     "The eyes may be open and looking straight ahead, with the mouth closed or slightly open in a relaxed position. "
@@ -154,58 +156,21 @@ def test_canonical_emotion_names() -> None:
         assert parse_emotions(f"The face shows {name}.") == {name}
 
 
-# The AU table of EXPBLIP.md: (AU, FACS name, the paper's verb form).
-AU_TABLE = [
-    (1, "inner brow raiser", "raise inner eyebrow"),
-    (2, "outer brow raiser", "raise outer eyebrow"),
-    (4, "brow lowerer", "lower brow"),
-    (5, "upper lid raiser", "raise upper lid"),
-    (6, "cheek raiser", "raise cheek"),
-    (7, "lid tightener", "tighten lids"),
-    (8, "lips toward each other", "pull lips toward each other"),
-    (9, "nose wrinkler", "wrinkle nose"),
-    (10, "upper lip raiser", "raise upper lip"),
-    (11, "nasolabial deepener", "deepen nasolabial"),
-    (12, "lip corner puller", "pull lip corner"),
-    (14, "dimpler", "tighten lip corner"),
-    (15, "lip corner depressor", "depress lip corner"),
-    (16, "lower lip depressor", "depress lower lip"),
-    (17, "chin raiser", "raise chin"),
-    (18, "lip pucker", "pucker lips"),
-    (19, "tongue show", "stick tongue out"),
-    (20, "lip stretcher", "stretch lips"),
-    (21, "neck tightener", "tighten neck"),
-    (22, "lip funneler", "show lip funneler"),
-    (23, "lip tightener", "tighten lips"),
-    (24, "lip pressor", "press lips"),
-    (25, "lips part", "separate lips"),
-    (26, "jaw drop", "drop jaw"),
-    (27, "mouth stretch", "stretch mouth"),
-    (28, "lip suck", "suck lips"),
-    (43, "eyes closed", "close eyes"),
-]
-
-
-def _third_person(verb_form: str) -> str:
-    """Third person, as the rule captions write it: raise inner eyebrow -> raises inner eyebrow."""
-    verb, _, rest = verb_form.partition(" ")
-    verb = verb + "es" if verb.endswith(("s", "sh", "ch")) else verb + "s"
-    return f"{verb} {rest}"
+# The AU table lives once, in expblip.data.facs; the parser must read every row of it back out of text.
+AU_TABLE = [(n, au.name, au.verb) for n, au in AUS.items()]
 
 
 @pytest.mark.parametrize(("au", "name", "verb_form"), AU_TABLE, ids=[str(row[0]) for row in AU_TABLE])
 def test_every_au_by_name_verb_and_number(au: int, name: str, verb_form: str) -> None:
     assert parse_aus(f"A {name}.") == {au}
-    assert parse_aus(f"It is a people who {_third_person(verb_form)}.") == {au}
+    assert parse_aus(f"It is a people who {third_person(verb_form)}.") == {au}
     assert parse_aus(f"It is a people who does not {verb_form}.") == set()
     assert parse_aus(f"AU{au}") == {au}
 
 
 def _rule_caption(rows: list[tuple[int, str, str]]) -> str:
-    """The paper's rule caption for these AU table rows."""
-    phrases = [_third_person(verb) for _, _, verb in rows]
-    head = ", ".join(phrases[:-1])
-    return "It is a people who " + (f"{head} and {phrases[-1]}" if head else phrases[-1]) + "."
+    """The paper's rule caption for these AU table rows, as the caption synthesis writes it."""
+    return au_caption([au for au, _, _ in rows])
 
 
 def test_rule_caption_of_all_aus_parses_back() -> None:

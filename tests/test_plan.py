@@ -98,6 +98,22 @@ def test_script_refuses_an_unknown_preset(capsys):
     assert "--preset 'vitx' does not exist" in capsys.readouterr().err
 
 
-def test_tiny_preset_plans_too():
-    counts = count_params("tiny")
-    assert counts.total < 2e6 and counts.lm > 0
+def test_tiny_preset_counts_every_parameter_of_the_built_model():
+    from expblip.data.synthetic import synthetic_records
+    from expblip.model.blip2 import ModelConfig, build_model
+    from expblip.model.tokenizer import train_caption_tokenizer
+
+    counts = count_params("tiny")  # on the meta device, with the preset's 512-word vocabulary
+    captions = [c for r in synthetic_records(200, seed=1) for c in r["captions"]]
+    model = build_model(ModelConfig(), train_caption_tokenizer(captions, vocab_size=512))
+
+    def size(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    assert (counts.vision, counts.qformer + counts.projection - model.query_tokens.numel()) == (
+        size(model.vision_model), size(model.qformer) + size(model.language_projection))
+    # the LM differs only by the vocabulary rows the trained tokenizer did not fill (tied input/output embedding):
+    # the plan counts 512 words + <image>; this tokenizer learnt fewer (its vocab_size includes <image>)
+    text = model.config.text_config
+    assert counts.lm - size(model.language_model) == (512 + 1 - text.vocab_size) * text.word_embed_proj_dim  # + <image>
+    assert counts.total == counts.vision + counts.qformer + counts.projection + counts.lm

@@ -116,10 +116,16 @@ def test_undrawable_au_is_rejected():
         draw_face([10], random.Random(0))
 
 
-def test_contact_sheet(tmp_path):
-    path = save_contact_sheet(synthetic_records(10, seed=0), tmp_path / "sheet.png", columns=5)
-    sheet = Image.open(path)
-    assert sheet.size[0] == 5 * 128 and sheet.size[1] > 2 * 128
+def test_contact_sheet_holds_each_face_at_its_place_with_its_label_row(tmp_path):
+    records = list(synthetic_records(10, seed=0))
+    sheet = Image.open(save_contact_sheet(records, tmp_path / "sheet.png", columns=5)).convert("RGB")
+    assert sheet.size == (5 * 128, 2 * (128 + 24))
+    for k in (0, 4, 7):  # first, end of the first row, inside the second row: the face, zoomed 2x
+        x, y = (k % 5) * 128, (k // 5) * (128 + 24)
+        tile = sheet.crop((x, y, x + 128, y + 128))
+        assert np.array_equal(_pixels(tile), _pixels(records[k]["image"].resize((128, 128), Image.Resampling.NEAREST)))
+        label = _pixels(sheet.crop((x, y + 128, x + 128, y + 128 + 24)))
+        assert (label < 128).any()  # its AU numbers (or "-") are written under it
 
 
 # ---------------------------------------------------------------- learnability

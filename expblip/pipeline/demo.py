@@ -50,12 +50,14 @@ def make_shards(demo: DemoConfig) -> dict[str, str]:
     return out
 
 
-def stage_config(recipe: str, demo: DemoConfig, shards: str, steps: int, weights: str = "") -> Config:
+def stage_config(recipe: str, demo: DemoConfig, shards: str, steps: int, weights: str = "",
+                 extra: list[str] | None = None) -> Config:
     overrides = [f"data.train.shards={shards}", f"train.run_dir={Path(demo.out, 'runs', recipe)}",
                  f"train.max_steps={steps}", f"tracking.uri=sqlite:///{Path(demo.out, 'mlflow.db').resolve()}",
                  f"ray.verbose={str(demo.verbose).lower()}"]
     if weights:
         overrides.append(f"model.weights={weights}")
+    overrides += extra or []
     return load_config(REPO / "recipes" / f"{recipe}.yaml", overrides)
 
 
@@ -115,7 +117,10 @@ def run_demo(demo: DemoConfig | None = None) -> dict:
     shards = make_shards(demo)
     vision = train_stage(stage_config("tiny_vision", demo, shards["train"], demo.vision_steps))
     lm = train_stage(stage_config("tiny_lm", demo, shards["train"], demo.lm_steps, weights=vision))
-    stage2 = train_stage(stage_config("tiny_stage2", demo, shards["train"], demo.stage2_steps, weights=lm))
+    heldout = [f"data.eval.shards={Path(shards['test']).resolve()}", f"train.eval_every={max(1, demo.stage2_steps // 3)}",
+               "train.eval_generate=64"]  # MLflow's eval/* curves: held-out loss and strict scores while it trains
+    stage2 = train_stage(stage_config("tiny_stage2", demo, shards["train"], demo.stage2_steps, weights=lm,
+                                      extra=heldout))
     result = evaluate(demo, stage2, shards)
     result["probes"] = probe(demo, stage2, shards)
     describe(demo, stage2)

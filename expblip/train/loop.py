@@ -105,10 +105,12 @@ def _quiet_libraries() -> None:
     """Libraries' own INFO chatter (MLflow store creation and system-metrics notes, transformers' shard-writing bars)
     would bury the loop's lines; their warnings still show."""
     import logging
+    import os
 
     from transformers.utils import logging as hf_logging
 
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported (the tracker)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # in case it already was
     hf_logging.disable_progress_bar()
 
 
