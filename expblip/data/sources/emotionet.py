@@ -77,8 +77,10 @@ def label_file(base: Path) -> Path:
     """The manual-annotation table in ROOT or one level down; a CSV wins over an XLSX of the same name."""
     folders = [base, *_subdirs(base)]
     found = sorted(p for folder in folders for p in folder.iterdir() if p.is_file() and _is_table(p))
-    stems = {p.with_suffix(".csv") for p in found}
-    chosen = [p.with_suffix(".csv") if p.with_suffix(".csv") in found else p for p in sorted(stems)]
+    by_stem: dict[Path, list[Path]] = {}
+    for path in found:
+        by_stem.setdefault(path.with_suffix(""), []).append(path)
+    chosen = [next((p for p in paths if p.suffix == ".csv"), paths[0]) for paths in by_stem.values()]
     if not chosen:
         raise FileNotFoundError(f"{DATASET}: no manual-annotation table ({RELEASE_FILE}.csv or .xlsx) in {base} or "
                                 f"one level down; expected {EXPECTED} (docs/datasets.md)")
