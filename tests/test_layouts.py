@@ -277,6 +277,17 @@ def test_affectnet_later_release_train_set_val_set(tmp_path):
     assert _labels(test, "emotions") == {"affectnet-val_set-0": ["disgust"]}
 
 
+def test_affectnet_one_folder_per_code(tmp_path):
+    # DAN's utils/convert_affectnet.py copies every image into {train,val}/<label>/
+    images = {("train", 1, "a"): 1, ("train", 6, "b"): 2, ("val", 0, "c"): 3}
+    for (split, code, name), shade in images.items():
+        _image(tmp_path / split / str(code) / f"{name}.jpg", shade)
+    assert _labels(list(records("affectnet", root=str(tmp_path), split="train")), "emotions") == {
+        "affectnet-train-1-a": ["happiness"], "affectnet-train-6-b": ["anger"]}
+    assert _labels(list(records("affectnet", root=str(tmp_path), split="test")), "emotions") == {
+        "affectnet-val-0-c": ["neutral"]}
+
+
 def test_affectnet_images_still_in_their_archive(tmp_path):
     _affectnet_lists(tmp_path, {"1/a.jpg": 1}, {"3/d.jpg": 7})
     with tarfile.open(tmp_path / "Manually_Annotated.tar", "w"):

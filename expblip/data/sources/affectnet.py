@@ -10,6 +10,7 @@ Layouts read (docs/datasets.md cites the public readers)::
 
     ROOT/train_set/images/0.jpg + ROOT/train_set/annotations/0_exp.npy   the later release: "train";
     ROOT/val_set/...                                                       "val_set" → "test"
+    ROOT/train/3/<image>.jpg, ROOT/val/3/...   one folder per code (DAN's utils/convert_affectnet.py): "val" → "test"
 
 CSV columns: ``subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,expression,valence,
 arousal`` (the landmarks cell is a quoted ``;``-separated list). A header row is optional (some copies of
@@ -46,6 +47,7 @@ from expblip.data.sources._common import (
 DATASET = "affectnet"
 FILES = {"train": "training.csv", "test": "validation.csv"}
 SETS = {"train": "train_set", "test": "val_set"}  # the later release's folders
+CLASS_SETS = {"train": "train", "test": "val"}  # one folder per code (DAN's convert_affectnet.py)
 LIST_DIR, IMAGE_DIR = "Manually_Annotated_file_lists", "Manually_Annotated_Images"
 EXPECTED = (f"ROOT/{LIST_DIR}/training.csv, validation.csv and ROOT/{IMAGE_DIR}/<subDirectory_filePath> "
             "(or the later release's train_set/ and val_set/)")
@@ -125,6 +127,27 @@ def _later_release(base: Path, splits: tuple[str, ...]) -> list[Path] | None:
     return [found[s][0] for s in splits]
 
 
+def _class_folders(base: Path, splits: tuple[str, ...]) -> list[Path] | None:
+    """ROOT/train and ROOT/val when they hold one folder per expression code (0-7), else None."""
+    folders = [base / CLASS_SETS[s] for s in splits]
+    if not all(f.is_dir() and any(d.name.isdigit() for d in f.iterdir() if d.is_dir()) for f in folders):
+        return None
+    return folders
+
+
+def _class_entries(folder: Path, skips: Skips) -> Iterator[Entry]:
+    for class_dir in sorted((d for d in folder.iterdir() if d.is_dir()), key=lambda d: d.name):
+        if not class_dir.name.isdigit():
+            raise ValueError(f"{class_dir}: expected one folder per expression code 0-7 in {folder}")
+        code = int(class_dir.name)
+        for image in sorted(class_dir.iterdir()):
+            if code in DROPPED:
+                skips.drop(f"code {code} ({DROPPED[code]})", str(image))
+                continue
+            yield (record_key(DATASET, folder.name, class_dir.name, image.stem), image,
+                   _code_label(code, class_dir, 1))
+
+
 def records(root: str, split: str = "train", caption: CaptionConfig | None = None, subsample: bool = True, *,
             max_skipped: float | None = None, **_: object) -> Iterator[dict]:
     """AffectNet's manually annotated images as records; "train" is training.csv, "test" validation.csv."""
@@ -132,9 +155,11 @@ def records(root: str, split: str = "train", caption: CaptionConfig | None = Non
     base = require_root(root, DATASET, EXPECTED)
     splits = ("train", "test") if split == "all" else (split,)
     skips = Skips(DATASET, max_skipped)
-    sets = _later_release(base, splits)
+    sets, classes = _later_release(base, splits), _class_folders(base, splits)
     if sets is not None:
         entries = (entry for folder in sets for entry in _set_entries(folder, skips))
+    elif classes is not None:
+        entries = (entry for folder in classes for entry in _class_entries(folder, skips))
     else:
         files = [_label_file(base, FILES[s]) for s in splits]
         image_dir = one_dir(base, DATASET, lambda p: p.name == IMAGE_DIR, f"{IMAGE_DIR} folder", 3,
