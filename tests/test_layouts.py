@@ -383,17 +383,24 @@ def test_rows_left_out_by_rule_never_fail_a_conversion(tmp_path):
         list(records("affectnet", root=str(tmp_path), split="train", max_skipped=0.0))
 
 
-def test_make_shards_disfa_frame_base_end_to_end(tmp_path):
+def test_make_shards_disfa_frame_base_end_to_end(tmp_path, capsys):
     truth = _disfa_labels(tmp_path / "DISFA")
-    for n in range(12):
+    _disfa_labels(tmp_path / "DISFA", subject="SN002")
+    for n in range(12):  # SN001: ME-GraphAU's 0.png .. 11.png, detected
         _image(tmp_path / "DISFA/img/SN001" / f"{n}.png", n, "PNG")
-    out = tmp_path / "shards"
-    assert launch_module("make_shards").main(["disfa", "--root", str(tmp_path / "DISFA"), "--out", str(out),
-                                              "--split", "all", "--no-subsample", "--frame-base", "0"]) == 0
+    for n in range(13):  # SN002: 0..12 against labels 1..12 cannot be told apart
+        _image(tmp_path / "DISFA/img/SN002" / f"{n}.png", n, "PNG")
+    out, main = tmp_path / "shards", launch_module("make_shards").main
+    args = ["disfa", "--root", str(tmp_path / "DISFA"), "--out", str(out), "--split", "all", "--no-subsample",
+            "--samples-per-shard", "5"]
+    assert main(args) == 2  # after SN001's shards were written
+    assert "--frame-base 0 if image N shows label frame N+1" in capsys.readouterr().err
+    assert not (out / MANIFEST).exists() and not (out / PARTIAL_MANIFEST).exists()
+    assert main([*args, "--frame-base", "0"]) == 0  # the re-run the message asks for is not told it differs
     urls, _ = resolve_shards(str(out))
-    labels = {json.loads(s["json"])["frame"]: json.loads(s["json"])["aus"] for s in wds.WebDataset(urls,
-                                                                                                   shardshuffle=False)}
-    assert labels == truth and read_manifest(str(out))["meta"]["frame_base"] == 0
+    samples = [json.loads(s["json"]) for s in wds.WebDataset(urls, shardshuffle=False)]
+    assert len(samples) == 24 and read_manifest(str(out))["meta"]["frame_base"] == 0
+    assert {s["frame"]: s["aus"] for s in samples if s["subject"] == "SN001"} == truth
 
 
 @pytest.mark.parametrize("kwargs, message", [

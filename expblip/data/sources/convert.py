@@ -6,7 +6,8 @@
 
 A conversion that keeps no record, or skips more than ``max_skipped`` of its rows as bad data (missing images, ...),
 raises :class:`~expblip.data.sources._common.ConversionError` naming the first skipped rows; no ``manifest.json``
-is written and the partial manifest is removed, so a fixed re-run starts afresh. Rows a documented label rule
+is written and the partial manifest is removed, so a fixed re-run starts afresh (the same for a video folder whose
+frame numbering cannot be told, re-run with ``frame_base``). Rows a documented label rule
 leaves out (a BP4D AU coded 9, AffectNet codes 8-10) never count against the threshold.
 """
 
@@ -19,6 +20,7 @@ from typing import Literal
 from expblip.data.captions import CaptionConfig
 from expblip.data.sources import SOURCES, default_caption_style, records
 from expblip.data.sources._common import MAX_SKIPPED, ConversionError
+from expblip.data.sources._video import FrameNumberingError
 from expblip.data.sources.folds import paper_test_subjects
 
 log = logging.getLogger(__name__)
@@ -125,8 +127,8 @@ def convert(req: ConvertRequest) -> dict:
     try:
         return write_shards(source, req.out, samples_per_shard=req.samples_per_shard, meta=meta,
                             progress=req.progress)
-    except ConversionError:
-        _discard_partial(req.out)
+    except (ConversionError, FrameNumberingError):  # refused, not interrupted: the re-run (e.g. with --frame-base)
+        _discard_partial(req.out)                   # must not be told that it differs from these shards
         raise
 
 
