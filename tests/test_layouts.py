@@ -56,13 +56,15 @@ def _bp4d_labels(root: Path, subjects=("F001", "M002"), first: int = 2440) -> di
         for i in range(3):
             aus = [1, 12] if i else [1]
             truth[(subject, first + i)] = aus
-            rows.append(",".join([str(first + i), *("1" if int(c) in aus else "0" for c in BP4D_HEADER.split(",")[1:])]))
+            cells = ("1" if int(c) in aus else "0" for c in BP4D_HEADER.split(",")[1:])
+            rows.append(",".join([str(first + i), *cells]))
         _write(root / "AUCoding/AU_OCC" / f"{subject}_T1.csv", "\n".join(rows) + "\n")
     return truth
 
 
 def _bp4d_frames(folder: Path, subjects=("F001", "M002"), first: int = 2440, pad: int = 4) -> dict:
-    return {(s, first + i): _image(folder / s / "T1" / f"{first + i:0{pad}d}.jpg", i) for s in subjects for i in range(3)}
+    return {(s, first + i): _image(folder / s / "T1" / f"{first + i:0{pad}d}.jpg", i)
+            for s in subjects for i in range(3)}
 
 
 @pytest.mark.parametrize("frames_at, pad", [
@@ -334,7 +336,8 @@ def test_raf_au_and_faceme_in_a_nested_download(tmp_path):
     _image(tmp_path / "RAF-AU/RAF-AU/aligned/0001_aligned.jpg")
     assert _labels(list(records("raf_au", root=str(tmp_path / "RAF-AU"), split="all"))) == {"raf_au-0001": [1, 4, 12]}
     _write(tmp_path / "FaceME/FaceME/label_names.txt", "happy\nsad\n")
-    _write(tmp_path / "FaceME/FaceME/annotations.csv", "image,annotator_1,annotator_2,annotator_3\na.jpg,happy,happy,\n")
+    _write(tmp_path / "FaceME/FaceME/annotations.csv",
+           "image,annotator_1,annotator_2,annotator_3\na.jpg,happy,happy,\n")
     _image(tmp_path / "FaceME/FaceME/images/a.jpg")
     assert _labels(list(records("faceme", root=str(tmp_path / "FaceME"))), "emotions") == {"faceme-a": ["happiness"]}
 
@@ -377,7 +380,8 @@ def test_rows_left_out_by_rule_never_fail_a_conversion(tmp_path):
     _image(tmp_path / "Manually_Annotated_Images/1/a.jpg")
     recs = list(records("affectnet", root=str(tmp_path), split="train", max_skipped=0.0))
     assert _labels(recs, "emotions") == {"affectnet-1-a": ["happiness"]}
-    with pytest.raises(ConversionError, match=r"no samples to write .*1 code 8 \(none\) \(by rule\)"):  # but nothing at all is an error
+    # but a conversion that keeps nothing at all is an error
+    with pytest.raises(ConversionError, match=r"no samples to write .*1 code 8 \(none\) \(by rule\)"):
         _write(tmp_path / "Manually_Annotated_file_lists/training.csv",
                "\n".join([AFFECTNET_HEADER, '1/b.jpg,1,1,9,9,"1",8,0,0']) + "\n")
         list(records("affectnet", root=str(tmp_path), split="train", max_skipped=0.0))

@@ -127,14 +127,15 @@ def test_evaluate_protocol_bp4d_3fold_end_to_end(bp4d_standin, tmp_path, capsys)
                                 "--split", split, "--fold", str(k), "--folds", "3", "--no-subsample"]) == 0
     capsys.readouterr()
     code = launch_module("evaluate").main([
-        "--protocol", "bp4d-3fold", "--model", str(tmp_path / "run{fold}"), "--shards", str(tmp_path / "fold{fold}/test"),
+        "--protocol", "bp4d-3fold", "--model", str(tmp_path / "run{fold}"),
+        "--shards", str(tmp_path / "fold{fold}/test"),
         "--train-shards", str(tmp_path / "fold{fold}/train"), "--probe", "qformer", "--probe-task", "au",
         "--probe-train-shards", str(tmp_path / "fold{fold}/train"), "--beams", "1", "--max-new-tokens", "4",
         "--no-progress", "--no-caption-metrics", "--out", str(tmp_path / "eval")])
     out = capsys.readouterr().out
     assert code == 0, out
-    header = "| predictor | fold | AU1 | AU2 | AU4 | AU6 | AU7 | AU10 | AU12 | AU14 | AU15 | AU17 | AU23 | AU24 | mean |"
-    assert header in out
+    aus = " | ".join(f"AU{a}" for a in (1, 2, 4, 6, 7, 10, 12, 14, 15, 17, 23, 24))
+    assert f"| predictor | fold | {aus} | mean |" in out
     for k in ("1", "2", "3", "mean"):
         assert re.search(rf"\| text-parsed captions \| {k} \|( \d+\.\d \|){{12}} \*\*\d+\.\d\*\* \|", out)
         assert re.search(rf"\| linear probe: qformer \| {k} \|", out)

@@ -82,8 +82,8 @@ def _disfa_subject(root: Path, subject: str, cfg: StandinConfig, rng: random.Ran
     for frame in range(1, cfg.frames + 1):  # DISFA's label files count frames from 1
         image, aus = _face(rng, cfg.image_size, "PNG" if cfg.frame_base == 0 else "JPEG")
         drawn.append(aus)
-        name = f"img/{subject}/{frame - 1}.png" if cfg.frame_base == 0 else f"Images_LeftCamera/{subject}/{frame:05d}.jpg"
-        _write(root / name, image)
+        zero_based, one_based = f"img/{subject}/{frame - 1}.png", f"Images_LeftCamera/{subject}/{frame:05d}.jpg"
+        _write(root / (zero_based if cfg.frame_base == 0 else one_based), image)
     for au in DATASET_AUS["disfa"]:
         lines = [f"{f},{DISFA_PRESENT if au in aus else 0}" for f, aus in enumerate(drawn, 1)]
         _write(root / "ActionUnit_Labels" / subject / f"{subject}_au{au}.txt", "\n".join(lines) + "\n")

@@ -161,7 +161,8 @@ def summary_table(summary: dict) -> str:
     rows = ["| predictor | " + " | ".join(f"fold {k}" for k in range(1, n + 1))
             + " | mean over folds | strongest free baseline (mean over folds) |", "|---|" + "---:|" * (n + 2)]
     rows.append("| text-parsed captions (this export) | " + " | ".join(_pct(f["model"]["mean"]) for f in folds)
-                + f" | **{_pct(mean['model']['mean'])}** | {_pct(mean['baseline']['mean'])} ({_baseline_name(folds)}) |")
+                + f" | **{_pct(mean['model']['mean'])}** | {_pct(mean['baseline']['mean'])} "
+                  f"({_baseline_name(folds)}) |")
     for name in summary["probe_names"]:
         rows.append(f"| linear probe on {name} features (this export) | "
                     + " | ".join(_pct(f["probes"][name]["mean"]) for f in folds)
