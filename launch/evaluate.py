@@ -10,6 +10,11 @@ every baseline that costs nothing, caption text metrics, optional linear probes,
     # GPU, the whole split, BP4D's 12 AUs
     python launch/evaluate.py --model runs/au_blip/export --shards s3://bucket/bp4d/test --aus bp4d \
         --device cuda --batch-size 64 --out runs/au_blip/eval
+    # the field's protocol: one export per subject-exclusive fold ({fold} = 1, 2, 3; shards from
+    # make_shards.py bp4d ... --fold K --folds 3), per-AU F1 per fold and the mean, beside ME-GraphAU and the paper
+    python launch/evaluate.py --protocol bp4d-3fold --model runs/bp4d_fold{fold} \
+        --shards shards/bp4d/fold{fold}/test --train-shards shards/bp4d/fold{fold}/train \
+        --probe qformer --probe-train-shards shards/bp4d/fold{fold}/train --out runs/bp4d_protocol
 
 Prints the model beside each baseline (the most frequent training caption, the best constant caption for AU F1 and
 for emotion accuracy chosen on the training labels, chance), the per-AU F1 table, the caption metrics and the
@@ -43,6 +48,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--batch-size", type=int, default=16, help="images captioned together")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--protocol", default="", choices=["", "bp4d-3fold", "disfa-3fold"],
+                        help="evaluate one export per fold ({fold} in --model and the shard paths) on the dataset's "
+                        "AUs; prints per-AU F1 per fold and the mean beside the field's reference numbers")
     text = parser.add_argument_group("caption text metrics")
     text.add_argument("--caption-metrics", action=argparse.BooleanOptionalAction, default=True,
                       help="score the captions as text against every reference caption (default: on)")
@@ -64,7 +72,12 @@ def parse_args(argv: list[str] | None):
                                                         "mlflow_run.json (default: $MLFLOW_TRACKING_URI)")
     track.add_argument("--mlflow-experiment", default="expblip-eval", help="experiment of a new run")
     try:
-        return EvalJob(**vars(parser.parse_args(argv)))
+        job = EvalJob(**vars(parser.parse_args(argv)))
+        if job.protocol:
+            from expblip.eval.protocol import check_job
+
+            check_job(job)
+        return job
     except ValueError as err:
         parser.error(str(err))
 

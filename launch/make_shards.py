@@ -4,13 +4,21 @@
     python launch/make_shards.py synthetic --out demo/shards/test --samples 300 --split test
     python launch/make_shards.py synthetic --out s3://bucket/synthetic/train --samples 100000
 
-Public datasets (layouts and split rules: docs/datasets.md):
+Public datasets (layouts, layout variants and split rules: docs/datasets.md):
 
     python launch/make_shards.py rafdb --root data/RAF-DB --out shards/rafdb/train --split train
     python launch/make_shards.py bp4d --root data/BP4D --out shards/bp4d/train --split train
-    python launch/make_shards.py bp4d --root data/BP4D --out shards/bp4d/test --split test --no-subsample
-    python launch/make_shards.py disfa --root data/DISFA --out shards/disfa/test --split test \\
-        --test-subjects SN001,SN002,SN009 --no-subsample
+    # the field's protocol: subject-exclusive fold K of 3 (JAA-Net / ME-GraphAU lists); fold 1 = the paper's test
+    python launch/make_shards.py bp4d --root data/BP4D --out shards/bp4d/fold1/train --split train --fold 1 --folds 3
+    python launch/make_shards.py bp4d --root data/BP4D --out shards/bp4d/fold1/test --split test --fold 1 --folds 3 \\
+        --no-subsample
+    # frames extracted counting from 0 (ME-GraphAU, JAA-Net): detected per folder; --frame-base 0 forces it
+    python launch/make_shards.py disfa --root data/DISFA --out shards/disfa/fold2/test --split test --fold 2 \\
+        --folds 3 --no-subsample --frame-base 0
+
+A conversion that keeps no sample, or skips more than --max-skipped (default 1%) of its rows as bad data (missing
+images, ...), prints the first skipped rows and exits 2 without a complete manifest. Rows a label rule leaves out
+(a BP4D AU coded 9, AffectNet codes 8-10) never count against it.
 """
 
 from __future__ import annotations
@@ -18,56 +26,66 @@ from __future__ import annotations
 import argparse
 import sys
 
-from expblip.cli import run_main
+
+def _frame_base(text: str) -> int | None:
+    if text not in ("auto", "0", "1"):
+        raise argparse.ArgumentTypeError(f"expected auto, 0 or 1, got {text!r}")
+    return None if text == "auto" else int(text)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="synthetic, bp4d, disfa, gft, raf_au, emotionet, affectnet, rafdb, "
+                   "rafdb_compound or faceme")
+    p.add_argument("--out", required=True, help="output directory or URL (file://, s3://)")
+    p.add_argument("--root", default="", help="dataset root directory (real datasets)")
+    p.add_argument("--samples", type=int, default=1000, help="synthetic: number of faces")
+    p.add_argument("--seed", type=int, default=0, help="synthetic: the faces drawn")
+    p.add_argument("--split", default="train", choices=["train", "test", "all"],
+                   help="synthetic: different faces per split; real datasets: the official split where one "
+                   "exists, else the fold / documented subject or image rule")
+    p.add_argument("--image-size", type=int, default=64, help="synthetic: image side in pixels")
+    p.add_argument("--caption-style", default="auto", choices=["auto", "au", "emotion", "concat"],
+                   help="auto: au for AU datasets (and synthetic), emotion for emotion datasets")
+    p.add_argument("--subsample", action=argparse.BooleanOptionalAction, default=True,
+                   help="video datasets: every 10th frame plus label changes (the paper's train sets); "
+                   "--no-subsample keeps every frame (the paper's and the protocol's test sets)")
+    p.add_argument("--test-fraction", type=float, default=None,
+                   help="datasets without an official split: fraction of subjects/images held out "
+                   "(default per dataset, see docs/datasets.md)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the subject/image split rule")
+    p.add_argument("--test-subjects", default=None,
+                   help="video datasets: test subject ids, comma-separated or a file with one per line")
+    p.add_argument("--fold", type=int, default=None, help="video datasets: this fold's subjects are the test split")
+    p.add_argument("--folds", type=int, default=None,
+                   help="number of folds; 3 uses the field's published subject lists for BP4D and DISFA")
+    p.add_argument("--paper-split", action="store_true",
+                   help="the paper's test subjects where they can be reconstructed (BP4D: fold 1's 13 subjects)")
+    p.add_argument("--frame-base", type=_frame_base, default=None, metavar="{auto,0,1}",
+                   help="video datasets: 1 = image N shows label frame N, 0 = image N shows label frame N+1 "
+                   "(frames extracted counting from 0); auto (default) detects it per folder and refuses to guess")
+    p.add_argument("--max-skipped", type=float, default=0.01,
+                   help="fail when more than this fraction of rows is skipped as bad data (default 0.01)")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="synthetic, bp4d, disfa, gft, raf_au, emotionet, affectnet, rafdb, "
-                        "rafdb_compound or faceme")
-    parser.add_argument("--out", required=True, help="output directory or URL (file://, s3://)")
-    parser.add_argument("--root", default="", help="dataset root directory (real datasets)")
-    parser.add_argument("--samples", type=int, default=1000, help="synthetic: number of faces")
-    parser.add_argument("--seed", type=int, default=0, help="synthetic: the faces drawn")
-    parser.add_argument("--split", default="train", choices=["train", "test", "all"],
-                        help="synthetic: different faces per split; real datasets: the official split where one "
-                        "exists, else the documented subject/image rule")
-    parser.add_argument("--image-size", type=int, default=64, help="synthetic: image side in pixels")
-    parser.add_argument("--caption-style", default="auto", choices=["auto", "au", "emotion", "concat"],
-                        help="auto: au for AU datasets (and synthetic), emotion for emotion datasets")
-    parser.add_argument("--subsample", action=argparse.BooleanOptionalAction, default=True,
-                        help="video datasets: every 10th frame plus label changes (the paper's train sets); "
-                        "--no-subsample keeps every frame (the paper's test sets)")
-    parser.add_argument("--test-fraction", type=float, default=None,
-                        help="datasets without an official split: fraction of subjects/images held out "
-                        "(default per dataset, see docs/datasets.md)")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the subject/image split rule")
-    parser.add_argument("--test-subjects", default=None,
-                        help="video datasets: test subject ids, comma-separated or a file with one per line")
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
-    args = parser.parse_args(argv)
+    p = parser()
+    args = vars(p.parse_args(argv))
+    from expblip.data.sources.convert import ConvertRequest, convert, summary_line
 
-    def go() -> None:
-        from expblip.data.captions import CaptionConfig
-        from expblip.data.shards import write_shards
-        from expblip.data.sources import default_caption_style, records
-
-        style = default_caption_style(args.source) if args.caption_style == "auto" else args.caption_style
-        opts = dict(split=args.split, caption=CaptionConfig(style=style))
-        if args.source == "synthetic":
-            opts.update(samples=args.samples, seed=args.seed, image_size=args.image_size, root=args.root)
-        else:
-            opts.update(root=args.root, subsample=args.subsample, split_seed=args.split_seed)
-            if args.test_fraction is not None:
-                opts["test_fraction"] = args.test_fraction
-            if args.test_subjects is not None:
-                opts["test_subjects"] = args.test_subjects
-        meta = {"source": args.source, **{k: v for k, v in opts.items() if k != "caption"}, "caption_style": style}
-        manifest = write_shards(records(args.source, **opts), args.out, samples_per_shard=args.samples_per_shard,
-                                meta=meta)
-        print(f"[expblip] {sum(s['samples'] for s in manifest['shards'])} samples in {len(manifest['shards'])} shards at {args.out}")
-
-    return run_main(go)
+    try:
+        request = ConvertRequest(**args)
+    except ValueError as err:
+        p.error(str(err))
+    try:
+        manifest = convert(request)
+    except (OSError, ValueError) as err:  # a missing file, a malformed label, a refused layout, a failed conversion
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summary_line(manifest, request.out), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -285,7 +285,7 @@ def test_affectnet_codes_and_dropped_classes(tmp_path, caplog):
     assert {r["key"]: r["labels"]["emotions"] for r in train} == {
         "affectnet-1-a": ["happiness"], "affectnet-1-b": ["contempt"], "affectnet-3-f": ["neutral"]}
     assert train[0]["labels"]["aus"] is None and train[0]["captions"] == ["The face shows happiness."]
-    assert "code 8 (none)" in caplog.text and "3 skipped" in caplog.text
+    assert "code 8 (none)" in caplog.text and "3 left out by rule" in caplog.text
     test = list(records("affectnet", root=str(tmp_path), split="test"))
     assert [r["labels"]["emotions"] for r in test] == [["surprise"]]
     assert len(list(records("affectnet", root=str(tmp_path), split="all"))) == 4

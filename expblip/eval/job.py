@@ -43,6 +43,7 @@ class EvalJob:
     mlflow: bool = False  # into the training run of `model` when it recorded one, else a new run at mlflow_uri
     mlflow_uri: str = ""
     mlflow_experiment: str = "expblip-eval"
+    protocol: str = ""  # "bp4d-3fold" | "disfa-3fold": one export per fold, {fold} in the paths (expblip.eval.protocol)
 
     def __post_init__(self) -> None:
         if self.probe and not self.probe_train_shards:
@@ -116,7 +117,12 @@ def report(job: EvalJob, result: dict) -> list[str]:
 
 
 def run_job(job: EvalJob) -> dict:
-    """Evaluate, write, log, and print the tables and verdict lines; returns the result."""
+    """Evaluate, write, log, and print the tables and verdict lines; returns the result (with ``job.protocol``:
+    every fold, expblip.eval.protocol, and the protocol's summary)."""
+    if job.protocol:
+        from expblip.eval.protocol import run_protocol
+
+        return run_protocol(job)
     result = evaluate(job)
     print("\n".join(report(job, result)), flush=True)
     return result

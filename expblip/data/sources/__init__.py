@@ -7,9 +7,12 @@ Every source is a function returning an iterator of records (see expblip.data.sh
                 "subject": str | None, "frame": int | None, ...dataset extras},
      "captions": captions_for(labels, caption)}
 
-Real datasets take ``root``, ``split`` ("train" | "test" | "all"), ``caption`` and ``subsample`` (video datasets),
-plus ``test_fraction`` / ``split_seed`` / ``test_subjects`` where the dataset has no official split. Expected
-layouts, label formats and split rules: docs/datasets.md and each module's docstring.
+Real datasets take ``root``, ``split`` ("train" | "test" | "all"), ``caption``, ``subsample`` (video datasets) and
+``max_skipped`` (set by conversions: fail when nothing, or too much, is skipped), plus ``test_fraction`` /
+``split_seed`` / ``test_subjects`` where the dataset has no official split, and ``fold`` / ``folds`` /
+``frame_base`` for the video datasets (expblip.data.sources.folds, _video). Layouts (each variant with the public
+reader it comes from), label formats and split rules: docs/datasets.md and each module's docstring. A whole
+conversion (options, metadata, the failure rule) is expblip.data.sources.convert.
 """
 
 from __future__ import annotations

@@ -16,9 +16,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import os
 import re
+import zipfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from expblip.data.captions import CaptionConfig, captions_for
@@ -32,6 +34,8 @@ _PNG_MAGIC, _JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
 _AU_COLUMN = re.compile(r"^(?:AU)?\s*0*(\d+)$", re.IGNORECASE)  # "1", "AU1", "AU01", "AU 1"
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")  # webdataset splits member names at the first dot
 _WARN_FIRST = 3  # skipped records logged one by one, per reason; the rest only in the summary
+EXAMPLES = 5  # bad rows named in a ConversionError
+MAX_SKIPPED = 0.01  # a conversion fails when more than this fraction of its rows is bad data
 DOCS = "see docs/datasets.md"
 Entry = tuple[str, Path, dict]  # (record key, image path, labels) of one still image
 
@@ -59,6 +63,101 @@ def require_dir(path: Path, dataset: str, what: str) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"{dataset}: missing directory {path}; expected {what} ({DOCS})")
     return path
+
+
+ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".rar", ".7z")
+_SKIP_DIRS = ("__MACOSX",)  # the resource forks macOS zips carry
+
+
+def find_dirs(base: Path, match: Callable[[Path], bool], max_depth: int = 3) -> list[Path]:
+    """Directories under ``base`` (``base`` itself at depth 0) for which ``match`` holds, shallowest first.
+
+    Breadth-first over directories only (``os.scandir``: no stat per file), never below a match, never into hidden
+    folders; how the converters find a release's folders inside the extra levels downloads and unpacking add.
+    """
+    found, level = [], [base]
+    for _depth in range(max_depth + 1):
+        below = []
+        for folder in level:
+            if match(folder):
+                found.append(folder)
+                continue
+            below += _subdirs(folder)
+        level = below
+    return found
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(Path(e.path) for e in entries if e.is_dir() and not e.name.startswith(".")
+                          and e.name not in _SKIP_DIRS)
+    except OSError:
+        return []
+
+
+def one_dir(base: Path, dataset: str, match: Callable[[Path], bool], what: str, max_depth: int = 3,
+            expected: str = "") -> Path:
+    """The single directory ``find_dirs`` finds; FileNotFoundError (with unpack hints) for none, ValueError for
+    several (naming them: keep one)."""
+    found = find_dirs(base, match, max_depth)
+    if len(found) > 1:
+        listed = ", ".join(str(p) for p in found[:4])
+        raise ValueError(f"{dataset}: {len(found)} candidate {what} under {base}: {listed}; keep one of them "
+                         f"(move or rename the others) ({DOCS})")
+    if not found:
+        raise FileNotFoundError(f"{dataset}: no {what} under {base} (searched {max_depth} levels down); expected "
+                                f"{expected or what}{archive_hint(base)} ({DOCS})")
+    return found[0]
+
+
+def release_root(base: Path, dataset: str, marker: str, max_depth: int = 2) -> Path:
+    """The folder holding ``marker`` (a release's label file): ROOT, or the one folder up to ``max_depth`` levels
+    down that an unzipped download nests it in (``RAF-AU/RAF-AU/...``); ROOT when there is none (the caller then
+    names the missing file)."""
+    found = find_dirs(base, lambda p: (p / marker).is_file(), max_depth)
+    if len(found) > 1:
+        raise ValueError(f"{dataset}: {len(found)} copies of {marker} under {base}: "
+                         f"{', '.join(str(p / marker) for p in found)}; keep one")
+    return found[0] if found else base
+
+
+def archives(base: Path, max_depth: int = 2) -> list[Path]:
+    """Archive files (zip, tar, ...) at most ``max_depth`` levels under ``base``."""
+    out, level = [], [base]
+    for _depth in range(max_depth):
+        for folder in level:
+            out += [p for p in folder.iterdir() if p.name.lower().endswith(ARCHIVES) and p.is_file()]
+        level = [sub for folder in level for sub in _subdirs(folder)]
+    return sorted(set(out))
+
+
+def unpack_command(archive: Path, target: Path) -> str:
+    """The shell command that unpacks ``archive`` so that its content lands in ``target``.
+
+    A zip whose members all start with ``target.name/`` unpacks into ``target.parent``; else into ``target``.
+    """
+    name = archive.name.lower()
+    if name.endswith(".zip"):
+        try:
+            with zipfile.ZipFile(archive) as z:
+                members = [m for m in z.namelist() if not m.startswith(_SKIP_DIRS)]
+        except (OSError, zipfile.BadZipFile):
+            members = []
+        nested = bool(members) and all(m.startswith(f"{target.name}/") for m in members)
+        return f"unzip -q '{archive}' -d '{target.parent if nested else target}'"
+    if name.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2")):
+        return f"mkdir -p '{target}' && tar -xf '{archive}' -C '{target}'"
+    return f"unpack '{archive}' into '{target}'"
+
+
+def archive_hint(base: Path) -> str:
+    """'; found archives ... : unpack them first (...)' or ''."""
+    found = archives(base)
+    if not found:
+        return ""
+    listed = ", ".join(str(p) for p in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    return f"; found archive(s) {listed}: unpack them first, e.g. {unpack_command(found[0], found[0].parent)}"
 
 
 def malformed(path: Path, lineno: int, problem: str) -> ValueError:
@@ -189,23 +288,64 @@ def require_test_part(dataset: str, split: str, test_fraction: float, test_subje
 # ---------------------------------------------------------------- records
 
 
-class Skips:
-    """Counts records skipped for bad data; logs the first few of each reason and a summary at the end."""
+class ConversionError(ValueError):
+    """A conversion that would write nothing, or skip more of its rows than allowed: no complete manifest."""
 
-    def __init__(self, dataset: str) -> None:
-        self.dataset, self.counts = dataset, Counter()
+
+class Skips:
+    """Counts the rows a source does not turn into records, logs the first few, and judges the conversion.
+
+    ``add`` counts *bad data* (a missing or unreadable image, a duplicate, a frame absent from some label files):
+    these count against ``max_skipped``. ``drop`` counts rows a documented label rule excludes (a BP4D AU coded 9,
+    an AffectNet code 8-10, an EmotioNet row with every AU unknown): logged and summarised, never an error by
+    themselves. With ``max_skipped`` set (conversions do), :meth:`finish` raises :class:`ConversionError` when no
+    record was kept, or when bad rows exceed that fraction of all rows, naming the first few.
+    """
+
+    def __init__(self, dataset: str, max_skipped: float | None = None) -> None:
+        self.dataset, self.counts, self.dropped = dataset, Counter(), Counter()
+        self.max_skipped = max_skipped
+        self.examples: list[str] = []  # the first EXAMPLES bad rows, "detail (reason)"
 
     def add(self, reason: str, detail: str) -> None:
         self.counts[reason] += 1
+        if len(self.examples) < EXAMPLES:
+            self.examples.append(f"{detail} ({reason})")
         if self.counts[reason] <= _WARN_FIRST:
             log.warning("%s: skipping %s (%s)", self.dataset, detail, reason)
 
+    def drop(self, reason: str, detail: str) -> None:
+        self.dropped[reason] += 1
+        if self.dropped[reason] <= _WARN_FIRST:
+            log.info("%s: leaving out %s (%s)", self.dataset, detail, reason)
+
+    def summary(self) -> str:
+        parts = [f"{n} {reason}" for reason, n in sorted(self.counts.items())]
+        parts += [f"{n} {reason} (by rule)" for reason, n in sorted(self.dropped.items())]
+        return ", ".join(parts) or "nothing skipped"
+
     def report(self, kept: int) -> None:
-        if self.counts:
-            summary = ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items()))
-            log.warning("%s: %d record(s) kept, %d skipped: %s", self.dataset, kept, self.counts.total(), summary)
+        if self.counts or self.dropped:
+            log.warning("%s: %d record(s) kept, %d skipped, %d left out by rule: %s", self.dataset, kept,
+                        self.counts.total(), self.dropped.total(), self.summary())
         else:
             log.info("%s: %d record(s) kept", self.dataset, kept)
+
+    def finish(self, kept: int) -> None:
+        """Log the summary; in a conversion (``max_skipped`` set) raise when nothing or too much survived."""
+        self.report(kept)
+        if self.max_skipped is None:
+            return
+        bad, rows = self.counts.total(), kept + self.counts.total() + self.dropped.total()
+        first = "; ".join(self.examples) or "none"
+        if kept == 0:
+            raise ConversionError(f"{self.dataset}: no samples to write ({rows} row(s) read: {self.summary()}); "
+                                  f"first skipped rows: {first}. Check the layout against docs/datasets.md")
+        if bad > self.max_skipped * rows:
+            raise ConversionError(
+                f"{self.dataset}: {bad} of {rows} rows skipped ({bad / rows:.1%}), more than the allowed "
+                f"{self.max_skipped:.1%} ({self.summary()}); first skipped rows: {first}. Fix the layout "
+                f"(docs/datasets.md) or, if your copy really lacks these files, pass --max-skipped {bad / rows:.2f}")
 
 
 def image_bytes(path: Path, skips: Skips) -> bytes | None:
@@ -247,7 +387,7 @@ def still_image_records(dataset: str, entries: Iterable[Entry], caption: Caption
             continue
         kept += 1
         yield make_record(key, data, labels, caption)
-    skips.report(kept)
+    skips.finish(kept)
 
 
 def still_labels(dataset: str, aus: list[int] | None = None, emotions: list[str] | None = None, **extra) -> dict:

@@ -7,6 +7,8 @@ from the previous labelled frame's. Positions count labelled frames, so gaps in 
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +16,10 @@ from pathlib import Path
 from expblip.data.captions import CaptionConfig
 from expblip.data.facs import DATASET_AUS
 from expblip.data.sources._common import (
+    DOCS,
     IMAGE_EXTENSIONS,
     Skips,
+    archives,
     au_column,
     csv_rows,
     image_bytes,
@@ -23,8 +27,10 @@ from expblip.data.sources._common import (
     malformed,
     parse_int,
     record_key,
+    unpack_command,
 )
 
+log = logging.getLogger("expblip.data.sources")
 EVERY = 10  # keep every 10th frame of a sequence (plus the frames where the AU labels change)
 UNKNOWN = 9  # BP4D/GFT occurrence code for "not coded"
 
@@ -64,18 +70,85 @@ def subsample(frames: Sequence[Frame], every: int = EVERY) -> list[Frame]:
     return [f for f, kept in zip(frames, mask, strict=True) if kept]
 
 
+_TRAILING_NUMBER = re.compile(r"(\d+)$")
+
+
+def frame_number(stem: str) -> int | None:
+    """The frame number a file stem ends with: "0123" → 123, "LeftVideoSN001_comp_0042" → 42, else None."""
+    match = _TRAILING_NUMBER.search(stem)
+    return int(match.group(1)) if match else None
+
+
 def frame_images(folder: Path) -> dict[int, Path]:
-    """{frame number: image path} for ``<frame>.jpg|png`` files in ``folder`` (any zero padding); one listing."""
+    """{frame number: image path} for the images in ``folder`` whose stem ends in a number (any padding or prefix,
+    e.g. ``0123.jpg``, ``0.png``, ``LeftVideoSN001_comp_0001.png``); one listing."""
     images: dict[int, Path] = {}
     if not folder.is_dir():
         return images
     for path in folder.iterdir():
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.stem.isdigit():
-            number = int(path.stem)
-            if number in images:
-                raise ValueError(f"{folder}: two images for frame {number}: {images[number].name} and {path.name}")
-            images[number] = path
+        number = frame_number(path.stem) if path.suffix.lower() in IMAGE_EXTENSIONS else None
+        if number is None:
+            continue
+        if number in images:
+            raise ValueError(f"{folder}: two images for frame {number}: {images[number].name} and {path.name}")
+        images[number] = path
     return images
+
+
+class FrameNumberingError(ValueError):
+    """The image files of a sequence could be numbered from 0 or from 1: refuse rather than guess."""
+
+
+def _pairing_counts(labels: Sequence[int], images: set[int], offset: int) -> tuple[int, int]:
+    """(labelled frames that find an image, images that find no labelled frame) when image = frame - offset."""
+    wanted = {f - offset for f in labels}
+    return len(wanted & images), len(images - wanted)
+
+
+def detect_offset(labels: Sequence[int], images: set[int]) -> int | None:
+    """How a folder's image numbers relate to the label files' frame numbers: 0 (image N shows label frame N),
+    1 (image N shows label frame N + 1: frames extracted counting from 0), or None when the folder cannot tell.
+
+    A pairing wins when it finds an image for more labelled frames *and* leaves no more images without a label:
+    a 0-based folder of a 1-based label file has image 0 (no label) and lacks the last frame's image.
+    """
+    (hit_same, extra_same), (hit_shift, extra_shift) = (_pairing_counts(labels, images, o) for o in (0, 1))
+    if hit_same > hit_shift and extra_same <= extra_shift:
+        return 0
+    if hit_shift > hit_same and extra_shift <= extra_same:
+        return 1
+    return None
+
+
+def _span(numbers: Iterable[int]) -> str:
+    numbers = sorted(numbers)
+    return f"{numbers[0]}..{numbers[-1]} ({len(numbers)})" if numbers else "none"
+
+
+def image_offset(seq: VideoSequence, labels: Sequence[int], images: set[int], frame_base: int | None,
+                 named_by_labels: bool) -> int:
+    """The offset (image number = label frame - offset) for one sequence; ``frame_base`` 1 or 0 decides it,
+    None detects it. A folder that cannot tell raises :class:`FrameNumberingError`, unless the dataset ships its
+    frames named by the label numbers (``named_by_labels``, BP4D), where a tie means the release's own naming."""
+    detected = detect_offset(labels, images) if images and labels else 0
+    if frame_base is not None:
+        if detected is not None and detected != 1 - frame_base:
+            log.warning("%s: --frame-base %d given, but its images look numbered from %d; using --frame-base",
+                        seq.image_dir, frame_base, 1 - detected)
+        return 1 - frame_base
+    if detected is not None:
+        return detected
+    hits = _pairing_counts(labels, images, 0)[0]
+    if named_by_labels and hits:
+        return 0
+    if not _pairing_counts(labels, images, 1)[0] and not hits:
+        raise FrameNumberingError(
+            f"{seq.image_dir}: image numbers {_span(images)} match none of the label frames {_span(labels)} of "
+            f"{seq.name}, numbered either way; check that the folder holds this sequence's frames ({DOCS})")
+    raise FrameNumberingError(
+        f"{seq.image_dir}: cannot tell whether the images (numbers {_span(images)}) count frames from 0 or from 1 "
+        f"against the label frames {_span(labels)} of {seq.name}; pass --frame-base 1 if image N shows label frame "
+        f"N, or --frame-base 0 if image N shows label frame N+1 (frames extracted counting from 0) ({DOCS})")
 
 
 def _occurrence_header(path: Path, header: list[str], dataset: str) -> list[int]:
@@ -116,24 +189,36 @@ def read_occurrence_csv(path: Path, dataset: str, skips: Skips) -> list[Frame]:
         if bad:
             raise malformed(path, lineno, f"occurrence values must be 0, 1 or {UNKNOWN} (not coded), got {bad}")
         if UNKNOWN in values.values():
-            skips.add("AU not coded (9)", f"{path.name} frame {number}")
+            skips.drop("AU not coded (9)", f"{path.name} frame {number}")
             continue
         frames[number] = Frame(number, sorted(au for au, v in values.items() if v == 1))
     return [frames[n] for n in sorted(frames)]
 
 
-def video_records(dataset: str, sequences: Iterable[VideoSequence], caption: CaptionConfig, subsample_frames: bool
+def video_records(dataset: str, sequences: Iterable[VideoSequence], caption: CaptionConfig, subsample_frames: bool,
+                  frame_base: int | None = None, max_skipped: float | None = None, named_by_labels: bool = False
                   ) -> Iterator[dict]:
-    """Records of every (subsampled) frame of every sequence; a labelled frame without an image is counted."""
-    skips, kept = Skips(dataset), 0
+    """Records of every (subsampled) frame of every sequence; a labelled frame without an image is counted.
+
+    Each sequence's images are paired with its label frames by :func:`image_offset` (``frame_base`` None:
+    detected per sequence, logged when it is not the label files' own numbering). Labels and keys always carry the
+    label files' frame numbers.
+    """
+    skips, kept, shifted = Skips(dataset, max_skipped), 0, []
     for seq in sequences:
         frames = seq.read_frames(skips)
-        frames = subsample(frames) if subsample_frames else frames
         images = frame_images(seq.image_dir)
-        for frame in frames:
-            path = images.get(frame.frame)
+        offset = image_offset(seq, [f.frame for f in frames], set(images), frame_base, named_by_labels)
+        if offset and frame_base is None:
+            shifted.append(seq.name)
+            if len(shifted) == 1:
+                log.warning("%s: %s: images are numbered from 0 (image N shows label frame N+1); pairing them so "
+                            "(detected; --frame-base overrides)", dataset, seq.image_dir)
+        for frame in subsample(frames) if subsample_frames else frames:
+            path = images.get(frame.frame - offset)
             if path is None:
-                skips.add("missing image", f"frame {frame.frame}: no <frame>.jpg/.png in {seq.image_dir}")
+                skips.add("missing image", f"{seq.name} frame {frame.frame}: no image {frame.frame - offset} in "
+                          f"{seq.image_dir}")
                 continue
             data = image_bytes(path, skips)
             if data is None:
@@ -142,4 +227,26 @@ def video_records(dataset: str, sequences: Iterable[VideoSequence], caption: Cap
                       "sequence": seq.name, "frame": frame.frame, **seq.extra, **frame.extra}
             kept += 1
             yield make_record(record_key(dataset, seq.name, f"{frame.frame:05d}"), data, labels, caption)
-    skips.report(kept)
+    if shifted:
+        log.warning("%s: %d sequence(s) with images numbered from 0: %s", dataset, len(shifted),
+                    ", ".join(shifted[:10]) + (" ..." if len(shifted) > 10 else ""))
+    skips.finish(kept)
+
+
+def require_unpacked(dataset: str, folders: Iterable[Path], search: Path) -> None:
+    """FileNotFoundError with the unpack commands when a sequence folder is missing but an archive named like it
+    (``F001.zip``, ``F001_T1.tar``, ...) lies beside it or under ``search``: frames are never read from archives."""
+    missing = [folder for folder in folders if not folder.is_dir()]
+    present = archives(search, 3) if missing else []
+    hints = []
+    for folder in missing:
+        names = {folder.name, f"{folder.parent.name}_{folder.name}", folder.parent.name}
+        match = next((a for a in sorted(present) if a.name.split(".")[0] in names), None)
+        if match is not None:
+            target = folder if match.name.split(".")[0] != folder.parent.name else folder.parent
+            hints.append(unpack_command(match, target))
+    hints = list(dict.fromkeys(hints))
+    if hints:
+        more = f" (and {len(hints) - 3} more)" if len(hints) > 3 else ""
+        raise FileNotFoundError(f"{dataset}: frames are still in archives; unpack them first: "
+                                + "; ".join(hints[:3]) + more + f" ({DOCS})")

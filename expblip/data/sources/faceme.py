@@ -24,12 +24,14 @@ from pathlib import Path
 from expblip.data.captions import CaptionConfig
 from expblip.data.sources._common import (
     Entry,
+    Skips,
     check_split,
     csv_rows,
     image_in_test,
     in_split,
     malformed,
     record_key,
+    release_root,
     require_file,
     require_root,
     require_test_part,
@@ -101,12 +103,13 @@ def _entries(base: Path, path: Path, vocabulary: list[str],
 
 
 def records(root: str, split: str = "train", caption: CaptionConfig | None = None, subsample: bool = True, *,
-            test_fraction: float = 0.0, split_seed: int = 0, **_: object) -> Iterator[dict]:
+            test_fraction: float = 0.0, split_seed: int = 0,
+            max_skipped: float | None = None, **_: object) -> Iterator[dict]:
     """FaceME images as records with their majority labels (``subsample`` has no effect: still images)."""
     check_split(split, DATASET)
     require_test_part(DATASET, split, test_fraction)
-    base = require_root(root, DATASET, EXPECTED)
+    base = release_root(require_root(root, DATASET, EXPECTED), DATASET, "annotations.csv")
     vocabulary = read_vocabulary(require_file(base / "label_names.txt", DATASET, "the label names, one per line"))
     path = require_file(base / "annotations.csv", DATASET, "rows 'image,annotator_1,annotator_2,annotator_3'")
     entries = _entries(base, path, vocabulary, split, test_fraction, split_seed)
-    return still_image_records(DATASET, entries, caption or CaptionConfig(style="emotion"))
+    return still_image_records(DATASET, entries, caption or CaptionConfig(style="emotion"), Skips(DATASET, max_skipped))

@@ -23,11 +23,13 @@ from pathlib import Path
 from expblip.data.captions import CaptionConfig
 from expblip.data.sources._common import (
     Entry,
+    Skips,
     check_split,
     image_in_test,
     in_split,
     malformed,
     record_key,
+    release_root,
     require_file,
     require_root,
     require_test_part,
@@ -80,11 +82,11 @@ def _entries(base: Path, label_file: Path,
 
 def records(root: str, split: str = "train", caption: CaptionConfig | None = None, subsample: bool = True, *,
             test_fraction: float = TEST_FRACTION, split_seed: int = 0, aligned: bool = True,
-            **_: object) -> Iterator[dict]:
+            max_skipped: float | None = None, **_: object) -> Iterator[dict]:
     """RAF-AU images as records (``subsample`` has no effect: still images)."""
     check_split(split, DATASET)
     require_test_part(DATASET, split, test_fraction)
-    base = require_root(root, DATASET, EXPECTED)
+    base = release_root(require_root(root, DATASET, EXPECTED), DATASET, LABEL_FILE)
     label_file = require_file(base / LABEL_FILE, DATASET, "lines '<image name> <AU string>', e.g. '0001.jpg 1+L4+25'")
     entries = _entries(base, label_file, split, test_fraction, split_seed, aligned)
-    return still_image_records(DATASET, entries, caption or CaptionConfig(style="au"))
+    return still_image_records(DATASET, entries, caption or CaptionConfig(style="au"), Skips(DATASET, max_skipped))

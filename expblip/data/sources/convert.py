@@ -1,0 +1,136 @@
+"""A conversion as ``launch/make_shards.py`` asks for it: one source → WebDataset shards + manifest, judged.
+
+    request = ConvertRequest("bp4d", out="shards/bp4d/fold1/test", root="data/BP4D", split="test", fold=1, folds=3,
+                             subsample=False)
+    manifest = convert(request)      # raises ConversionError when nothing, or too much, was skipped
+
+A conversion that keeps no record, or skips more than ``max_skipped`` of its rows as bad data (missing images, ...),
+raises :class:`~expblip.data.sources._common.ConversionError` naming the first skipped rows; no ``manifest.json``
+is written and the partial manifest is removed, so a fixed re-run starts afresh (the same for a video folder whose
+frame numbering cannot be told, re-run with ``frame_base``). Rows a documented label rule
+leaves out (a BP4D AU coded 9, AffectNet codes 8-10) never count against the threshold.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+from expblip.data.captions import CaptionConfig
+from expblip.data.sources import SOURCES, default_caption_style, records
+from expblip.data.sources._common import MAX_SKIPPED, ConversionError
+from expblip.data.sources._video import FrameNumberingError
+from expblip.data.sources.folds import paper_test_subjects
+
+log = logging.getLogger(__name__)
+
+VIDEO_SOURCES = ("bp4d", "disfa", "gft")
+CaptionStyle = Literal["auto", "au", "emotion", "concat"]
+
+
+@dataclass
+class ConvertRequest:
+    """What to convert and how; the fields are make_shards' options (docs/datasets.md)."""
+
+    source: str  # a key of expblip.data.sources.SOURCES
+    out: str  # output directory or URL (file://, s3://)
+    root: str = ""  # dataset root (real datasets)
+    split: Literal["train", "test", "all"] = "train"
+    caption_style: CaptionStyle = "auto"  # auto: au for AU datasets, emotion for emotion datasets
+    samples: int = 1000  # synthetic: number of faces
+    seed: int = 0  # synthetic: the faces drawn
+    image_size: int = 64  # synthetic: image side in pixels
+    subsample: bool = True  # video datasets: every 10th frame plus label changes
+    test_fraction: float | None = None  # datasets without an official split (None: the dataset's default)
+    split_seed: int = 0  # seed of the subject/image split rule and of non-published folds
+    test_subjects: str | None = None  # video datasets: comma-separated ids or a file with one per line
+    fold: int | None = None  # video datasets: the fold whose subjects are the test split (1..folds)
+    folds: int | None = None  # with fold: the number of folds (3 = the field's published lists for BP4D/DISFA)
+    paper_split: bool = False  # the paper's test subjects, where they can be reconstructed (BP4D)
+    frame_base: int | None = None  # video datasets: 1 or 0 forces the image numbering; None detects it
+    max_skipped: float = MAX_SKIPPED  # the fraction of bad rows beyond which the conversion fails
+    samples_per_shard: int = 1000
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"unknown source {self.source!r}; choose one of {sorted(SOURCES)}")
+        video_only = {"--fold/--folds": self.fold is not None or self.folds is not None,
+                      "--test-subjects": self.test_subjects is not None, "--paper-split": self.paper_split,
+                      "--frame-base": self.frame_base is not None}
+        misplaced = [name for name, given in video_only.items() if given and self.source not in VIDEO_SOURCES]
+        if misplaced:
+            raise ValueError(f"{', '.join(misplaced)} apply only to the video datasets {VIDEO_SOURCES}, "
+                             f"not {self.source!r}")
+        if sum([self.fold is not None or self.folds is not None, self.test_subjects is not None,
+                self.paper_split]) > 1:
+            raise ValueError("choose one of --fold/--folds, --test-subjects and --paper-split")
+        if (self.fold is None) != (self.folds is None):
+            raise ValueError("--fold and --folds go together, e.g. --fold 1 --folds 3")
+        if self.folds is not None and (self.folds < 2 or not 1 <= self.fold <= self.folds):
+            raise ValueError(f"--fold must be in 1..--folds and --folds >= 2, got --fold {self.fold} "
+                             f"--folds {self.folds}")
+        if self.frame_base not in (None, 0, 1):
+            raise ValueError(f"--frame-base must be 0 or 1 (or auto), got {self.frame_base}")
+        if not 0.0 <= self.max_skipped < 1.0:
+            raise ValueError(f"--max-skipped must be in [0, 1), got {self.max_skipped}")
+
+    @property
+    def style(self) -> str:
+        return default_caption_style(self.source) if self.caption_style == "auto" else self.caption_style
+
+
+def source_options(req: ConvertRequest) -> dict:
+    """The keyword arguments of the source's ``records`` (without the caption config)."""
+    if req.source == "synthetic":
+        return {"split": req.split, "samples": req.samples, "seed": req.seed, "image_size": req.image_size}
+    opts: dict = {"split": req.split, "root": req.root, "subsample": req.subsample, "split_seed": req.split_seed}
+    if req.test_fraction is not None:
+        opts["test_fraction"] = req.test_fraction
+    if req.paper_split:
+        opts["test_subjects"] = ",".join(paper_test_subjects(req.source))
+    elif req.test_subjects is not None:
+        opts["test_subjects"] = req.test_subjects
+    if req.fold is not None:
+        opts.update(fold=req.fold, folds=req.folds)
+    if req.source in VIDEO_SOURCES:
+        opts["frame_base"] = req.frame_base
+    return opts
+
+
+def manifest_meta(req: ConvertRequest, opts: dict) -> dict:
+    """What the manifest records about the conversion (compared on resume: the same request resumes)."""
+    meta = {"source": req.source, **{k: v for k, v in opts.items() if v is not None}, "caption_style": req.style}
+    if req.paper_split:
+        meta["paper_split"] = True
+    return meta
+
+
+def _discard_partial(out: str) -> None:
+    """Remove the partial manifest of a failed conversion: nothing there counts, a re-run starts afresh."""
+    from expblip.data.shards import PARTIAL_MANIFEST, join_url, url_to_fs
+
+    fs, path = url_to_fs(join_url(out, PARTIAL_MANIFEST))
+    if fs.exists(path):
+        fs.rm(path)
+
+
+def convert(req: ConvertRequest) -> dict:
+    """Write the shards and the manifest; returns the manifest. ConversionError (no manifest.json) when the source
+    keeps no record or skips more than ``req.max_skipped`` of its rows."""
+    from expblip.data.shards import write_shards
+
+    opts = source_options(req)
+    meta = manifest_meta(req, opts)
+    source = records(req.source, caption=CaptionConfig(style=req.style), max_skipped=req.max_skipped, **opts)
+    try:
+        return write_shards(source, req.out, samples_per_shard=req.samples_per_shard, meta=meta,
+                            progress=req.progress)
+    except (ConversionError, FrameNumberingError):  # refused, not interrupted: the re-run (e.g. with --frame-base)
+        _discard_partial(req.out)                   # must not be told that it differs from these shards
+        raise
+
+
+def summary_line(manifest: dict, out: str) -> str:
+    return f"[expblip] {manifest['total_samples']} samples in {len(manifest['shards'])} shards at {out}"
