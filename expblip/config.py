@@ -22,6 +22,9 @@ from expblip.data.stream import StreamConfig
 from expblip.model.blip2 import ModelConfig
 from expblip.model.stage1 import Stage1Config
 
+COLLECTIVE_TIMEOUT_S = 1800  # the process group's collective timeout (both launchers set it explicitly)
+OUTAGE_MARGIN_S = 300  # data.max_outage_s stays this far below it
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and how to fix it."""
@@ -34,6 +37,15 @@ class DataConfig:
     train: StreamConfig = field(default_factory=StreamConfig)
     eval: StreamConfig = field(default_factory=lambda: StreamConfig(train=False, shuffle_buffer=0))
     max_text_tokens: int = 64  # caption tokens after the query tokens (the released code used 32; too short)
+    # storage (S3) that stops answering is retried with back-off this long, then the attempt fails on every rank
+    # together (and Ray restarts it from the checkpoint); must stay well below the collectives' timeout
+    max_outage_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_outage_s <= COLLECTIVE_TIMEOUT_S - OUTAGE_MARGIN_S:
+            raise ConfigError(f"data.max_outage_s must lie in (0, {COLLECTIVE_TIMEOUT_S - OUTAGE_MARGIN_S}]: the "
+                              "other ranks wait that long in a collective for a rank whose storage is out, and "
+                              f"collectives time out after {COLLECTIVE_TIMEOUT_S} s")
 
 
 @dataclass
@@ -80,6 +92,7 @@ class TrainConfig:
     eval_generate: int = 0  # held-out images captioned (greedy) and scored by the evaluator per evaluation; 0 = off
     eval_max_new_tokens: int = 40  # caption length limit of those captions
     eval_aus: tuple[int, ...] = ()  # AUs scored by eval/mean_au_f1; () = every AU of the training labels
+    log_keys: bool = False  # every rank appends the sample keys of each step to run_dir/keys/rank{r}.jsonl (audit)
 
     def __post_init__(self) -> None:
         if self.eval_every < 0 or self.eval_batches < 1 or self.eval_generate < 0:
@@ -262,7 +275,21 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def public_dict(cfg: Any) -> dict:
+    """to_dict with every URI's ``user:password@`` redacted: what run files, checkpoints and MLflow params hold."""
+    from expblip.credentials import redact_uri
+
+    def clean(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: clean(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [clean(v) for v in obj]
+        return redact_uri(obj) if isinstance(obj, str) and "://" in obj and "@" in obj else obj
+
+    return clean(to_dict(cfg))
+
+
 def dump_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML (loadable again with load_config)."""
+    """Write the resolved config as YAML (loadable again with load_config; URIs' passwords redacted)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(public_dict(cfg), sort_keys=False))

@@ -116,6 +116,21 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def read_keys(run_dir: Path) -> dict[int, list[tuple[str, int]]]:
+    """train.log_keys of a run: step -> [(sample key, epoch)] over the ranks, in rank order, as trained. Where
+    attempts overlap (a restart repeats the steps after its checkpoint), the latest attempt's step counts."""
+    entries = [json.loads(line) for f in sorted((Path(run_dir) / "keys").glob("rank*.jsonl"))
+               for line in f.read_text().splitlines()]
+    latest = {}
+    for e in entries:
+        latest[e["step"]] = max(latest.get(e["step"], 0), e["attempt"])
+    kept = sorted((e for e in entries if e["attempt"] == latest[e["step"]]), key=lambda e: (e["step"], e["rank"]))
+    steps: dict[int, list[tuple[str, int]]] = {}
+    for e in kept:
+        steps.setdefault(e["step"], []).extend(zip(e["keys"], e["epochs"], strict=True))
+    return steps
+
+
 # ---------------------------------------------------------------- real services (tests/services.py)
 
 

@@ -8,7 +8,6 @@ import json
 import struct
 import tarfile
 import zlib
-from collections import defaultdict
 from itertools import islice
 
 import numpy as np
@@ -21,12 +20,13 @@ from expblip.data.shards import write_shards
 from expblip.data.stream import (
     Cursor,
     ShardSlice,
+    StorageOutage,
     StreamConfig,
     StreamError,
     count_samples,
     iterate_once,
     make_loader,
-    plan_worker_shards,
+    plan_finite,
     read_captions,
     swap_left_right,
 )
@@ -72,76 +72,94 @@ def _keys(batches: list[dict]) -> list[str]:
     return [k for b in batches for k in b["keys"]]
 
 
-def test_epoch_is_exact_across_ranks_and_workers_and_seeded(shards):
-    per_rank = {r: _take(make_loader(_cfg(shards), rank=r, world_size=2), 12) for r in (0, 1)}
-    epoch0 = [k for r in (0, 1) for k in _keys(per_rank[r][:6])]
-    assert sorted(epoch0) == [f"s{i:03d}" for i in range(48)]  # every sample exactly once
-    assert all(b["cursor"]["epoch"] == 0 for r in (0, 1) for b in per_rank[r][:6])
-    assert {(b["cursor"]["worker"], b["cursor"]["index"]) for b in per_rank[0][4:6]} == {(0, 12), (1, 12)}
-    b = per_rank[0][0]
+def _sequence(shards: str, world: int, workers: int, steps: int, cursor=None, **kw) -> list[str]:
+    """The keys the ranks of a world consume, step by step in rank order (what training takes from the order)."""
+    loaders = [iter(make_loader(_cfg(shards, num_workers=workers, **kw), r, world, cursor=cursor)) for r in range(world)]
+    return [k for _ in range(steps) for it in loaders for k in next(it)["keys"]]
+
+
+def test_the_order_is_the_same_at_any_world_size_and_number_of_workers(shards):
+    reference = _sequence(shards, world=1, workers=0, steps=24)  # 96 positions: epochs 0 and 1
+    assert sorted(reference[:48]) == [f"s{i:03d}" for i in range(48)]  # every sample once per epoch
+    assert sorted(reference[48:]) == [f"s{i:03d}" for i in range(48)] and reference[48:] != reference[:48]
+    for world, workers in ((2, 2), (3, 1), (4, 0), (2, 3)):
+        assert _sequence(shards, world, workers, steps=24 // world) == reference, (world, workers)
+    assert _sequence(shards, 1, 0, steps=12, seed=1) != reference[:48]  # another seed, another order
+
+    batches = _take(make_loader(_cfg(shards), rank=1, world_size=2), 3)
+    assert [b["cursor"]["position"] for b in batches] == [8, 16, 24]  # every rank's batch of that index consumed
+    assert [b["cursor"]["worker"] for b in batches] == [0, 1, 0]
+    b = batches[0]
     assert b["pixel_values"].shape == (4, 3, 8, 8) and b["pixel_values"].dtype == torch.float32
     assert all(c == c.lower() and c.startswith("sample") for c in b["captions"]) and b["errors"] == {}
-
-    again = _take(make_loader(_cfg(shards), rank=0, world_size=2), 6)
-    assert _keys(again) == _keys(per_rank[0][:6])  # same seed, same order ...
-    assert torch.equal(again[0]["pixel_values"], per_rank[0][0]["pixel_values"])  # ... and same augmentation
-    epoch1 = _keys(per_rank[0][6:12])
-    assert all(b["cursor"]["epoch"] == 1 for b in per_rank[0][6:12])
-    assert epoch1 != _keys(per_rank[0][:6])  # another epoch, another order
-    reseeded = _take(make_loader(_cfg(shards, seed=1), rank=0, world_size=2), 6)
-    assert _keys(reseeded) != _keys(per_rank[0][:6])
+    again = _take(make_loader(_cfg(shards, num_workers=0), rank=1, world_size=2), 1)[0]
+    assert again["keys"] == b["keys"] and torch.equal(again["pixel_values"], b["pixel_values"])  # same augmentation
 
 
-def _by_worker(batches: list[dict]) -> dict[int, list[str]]:
-    out: dict[int, list[str]] = defaultdict(list)
-    for b in batches:
-        out[b["cursor"]["worker"]] += b["keys"]
-    return out
+def test_a_batch_is_one_lane_and_readers_dividing_the_lanes_open_each_shard_once(shards, monkeypatch):
+    import expblip.data.stream as stream
+
+    opened, real = [], stream.open_shard
+    monkeypatch.setattr(stream, "open_shard", lambda url: opened.append(url) or real(url))
+    by_rank = {}
+    for rank in (0, 1):  # 8 shards of 6 in 8 lanes, batches of 2 (no tails): 2 readers, each owning 4 lanes
+        opened.clear()
+        _take(make_loader(_cfg(shards, lanes=8, batch_size=2, num_workers=0), rank, 2), 12)  # epoch 0
+        by_rank[rank] = list(opened)
+    assert sorted(by_rank[0] + by_rank[1]) == sorted({*by_rank[0], *by_rank[1]})  # no shard opened twice
+    assert len(by_rank[0]) + len(by_rank[1]) == 8
+    for world in (3, 5):  # readers that do not divide the lanes still deliver the same sequence
+        assert _sequence(shards, world, 0, steps=2) == _sequence(shards, 1, 0, steps=2 * world)
 
 
-def test_resume_mid_epoch_continues_exactly(shards):
-    cfg = _cfg(shards)
-    reference = _take(make_loader(cfg, rank=0, world_size=1), 16)  # 12 batches = epoch 0, then into epoch 1
-
+@pytest.mark.parametrize("world_after, workers_after", [(1, 0), (3, 1), (2, 2)])
+def test_a_cursor_resumes_at_its_global_position_at_any_world_size(shards, world_after, workers_after):
+    reference = _sequence(shards, world=1, workers=0, steps=24)
     cursor = Cursor()
-    for batch in _take(make_loader(cfg, rank=0, world_size=1), 5):  # stop mid-epoch, workers unevenly advanced
-        cursor.update(batch["cursor"])
-    first = _by_worker(reference[:5])
+    loaders = [iter(make_loader(_cfg(shards), r, 2)) for r in (0, 1)]  # 2 ranks x 2 workers, stopped mid-epoch
+    consumed = []
+    for _ in range(5):
+        batches = [next(it) for it in loaders]
+        consumed += [k for b in batches for k in b["keys"]]
+        cursor.update(batches[0]["cursor"])
     state = json.loads(json.dumps(cursor.state_dict()))  # as stored in a checkpoint
-    assert state["epoch_index"] == {"0": [0, 12], "1": [0, 8]}
-    resumed = _by_worker(_take(make_loader(cfg, rank=0, world_size=1, cursor=state), 13))
-
-    expected = _by_worker(reference)  # 8 batches per worker
-    for w in (0, 1):  # nothing repeated, nothing skipped, same order (workers interleave differently after resume)
-        assert (first[w] + resumed[w])[: len(expected[w])] == expected[w]
-
-    with pytest.raises(ValueError, match="num_workers=2.*at_epoch_start"):
-        make_loader(_cfg(shards, num_workers=0), rank=0, world_size=1, cursor=state)
-    with pytest.raises(ValueError, match="cursor of rank 0"):
-        make_loader(cfg, rank=1, world_size=1, cursor=state)
-    restart = Cursor.from_state_dict(state).at_epoch_start()
-    assert _keys(_take(make_loader(_cfg(shards, num_workers=0), 0, 1, cursor=restart), 1))  # layout-free restart
+    assert state["position"] == 40 and state["epoch"] == 0 and state["epoch_sample"] == 40
+    assert consumed == reference[:40]
+    steps = (96 - 40) // (4 * world_after)
+    resumed = _sequence(shards, world_after, workers_after, steps, cursor=state)
+    assert resumed == reference[40 : 40 + len(resumed)]  # nothing repeated, nothing skipped, the same order
+    epoch0 = consumed + resumed[:8]
+    assert sorted(epoch0) == [f"s{i:03d}" for i in range(48)]  # the epoch's remaining samples, each once
 
 
-def test_uneven_ranks_are_padded_to_equal_epochs(tmp_path):
+def test_a_cursor_of_another_order_is_refused_and_an_old_cursor_restarts_its_epoch(shards):
+    cursor = Cursor()
+    cursor.update(_take(make_loader(_cfg(shards), 0, 1), 1)[0]["cursor"])
+    for changed in ({"batch_size": 6}, {"seed": 3}, {"lanes": 2}, {"shuffle_buffer": 4}):
+        with pytest.raises(ValueError, match=f"another sample order \\({next(iter(changed))}"):
+            make_loader(_cfg(shards, **changed), 0, 1, cursor=cursor.state_dict())
+    old = {"epoch_index": {"0": [1, 12], "1": [1, 8]}, "num_workers": 2, "world_size": 1, "rank": 0, "epoch": 1}
+    restarted = _sequence(shards, 1, 0, steps=12, cursor=old)
+    assert restarted == _sequence(shards, 1, 0, steps=24)[48:]  # epoch 1 from its beginning
+
+
+def test_uneven_shards_still_give_every_rank_whole_batches(tmp_path):
     write_shards(_records(15), str(tmp_path), samples_per_shard=6, progress=False)  # shards of 6, 6, 3
-    seen = {}
+    seq = _sequence(str(tmp_path), world=2, workers=0, steps=4, batch_size=2)  # 16 positions: epoch 0 + one more
+    assert sorted(seq[:15]) == [f"s{i:03d}" for i in range(15)]
+    assert seq == _sequence(str(tmp_path), world=1, workers=0, steps=8, batch_size=2)
     for rank in (0, 1):
-        batches = _take(make_loader(_cfg(str(tmp_path), batch_size=1, num_workers=0), rank, 2), 14)
-        seen[rank] = [k for b in batches if b["cursor"]["epoch"] == 0 for k in b["keys"]]
-    assert len(seen[0]) == len(seen[1]) and len(seen[0]) in (9, 12)  # the larger rank's share
-    assert set(seen[0]) | set(seen[1]) == {f"s{i:03d}" for i in range(15)}
+        assert all(len(b["keys"]) == 2 for b in _take(make_loader(_cfg(str(tmp_path), batch_size=2), rank, 2), 9))
 
 
 def test_fewer_shards_than_workers_interleaves_samples(tmp_path):
     write_shards(_records(6), str(tmp_path), samples_per_shard=6, progress=False)  # one shard
-    cfg = _cfg(str(tmp_path), num_workers=2)
-    plans = [
-        plan_worker_shards([f"{tmp_path}/x.tar"], [6], cfg, 0, rank=0, world=2, worker=w, workers=2) for w in (0, 1)
-    ]
+    plans = [plan_finite([f"{tmp_path}/x.tar"], rank=0, world=2, worker=w, workers=2) for w in (0, 1)]
     assert plans == [[ShardSlice(f"{tmp_path}/x.tar", 4, 0)], [ShardSlice(f"{tmp_path}/x.tar", 4, 2)]]
     halves = [_keys(list(iterate_once(_cfg(str(tmp_path), num_workers=0), rank=r, world_size=2))) for r in (0, 1)]
     assert halves == [["s000", "s002", "s004"], ["s001", "s003", "s005"]]
+    seq = _sequence(str(tmp_path), world=2, workers=2, steps=3, batch_size=2)  # training: 4 readers share the shard
+    assert sorted(seq[:6]) == [f"s{i:03d}" for i in range(6)]
 
 
 def test_iterate_once_and_count(shards):
@@ -246,33 +264,80 @@ def test_too_much_bad_data_raises_naming_counts(tmp_path, num_workers):
 
 def test_streams_without_samples_stop(tmp_path):
     missing = StreamConfig(shards=str(tmp_path / "none-{0..1}.tar"))
-    with pytest.raises(StreamError, match=r"50 skipped of 50 read \{'shard_unreadable': 50\}.*none-1\.tar"):
+    with pytest.raises(StreamError, match=r"none-0\.tar.*hold no readable samples"):
         _take(make_loader(missing, 0, 1), 1)
     tarfile.open(tmp_path / "empty.tar", "w").close()
-    with pytest.raises(StreamError, match="read no samples in epoch 0"):
+    with pytest.raises(StreamError, match="hold no readable samples"):
         _take(make_loader(StreamConfig(shards=str(tmp_path / "empty.tar")), 0, 1), 1)
 
 
-def test_transient_open_errors_are_retried(tmp_path, monkeypatch):
+def test_storage_failures_are_retried_through_an_outage_and_end_it_past_the_limit(tmp_path, monkeypatch):
     import expblip.data.stream as stream
 
     write_shards(_records(3), str(tmp_path), progress=False)
-    real, failures, calls = stream.url_to_fs, [2], []
+    real, failures, calls = stream.url_to_fs, [5], []
 
     def flaky(url):
         calls.append(url)
         if failures[0] > 0:
             failures[0] -= 1
-            raise ConnectionError("connection reset")
+            raise ConnectionError("connection refused")
         return real(url)
 
     monkeypatch.setattr(stream, "url_to_fs", flaky)
     monkeypatch.setattr(stream, "OPEN_BACKOFF_S", 0.0)
     cfg = StreamConfig(shards=str(tmp_path), batch_size=3, image_size=8, max_error_rate=1.0)
-    batches = list(iterate_once(cfg))  # two failures, then success
-    assert len(calls) == 3 and batches[-1]["keys"] == ["s000", "s001", "s002"] and batches[-1]["errors"] == {}
-    failures[0] = 3  # three failures: the shard is skipped and counted
-    assert list(iterate_once(cfg)) == [] and len(calls) == 6
+    batches = list(iterate_once(cfg))  # five failures in a row, then the storage answers again: nothing is lost
+    assert len(calls) == 6 and batches[-1]["keys"] == ["s000", "s001", "s002"] and batches[-1]["errors"] == {}
+    assert _keys(_take(make_loader(cfg, 0, 1), 1)) and failures == [0]
+    failures[0] = 10**9  # storage gone for good: past max_outage_s the stream ends with StorageOutage
+    with pytest.raises(StorageOutage, match=r"storage unreachable .*shard-000000\.tar.*data\.max_outage_s=0\.2"):
+        list(iterate_once(cfg, max_outage_s=0.2))
+    with pytest.raises(StorageOutage, match="data.max_outage_s=0.2"):
+        _take(make_loader(cfg, 0, 1, max_outage_s=0.2), 1)
+
+
+def test_a_dropped_connection_mid_shard_resumes_at_the_sample_where_it_stopped(tmp_path, monkeypatch):
+    import expblip.data.stream as stream
+
+    write_shards(_records(12), str(tmp_path), samples_per_shard=12, progress=False)
+    real, drops = stream.open_shard, [2]
+
+    class Dropping(io.RawIOBase):  # a stream whose connection drops after some bytes, twice
+        def __init__(self, inner):
+            self.inner, self.left = inner, 9000
+
+        def readable(self):
+            return True
+
+        def readinto(self, buf):
+            if drops[0] > 0 and self.left <= 0:
+                drops[0] -= 1
+                raise ConnectionResetError("connection reset by peer")
+            data = self.inner.read(min(len(buf), max(self.left, 1) if drops[0] else len(buf)))
+            self.left -= len(data)
+            buf[: len(data)] = data
+            return len(data)
+
+    def dropping(url):
+        f, size = real(url)
+        return io.BufferedReader(Dropping(f)), size
+
+    monkeypatch.setattr(stream, "open_shard", dropping)
+    monkeypatch.setattr(stream, "OPEN_BACKOFF_S", 0.0)
+    cfg = _cfg(str(tmp_path), num_workers=0, shuffle_buffer=0, batch_size=12)
+    keys = _keys(_take(make_loader(cfg, 0, 1), 1))
+    assert drops == [0] and keys == [f"s{i:03d}" for i in range(12)]  # each sample once, in order
+
+
+def test_a_bad_samples_slot_takes_a_copy_so_batches_stay_whole(tmp_path):
+    _write_tar(tmp_path / "mixed.tar", [_sample(f"k{i}", i, **({"png": b"broken"} if i == 2 else {})) for i in range(8)])
+    cfg = StreamConfig(shards=str(tmp_path / "mixed.tar"), batch_size=4, image_size=8, max_error_rate=1.0,
+                       shuffle_buffer=0)
+    first, second = _take(make_loader(cfg, 0, 1), 2)
+    assert len(first["keys"]) == 4 and first["keys"][:2] == ["k0", "k1"] and "k2" not in first["keys"]
+    assert first["keys"][2:] == ["k3", "k0"] and first["errors"] == {"bad_image": 1}
+    assert second["keys"] == ["k4", "k5", "k6", "k7"]
 
 
 def test_resampled_stream_is_seeded(shards):

@@ -13,21 +13,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import deepspeed_cmd, read_metrics, run_launcher
+from conftest import deepspeed_cmd, read_keys, read_metrics, run_launcher
 from test_train import init_export  # noqa: F401 - the module-scoped fixture of the initial weights
 
 from expblip.model.weights import read_state
 
 pytestmark = pytest.mark.slow
 ZERO3 = "ds_configs/zero3.json"
-MAX_STEPS, STOPPED_AT = 6, 4
+# Two shards of 64: an epoch is 128 samples, 8 steps of 2 ranks x 8. Stopped at step 7, 16 samples of epoch 0 are
+# left: the resumed runs take them and go on into epoch 1 (1 rank: exactly them; 3 ranks: them and 32 more).
+MAX_STEPS, STOPPED_AT, EPOCH = 9, 7, 128
 
 
 def _args(tiny_shards, weights, run_dir) -> list[str]:
-    return [f"data.train.shards={tiny_shards['train']}", "data.train.batch_size=8", f"model.weights={weights}",
-            "model.dropout=0.0", "optim.lr=3e-3", "optim.min_lr=1e-4", "optim.warmup_steps=2",
-            f"train.max_steps={MAX_STEPS}", "train.log_every=1", f"train.ckpt_every={STOPPED_AT}",
-            "tracking.enabled=false", f"train.run_dir={run_dir}"]
+    return [f"data.train.shards={tiny_shards['train']}/shard-{{000000..000001}}.tar", "data.train.batch_size=8",
+            f"model.weights={weights}", "model.dropout=0.0", "optim.lr=3e-3", "optim.min_lr=1e-4",
+            "optim.warmup_steps=2", f"train.max_steps={MAX_STEPS}", "train.log_every=1",
+            f"train.ckpt_every={STOPPED_AT}", "tracking.enabled=false", f"train.run_dir={run_dir}", "train.log_keys=true"]
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +43,11 @@ def stopped(tiny_shards, init_export, tmp_path_factory):  # noqa: F811
 
 
 def test_each_rank_holds_half_the_parameters(stopped):
-    lines = re.findall(r"rank (\d) resident parameters ([\d.]+) MiB of ([\d.]+) MiB \(share ([\d.]+)", stopped[1])
+    # one line from rank 0: "resident parameters per rank (MiB of T): rank 0 H (share S), rank 1 H (share S); ..."
+    total = re.search(r"resident parameters per rank \(MiB of ([\d.]+)\)", stopped[1]).group(1)
+    lines = [(r, h, total, s) for r, h, s in re.findall(r"rank (\d) ([\d.]+) \(share ([\d.]+)\)", stopped[1])]
     assert sorted(int(r) for r, *_ in lines) == [0, 1], stopped[1][-3000:]
-    print(*re.findall(r"\[expblip\] rank \d resident parameters .*", stopped[1]), sep="\n")  # shown by pytest -rP
+    print(*re.findall(r"\[expblip\] resident parameters .*", stopped[1]), sep="\n")  # shown by pytest -rP
     for _, held, total, share in lines:
         # a ZeRO-3 slice holds ceil(numel / world) elements: at most world - 1 padding elements per parameter, a few
         # hundred of the tiny model's ~1.5e5 parameters, so the share sits within 1% of 1/world
@@ -62,9 +66,10 @@ def test_two_rank_checkpoint_resumes_on_another_world_size(stopped, world, tiny_
     args = _args(tiny_shards, init_export, run_dir)
     proc = run_launcher(_resume_cmd(*args, f"--dump={tmp_path / 'restored'}", ranks=world))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "start step 4" in proc.stdout and f"written by 2 ranks and this run has {world}" in proc.stdout
+    assert f"start step {STOPPED_AT}" in proc.stdout and f"written by 2 ranks and this run has {world}" in proc.stdout
+    assert "the data continues at its global position 112 (epoch 0, sample 112 of it)" in proc.stdout
 
-    saved = torch.load(run_dir / "checkpoints" / "step00000004" / "elastic.pt", weights_only=True)
+    saved = torch.load(run_dir / "checkpoints" / f"step{STOPPED_AT:08d}" / "elastic.pt", weights_only=True)
     restored = torch.load(tmp_path / "restored" / "elastic.pt", weights_only=True)
     # the Q-Former trains; the ViT and OPT are frozen and not repeated in elastic.pt: they are re-read from
     # model.weights, where they came from
@@ -82,7 +87,16 @@ def test_two_rank_checkpoint_resumes_on_another_world_size(stopped, world, tiny_
     module = torch.load(tmp_path / "restored" / "module.pt", weights_only=True)  # what forward will compute with
     assert all(torch.equal(module[k], v) for k, v in {**restored["weights"], **saved["fp32"]}.items())
 
-    metrics = read_metrics(run_dir)  # steps 1-4 from 2 ranks, then this run's
+    # the data: the resumed run continues at the checkpoint's global position; epoch 0 is consumed exactly once
+    keys = read_keys(run_dir)
+    assert sorted(keys) == list(range(1, MAX_STEPS + 1))
+    assert {len(keys[s]) for s in range(1, STOPPED_AT + 1)} == {16} and {len(keys[s]) for s in (8, 9)} == {8 * world}
+    consumed = [(k, e) for s in sorted(keys) for k, e in keys[s]]
+    epoch0 = [k for k, e in consumed if e == 0]
+    assert len(epoch0) == EPOCH and len(set(epoch0)) == EPOCH, "a sample of epoch 0 repeated or missing"
+    assert len(consumed) == STOPPED_AT * 16 + 2 * 8 * world and all(e == 1 for _, e in consumed[EPOCH:])
+
+    metrics = read_metrics(run_dir)  # steps 1-STOPPED_AT from 2 ranks, then this run's
     assert [m["step"] for m in metrics] == list(range(1, MAX_STEPS + 1))
     assert all(math.isfinite(m["loss"]) for m in metrics)
     optim = load_config(None, args).optim
@@ -142,7 +156,7 @@ def test_frozen_towers_in_bf16_trainable_parts_in_fp32(tiny_shards, init_export,
     assert {v.dtype for v in frozen.values()} == {torch.bfloat16}
     assert {v.dtype for v in masters.values()} == {torch.float32}
     # the resident line counts the bf16 towers at 2 bytes: the whole model is smaller than in fp32
-    total = {float(t) for t in re.findall(r"resident parameters [\d.]+ MiB of ([\d.]+) MiB", proc.stdout)}
+    total = {float(t) for t in re.findall(r"resident parameters per rank \(MiB of ([\d.]+)\)", proc.stdout)}
     assert len(total) == 1 and total.pop() < 0.8 * _model_mib(frozen, masters, bytes_per_element=4)
     losses = [m["loss"] for m in read_metrics(tmp_path)]
     assert len(losses) == steps and all(math.isfinite(x) for x in losses)

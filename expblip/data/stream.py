@@ -1,30 +1,38 @@
-"""Shards → training batches: deterministic, resumable mid-epoch, and tolerant of bad data.
+"""Shards → training batches: one seeded order at any world size, exact resumes, storage outages and bad data survived.
 
-The stages each data worker runs (open_clip's WebDataset pipeline, with exact positions for resuming):
+Training (``make_loader``) walks the endless global sequence of expblip.data.order: rank r of W takes, step after
+step, the next B positions after every lower rank's, so the samples consumed up to a step do not depend on how many
+ranks or data workers there are, and one number (the global position) says where a run stands. A resume at any
+world size, or any number of data workers, continues at that position: no sample of the epoch repeated or skipped.
 
-    plan_worker_shards(epoch)   shard order shuffled by (seed, epoch) → shards[rank::world] (+ padding) → [w::workers]
-    read_shards                 open (3 tries, back-off on transient errors) → tar members → samples grouped by key
-    shuffle                     sample buffer seeded by (seed, epoch, rank, worker)
-    number                      samples counted 0, 1, 2, … within (worker, epoch); a resumed loader skips here,
-                                before decoding, the samples its cursor says were already consumed
+The stages of each reader (rank r, data worker w; reader q = r + W·w of R = W × workers takes batches q, q + R, …):
+
+    GlobalOrder.pieces(a, a+B)  which lane positions the batch is: seeded shard order → lanes → window shuffle
+    LaneReader                  a lane's shards read in order (open with back-off through storage outages,
+                                tar members → samples grouped by key), one window buffered and permuted
     decode                      JSON labels, caption, image (size checked from the header first); bad data is
-                                skipped and counted by kind, and too much of it raises StreamError
+                                skipped and counted by kind (its slot takes a copy of another sample of the batch,
+                                so batches stay whole), and too much of it raises StreamError
     transform                   train: random resized crop + flip (swapping "left"/"right" in the caption);
                                 eval: bicubic resize; then CLIP normalisation. Randomness per (seed, epoch, key)
-    batch                       ``batch_size`` samples of one worker → one batch with the cursor after its last sample
+    batch                       B samples → one batch with its cursor: the global position once every rank has
+                                taken its batch of the same index
 
-``make_loader`` is infinite: epochs roll over inside each worker, so a step-driven trainer on every rank always gets
-a next batch and no collective waits on a rank that ran out of data. When the manifest gives sample counts and
-ranks hold unequal numbers of samples, each rank pads its epoch by wrapping around its own shards (as
-``DistributedSampler`` does) so every rank delivers the same number of samples per epoch; with fewer shards than
-ranks (or workers) the split falls back to interleaving samples of shared shards.
+Storage that stops answering (connection refused, reset, timeouts) is retried with exponential back-off, resuming
+at the sample where the read stopped, for up to ``max_outage_s``; past that the stream raises StorageOutage. Data
+that is wrong (a cut tar, a bad image) is skipped and counted, never retried. The loop (expblip.train.loop) makes
+every rank agree before a step: all take their batch, or all stop with the same error.
+
+``make_loader`` is infinite, so a step-driven trainer on every rank always gets a whole next batch and no collective
+waits on a rank that ran out of data. ``iterate_once`` is the finite pass (evaluation, captioning): each rank's
+shards in order, no shuffling.
 
     loader = make_loader(cfg, rank, world_size, cursor=state.get("data_cursor"))
     cursor = Cursor()
     for batch in loader:
         ...  # train on batch["pixel_values"] (B,3,S,S) and batch["captions"]
-        cursor.update(batch["cursor"])      # after the batch is consumed
-        state["data_cursor"] = cursor.state_dict()   # saved with the checkpoint, one per rank
+        cursor.update(batch["cursor"])      # after the batch is consumed (by every rank)
+        state["data_cursor"] = cursor.state_dict()   # saved with the checkpoint; the same on every rank
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -49,6 +58,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from expblip.data.order import GlobalOrder, batch_start, position_after, window_permutation
 from expblip.data.shards import resolve_shards, url_to_fs
 from expblip.pixels import CLIP_MEAN, CLIP_STD
 
@@ -65,14 +75,19 @@ ERROR_KINDS = (
 )
 SHARD_ERRORS = ("truncated_tar", "shard_unreadable")  # each also counts as one unit read, so rates stay <= 1
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-OPEN_TRIES = 3
-OPEN_BACKOFF_S = 0.5
+OPEN_BACKOFF_S = 0.5  # first wait after a storage failure; doubled after each further failure in a row
+MAX_BACKOFF_S = 8.0
+DEFAULT_MAX_OUTAGE_S = 120.0  # data.max_outage_s
 # Errors no retry can fix: the shard is skipped at once.
 PERMANENT_OPEN_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError)
 
 
 class StreamError(RuntimeError):
     """The stream met more bad data than its thresholds allow (or none at all); the message names counts and URLs."""
+
+
+class StorageOutage(StreamError):
+    """Storage did not answer for longer than ``max_outage_s``; the message names the URL and the limit."""
 
 
 @dataclass
@@ -82,7 +97,11 @@ class StreamConfig:
     shards: str = ""  # manifest URL / directory / brace pattern
     batch_size: int = 8  # per rank
     num_workers: int = 0  # DataLoader workers per rank (0 = in the main process)
-    shuffle_buffer: int = 256  # per-worker sample shuffle buffer (0 = off)
+    shuffle_buffer: int = 256  # samples of a lane permuted together (the order's shuffle window; 0 = off)
+    # shard streams interleaved in the order (see expblip.data.order); ranks x data workers dividing it read every
+    # shard exactly once, other counts read shards they share and skip what is not theirs. Part of the order: a
+    # resume must keep it (as seed, shuffle_buffer and batch_size)
+    lanes: int = 16
     seed: int = 0
     image_size: int = 64
     train: bool = True  # augment (train) or eval transforms
@@ -91,12 +110,12 @@ class StreamConfig:
     max_error_rate: float = 0.05  # stop when skipped/seen exceeds this after min_samples_for_rate
     max_errors: int = 1000  # or when skipped exceeds this count
     max_pixels: int = 64_000_000  # decompression-bomb guard
-    resampled: bool = False  # draw shards with replacement (pseudo-epochs of the worker's share of shards)
+    resampled: bool = False  # draw each epoch's shards with replacement
     lowercase: bool = True  # text is lower-cased (paper)
     min_samples_for_rate: int = 50  # samples read before max_error_rate applies
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "image_size", "max_pixels"):
+        for name in ("batch_size", "image_size", "max_pixels", "lanes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.crop_scale <= 1.0:
@@ -107,22 +126,16 @@ class StreamConfig:
             raise ValueError(f"data.max_error_rate must lie in [0, 1], got {self.max_error_rate}")
 
 
-# ---------------------------------------------------------------- which samples each worker reads
+# ---------------------------------------------------------------- a finite pass: which samples each worker reads
 
 
 @dataclass(frozen=True)
 class ShardSlice:
-    """Part of one shard: samples ``offset, offset + every, …`` of it, at most ``limit`` of them."""
+    """Part of one shard: samples ``offset, offset + every, …`` of it."""
 
     url: str
     every: int = 1
     offset: int = 0
-    limit: int | None = None  # padding reads only a prefix of a shard
-
-    def length(self, count: int) -> int:
-        """Samples this slice yields from a shard holding ``count`` samples."""
-        n = len(range(self.offset, count, self.every))
-        return n if self.limit is None else min(n, self.limit)
 
 
 def split_slices(slices: list[ShardSlice], parts: int, part: int) -> list[ShardSlice]:
@@ -130,72 +143,19 @@ def split_slices(slices: list[ShardSlice], parts: int, part: int) -> list[ShardS
     if len(slices) >= parts:
         return slices[part::parts]
     # Fewer shards than parts: every part reads every shard and keeps one sample in `parts` of each slice.
-    out = []
-    for s in slices:
-        limit = None if s.limit is None else len(range(part, s.limit, parts))
-        out.append(ShardSlice(s.url, s.every * parts, s.offset + part * s.every, limit))
-    return out
+    return [ShardSlice(s.url, s.every * parts, s.offset + part * s.every) for s in slices]
 
 
-def pad_slices(slices: list[ShardSlice], counts: dict[str, int], target: int) -> list[ShardSlice]:
-    """``slices`` extended to ``target`` samples by wrapping around them (a rank's share, like DistributedSampler)."""
-    total = sum(s.length(counts[s.url]) for s in slices)
-    padded, i = list(slices), 0
-    while total < target and any(s.length(counts[s.url]) for s in slices):
-        s = slices[i % len(slices)]
-        take = min(s.length(counts[s.url]), target - total)
-        if take:
-            padded.append(dataclasses.replace(s, limit=take))
-        total, i = total + take, i + 1
-    return padded
+def plan_finite(shards: list[str], rank: int, world: int, worker: int, workers: int) -> list[ShardSlice]:
+    """The shard slices worker ``worker`` of ``rank`` reads in a finite pass: shards in order, split by rank, then
+    by worker (sample-interleaved when there are fewer shards than parts)."""
+    mine = split_slices([ShardSlice(u) for u in shards], world, rank)
+    return split_slices(mine, workers, worker)
 
 
 def _rng(*parts: Any) -> random.Random:
     # A string seed goes through sha512: the same in every process and Python run (unlike hash()).
     return random.Random(":".join(str(p) for p in parts))
-
-
-def rank_slices(
-    shards: list[str],
-    counts: list[int] | None,
-    seed: int,
-    epoch: int,
-    rank: int,
-    world: int,
-    shuffle: bool = True,
-    pad: bool = True,
-) -> list[ShardSlice]:
-    """This rank's shards for ``epoch``: the shared seeded order split by rank, padded to the largest rank's size."""
-    order = list(shards)
-    if shuffle:
-        _rng(seed, epoch, "shards").shuffle(order)
-    whole = [ShardSlice(u) for u in order]
-    mine = split_slices(whole, world, rank)
-    if not (pad and counts and world > 1):
-        return mine  # counts unknown: ranks may differ in length; the infinite loader still never starves a rank
-    by_url = dict(zip(shards, counts, strict=True))
-    target = max(sum(s.length(by_url[s.url]) for s in split_slices(whole, world, r)) for r in range(world))
-    return pad_slices(mine, by_url, target)
-
-
-def plan_worker_shards(
-    shards: list[str],
-    counts: list[int] | None,
-    cfg: StreamConfig,
-    epoch: int,
-    rank: int,
-    world: int,
-    worker: int,
-    workers: int,
-    finite: bool = False,
-) -> list[ShardSlice]:
-    """The shard slices worker ``worker`` of ``rank`` reads in ``epoch`` (finite = one unshuffled, unpadded pass)."""
-    if cfg.resampled and not finite:
-        rng = _rng(cfg.seed, epoch, rank, worker, "resample")
-        n = max(1, math.ceil(len(shards) / (world * workers)))
-        return [ShardSlice(rng.choice(shards)) for _ in range(n)]
-    mine = rank_slices(shards, counts, cfg.seed, epoch, rank, world, shuffle=not finite, pad=not finite)
-    return split_slices(mine, workers, worker)
 
 
 # ---------------------------------------------------------------- error accounting
@@ -246,88 +206,188 @@ class ErrorCounter:
             )
 
 
-# ---------------------------------------------------------------- reading shards
+# ---------------------------------------------------------------- reading shards through storage outages
 
 
-def open_shard(url: str, tries: int = OPEN_TRIES, backoff_s: float | None = None) -> tuple[IO[bytes], int | None]:
-    """(binary stream, size in bytes) for ``url``; transient failures are retried with exponential back-off."""
-    backoff_s = OPEN_BACKOFF_S if backoff_s is None else backoff_s
-    for attempt in range(tries):
-        try:
-            fs, path = url_to_fs(url)
-            f = fs.open(path, "rb")
-            size = getattr(f, "size", None)
-            return f, size if isinstance(size, int) else fs.size(path)
-        except PERMANENT_OPEN_ERRORS:
-            raise
-        except Exception:
-            if attempt == tries - 1:
-                raise
-            time.sleep(backoff_s * 2**attempt)
-    raise AssertionError("unreachable")
+class Outage:
+    """One reader's view of its storage: transient failures in a row are retried with exponential back-off until
+    ``max_s`` have passed since the first of them, then StorageOutage. Any successful read ends the outage."""
+
+    def __init__(self, max_s: float = DEFAULT_MAX_OUTAGE_S) -> None:
+        self.max_s, self.since, self.tries = max_s, None, 0
+
+    def failed(self, url: str, exn: BaseException) -> None:
+        """Called after a transient failure: waits before the next try, or raises when the outage is too long."""
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+            log.warning(
+                "storage unreachable reading %s (%s): retrying with back-off for up to %g s (data.max_outage_s)",
+                url,
+                _brief(exn),
+                self.max_s,
+            )
+        waited = now - self.since
+        if waited >= self.max_s:
+            raise StorageOutage(
+                f"storage unreachable for {waited:.0f} s reading {url} ({_brief(exn)}), longer than "
+                f"data.max_outage_s={self.max_s:g}: check the endpoint (AWS_ENDPOINT_URL) and the "
+                "server, or raise data.max_outage_s"
+            )
+        time.sleep(min(OPEN_BACKOFF_S * 2 ** min(self.tries, 16), MAX_BACKOFF_S, self.max_s - waited))
+        self.tries += 1
+
+    def ok(self) -> None:
+        if self.since is not None:
+            log.warning(
+                "storage reachable again after %.1f s; reading on where it stopped", time.monotonic() - self.since
+            )
+        self.since, self.tries = None, 0
 
 
-def tar_members(stream: IO[bytes], size: int | None) -> Iterator[tuple[str, str, bytes]]:
-    """(key, extension, data) of each regular member; raises tarfile.ReadError when the tar is cut short."""
+def _brief(exn: BaseException) -> str:
+    return f"{type(exn).__name__}: {str(exn)[:200]}"
+
+
+def open_shard(url: str) -> tuple[IO[bytes], int | None]:
+    """(binary stream, size in bytes) for ``url``; one attempt (shard_slots retries)."""
+    fs, path = url_to_fs(url)
+    f = fs.open(path, "rb")
+    size = getattr(f, "size", None)
+    return f, size if isinstance(size, int) else fs.size(path)
+
+
+def tar_samples(stream: IO[bytes], size: int | None, url: str, start: int = 0) -> Iterator[dict]:
+    """Samples ``{"__key__", "__url__", ext: bytes}`` from the ``start``-th on (members of earlier ones are passed
+    over unread); raises tarfile.ReadError when the tar is cut short (the sample being read is then not yielded)."""
     tar = tarfile.open(fileobj=stream, mode="r|*")
+    index, key, sample = -1, None, None
     for info in tar:
         match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", info.name)  # webdataset's base_plus_ext
         if info.isreg() and match and not info.name.startswith("__"):
-            data = tar.extractfile(info).read()  # raises ReadError("unexpected end of data") if cut mid-member
-            yield match.group(1), match.group(2).lower(), data
+            if match.group(1) != key:
+                if sample is not None:
+                    yield sample
+                key, sample, index = match.group(1), None, index + 1
+                if index >= start:
+                    sample = {"__key__": key, "__url__": url}
+            if sample is not None:  # raises ReadError("unexpected end of data") if cut mid-member
+                sample[match.group(2).lower()] = tar.extractfile(info).read()
         tar.members = []  # stream mode would otherwise keep every TarInfo
     # tarfile ends silently when a tar is cut exactly at a header: a whole tar still has a zero block left here.
     if size is not None and size - tar.offset < tarfile.BLOCKSIZE:
         raise tarfile.ReadError(f"tar ends at byte {size} without an end-of-archive block")
+    if sample is not None:
+        yield sample
 
 
-def read_shard(url: str, errors: ErrorCounter) -> Iterator[dict]:
+def shard_slots(
+    url: str, errors: ErrorCounter, outage: Outage, count: int | None = None, start: int = 0
+) -> Iterator[dict | None]:
+    """The shard's samples from index ``start`` on. With ``count`` (the manifest's), exactly ``count - start`` items:
+    None where a sample is missing (the shard is cut short or unreadable, counted once in ``errors``).
+
+    Storage failures are retried (``outage``), reopening the shard and skipping to the sample where the read stopped;
+    data errors are counted: a missing or unopenable shard (shard_unreadable), a cut or corrupt tar (truncated_tar).
+    """
+    index = start
+    while count is None or index < count:
+        try:
+            stream, size = open_shard(url)
+        except PERMANENT_OPEN_ERRORS as exn:
+            errors.add("shard_unreadable", url, repr(exn))
+            break
+        except Exception as exn:  # connection refused, timeouts, 5xx: the storage, not the data
+            outage.failed(url, exn)
+            continue
+        try:
+            with stream:
+                for sample in tar_samples(stream, size, url, index):
+                    outage.ok()
+                    yield sample
+                    index += 1
+                    if index == count:
+                        return  # more samples than the manifest says: the order counts only the manifest's
+            break
+        except tarfile.TarError as exn:  # a cut-off tar or a corrupt header: the data
+            errors.add("truncated_tar", url, repr(exn))
+            break
+        except Exception as exn:  # a dropped connection mid-read: reopen and continue at `index`
+            outage.failed(url, exn)
+    if count is not None:
+        yield from itertools.repeat(None, count - index)
+
+
+def read_shard(url: str, errors: ErrorCounter, outage: Outage | None = None) -> Iterator[dict]:
     """Samples ``{"__key__", "__url__", ext: bytes}`` of one shard; an unreadable or cut-off shard is counted.
 
     When a tar is cut off, the sample being read at that point is dropped with it (it may lack members).
     """
-    try:
-        stream, size = open_shard(url)
-    except Exception as exn:
-        errors.add("shard_unreadable", url, repr(exn))
-        return
-    with stream:
-        sample: dict | None = None
-        try:
-            for key, ext, data in tar_members(stream, size):
-                if sample is not None and key != sample["__key__"]:
-                    yield sample
-                    sample = None
-                sample = sample or {"__key__": key, "__url__": url}
-                sample[ext] = data
-        except Exception as exn:  # a cut-off tar, a corrupt header, a dropped connection
-            errors.add("truncated_tar", url, repr(exn))
-            return
-        if sample is not None:
-            yield sample
+    yield from shard_slots(url, errors, outage or Outage())
 
 
-def read_slices(slices: Iterable[ShardSlice], errors: ErrorCounter) -> Iterator[dict]:
-    """The samples of each slice in turn."""
+def read_slices(slices: Iterable[ShardSlice], errors: ErrorCounter, outage: Outage) -> Iterator[dict]:
+    """The samples of each slice in turn (a finite pass)."""
     for s in slices:
-        if s.limit == 0:
-            continue
-        kept = 0
-        for i, sample in enumerate(read_shard(s.url, errors)):
+        for i, sample in enumerate(shard_slots(s.url, errors, outage)):
             if i % s.every == s.offset:
                 yield sample
-                kept += 1
-                if kept == s.limit:
-                    break  # closes the shard
 
 
-def shuffled(samples: Iterator[dict], buffer: int, rng: random.Random) -> Iterator[dict]:
-    """webdataset's buffer shuffle with our seeded generator (buffer filled before the first sample leaves)."""
-    if buffer <= 1:
-        return samples
-    import webdataset as wds
+class LaneReader:
+    """One lane of one epoch, read forward: ``get(p)`` is the raw sample at (shuffled) lane position p, or None.
 
-    return wds.filters.shuffle(bufsize=buffer, initial=buffer, rng=rng)(samples)
+    Holds one window (``GlobalOrder``'s shuffle window) of raw samples; skips forward through shards by their
+    manifest counts (whole shards unopened) and reopens when asked for an earlier window.
+    """
+
+    def __init__(
+        self, order: GlobalOrder, epoch: int, lane: int, window: int, errors: ErrorCounter, outage: Outage
+    ) -> None:
+        self.shards = order.plan(epoch).lanes[lane]  # [(url, count)] in reading order
+        self.bounds = list(itertools.accumulate((c for _, c in self.shards), initial=0))  # lane position of each
+        self.seed, self.epoch, self.lane, self.window = order.seed, epoch, lane, max(1, window)
+        self.errors, self.outage = errors, outage
+        self.current, self.samples = -1, []  # window index and its permuted raw samples
+        self.raw: Iterator[dict | None] | None = None
+        self.raw_pos = 0  # lane position the raw iterator yields next
+
+    def get(self, pos: int) -> dict | None:
+        w = pos // self.window
+        if w != self.current:
+            self._load(w)
+        return self.samples[pos - w * self.window]
+
+    def _load(self, w: int) -> None:
+        lo, hi = w * self.window, min((w + 1) * self.window, self.bounds[-1])
+        if self.raw is None or lo < self.raw_pos or self._shard(lo) != self._shard(self.raw_pos):
+            self._seek(lo)
+        for _ in range(lo - self.raw_pos):  # later in the same shard: read on, undecoded
+            next(self.raw)
+        raw = [next(self.raw) for _ in range(hi - lo)]
+        self.raw_pos = hi
+        if self.window > 1:
+            raw = [raw[i] for i in window_permutation(self.seed, self.epoch, self.lane, w, len(raw))]
+        self.current, self.samples = w, raw
+
+    def _shard(self, pos: int) -> int:
+        return next(k for k in range(len(self.shards)) if pos < self.bounds[k + 1]) if pos < self.bounds[-1] else -1
+
+    def _seek(self, pos: int) -> None:
+        k = self._shard(pos)
+
+        def raw() -> Iterator[dict | None]:
+            for i in range(k, len(self.shards)):
+                url, count = self.shards[i]
+                yield from shard_slots(url, self.errors, self.outage, count, pos - self.bounds[k] if i == k else 0)
+
+        if self.raw is not None:
+            self.raw.close()
+        self.raw, self.raw_pos = raw(), pos
+
+    def close(self) -> None:
+        if self.raw is not None:
+            self.raw.close()
 
 
 # ---------------------------------------------------------------- decoding
@@ -475,71 +535,67 @@ def transform(
 # ---------------------------------------------------------------- cursor
 
 
+ORDER_KEYS = ("seed", "lanes", "shuffle_buffer", "batch_size", "resampled")  # what defines the sequence, besides shards
+
+
+def order_identity(cfg: StreamConfig, counts: list[int]) -> dict:
+    """What a saved position means: the config keys that define the sequence, and the shards' size."""
+    return {**{k: getattr(cfg, k) for k in ORDER_KEYS}, "shards": len(counts), "samples": sum(counts)}
+
+
 class Cursor:
-    """Where each data worker of one rank stands: the (epoch, index) after the last sample the trainer consumed.
+    """Where training stands in the global order: the samples every rank together has consumed (``position``),
+    the same number on every rank and at any world size.
 
     Update it with every consumed batch (``cursor.update(batch["cursor"])``), save ``state_dict()`` with the
     checkpoint, and pass that state (or the Cursor) to ``make_loader`` to continue exactly where training stopped.
     """
 
     def __init__(
-        self,
-        positions: dict[int, tuple[int, int]] | None = None,
-        num_workers: int | None = None,
-        world_size: int | None = None,
-        epoch: int = 0,
-        rank: int | None = None,
+        self, position: int | None = 0, order: dict | None = None, epoch: int = 0, epoch_sample: int = 0
     ) -> None:
-        self.positions = dict(positions or {})  # worker → (epoch, index of the next sample)
-        self.num_workers, self.world_size, self.rank = num_workers, world_size, rank  # the layout of the positions
-        self.epoch = epoch  # where workers without a position start
+        self.position = position  # None: a cursor of an older layout, resumed at the start of `epoch`
+        self.order = order  # order_identity() of the stream it was saved from
+        self.epoch, self.epoch_sample = epoch, epoch_sample  # for people: the epoch at `position` and how far into it
 
     def update(self, batch_cursor: dict) -> None:
         """Records a consumed batch's ``batch["cursor"]``."""
-        self.positions[int(batch_cursor["worker"])] = (int(batch_cursor["epoch"]), int(batch_cursor["index"]))
-        self.num_workers = batch_cursor.get("num_workers", self.num_workers)
-        self.world_size = batch_cursor.get("world_size", self.world_size)
-        self.rank = batch_cursor.get("rank", self.rank)
-
-    def position(self, worker: int) -> tuple[int, int]:
-        """(epoch, samples to skip) for ``worker``."""
-        return self.positions.get(worker, (self.epoch, 0))
+        self.position = int(batch_cursor["position"])
+        self.order = batch_cursor.get("order", self.order)
+        self.epoch, self.epoch_sample = int(batch_cursor["epoch"]), int(batch_cursor["epoch_sample"])
 
     def state_dict(self) -> dict:
         """JSON-able state."""
-        return {
-            "epoch_index": {str(w): list(p) for w, p in sorted(self.positions.items())},
-            "num_workers": self.num_workers,
-            "world_size": self.world_size,
-            "rank": self.rank,
-            "epoch": self.epoch,
-        }
+        return {"position": self.position, "order": self.order, "epoch": self.epoch, "epoch_sample": self.epoch_sample}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> Cursor:
-        """The inverse of ``state_dict``."""
-        positions = {int(w): (int(p[0]), int(p[1])) for w, p in state.get("epoch_index", {}).items()}
-        layout = state.get("num_workers"), state.get("world_size")
-        return cls(positions, *layout, epoch=int(state.get("epoch", 0)), rank=state.get("rank"))
+        """The inverse of ``state_dict``; also reads the per-worker cursors of older checkpoints ("epoch_index"),
+        which resume at the start of the earliest epoch they were in."""
+        if "position" not in state:
+            epochs = [int(p[0]) for p in state.get("epoch_index", {}).values()] or [int(state.get("epoch", 0))]
+            return cls(None, None, epoch=min(epochs))
+        return cls(
+            int(state["position"]), state.get("order"), int(state.get("epoch", 0)), int(state.get("epoch_sample", 0))
+        )
 
-    def at_epoch_start(self) -> Cursor:
-        """A layout-free cursor at the start of the earliest epoch in progress (repeats part of that epoch)."""
-        return Cursor(epoch=min((e for e, _ in self.positions.values()), default=self.epoch))
+    def describe(self) -> str:
+        return f"global position {self.position} (epoch {self.epoch}, sample {self.epoch_sample} of it)"
 
-    def check_layout(self, num_workers: int, world_size: int, rank: int) -> None:
-        """Positions are per (rank split, worker split): resuming under another layout would repeat or skip data."""
-        if self.positions and self.rank is not None and self.rank != rank:
+    def start(self, order: GlobalOrder, identity: dict) -> int:
+        """The position to continue at; refuses a position saved under another order."""
+        if self.position is None:
+            log.warning("the data cursor predates global positions: restarting epoch %d from its beginning", self.epoch)
+            return order.epoch_start(self.epoch)
+        differ = {k: (self.order[k], identity[k]) for k in identity if self.order and self.order.get(k) != identity[k]}
+        if differ:
+            named = ", ".join(f"{k} {old} (now {new})" for k, (old, new) in sorted(differ.items()))
             raise ValueError(
-                f"rank {rank} was given the data cursor of rank {self.rank}: every rank must save and restore its own"
+                f"the data cursor was saved for another sample order ({named}): its position would "
+                "name other samples. Resume with the saved data.train.seed / lanes / shuffle_buffer / "
+                "batch_size / resampled and shards (world size and data workers may change)"
             )
-        saved = (self.num_workers, self.world_size)
-        if self.positions and saved != (num_workers, world_size):
-            raise ValueError(
-                f"the data cursor was saved with num_workers={saved[0]} (effective) and world_size={saved[1]}, but "
-                f"this run has {num_workers} and {world_size}: resume with the saved data.*.num_workers and number "
-                f"of ranks, or pass Cursor.from_state_dict(state).at_epoch_start() to restart epoch "
-                f"{self.at_epoch_start().epoch} from its beginning"
-            )
+        return self.position
 
 
 # ---------------------------------------------------------------- the stream
@@ -555,105 +611,123 @@ class ShardStream(IterableDataset):
         counts: list[int] | None,
         rank: int,
         world_size: int,
-        start: Cursor,
+        start: int = 0,
         finite: bool = False,
+        max_outage_s: float = DEFAULT_MAX_OUTAGE_S,
     ) -> None:
         super().__init__()
         self.cfg, self.shards, self.counts, self.start, self.finite = cfg, shards, counts, start, finite
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.max_outage_s = rank, world_size, max_outage_s
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         Image.MAX_IMAGE_PIXELS = self.cfg.max_pixels  # PIL's own guard, in this worker process
         errors = ErrorCounter(self.cfg.max_errors, self.cfg.max_error_rate, self.cfg.min_samples_for_rate)
-        epoch, skip = self.start.position(worker)
-        numbered = self._numbered(worker, workers, epoch, skip, errors)
-        samples = self._decoded(numbered, errors)
-        return _errors_as_batches(self._batches(samples, worker, workers, errors))
-
-    def _epoch_samples(self, epoch: int, worker: int, workers: int, errors: ErrorCounter) -> Iterator[dict]:
-        slices = plan_worker_shards(
-            self.shards, self.counts, self.cfg, epoch, self.rank, self.world_size, worker, workers, finite=self.finite
-        )
-        samples = read_slices(slices, errors)
+        outage = Outage(self.max_outage_s)
         if self.finite:
-            return samples
-        return shuffled(samples, self.cfg.shuffle_buffer, _rng(self.cfg.seed, epoch, self.rank, worker, "samples"))
+            return _errors_as_batches(_with_final_errors(self._finite(worker, workers, errors, outage), errors))
+        return _errors_as_batches(self._walk(worker, workers, errors, outage))
 
-    def _numbered(
-        self, worker: int, workers: int, epoch: int, skip: int, errors: ErrorCounter
-    ) -> Iterator[tuple[int, int, dict]]:
-        """(epoch, index, raw sample) from ``epoch`` on, skipping the first ``skip`` samples undecoded."""
-        while True:
-            n, skipped_before = 0, errors.skipped
-            for n, raw in enumerate(self._epoch_samples(epoch, worker, workers, errors), start=1):
-                if n > skip:
-                    yield epoch, n - 1, raw
-            if self.finite:
-                return
-            # Epochs that only fail feed the error thresholds, which end the stream; epochs with neither samples nor
-            # errors (empty tars, more workers than samples) would spin here forever.
-            if n == 0 and errors.skipped == skipped_before:
-                raise StreamError(
-                    f"data worker {worker}/{workers} of rank {self.rank}/{self.world_size} read no samples in epoch "
-                    f"{epoch} and met no errors (shards: {self.shards[:4]}…): the shards are empty, or there are more "
-                    "data workers x ranks than samples; check the shards or use fewer data workers"
-                )
-            epoch, skip = epoch + 1, 0
+    # ---- training: the global order
 
-    def _decoded(
-        self, numbered: Iterator[tuple[int, int, dict]], errors: ErrorCounter
-    ) -> Iterator[tuple[int, int, dict]]:
-        """(epoch, index, sample ready for collation); bad samples are counted and left out."""
-        for epoch, index, raw in numbered:
-            errors.sample()
-            try:
-                labels, captions, image = decode_sample(raw, self.cfg.max_pixels)
-                pixels, caption = transform(image, captions, self.cfg, epoch, raw["__key__"])
-            except _Skip as bad:
-                errors.add(bad.kind, raw["__url__"], f"{raw['__key__']}: {bad}")
-                continue
-            yield epoch, index, {"pixel_values": pixels, "caption": caption, "labels": labels, "key": raw["__key__"]}
+    def _walk(self, worker: int, workers: int, errors: ErrorCounter, outage: Outage) -> Iterator[dict]:
+        """Batches ``worker``, ``worker + workers``, … of this rank, from global position ``self.start``."""
+        cfg = self.cfg
+        order = GlobalOrder(self.shards, self.counts, cfg.seed, cfg.lanes, cfg.batch_size, cfg.resampled)
+        identity = order_identity(cfg, self.counts)
+        lanes: dict[tuple[int, int], LaneReader] = {}
+        last: list[dict] = []  # the latest whole batch's samples: stand-ins when every sample of a batch is bad
+        try:
+            for index in itertools.count(worker, workers):
+                first = batch_start(self.start, index, self.rank, self.world_size, cfg.batch_size)
+                samples = self._batch_samples(order, first, lanes, errors, outage)
+                if not samples and not last:
+                    raise StreamError(
+                        f"none of the {cfg.batch_size} samples at global position {first} (rank "
+                        f"{self.rank}) could be read, and no earlier batch can stand in; see the "
+                        "skipped-data warnings above"
+                    )
+                samples = _whole(samples or last, cfg.batch_size)
+                last = samples
+                after = position_after(self.start, index, self.world_size, cfg.batch_size)
+                epoch = order.epoch_at(after - 1)
+                cursor = {
+                    "position": after,
+                    "epoch": epoch,
+                    "epoch_sample": after - order.epoch_start(epoch),
+                    "index": index,
+                    "worker": worker,
+                    "rank": self.rank,
+                    "world_size": self.world_size,
+                    "order": identity,
+                }
+                yield _collate(samples, cursor, errors)
+        finally:
+            for reader in lanes.values():
+                reader.close()
 
-    def _batches(
-        self, samples: Iterator[tuple[int, int, dict]], worker: int, workers: int, errors: ErrorCounter
-    ) -> Iterator[dict]:
-        """Groups ``batch_size`` samples of this worker; a finite stream also yields its last, smaller batch."""
-        batches = self._grouped(samples, worker, workers, errors)
-        return _with_final_errors(batches, errors) if self.finite else batches
+    def _batch_samples(
+        self, order: GlobalOrder, first: int, lanes: dict, errors: ErrorCounter, outage: Outage
+    ) -> list[dict]:
+        """The decoded samples at positions [first, first + B); bad ones are counted and left out."""
+        pieces = order.pieces(first, first + self.cfg.batch_size)
+        for key in [k for k in lanes if k[0] < pieces[0].epoch]:  # positions only grow: earlier epochs are done
+            lanes.pop(key).close()
+        out = []
+        for piece in pieces:
+            key = (piece.epoch, piece.lane)
+            if key not in lanes:
+                lanes[key] = LaneReader(order, piece.epoch, piece.lane, self.cfg.shuffle_buffer, errors, outage)
+            for pos in range(piece.pos, piece.pos + piece.n):
+                raw = lanes[key].get(pos)
+                sample = self._decode(raw, piece.epoch, errors) if raw is not None else None
+                if sample is not None:
+                    out.append(sample)
+        return out
 
-    def _grouped(
-        self, samples: Iterator[tuple[int, int, dict]], worker: int, workers: int, errors: ErrorCounter
-    ) -> Iterator[dict]:
-        items: list[tuple[int, int, dict]] = []
-        for item in samples:
-            items.append(item)
+    def _decode(self, raw: dict, epoch: int, errors: ErrorCounter) -> dict | None:
+        errors.sample()
+        try:
+            labels, captions, image = decode_sample(raw, self.cfg.max_pixels)
+            pixels, caption = transform(image, captions, self.cfg, epoch, raw["__key__"])
+        except _Skip as bad:
+            errors.add(bad.kind, raw["__url__"], f"{raw['__key__']}: {bad}")
+            return None
+        return {"pixel_values": pixels, "caption": caption, "labels": labels, "key": raw["__key__"], "epoch": epoch}
+
+    # ---- a finite pass: this rank's shards in order
+
+    def _finite(self, worker: int, workers: int, errors: ErrorCounter, outage: Outage) -> Iterator[dict]:
+        slices = plan_finite(self.shards, self.rank, self.world_size, worker, workers)
+        items: list[dict] = []
+        for index, raw in enumerate(read_slices(slices, errors, outage)):
+            sample = self._decode(raw, 0, errors)
+            if sample is not None:
+                items.append(sample)
             if len(items) == self.cfg.batch_size:
-                yield self._collate(items, worker, workers, errors)
+                yield _collate(items, {"worker": worker, "epoch": 0, "index": index + 1}, errors)
                 items = []
-        if items and self.finite:
-            yield self._collate(items, worker, workers, errors)
+        if items:
+            yield _collate(items, {"worker": worker, "epoch": 0, "index": index + 1}, errors)
 
-    def _collate(self, items: list[tuple[int, int, dict]], worker: int, workers: int, errors: ErrorCounter) -> dict:
-        epoch, index, _ = items[-1]
-        samples = [s for _, _, s in items]
-        cursor = {
-            "worker": worker,
-            "epoch": epoch,
-            "index": index + 1,
-            "num_workers": workers,
-            "world_size": self.world_size,
-            "rank": self.rank,
-        }
-        return {
-            "pixel_values": normalise(torch.stack([s["pixel_values"] for s in samples])),  # [B, 3, S, S] float
-            "captions": [s["caption"] for s in samples],
-            "labels": [s["labels"] for s in samples],
-            "keys": [s["key"] for s in samples],
-            "cursor": cursor,
-            "errors": dict(errors.counts),
-        }
+
+def _whole(samples: list[dict], size: int) -> list[dict]:
+    """``size`` samples: the slots of skipped ones take copies of the others (a batch keeps its size on every rank;
+    collectives that gather per-sample features need that)."""
+    return [samples[i % len(samples)] for i in range(size)]
+
+
+def _collate(samples: list[dict], cursor: dict, errors: ErrorCounter) -> dict:
+    return {
+        "pixel_values": normalise(torch.stack([s["pixel_values"] for s in samples])),  # [B, 3, S, S] float
+        "captions": [s["caption"] for s in samples],
+        "labels": [s["labels"] for s in samples],
+        "keys": [s["key"] for s in samples],
+        "epochs": [s["epoch"] for s in samples],
+        "cursor": cursor,
+        "errors": dict(errors.counts),
+    }
 
 
 def _with_final_errors(batches: Iterator[dict], errors: ErrorCounter) -> Iterator[dict]:
@@ -674,7 +748,7 @@ def _errors_as_batches(batches: Iterator[dict]) -> Iterator[dict]:
     try:
         yield from batches
     except StreamError as exn:
-        yield {"stream_error": str(exn)}
+        yield {"stream_error": str(exn), "outage": isinstance(exn, StorageOutage)}
 
 
 class BatchLoader:
@@ -690,7 +764,7 @@ class BatchLoader:
                 # Shut the workers down now: left to the garbage collector inside the exception's reference cycle,
                 # their queues may be finalised first and each worker then lingers until torch's 5 s join timeout.
                 del batches
-                raise StreamError(batch["stream_error"])
+                raise (StorageOutage if batch["outage"] else StreamError)(batch["stream_error"])
             yield batch
 
 
@@ -705,31 +779,77 @@ def _loader(dataset: ShardStream, num_workers: int) -> BatchLoader:
     # workers: the loader is iterated once (epochs roll over inside the workers), and a persistent DataLoader would
     # keep its iterator (and worker processes) alive after an error.
     # collate_fn: batches arrive collated; the default conversion would walk every batch's nested labels again.
-    return BatchLoader(DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                                  collate_fn=_as_is))
+    return BatchLoader(
+        DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False, collate_fn=_as_is)
+    )
 
 
 def _as_is(batch: dict) -> dict:
     return batch
 
 
-def make_loader(cfg: StreamConfig, rank: int, world_size: int, cursor: Cursor | dict | None = None) -> Iterable[dict]:
-    """An infinite iterable of batches for ``rank`` of ``world_size``, resuming at ``cursor`` (a Cursor state)."""
-    shards, counts = resolve_shards(cfg.shards)
-    start = _as_cursor(cursor)
-    start.check_layout(max(1, cfg.num_workers), world_size, rank)
-    return _loader(ShardStream(cfg, shards, counts, rank, world_size, start), cfg.num_workers)
+def resolve_with_retry(spec: str | list[str], max_outage_s: float = DEFAULT_MAX_OUTAGE_S):
+    """resolve_shards, retrying storage failures (not missing files) through an outage of up to ``max_outage_s``."""
+    outage = Outage(max_outage_s)
+    while True:
+        try:
+            found = resolve_shards(spec)
+        except PERMANENT_OPEN_ERRORS:
+            raise
+        except Exception as exn:
+            outage.failed(str(spec), exn)
+            continue
+        outage.ok()
+        return found
 
 
-def iterate_once(cfg: StreamConfig, rank: int = 0, world_size: int = 1) -> Iterator[dict]:
-    """One pass over this rank's shards in order, no padding or shuffling, eval transforms; finite.
+def sample_counts(shards: list[str], counts: list[int] | None, outage: Outage) -> list[int]:
+    """The manifest's counts, or (no manifest) each shard's samples, counted by reading it once."""
+    if counts is not None:
+        return counts
+    log.warning(
+        "no manifest with sample counts for %s…: counting by reading every shard once (write shards with "
+        "launch/make_shards.py to get a manifest)",
+        shards[0],
+    )
+    errors = ErrorCounter.unlimited()
+    counted = [sum(1 for _ in shard_slots(url, errors, outage)) for url in shards]
+    if errors.counts:
+        log.warning("while counting: %s; those samples are left out of the order", dict(errors.counts))
+    return counted
+
+
+def make_loader(
+    cfg: StreamConfig,
+    rank: int,
+    world_size: int,
+    cursor: Cursor | dict | None = None,
+    max_outage_s: float = DEFAULT_MAX_OUTAGE_S,
+) -> Iterable[dict]:
+    """An infinite iterable of batches for ``rank`` of ``world_size``, continuing at ``cursor`` (a Cursor or its
+    state) at any world size and number of data workers."""
+    shards, counts = resolve_with_retry(cfg.shards, max_outage_s)
+    counts = sample_counts(shards, counts, Outage(max_outage_s))
+    if sum(counts) == 0:
+        raise StreamError(f"the shards {shards[:4]}… hold no readable samples: they are empty or unreadable")
+    order = GlobalOrder(shards, counts, cfg.seed, cfg.lanes, cfg.batch_size, cfg.resampled)
+    start = _as_cursor(cursor).start(order, order_identity(cfg, counts))
+    return _loader(
+        ShardStream(cfg, shards, counts, rank, world_size, start, max_outage_s=max_outage_s), cfg.num_workers
+    )
+
+
+def iterate_once(
+    cfg: StreamConfig, rank: int = 0, world_size: int = 1, max_outage_s: float = DEFAULT_MAX_OUTAGE_S
+) -> Iterator[dict]:
+    """One pass over this rank's shards in order, no shuffling, eval transforms; finite.
 
     The last batch of each worker may be smaller and carries that worker's error counts for the whole pass. With
     several ranks, each sees ``shards[rank::world_size]`` (sample-interleaved when there are too few shards).
     """
-    shards, counts = resolve_shards(cfg.shards)
+    shards, counts = resolve_with_retry(cfg.shards, max_outage_s)
     cfg = dataclasses.replace(cfg, train=False, shuffle_buffer=0)
-    dataset = ShardStream(cfg, shards, counts, rank, world_size, Cursor(), finite=True)
+    dataset = ShardStream(cfg, shards, counts, rank, world_size, finite=True, max_outage_s=max_outage_s)
     yield from _loader(dataset, cfg.num_workers)
 
 

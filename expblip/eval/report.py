@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from expblip.credentials import unredact_uri
 from expblip.eval.caption_metrics import BEST_METRICS, COCO_METRICS
 
 MLFLOW_RUN_FILE = "mlflow_run.json"  # written into the run directory by expblip.train.tracking
@@ -276,7 +277,7 @@ def find_mlflow_run(model_dir: str | Path) -> dict | None:
     for candidate in (path / MLFLOW_RUN_FILE, path.parent / MLFLOW_RUN_FILE):
         if candidate.is_file():
             info = json.loads(candidate.read_text())
-            return {"run_id": info["run_id"], "tracking_uri": info["tracking_uri"]}
+            return {"run_id": info["run_id"], "tracking_uri": unredact_uri(info["tracking_uri"])}  # stored redacted
     return None
 
 

@@ -2,17 +2,23 @@
 
 Layout of a run directory:
     run_dir/config.yaml                     resolved config of the run
-    run_dir/checkpoints/latest              DeepSpeed's pointer to the newest tag
+    run_dir/checkpoints/latest              pointer to the newest complete tag (replaced atomically)
     run_dir/checkpoints/step00000100/       DeepSpeed shards (+ client_state: step, MLflow run id, world_size)
-        rank0.pt, rank1.pt ...              loader cursor and RNG state of each rank
+        rank0.pt, rank1.pt ...              data cursor (the global position, the same on every rank) and RNG state
         elastic.pt                          world-size-free state (rank 0): see save_elastic
         config.yaml, ds_config.json         what produced it
+        complete.json                       written last, once every rank's files are on disk
     run_dir/export/                         HF-format model (expblip.model.weights.export_hf)
+
+A checkpoint counts only with its complete.json: a process killed while writing one leaves a directory without it,
+which a resume passes over (the newest complete tag wins, whatever `latest` says) and the next save of that step
+clears first. `latest` is written after complete.json, through a temporary file and a rename.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -28,13 +34,25 @@ def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+COMPLETE = "complete.json"
+
+
+def is_complete(tag_dir: Path) -> bool:
+    return (tag_dir / COMPLETE).is_file()
+
+
 def latest_tag(run_dir: str | Path) -> str | None:
-    """Tag of the newest complete checkpoint (DeepSpeed writes `latest` after all shards)."""
-    pointer = checkpoint_root(run_dir) / "latest"
+    """Tag of the newest complete checkpoint (one with complete.json); checkpoints of older versions, which had no
+    marker, count when `latest` points at them."""
+    root = checkpoint_root(run_dir)
+    complete = sorted(p.name for p in root.glob("step*") if is_complete(p))
+    if complete:
+        return complete[-1]
+    pointer = root / "latest"
     if not pointer.is_file():
         return None
     tag = pointer.read_text().strip()
-    return tag if (checkpoint_root(run_dir) / tag).is_dir() else None
+    return tag if tag and (root / tag).is_dir() else None
 
 
 def tag_for(step: int) -> str:
@@ -51,22 +69,44 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict, cursor_stat
     """Collective: every rank writes its shards and state; rank 0 writes `extra_files` (name -> text).
     `frozen_source` (model.weights): where the frozen towers can be re-read, so elastic.pt need not repeat them.
 
-    elastic.pt is written before DeepSpeed's shards: DeepSpeed's `latest` pointer, written last, then vouches for it.
+    Atomic as a whole: rank 0 writes complete.json once every rank has written, then points `latest` at it.
     """
     root, tag = checkpoint_root(run_dir), tag_for(step)
-    rank, client_state = dist.get_rank(), {**client_state, "world_size": dist.get_world_size()}
+    rank, world = dist.get_rank(), dist.get_world_size()
+    client_state = {**client_state, "world_size": world}
+    if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0 and (root / tag).exists():  # a killed attempt's leftovers
+        shutil.rmtree(root / tag, ignore_errors=True)
+    dist.barrier()
     save_elastic(engine, root / tag, rank, client_state, frozen_source)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rank_state(cursor_state), root / tag / f"rank{rank}.pt")
     if rank == 0:
         for name, text in extra_files.items():
             (root / tag / name).write_text(text)
+    dist.barrier()  # every rank's files are written
+    if rank == 0:
+        _write_atomic(root / tag / COMPLETE, json.dumps({"step": step, "world_size": world,
+                                                         "data": cursor_state}, indent=2))
+        _write_atomic(root / "latest", tag)
     dist.barrier()
     return root / tag
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """`path` holds either its old content or `text`, never a part of it (write, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def written_world_size(run_dir: str | Path, tag: str) -> int:
-    """The number of ranks that wrote checkpoint `tag` (one rank{r}.pt each)."""
+    """The number of ranks that wrote checkpoint `tag` (complete.json says; older checkpoints: one rank{r}.pt each)."""
+    marker = checkpoint_root(run_dir) / tag / COMPLETE
+    if marker.is_file():
+        return int(json.loads(marker.read_text())["world_size"])
     return len(list((checkpoint_root(run_dir) / tag).glob("rank*.pt")))
 
 
@@ -88,12 +128,13 @@ def _as_tuple(obj):
     return tuple(_as_tuple(x) for x in obj) if isinstance(obj, (list, tuple)) else obj
 
 
-def prune(run_dir: str | Path, keep: int) -> None:
-    """Rank 0: delete all but the newest `keep` checkpoints (0 keeps all)."""
-    if keep <= 0:
-        return
+def prune(run_dir: str | Path, keep: int, step: int) -> None:
+    """Rank 0: delete all but the newest `keep` complete checkpoints (0 keeps all), and incomplete ones older than
+    `step` (left by killed attempts; newer ones are cleared when their step is saved again)."""
     tags = sorted(p for p in checkpoint_root(run_dir).glob("step*") if p.is_dir())
-    for old in tags[:-keep]:
+    complete = [p for p in tags if is_complete(p)]
+    stale = [p for p in tags if not is_complete(p) and p.name < tag_for(step)]
+    for old in (complete[:-keep] if keep > 0 else []) + stale:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -298,16 +339,10 @@ def _restore_schedule(engine, meta: dict) -> None:
         setattr(engine, key, value)
 
 
-def epoch_start_cursor(run_dir: str | Path, tag: str) -> dict:
-    """Loader cursor for a resume at another world size: the start of the earliest epoch any saving rank was in.
-
-    Positions are per rank split and cannot be re-divided, so part of that epoch is seen again.
-    """
-    from expblip.data.stream import Cursor
-
-    files = sorted((checkpoint_root(run_dir) / tag).glob("rank*.pt"))
-    epochs = [Cursor.from_state_dict(torch.load(f, weights_only=True)["cursor"]).at_epoch_start().epoch for f in files]
-    return Cursor(epoch=min(epochs, default=0)).state_dict()
+def data_cursor(run_dir: str | Path, tag: str) -> dict:
+    """The data cursor checkpoint `tag` saved: the global position, the same for every rank and world size."""
+    state = torch.load(checkpoint_root(run_dir) / tag / "rank0.pt", weights_only=True)
+    return state["cursor"]
 
 
 def write_json(path: Path, data: dict) -> None:

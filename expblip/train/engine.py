@@ -12,12 +12,13 @@ import os
 import socket
 from collections.abc import Callable
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from expblip.config import Config, ConfigError
+from expblip.config import COLLECTIVE_TIMEOUT_S, Config, ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _FILLED_BY_US = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -34,7 +35,8 @@ def init_distributed() -> tuple[int, int]:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "gloo":
         _skip_cpu_shm_all_reduce()
-    deepspeed.init_distributed(dist_backend=backend)
+    # explicit: a rank whose storage is out makes the others wait in a collective for up to data.max_outage_s
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 

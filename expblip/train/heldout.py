@@ -48,7 +48,7 @@ class HeldoutState:
 
 def _eval_stream(run):
     cfg = dataclasses.replace(run.cfg.data.eval, train=False, shuffle_buffer=0)
-    return iter(make_loader(cfg, run.rank, run.world))
+    return iter(make_loader(cfg, run.rank, run.world, max_outage_s=run.cfg.data.max_outage_s))
 
 
 @torch.no_grad()

@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from expblip.config import Config, ConfigError, dump_config, to_dict
+from expblip.config import Config, ConfigError, dump_config, public_dict
 from expblip.data.shards import resolve_shards
-from expblip.data.stream import Cursor, make_loader, read_captions
+from expblip.data.stream import Cursor, StreamError, make_loader, read_captions
 from expblip.log import get_logger
 from expblip.model.blip2 import (
     CaptionModel,
@@ -76,6 +76,8 @@ class Run:
     qformer_tokenizer: object = None
     report: Reporter | None = None
     heldout: heldout.HeldoutState = field(default_factory=heldout.HeldoutState)
+    attempt: int = 0  # when this process group started (rank 0's clock, ns): tells restarted attempts apart
+    resized_from: int = 0  # the world size of the checkpoint resumed from, when it differs from this one
 
 
 @dataclass
@@ -145,14 +147,22 @@ def setup(cfg: Config, report: Reporter | None = None) -> Run:
     torch.manual_seed(cfg.train.seed + rank)
     step, client, cursor_state = _resume(engine, run_dir, tag, elastic, rank)
     cursor = Cursor.from_state_dict(cursor_state) if cursor_state else Cursor()
-    batches = iter(make_loader(cfg.data.train, rank, world, cursor=cursor_state))
+    batches = iter(make_loader(cfg.data.train, rank, world, cursor=cursor, max_outage_s=cfg.data.max_outage_s))
     tracker = make_tracker(cfg.tracking, run_dir, rank, client.get("mlflow_run_id"))
     end = min(cfg.train.max_steps, cfg.train.stop_after or cfg.train.max_steps)
     run = Run(cfg, rank, world, engine, tokenizer, blip2_cfg, ds_config, batches, cursor, tracker, step=step, end=end,
               report=report, qformer_tokenizer=qformer_tokenizer,
-              heldout=heldout.HeldoutState.from_state_dict(client.get("heldout")))
+              heldout=heldout.HeldoutState.from_state_dict(client.get("heldout")), attempt=_attempt_id(),
+              resized_from=client.get("world_size", world) if client.get("world_size", world) != world else 0)
     _record_start(run)
     return run
+
+
+def _attempt_id() -> int:
+    """Collective: rank 0's clock at start-up, the same on every rank (the key log tells attempts apart by it)."""
+    stamp = [time.time_ns()]
+    dist.broadcast_object_list(stamp, src=0)
+    return stamp[0]
 
 
 def _elastic_resume(run_dir: Path, tag: str | None, rank: int, world: int) -> dict | None:
@@ -162,9 +172,9 @@ def _elastic_resume(run_dir: Path, tag: str | None, rank: int, world: int) -> di
     saved = checkpoint.written_world_size(run_dir, tag)
     if saved == world:
         return None
+    position = Cursor.from_state_dict(checkpoint.data_cursor(run_dir, tag)).describe()
     log.info(f"checkpoint {tag} was written by {saved} ranks and this run has {world}: restoring weights and "
-             f"optimiser state from its {checkpoint.ELASTIC}; the data loader restarts the checkpoint's epoch from its "
-             "beginning (per-rank loader positions do not carry over to another world size)")
+             f"optimiser state from its {checkpoint.ELASTIC}; the data continues at its {position}")
     return checkpoint.read_elastic(run_dir, tag, rank)
 
 
@@ -175,9 +185,9 @@ def _resume(engine, run_dir: Path, tag: str | None, elastic: dict | None, rank: 
         return 0, {}, None
     if elastic is None:  # same world size: DeepSpeed's own shards, this rank's exact loader position and RNG
         client, cursor_state = checkpoint.load(engine, run_dir, tag)
-    else:
+    else:  # another world size: the data position is the same number for every rank (expblip.data.order)
         client = checkpoint.restore_elastic(engine, elastic, rank)
-        cursor_state = checkpoint.epoch_start_cursor(run_dir, tag)
+        cursor_state = checkpoint.data_cursor(run_dir, tag)
     return client["step"], client, cursor_state
 
 
@@ -223,8 +233,14 @@ def _qformer_tokenizer(cfg: Config, rank: int, run_dir: Path):
 
 
 def _check_run_dir(cfg: Config, run_dir: Path) -> str | None:
-    """The checkpoint tag to resume from, or None; refuses to write over another run."""
-    tag = checkpoint.latest_tag(run_dir)
+    """Collective: the checkpoint tag to resume from (rank 0's newest complete one), or None; refuses to write over
+    another run."""
+    tag = [checkpoint.latest_tag(run_dir)]
+    dist.broadcast_object_list(tag, src=0)  # one choice for every rank, also where nodes see different directories
+    tag = tag[0]
+    if tag is not None and cfg.train.resume and not (checkpoint.checkpoint_root(run_dir) / tag).is_dir():
+        raise ConfigError(f"checkpoint {tag}, which rank 0 resumes from, is not in {run_dir} on this node: "
+                          "give every node the same train.run_dir (a shared volume) or Ray storage to restore from")
     if tag is not None and not cfg.train.resume and not cfg.train.overwrite:
         raise ConfigError(f"train.run_dir {run_dir} already holds a run (checkpoint {tag}); pass train.resume=true "
                           "to continue it, another train.run_dir, or train.overwrite=true to start over")
@@ -280,13 +296,18 @@ def _record_start(run: Run) -> None:
     run_dir = Path(run.cfg.train.run_dir)
     dump_config(run.cfg, run_dir / "config.yaml")
     (run_dir / "ds_config.json").write_text(json.dumps(run.ds_config, indent=2))
-    run.tracker.log_params(to_dict(run.cfg))
+    run.tracker.log_params(public_dict(run.cfg))
     commit = git_commit()  # set on every (re)start: a resumed run may run newer code
     run.tracker.set_tags({"stage": run.cfg.train.stage, "preset": run.cfg.model.preset, "world_size": run.world,
                           "recipe": run.cfg.tracking.recipe or "(none)", "git_commit": commit,
                           "mlflow.source.git.commit": commit})
+    run.tracker.log_metrics({"world_size": run.world}, step=run.step)  # on the step axis: every (re)start and resize
+    if run.resized_from:
+        run.tracker.set_tags({f"resize.step{run.step:08d}": f"{run.resized_from}->{run.world}"})
+        log.info(f"resized from {run.resized_from} to {run.world} ranks at step {run.step}")
     log.info(f"{run.cfg.train.stage} run in {run_dir}: world {run.world}, start step {run.step} of "
-             f"{run.cfg.train.max_steps}, MLflow {run.tracker.display_uri} run {run.tracker.run_id}")
+             f"{run.cfg.train.max_steps}, data at {run.cursor.describe()}, MLflow {run.tracker.display_uri} run "
+             f"{run.tracker.run_id}")
 
 
 # ---------------------------------------------------------------- step
@@ -320,8 +341,10 @@ def train_step(run: Run) -> torch.Tensor:
     """grad_accum micro-batches and one optimiser step; returns this rank's mean loss of the step."""
     losses, parts = [], {}
     for _ in range(run.cfg.optim.grad_accum):
-        batch = next(run.batches)
+        batch = next_batch(run)
         run.cursor.update(batch["cursor"])
+        if run.cfg.train.log_keys:
+            _log_keys(run, batch)
         run.errors[batch["cursor"]["worker"]] = batch["errors"]
         inputs = model_inputs(run, batch)
         if "attention_mask" in inputs:
@@ -337,6 +360,34 @@ def train_step(run: Run) -> torch.Tensor:
     loss = torch.stack(losses).mean()
     run.window.add(loss, parts)
     return loss
+
+
+def next_batch(run: Run) -> dict:
+    """Collective: this rank's next batch, once every rank has one; if any rank's stream failed (storage out longer
+    than data.max_outage_s, too much bad data), every rank raises it together instead of some ranks waiting alone in
+    the next collective until it times out. A rank whose storage is out keeps the others waiting here meanwhile."""
+    try:
+        batch, error = next(run.batches), ""
+    except StreamError as exn:
+        batch, error = None, f"{type(exn).__name__}: {exn}"
+    failed = torch.tensor([1.0 if error else 0.0])
+    dist.all_reduce(failed)
+    if failed.item() == 0:
+        return batch
+    errors = [None] * run.world
+    dist.all_gather_object(errors, error)
+    named = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e)
+    raise StreamError(f"the data stream failed at step {run.step + 1}, so every rank stops ({named})")
+
+
+def _log_keys(run: Run, batch: dict) -> None:
+    """train.log_keys: which samples this rank trained on at this step (an audit trail of the data order)."""
+    path = Path(run.cfg.train.run_dir) / "keys" / f"rank{run.rank}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = {"attempt": run.attempt, "step": run.step + 1, "rank": run.rank, "world": run.world, "keys": batch["keys"],
+            "epochs": batch["epochs"], "position": batch["cursor"]["position"]}
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def step(run: Run) -> dict:
@@ -390,12 +441,12 @@ def _global_metrics(run: Run) -> dict:
 
 def save_checkpoint(run: Run) -> Path:
     client = {"step": run.step, "mlflow_run_id": run.tracker.run_id, "heldout": run.heldout.state_dict()}
-    files = {"config.yaml": yaml.safe_dump(to_dict(run.cfg), sort_keys=False),
+    files = {"config.yaml": yaml.safe_dump(public_dict(run.cfg), sort_keys=False),
              "ds_config.json": json.dumps(run.ds_config, indent=2)}
     path = checkpoint.save(run.engine, run.cfg.train.run_dir, run.step, client, run.cursor.state_dict(), files,
                            frozen_source=run.cfg.model.weights)
     if run.rank == 0:
-        checkpoint.prune(run.cfg.train.run_dir, run.cfg.train.keep_checkpoints)
+        checkpoint.prune(run.cfg.train.run_dir, run.cfg.train.keep_checkpoints, run.step)
     return path
 
 
@@ -407,13 +458,13 @@ def export(run: Run) -> Path:
     out = Path(run.cfg.train.run_dir) / "export"
     state = checkpoint.consolidated_state_dict(run.engine.module.blip2, run.rank)
     if run.rank == 0:
-        export_hf(state, run.blip2_config, run.tokenizer, out, yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
+        export_hf(state, run.blip2_config, run.tokenizer, out, yaml.safe_dump(public_dict(run.cfg), sort_keys=False))
         if run.qformer_tokenizer is not None:
             run.qformer_tokenizer.save_pretrained(out / "qformer_tokenizer")
         if run.cfg.tracking.enabled and run.cfg.tracking.log_export == "trainable":
             trainable = [n for n, p in run.engine.module.blip2.named_parameters() if p.requires_grad]
             save_trainable_export(state, run.blip2_config, run.tokenizer, Path(run.cfg.train.run_dir, TRAINABLE_EXPORT),
-                                  trainable, yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
+                                  trainable, yaml.safe_dump(public_dict(run.cfg), sort_keys=False))
     dist.barrier()
     return out
 

@@ -14,16 +14,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from expblip.config import ConfigError, TrackingConfig, flatten
+from expblip.credentials import redact_uri
 
 GIT_ENV = "EXPBLIP_GIT_COMMIT"
-
-
-def redact_uri(uri: str) -> str:
-    """The URI with any ``user:password@`` replaced by ``***@``: what may be shown, logged or stored."""
-    parts = urlparse(uri)
-    if not parts.username and not parts.password:
-        return uri
-    return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
 
 
 class NullTracker:
@@ -57,9 +50,9 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     try:
         urllib.request.urlopen(health, timeout=timeout).read()
     except OSError as err:
-        host = urlparse(uri).netloc
-        raise ConfigError(f"MLflow tracking server {uri} is unreachable ({err}); start it (make mlflow) or set "
-                          f"tracking.uri / MLFLOW_TRACKING_URI to a reachable server (host {host})") from err
+        host = urlparse(uri).hostname
+        raise ConfigError(f"MLflow tracking server {redact_uri(uri)} is unreachable ({err}); start it (make mlflow) "
+                          f"or set tracking.uri / MLFLOW_TRACKING_URI to a reachable server (host {host})") from None
 
 
 class MlflowTracker:
@@ -84,7 +77,7 @@ class MlflowTracker:
             self.run_id = self.client.create_run(_experiment_id(self.client, cfg.experiment),
                                                  run_name=cfg.run_name or Path(run_dir).name,
                                                  tags=_parent_tag(cfg)).info.run_id
-        id_file.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.uri}))
+        id_file.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.display_uri}))
         self.system = _system_monitor(self.run_id, self.uri, cfg.system_metrics_every_s)
 
     def log_params(self, params: dict) -> None:
