@@ -113,6 +113,8 @@ class TrackingConfig:
     # artefact 'export' at the end: the trainable-only export (Q-Former, queries, projection + fingerprints of the
     # frozen towers; MBs at paper scale), the full HF-format export (GBs), or none
     log_export: Literal["trainable", "full", "none"] = "trainable"
+    run_id: str = ""  # attach to this MLflow run ('' = the run directory's, else a new one); the Ray driver sets it
+    flush_timeout_s: float = 60.0  # at the end, how long to wait for calls queued while the server was out
 
 
 @dataclass
@@ -120,16 +122,25 @@ class RayConfig:
     """Ray Train scaling and storage (launch/pretrain.py)."""
 
     address: str = ""  # '' = attach when $RAY_ADDRESS is set (ray job submit), else start a local Ray; or 'auto'/URL
-    num_workers: int = 2
+    # workers: a number, or [min, max] for elastic training (the group shrinks to the workers it can get when a node
+    # is lost, down to min, continuing from the last checkpoint, and grows back to max when nodes return)
+    num_workers: int | tuple[int, int] = 2
+    resize_check_s: float = 60.0  # elastic: how often Ray looks for room to grow a running group back
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     storage_path: str = ""  # '' = <run_dir>/ray; a local path or s3://bucket/prefix
-    max_failures: int = 0  # worker failures tolerated before the run fails
+    max_failures: int = 0  # worker-group failures (a lost node included) restarted from the last checkpoint
     verbose: bool = False  # show Ray's own console output (workers, controller) instead of expblip's lines only
+    # how workers get S3 keys and MLflow passwords (never through Ray's runtime_env): from their own environment,
+    # as cluster nodes are provisioned; or from a 0600 file the driver writes (only a local cluster shares it);
+    # auto = file when every Ray node runs on the driver's machine, else environment (expblip/credentials.py)
+    credentials: Literal["auto", "environment", "file"] = "auto"
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1 or self.cpus_per_worker <= 0:
-            raise ConfigError("ray.num_workers must be >= 1 and ray.cpus_per_worker > 0")
+        low, high = self.num_workers if isinstance(self.num_workers, tuple) else (self.num_workers,) * 2
+        if not 1 <= low <= high or self.cpus_per_worker <= 0 or self.resize_check_s < 0:
+            raise ConfigError("ray.num_workers must be >= 1 (or [min, max] with 1 <= min <= max), "
+                              "ray.cpus_per_worker > 0 and ray.resize_check_s >= 0")
 
 
 @dataclass

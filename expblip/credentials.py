@@ -76,18 +76,24 @@ def remove_credentials(path: Path) -> None:
         pass
 
 
-def load_credentials(environ: dict | None = None) -> list[str]:
-    """In a worker: put the variables of the file named by $EXPBLIP_CREDENTIALS_FILE into ``environ`` (default: this
-    process's). Returns their names (never values). No variable set: nothing to do."""
+def load_credentials(path: str | None = None, environ: dict | None = None) -> list[str]:
+    """In a worker: put the variables of the credentials file ``path`` (default: $EXPBLIP_CREDENTIALS_FILE) into
+    ``environ`` (default: this process's). Returns their names (never values). No file named: nothing to do."""
     environ = os.environ if environ is None else environ
-    path = environ.get(CREDENTIALS_FILE_ENV)
+    path = path or environ.get(CREDENTIALS_FILE_ENV)
     if not path:
         return []
     try:
         values = json.loads(Path(path).read_text())
     except OSError as err:
-        raise RuntimeError(f"the credentials file {path} is not readable on this node ({type(err).__name__}): "
-                           "it only exists on the driver's machine. On a cluster of several machines use "
-                           "ray.credentials=environment and provision the nodes' own credentials") from None
+        raise RuntimeError(f"the credentials file {path} is not readable here ({type(err).__name__}): it only exists "
+                           "on the driver's machine. On a cluster of several machines use ray.credentials=environment "
+                           "and provision the nodes' own credentials") from None
     environ.update(values)
     return sorted(values)
+
+
+def strip_userinfo(uri: str) -> str:
+    """The URI without ``user:password@``."""
+    parts = urlparse(uri)
+    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl() if "@" in parts.netloc else uri

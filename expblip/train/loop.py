@@ -24,7 +24,7 @@ import yaml
 
 from expblip.config import Config, ConfigError, dump_config, public_dict
 from expblip.data.shards import resolve_shards
-from expblip.data.stream import Cursor, StreamError, make_loader, read_captions
+from expblip.data.stream import Cursor, StreamError, make_loader, read_captions, resolve_with_retry
 from expblip.log import get_logger
 from expblip.model.blip2 import (
     CaptionModel,
@@ -97,9 +97,14 @@ class Window:
 # ---------------------------------------------------------------- setup
 
 
-def preflight(cfg: Config) -> None:
-    """Checks that fail fast, before any process group, worker or file: shards and the DeepSpeed policy."""
-    resolve_shards(cfg.data.train.shards)
+def preflight(cfg: Config, wait_for_storage: bool = True) -> None:
+    """Checks that fail fast, before any process group, worker or file: shards and the DeepSpeed policy. With
+    ``wait_for_storage``, storage that does not answer is waited for up to data.max_outage_s (a restarted attempt
+    after an outage); a Ray driver checks at once."""
+    if wait_for_storage:
+        resolve_with_retry(cfg.data.train.shards, cfg.data.max_outage_s)
+    else:
+        resolve_shards(cfg.data.train.shards)
     ds_engine.load_ds_config(cfg.train.ds_config)
 
 
@@ -377,7 +382,9 @@ def next_batch(run: Run) -> dict:
     errors = [None] * run.world
     dist.all_gather_object(errors, error)
     named = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e)
-    raise StreamError(f"the data stream failed at step {run.step + 1}, so every rank stops ({named})")
+    message = f"the data stream failed at step {run.step + 1}, so every rank stops ({named})"
+    log.error(message)  # rank 0 says it; the driver (and Ray) also get it raised
+    raise StreamError(message)
 
 
 def _log_keys(run: Run, batch: dict) -> None:

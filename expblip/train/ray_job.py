@@ -17,16 +17,30 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
-from expblip.config import Config, ConfigError, from_dict, to_dict
-from expblip.log import setup_logging
+from expblip.config import COLLECTIVE_TIMEOUT_S, Config, ConfigError, from_dict, to_dict
+from expblip.credentials import (
+    has_userinfo,
+    load_credentials,
+    redact_uri,
+    remove_credentials,
+    secret_env,
+    strip_userinfo,
+    write_credentials,
+)
+from expblip.log import get_logger, setup_logging
 from expblip.train.console import Console, RelayHandler
-from expblip.train.tracking import GIT_ENV, check_reachable, git_commit, tracking_uri
+from expblip.train.tracking import GIT_ENV, check_reachable, driver_run_id, git_commit, tracking_uri
 
-# Variables the workers need to see as the driver does (never logged: they may hold credentials).
+log = get_logger(__name__)
+
+# Variables the workers need to see as the driver does, through Ray's runtime_env. None of them is a secret: Ray
+# stores the runtime_env with the job and shows it on the dashboard. Credentials (expblip.credentials.SECRET_ENV, a
+# tracking URI with a password) reach workers from their own environment or from a 0600 file (ray.credentials).
 FORWARDED_ENV = ("DS_ACCELERATOR", "PYTHONWARNINGS", "OMP_NUM_THREADS", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL",
-                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", GIT_ENV)
+                 "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", GIT_ENV)
 
 
 def absolute_paths(cfg: Config) -> Config:
@@ -46,7 +60,7 @@ def preflight(cfg: Config) -> None:
     """Fail on the driver, naming the thing: shards, DeepSpeed config, tracking server."""
     from expblip.train.loop import preflight as loop_preflight
 
-    loop_preflight(cfg)
+    loop_preflight(cfg, wait_for_storage=False)
     if cfg.tracking.enabled:
         check_reachable(tracking_uri(cfg.tracking, cfg.train.run_dir))
     if "://" in cfg.ray.storage_path:
@@ -72,10 +86,12 @@ def _worker(config: dict) -> None:
 
     from expblip.train.loop import train
 
+    load_credentials(config.get("credentials") or None)
     cfg = from_dict(Config, config["cfg"])
     rank = ray.train.get_context().get_world_rank()
     relay = config.get("console")
     setup_logging(rank, RelayHandler(relay) if relay is not None else None)
+    _log_placement(rank)
     _restore_from_ray(cfg)
 
     def report(metrics: dict, step: int, path) -> None:
@@ -90,6 +106,19 @@ def _worker(config: dict) -> None:
             shutil.rmtree(stage, ignore_errors=True)
 
     train(cfg, report=report)
+
+
+def _log_placement(rank: int) -> None:
+    """Collective: rank 0 says which Ray node each rank runs on."""
+    import ray
+    import torch.distributed as dist
+
+    here = f"{ray.get_runtime_context().get_node_id()[:12]} ({ray.util.get_node_ip_address()})"
+    nodes = [here]
+    if dist.is_initialized():
+        nodes = [None] * dist.get_world_size()
+        dist.all_gather_object(nodes, here)
+    log.info("ranks on Ray nodes: " + ", ".join(f"rank {r} {n}" for r, n in enumerate(nodes)))
 
 
 def _belongs_to(name: str, rank: int) -> bool:
@@ -115,16 +144,29 @@ def _restore_from_ray(cfg: Config) -> None:
     import ray.train
     import torch.distributed as dist
 
+    from expblip.train.checkpoint import is_complete
+
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None and ray.train.get_context().get_local_rank() == 0:
         root = Path(cfg.train.run_dir, "checkpoints")
         with checkpoint.as_directory() as src:
             tag = Path(src, "latest").read_text().strip()
-            if not (root / tag).is_dir():
-                shutil.copytree(Path(src, tag), root / tag)
-                (root / "latest").write_text(tag)
+            if not is_complete(root / tag):  # absent here, or a partial copy: copy aside, then move into place
+                staging = Path(tempfile.mkdtemp(prefix=f".{tag}-", dir=_mkdir(root)))
+                shutil.copytree(Path(src, tag), staging / tag)
+                shutil.rmtree(root / tag, ignore_errors=True)
+                try:
+                    (staging / tag).rename(root / tag)
+                except OSError:  # another node's worker did the same on a shared volume first
+                    pass
+                shutil.rmtree(staging, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 QUIET_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # a print in a worker goes to stdout once, not also via a logger
@@ -144,13 +186,71 @@ def init_ray(address: str = "", verbose: bool = False) -> None:
     # Inside `ray job submit` the job's runtime_env already reaches every worker, and Ray 2.60 refuses to merge a
     # driver runtime_env that repeats one of its variables ("Failed to merge the Job's runtime env"): forward only the others.
     os.environ.setdefault(GIT_ENV, git_commit())  # workers may run from a copy without .git
-    forwarded = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    env = {k: v for k, v in {**forwarded, **QUIET_ENV}.items() if k not in _job_env_vars()}
+    env = {k: v for k, v in {**forwarded_env(), **QUIET_ENV}.items() if k not in _job_env_vars()}
     if not verbose:
         logging.getLogger("ray").setLevel(logging.WARNING)  # the driver's own Ray lines (cluster start, Train V2)
     ray.init(address=address, runtime_env={"env_vars": env} if env else None, ignore_reinit_error=True,
              include_dashboard=False if address == "local" else None, log_to_driver=verbose,
              logging_level=logging.INFO if verbose else logging.WARNING)
+
+
+def forwarded_env(environ: dict | None = None) -> dict[str, str]:
+    """FORWARDED_ENV as set here, less anything that holds a secret (a tracking URI with a password)."""
+    environ = os.environ if environ is None else environ
+    return {k: environ[k] for k in FORWARDED_ENV if k in environ and not has_userinfo(environ[k])}
+
+
+def _one_machine() -> bool:
+    """Whether every node of the attached Ray cluster runs on this machine (so a file here reaches every worker)."""
+    import ray
+
+    here = ray.util.get_node_ip_address()
+    return all(node["NodeManagerAddress"] == here for node in ray.nodes() if node.get("Alive"))
+
+
+@contextmanager
+def worker_credentials(cfg: Config, mode: str):
+    """(the config the workers get, the path of the credentials file or ''), for the duration of the block.
+
+    file: this process's secret variables and a tracking URI with a password go into a 0600 file that is removed at
+    the end; the workers' tracking.uri is then '' ($MLFLOW_TRACKING_URI from the file). environment: nothing is
+    passed; a tracking.uri with a password loses it (the workers authenticate with MLFLOW_TRACKING_USERNAME /
+    MLFLOW_TRACKING_PASSWORD of their own environment).
+    """
+    uri = cfg.tracking.uri
+    if mode == "environment":
+        if has_userinfo(uri):
+            log.warning(f"tracking.uri {redact_uri(uri)}: its password is not sent to the workers "
+                        "(ray.credentials=environment); they authenticate from their own environment")
+            cfg = _with_tracking_uri(cfg, strip_userinfo(uri))
+        yield cfg, ""
+        return
+    values = secret_env()
+    if has_userinfo(uri):
+        values["MLFLOW_TRACKING_URI"] = uri
+        cfg = _with_tracking_uri(cfg, "")
+    path = write_credentials(values)
+    try:
+        yield cfg, str(path)
+    finally:
+        remove_credentials(path)
+
+
+def _with_tracking_uri(cfg: Config, uri: str) -> Config:
+    return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=uri))
+
+
+def storage_filesystem(storage: str, credentials: str = ""):
+    """Ray's storage as a pyarrow filesystem for s3:// paths (None elsewhere): an fsspec S3 filesystem that finds
+    the endpoint in $AWS_ENDPOINT_URL and its keys where the workers' are (their environment, or the credentials
+    file), in every process that unpickles it: workers and Ray Train's controller."""
+    if not storage.startswith(("s3://", "s3a://")):
+        return None
+    import pyarrow.fs
+
+    from expblip.train.storage import CredentialedS3
+
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(CredentialedS3(credentials=credentials)))
 
 
 def _job_env_vars() -> set[str]:
@@ -164,24 +264,33 @@ def _job_env_vars() -> set[str]:
 def run(cfg: Config):
     """Train `cfg` on Ray; returns Ray's Result (its metrics are rank 0's last report)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = absolute_paths(cfg)
     preflight(cfg)
     init_ray(cfg.ray.address, cfg.ray.verbose)
+    if cfg.tracking.enabled:  # one MLflow run for every attempt and resize, whichever node rank 0 lands on
+        cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
+            cfg.tracking, run_id=driver_run_id(cfg.tracking, cfg.train.run_dir)))
+    mode = cfg.ray.credentials if cfg.ray.credentials != "auto" else "file" if _one_machine() else "environment"
     storage = cfg.ray.storage_path or str(Path(cfg.train.run_dir, "ray").resolve())
     console = None if cfg.ray.verbose else Console(Path(cfg.train.run_dir).name)
-    trainer = TorchTrainer(
-        train_loop_per_worker=_worker,
-        train_loop_config={"cfg": to_dict(cfg), "console": console.actor if console else None},
-        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-        run_config=RunConfig(name=Path(cfg.train.run_dir).name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None)),
-    )
-    with console or _nothing():
-        result = trainer.fit()
+    with worker_credentials(cfg, mode) as (worker_cfg, credentials):
+        trainer = TorchTrainer(
+            train_loop_per_worker=_worker,
+            train_loop_config={"cfg": to_dict(worker_cfg), "console": console.actor if console else None,
+                               "credentials": credentials},
+            torch_config=TorchConfig(timeout_s=COLLECTIVE_TIMEOUT_S),
+            scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                         resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+                                         elastic_resize_monitor_interval_s=cfg.ray.resize_check_s),
+            run_config=RunConfig(name=Path(cfg.train.run_dir).name, storage_path=storage,
+                                 storage_filesystem=storage_filesystem(storage, credentials),
+                                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None)),
+        )
+        with console or _nothing():
+            result = trainer.fit()
     if result.error:
         raise result.error
     return result
