@@ -91,8 +91,11 @@ class Console:
 
     def __init__(self, stage: str, out=None) -> None:
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.actor = ray.remote(num_cpus=0)(_Mailbox).remote()
+        # on the driver's node: a worker node may be lost mid-run (elastic training), the driver's node is not
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.actor = ray.remote(num_cpus=0, scheduling_strategy=here)(_Mailbox).remote()
         self.progress = Progress(stage, out)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="expblip-console", daemon=True)

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -185,6 +186,9 @@ def init_ray(address: str = "", verbose: bool = False) -> None:
     address = address or ("auto" if os.environ.get("RAY_ADDRESS") else "local")
     # Inside `ray job submit` the job's runtime_env already reaches every worker, and Ray 2.60 refuses to merge a
     # driver runtime_env that repeats one of its variables ("Failed to merge the Job's runtime env"): forward only the others.
+    if any(has_userinfo(arg.split("=", 1)[-1]) for arg in sys.argv):
+        log.warning("a password is on this command line: every user of this machine can list it, and Ray records the "
+                    "command as the job's entrypoint. Pass it in MLFLOW_TRACKING_URI or a --config file instead")
     os.environ.setdefault(GIT_ENV, git_commit())  # workers may run from a copy without .git
     env = {k: v for k, v in {**forwarded_env(), **QUIET_ENV}.items() if k not in _job_env_vars()}
     if not verbose:
@@ -201,11 +205,15 @@ def forwarded_env(environ: dict | None = None) -> dict[str, str]:
 
 
 def _one_machine() -> bool:
-    """Whether every node of the attached Ray cluster runs on this machine (so a file here reaches every worker)."""
+    """Whether every node of the attached Ray cluster runs on this machine (so a file here reaches every worker):
+    at this driver's address, or at a loopback one."""
+    import ipaddress
+
     import ray
 
     here = ray.util.get_node_ip_address()
-    return all(node["NodeManagerAddress"] == here for node in ray.nodes() if node.get("Alive"))
+    addresses = [node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")]
+    return all(a == here or ipaddress.ip_address(a).is_loopback for a in addresses)
 
 
 @contextmanager
@@ -238,6 +246,11 @@ def worker_credentials(cfg: Config, mode: str):
 
 def _with_tracking_uri(cfg: Config, uri: str) -> Config:
     return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=uri))
+
+
+def _in_filesystem(storage: str) -> str:
+    """Ray's storage_path: within storage_filesystem (bucket/prefix) when there is one."""
+    return storage.split("://", 1)[1] if storage.startswith(("s3://", "s3a://")) else storage
 
 
 def storage_filesystem(storage: str, credentials: str = ""):
@@ -273,6 +286,8 @@ def run(cfg: Config):
         cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
             cfg.tracking, run_id=driver_run_id(cfg.tracking, cfg.train.run_dir)))
     mode = cfg.ray.credentials if cfg.ray.credentials != "auto" else "file" if _one_machine() else "environment"
+    log.info(f"credentials reach the workers from {'a 0600 file' if mode == 'file' else 'their own environment'} "
+             f"(ray.credentials={cfg.ray.credentials})")
     storage = cfg.ray.storage_path or str(Path(cfg.train.run_dir, "ray").resolve())
     console = None if cfg.ray.verbose else Console(Path(cfg.train.run_dir).name)
     with worker_credentials(cfg, mode) as (worker_cfg, credentials):
@@ -284,7 +299,7 @@ def run(cfg: Config):
             scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                          resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
                                          elastic_resize_monitor_interval_s=cfg.ray.resize_check_s),
-            run_config=RunConfig(name=Path(cfg.train.run_dir).name, storage_path=storage,
+            run_config=RunConfig(name=Path(cfg.train.run_dir).name, storage_path=_in_filesystem(storage),
                                  storage_filesystem=storage_filesystem(storage, credentials),
                                  failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None)),

@@ -81,6 +81,8 @@ class MlflowTracker:
         _bounded_http_retries()
         self.uri = tracking_uri(cfg, run_dir)
         self.display_uri = redact_uri(self.uri)
+        if self.display_uri != self.uri:  # MLflow prints "View run at: <uri>/#/..." at the end, password included
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.client = MlflowClient(self.uri)
         self.outbox = Outbox(self.client, self.display_uri)
         id_file = Path(run_dir) / "mlflow_run.json"
@@ -126,8 +128,6 @@ RETRY_S = (1.0, 30.0)  # first and longest wait between tries while the server i
 def _bounded_http_retries() -> None:
     """MLflow's HTTP client retries a refused connection for minutes (7 tries, back-off 2); the outbox retries by
     itself, so each call gives up sooner. Set only where unset (the user's choice wins)."""
-    import os
-
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
@@ -143,7 +143,7 @@ class Outbox:
         self.client, self.display_uri, self.run_id = client, display_uri, None
         self.items: deque = deque()
         self.lock, self.wake = threading.Lock(), threading.Event()
-        self.dropped, self.down_since, self.closing = 0, None, False
+        self.dropped, self.down_since, self.closed = 0, None, threading.Event()
         self.thread = threading.Thread(target=self._loop, name="expblip-mlflow-outbox", daemon=True)
         self.thread.start()
 
@@ -167,7 +167,7 @@ class Outbox:
 
     def close(self, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` for the queue to empty; what is left is dropped and counted."""
-        self.closing = True
+        self.closed.set()
         self.wake.set()
         self.thread.join(timeout_s)
         with self.lock:
@@ -191,15 +191,15 @@ class Outbox:
                     self._send_next()
                 except Exception as err:  # the server is out (or refused the item): wait, then try again
                     self._down(err)
-                    if self.closing and self.wake.wait(timeout=min(wait, 2.0)):
-                        self.wake.clear()
-                    elif not self.closing:
-                        time.sleep(wait)
+                    if self.closed.is_set():  # the run ends: try every few seconds until close() gives up
+                        time.sleep(min(wait, 2.0))
+                    else:
+                        self.closed.wait(wait)
                     wait = min(wait * 2, RETRY_S[1])
                     continue
                 wait = RETRY_S[0]
                 self._up()
-            if self.closing and not self.items:
+            if self.closed.is_set() and not self.items:
                 return
 
     def _send_next(self) -> None:
