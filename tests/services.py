@@ -408,15 +408,21 @@ class RayCluster:
         return sum(1 for n in summary if n.get("raylet", {}).get("state") == "ALIVE")
 
     def kill_raylet(self, index: int) -> int:
-        """SIGKILL the raylet of node ``index`` (as when its machine is lost); returns its pid. The rest of the node's
-        process group (agents, workers) is stopped right after, so nothing of it is left behind."""
+        """SIGKILL the raylet of node ``index``, then every other process of the node (its workers run in process
+        groups of their own), as when its machine is lost; returns the raylet's pid."""
         import psutil
 
         node = psutil.Process(self.nodes[index].popen.pid)
-        raylets = [p for p in node.children(recursive=True) if p.name() == "raylet"]
+        processes = node.children(recursive=True)
+        raylets = [p for p in processes if p.name() == "raylet"]
         assert raylets, f"no raylet under node {index}"
         raylets[0].kill()
-        self.nodes[index].stop()
+        for proc in processes:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        self.nodes[index].kill()
         return raylets[0].pid
 
     def stop(self) -> None:
