@@ -9,13 +9,16 @@ How an epoch's sequence is built, so that readers stream tar shards sequentially
 
     shards          seeded order (seed, epoch); with ``resampled``, drawn with replacement
     lanes           shard k goes to lane k mod L (L = min(lanes, shards)); a lane is its shards end to end
-    windows         each lane's samples are permuted within consecutive windows of ``window`` samples
-                    (seeded by seed, epoch, lane, window): the shuffle a reader's buffer can apply exactly
-    head            the first m samples of every lane (m: a multiple of B, about the shortest lane), as chunks of B
-                    taken round-robin: lane 0 chunk 0, lane 1 chunk 0, …, lane 0 chunk 1, …
-    tail            the rest of every lane, lane after lane
-    fill            when an epoch starts off the B grid (epoch sizes need not be multiples of B), the first
-                    samples of its tail move to its front, so that its head chunks are whole batches
+    tail            the first t samples of every lane (t = its length beyond the head, often under B): what does
+                    not fill whole batches, as read, lane after lane. At the front of the lanes, a reader that
+                    needs another lane's tail reads a few samples of its first shard, not the whole lane
+    head            the other m samples of every lane (m: a multiple of B, about the shortest lane), permuted
+                    within consecutive windows of ``window`` samples (seeded by seed, epoch, lane, window: the
+                    shuffle a reader's buffer can apply exactly), as chunks of B taken round-robin: lane 0 chunk 0,
+                    lane 1 chunk 0, …, lane 0 chunk 1, …
+    the epoch       fill + head chunks + the rest of the tail. The fill is the first samples of the tail, as many
+                    as the epoch starts off the B grid (epoch sizes need not be multiples of B), so that its head
+                    chunks are whole batches
 
 A batch is then one head chunk: one lane, B consecutive (window-shuffled) samples. Reader q of R = W × data
 workers takes batches q, q + R, …, so when R divides L every reader owns whole lanes and opens each of its shards
@@ -68,9 +71,8 @@ class EpochPlan:
         if self.size - n * head < fill and head:  # the fill comes from the tail: make the tail long enough
             head -= b
         self.head, self.fill = head, min(fill, self.size - n * head)
-        tails = [length - head for length in self.lane_len]
-        self.tail_start = [sum(tails[:k]) for k in range(n)]  # where each lane's tail begins in the tail pool
-        self.tail_size = sum(tails)
+        self.tails = [length - head for length in self.lane_len]  # lane positions [0, tail) are its tail
+        self.tail_start = [sum(self.tails[:k]) for k in range(n)]  # where each lane's tail begins in the tail pool
 
     @property
     def end(self) -> int:
@@ -88,7 +90,8 @@ class EpochPlan:
             else:
                 chunk, offset = divmod(t - self.fill, self.batch_size)
                 row, lane = divmod(chunk, len(self.lanes))
-                piece = Piece(self.epoch, lane, row * self.batch_size + offset, min(self.batch_size - offset, hi - t))
+                piece = Piece(self.epoch, lane, self.tails[lane] + row * self.batch_size + offset,
+                              min(self.batch_size - offset, hi - t))
             out.append(piece)
             t += piece.n
         return out
@@ -96,11 +99,10 @@ class EpochPlan:
     def _tail_piece(self, u: int, n: int) -> Piece:
         """The tail-pool samples from index u, as far as one lane's tail (and ``n``) goes."""
         lane = bisect.bisect_right(self.tail_start, u) - 1
-        while self.lane_len[lane] - self.head == 0:  # an empty tail shares its start with the next lane's
+        while self.tails[lane] == 0:  # an empty tail shares its start with the next lane's
             lane += 1
         offset = u - self.tail_start[lane]
-        left = self.lane_len[lane] - self.head - offset
-        return Piece(self.epoch, lane, self.head + offset, min(n, left))
+        return Piece(self.epoch, lane, offset, min(n, self.tails[lane] - offset))
 
 
 class GlobalOrder:

@@ -335,40 +335,47 @@ def read_slices(slices: Iterable[ShardSlice], errors: ErrorCounter, outage: Outa
 
 
 class LaneReader:
-    """One lane of one epoch, read forward: ``get(p)`` is the raw sample at (shuffled) lane position p, or None.
+    """One lane of one epoch, read forward: ``get(p)`` is the raw sample at lane position p, or None.
 
-    Holds one window (``GlobalOrder``'s shuffle window) of raw samples; skips forward through shards by their
-    manifest counts (whole shards unopened) and reopens when asked for an earlier window.
+    Positions below the lane's tail length are its raw samples as stored (the tail); the head after them is permuted
+    within windows of ``window`` samples (GlobalOrder's shuffle). One window of raw samples is held at a time; the
+    reader skips forward through shards by their manifest counts (whole shards unopened) and reopens when asked for
+    an earlier window.
     """
 
     def __init__(
         self, order: GlobalOrder, epoch: int, lane: int, window: int, errors: ErrorCounter, outage: Outage
     ) -> None:
-        self.shards = order.plan(epoch).lanes[lane]  # [(url, count)] in reading order
+        plan = order.plan(epoch)
+        self.shards = plan.lanes[lane]  # [(url, count)] in reading order
         self.bounds = list(itertools.accumulate((c for _, c in self.shards), initial=0))  # lane position of each
+        self.tail = plan.tails[lane]
         self.seed, self.epoch, self.lane, self.window = order.seed, epoch, lane, max(1, window)
         self.errors, self.outage = errors, outage
-        self.current, self.samples = -1, []  # window index and its permuted raw samples
+        self.current, self.lo, self.samples = None, 0, []  # window id, its first position, its raw samples
         self.raw: Iterator[dict | None] | None = None
         self.raw_pos = 0  # lane position the raw iterator yields next
 
     def get(self, pos: int) -> dict | None:
-        w = pos // self.window
-        if w != self.current:
-            self._load(w)
-        return self.samples[pos - w * self.window]
+        if pos < self.tail:  # the tail: as stored, in windows ending at the head
+            key, lo, hi = ("tail", pos // self.window), pos - pos % self.window, self.tail
+        else:
+            w = (pos - self.tail) // self.window
+            key, lo, hi = ("head", w), self.tail + w * self.window, self.bounds[-1]
+        if key != self.current:
+            self._load(key, lo, min(lo + self.window, hi))
+        return self.samples[pos - self.lo]
 
-    def _load(self, w: int) -> None:
-        lo, hi = w * self.window, min((w + 1) * self.window, self.bounds[-1])
+    def _load(self, key: tuple, lo: int, hi: int) -> None:
         if self.raw is None or lo < self.raw_pos or self._shard(lo) != self._shard(self.raw_pos):
             self._seek(lo)
         for _ in range(lo - self.raw_pos):  # later in the same shard: read on, undecoded
             next(self.raw)
         raw = [next(self.raw) for _ in range(hi - lo)]
         self.raw_pos = hi
-        if self.window > 1:
-            raw = [raw[i] for i in window_permutation(self.seed, self.epoch, self.lane, w, len(raw))]
-        self.current, self.samples = w, raw
+        if key[0] == "head" and self.window > 1:
+            raw = [raw[i] for i in window_permutation(self.seed, self.epoch, self.lane, key[1], len(raw))]
+        self.current, self.lo, self.samples = key, lo, raw
 
     def _shard(self, pos: int) -> int:
         return next(k for k in range(len(self.shards)) if pos < self.bounds[k + 1]) if pos < self.bounds[-1] else -1
