@@ -65,9 +65,9 @@ class HeldCaptioner(Captioner):
 
     release: threading.Event
 
-    def caption_pixels(self, pixel_values, gen=None, prompt=""):
+    def caption_pixels(self, pixel_values, gen=None, prompt="", with_lengths=False):
         self.release.wait(30)
-        return super().caption_pixels(pixel_values, gen, prompt)
+        return super().caption_pixels(pixel_values, gen, prompt, with_lengths)
 
 
 def held(captioner: Captioner) -> HeldCaptioner:

@@ -170,14 +170,16 @@ class Captioner:
         return preprocess_images(images, self.image_size, self.mean, self.std)
 
     def caption_pixels(self, pixel_values: torch.Tensor, gen: GenerationConfig | None = None,
-                       prompt: str = "") -> list[str]:
+                       prompt: str = "", with_lengths: bool = False) -> list:
         """Captions for one batch of already preprocessed pixel values [B, 3, S, S] (``prompt``: text after </s>,
-        as the export's chat template places a user's text; empty for the paper's captions)."""
+        as the export's chat template places a user's text; empty for the paper's captions). ``with_lengths``:
+        ``Generated(text, tokens, stopped)`` tuples instead of strings."""
         if pixel_values.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])} but the export expects "
                              f"{self.image_size}x{self.image_size}; preprocess with this export's image_size")
         dtype = next(self.model.parameters()).dtype
-        return generate_captions(self.model, self.tokenizer, pixel_values.to(self.device, dtype), gen, prompt)
+        return generate_captions(self.model, self.tokenizer, pixel_values.to(self.device, dtype), gen, prompt,
+                                 with_lengths)
 
     def caption(self, images: Sequence[Image.Image], gen: GenerationConfig | None = None,
                 batch_size: int = 16, prompt: str = "") -> list[str]:

@@ -11,7 +11,7 @@ Nothing here imports Ray, DeepSpeed or MLflow: parallelism wraps this module fro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -248,11 +248,21 @@ def prompt_ids(model: Blip2ForConditionalGeneration, tokenizer, prompt: str, bat
     return torch.tensor([ids] * batch, dtype=torch.long)
 
 
+class Generated(NamedTuple):
+    """One caption and how it ended: ``tokens`` generated (the end token included), ``stopped`` at the end token
+    rather than at max_new_tokens."""
+
+    text: str
+    tokens: int
+    stopped: bool
+
+
 @torch.no_grad()
 def generate_captions(model: Blip2ForConditionalGeneration, tokenizer, pixel_values: torch.Tensor,
-                      gen: GenerationConfig | None = None, prompt: str = "", **extra) -> list[str]:
+                      gen: GenerationConfig | None = None, prompt: str = "", with_lengths: bool = False,
+                      **extra) -> list[str] | list[Generated]:
     """Captions for a batch of images; the prompt is empty (image tokens + </s>) as in the paper, or ``prompt``'s
-    text after </s>, the same for every image of the batch."""
+    text after </s>, the same for every image of the batch. ``with_lengths``: Generated tuples instead of strings."""
     gen = gen or GenerationConfig()
     kwargs = dict(max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens,
                   eos_token_id=caption_end_id(tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -264,5 +274,22 @@ def generate_captions(model: Blip2ForConditionalGeneration, tokenizer, pixel_val
     input_ids = prompt_ids(model, tokenizer, prompt, pixel_values.shape[0]).to(pixel_values.device)
     out = model.generate(pixel_values=pixel_values, input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                          **kwargs, **extra)
-    start = input_ids.shape[1]  # generate() returns the prompt, then the new tokens
-    return [t.strip() for t in tokenizer.batch_decode(out[:, start:], skip_special_tokens=True)]
+    new = out[:, input_ids.shape[1]:]  # generate() returns the prompt, then the new tokens
+    texts = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    if not with_lengths:
+        return texts
+    end = caption_end_id(tokenizer)
+    out_rows = []
+    for text, row in zip(texts, new.tolist(), strict=True):
+        stopped = end in row
+        length = row.index(end) + 1 if stopped else len(row) - _trailing(row, tokenizer.pad_token_id)
+        out_rows.append(Generated(text, length, stopped))
+    return out_rows
+
+
+def _trailing(row: list[int], value: int) -> int:
+    """How many times ``value`` ends ``row`` (the padding of a finished sequence)."""
+    n = 0
+    while n < len(row) and row[-1 - n] == value:
+        n += 1
+    return n

@@ -60,7 +60,7 @@ from expblip.infer import face as face_detection
 from expblip.infer import video as video_io
 from expblip.infer.captioner import Captioner, ImageError, load_image
 from expblip.infer.parse import parse_caption
-from expblip.model.blip2 import GenerationConfig
+from expblip.model.blip2 import Generated, GenerationConfig
 from expblip.serve.batching import Batcher, QueueFull
 from expblip.serve.metrics import CONTENT_TYPE, ServeMetrics
 
@@ -190,7 +190,7 @@ class Service:
     video_fps: float = 2.0
     video_limits: video_io.VideoLimits = video_io.VideoLimits()
 
-    async def caption(self, pixels: torch.Tensor, gen: GenerationConfig, prompt: str = "") -> list[str]:
+    async def caption(self, pixels: torch.Tensor, gen: GenerationConfig, prompt: str = "") -> list[Generated]:
         """Captions of pixels [k, 3, S, S] through the queue; 503 when it is full, 504 after the timeout."""
         try:
             return await self.batcher.caption(pixels, gen, prompt, self.request_timeout_s)
@@ -200,11 +200,12 @@ class Service:
             raise UploadRejected(504, f"no caption within {self.request_timeout_s:g} s: the server is busy; "
                                       "retry later", headers={"Retry-After": "5"}) from err
 
-    async def describe(self, data: bytes, name: str, gen: GenerationConfig | None = None, prompt: str = "") -> dict:
-        """Upload bytes → the /describe JSON."""
+    async def describe(self, data: bytes, name: str, gen: GenerationConfig | None = None,
+                       prompt: str = "") -> tuple[dict, Generated]:
+        """Upload bytes → (the /describe JSON, the caption with its token count)."""
         prepared = await run_in_threadpool(self._prepare, data, name)
-        caption = (await self.caption(prepared.pixels[None], gen or self.gen, prompt))[0]
-        return description(caption, prepared)
+        generated = (await self.caption(prepared.pixels[None], gen or self.gen, prompt))[0]
+        return description(generated.text, prepared), generated
 
     def _prepare(self, data: bytes, name: str) -> Prepared:
         return prepare_image(self.captioner, decode_upload(data, name, self.max_pixels), self.crop_face)
@@ -212,7 +213,7 @@ class Service:
     async def describe_video(self, data: bytes, name: str, fps: float) -> dict:
         """Video bytes → per-frame descriptions, the timeline spans and the timeline plot."""
         frames, pixels, faces = await run_in_threadpool(self._video_frames, data, name, fps)
-        captions = await self.caption(pixels, self.gen)
+        captions = [g.text for g in await self.caption(pixels, self.gen)]
         rows = video_io.frame_rows(frames, captions, faces if self.crop_face else None)
         png = await run_in_threadpool(video_io.timeline_png, rows, name)
         return {**video_io.video_summary(rows), "video": {"name": name, "frames": len(rows), "fps": fps},
@@ -315,7 +316,10 @@ def create_app(captioner: Captioner, max_upload_bytes: int = 5 * MiB, crop_face:
                          f"{video_limits.max_frames}); raise it or lower the frame limit")
     gen = gen or GenerationConfig()
     metrics = ServeMetrics()
-    batcher = Batcher(captioner.caption_pixels, max_batch, max_wait_ms / 1000, max_queue, on_batch=metrics.batch)
+    def generate(pixels: torch.Tensor, gen: GenerationConfig, prompt: str) -> list[Generated]:
+        return captioner.caption_pixels(pixels, gen, prompt, with_lengths=True)
+
+    batcher = Batcher(generate, max_batch, max_wait_ms / 1000, max_queue, on_batch=metrics.batch)
     metrics.watch_queue(lambda: batcher.queued)
     service = Service(captioner, batcher, gen, crop_face, max_pixels, request_timeout_s, video_fps, video_limits)
 
@@ -378,7 +382,8 @@ def _install_routes(app: FastAPI, service: Service, max_upload_bytes: int, max_v
         if image.size is not None and image.size > max_upload_bytes:  # the body limit allows for multipart framing
             raise UploadRejected(413, f"{name}: {image.size} bytes is above the {max_upload_bytes / MiB:g} MiB "
                                       "upload limit; send a smaller image")
-        return await service.describe(await image.read(), name, request_gen(service.gen, beams, max_new_tokens))
+        gen = request_gen(service.gen, beams, max_new_tokens)
+        return (await service.describe(await image.read(), name, gen))[0]
 
     @app.post("/describe/video", max_body_size=limits["/describe/video"])
     async def describe_video(video: Annotated[UploadFile, File(description="a clip (MP4/MOV, MKV/WebM or AVI)")],

@@ -31,7 +31,7 @@ from typing import Annotated, Any
 from fastapi import Body, FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
-from expblip.model.blip2 import GenerationConfig
+from expblip.model.blip2 import Generated, GenerationConfig
 from expblip.serve.app import MiB, Service, UploadRejected
 
 
@@ -102,16 +102,15 @@ def chat_gen(base: GenerationConfig, request: ChatCompletionRequest) -> Generati
     return gen
 
 
-def completion(model: str, caption: str, described: dict, prompt_tokens: int, caption_tokens: int,
-               gen: GenerationConfig) -> dict:
-    """OpenAI's chat.completion object, with expblip's parse in the extra field ``expblip``."""
-    finish = "length" if caption_tokens >= gen.max_new_tokens else "stop"
+def completion(model: str, described: dict, generated: Generated, prompt_tokens: int) -> dict:
+    """OpenAI's chat.completion object, with expblip's parse in the extra field ``expblip``. Usage counts the
+    tokens the model saw (query tokens, </s>, the prompt) and generated (the caption end token included)."""
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": model, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": caption, "refusal": None},
-                         "finish_reason": finish, "logprobs": None}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": caption_tokens,
-                      "total_tokens": prompt_tokens + caption_tokens},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": generated.text, "refusal": None},
+                         "finish_reason": "stop" if generated.stopped else "length", "logprobs": None}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated.tokens,
+                      "total_tokens": prompt_tokens + generated.tokens},
             "expblip": {k: described[k] for k in ("aus", "emotions", "face", "crop", "image")}}
 
 
@@ -143,8 +142,7 @@ def install_openai_routes(app: FastAPI, service: Service, model_name: str, max_b
         url, prompt = user_turn(request.messages)
         data = data_url_bytes(url, max_image_bytes)
         gen = chat_gen(service.gen, request)
-        described = await service.describe(data, "image_url", gen, prompt)
+        described, generated = await service.describe(data, "image_url", gen, prompt)
         captioner = service.captioner
         prompt_tokens = captioner.model.config.num_query_tokens + 1 + captioner.count_tokens(prompt)
-        return completion(model_name, described["caption"], described, prompt_tokens,
-                          captioner.count_tokens(described["caption"]), gen)
+        return completion(model_name, described, generated, prompt_tokens)
