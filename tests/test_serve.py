@@ -53,7 +53,7 @@ def post_file(url: str, data: bytes, filename: str = "face.png", content_type: s
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     try:
-        conn.putrequest("POST", parts.path)
+        conn.putrequest("POST", parts.path + (f"?{parts.query}" if parts.query else ""))
         conn.putheader("Content-Type", f"multipart/form-data; boundary={boundary}")
         # no Content-Length when chunked: the server can only count while it reads
         conn.putheader(*(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(len(body)))))

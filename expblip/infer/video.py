@@ -54,10 +54,12 @@ class VideoLimits:
 
 @dataclass(frozen=True)
 class Frame:
-    """One sampled frame: its position among the sampled frames, its time in seconds, its RGB image."""
+    """One sampled frame: its position among the sampled frames, its RGB image, and the seconds it stands for (from
+    its own time to the next sampled frame's, or to the end of the last decoded frame)."""
 
     index: int
     time: float
+    end: float
     image: Image.Image
 
 
@@ -143,25 +145,28 @@ def _check_header(stream, container, fps: float, limits: VideoLimits, label: str
 def _decode(container, stream, fps: float, limits: VideoLimits, label: str) -> list[Frame]:
     """The first frame at or after each sample time k / fps (times relative to the stream's start)."""
     start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-    frames: list[Frame] = []
-    next_time = 0.0
+    period = 1.0 / float(stream.average_rate) if stream.average_rate else 1.0 / fps  # a frame's own duration
+    taken: list[tuple[float, Image.Image]] = []
+    next_time, clip_end = 0.0, 0.0
     for frame in container.decode(stream):
         if frame.time is None:
             continue
         t = max(0.0, frame.time - start)
         if t > limits.max_seconds:
             raise VideoError(label, f"runs past the {limits.max_seconds:g} s limit; cut the clip", "too_large")
+        clip_end = max(clip_end, t + (float(frame.duration * frame.time_base) if frame.duration else period))
         if t + 1e-6 < next_time:
             continue
-        if len(frames) == limits.max_frames:
+        if len(taken) == limits.max_frames:
             raise VideoError(label, f"gives more than {limits.max_frames} frames at {fps:g} frames/s; lower fps",
                              "too_large")
-        frames.append(Frame(len(frames), round(t, 4), frame.to_image().convert("RGB")))
+        taken.append((t, frame.to_image().convert("RGB")))
         while next_time <= t + 1e-6:
             next_time += 1.0 / fps
-    if not frames:
+    if not taken:
         raise VideoError(label, "holds no decodable frame", "corrupt")
-    return frames
+    ends = [t for t, _ in taken[1:]] + [clip_end]
+    return [Frame(i, round(t, 4), round(end, 4), image) for i, ((t, image), end) in enumerate(zip(taken, ends, strict=True))]
 
 
 # ---------------------------------------------------------------- frames → descriptions
@@ -178,10 +183,11 @@ def crop_frames(frames: Sequence[Frame], crop_face: bool) -> tuple[list[Image.Im
 
 
 def frame_rows(frames: Sequence[Frame], captions: Sequence[str], faces: Sequence[dict | None] | None = None) -> list[dict]:
-    """One row per frame: {"frame", "time", "caption", "aus", "emotions"} (+ "face" when faces are given)."""
+    """One row per frame: {"frame", "time", "end", "caption", "aus", "emotions"} (+ "face" when faces are given)."""
     rows = []
     for i, (frame, caption) in enumerate(zip(frames, captions, strict=True)):
-        row = {"frame": frame.index, "time": frame.time, "caption": caption, **parse_caption(caption)}
+        row = {"frame": frame.index, "time": frame.time, "end": frame.end, "caption": caption,
+               **parse_caption(caption)}
         if faces is not None:
             row["face"] = faces[i]
         rows.append(row)
@@ -197,15 +203,11 @@ def describe_frames(captioner, frames: Sequence[Frame], crop_face: bool = False,
 
 
 def activation_spans(rows: Sequence[dict], key: str = "aus") -> dict:
-    """{AU (or emotion): [[start, end], ...]} in seconds: a frame's label holds from its time to the next frame's
-    (the last frame lasts as long as the gap before it). Adjacent frames with the label merge into one span."""
-    if not rows:
-        return {}
-    times = [r["time"] for r in rows]
-    step = times[-1] - times[-2] if len(times) > 1 else 1.0
-    ends = times[1:] + [times[-1] + step]
+    """{AU (or emotion): [[start, end], ...]} in seconds: a frame's label holds over its [time, end). Adjacent
+    frames with the label merge into one span."""
     spans: dict = {}
-    for row, start, end in zip(rows, times, ends, strict=True):
+    for row in rows:
+        start, end = row["time"], row["end"]
         for label in row[key]:
             runs = spans.setdefault(label, [])
             if runs and abs(runs[-1][1] - start) < 1e-6:
@@ -225,13 +227,13 @@ def video_summary(rows: Sequence[dict]) -> dict:
 
 
 def csv_text(rows: Sequence[dict]) -> str:
-    """frame, time, caption, aus, emotions, then one 0/1 column per AU seen in any frame (AU1, AU2, ...)."""
+    """frame, time, end, caption, aus, emotions, then one 0/1 column per AU seen in any frame (AU1, AU2, ...)."""
     aus = sorted({au for r in rows for au in r["aus"]})
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["frame", "time", "caption", "aus", "emotions", *(f"AU{au}" for au in aus)])
+    writer.writerow(["frame", "time", "end", "caption", "aus", "emotions", *(f"AU{au}" for au in aus)])
     for r in rows:
-        writer.writerow([r["frame"], f"{r['time']:.3f}", r["caption"], " ".join(map(str, r["aus"])),
+        writer.writerow([r["frame"], f"{r['time']:.3f}", f"{r['end']:.3f}", r["caption"], " ".join(map(str, r["aus"])),
                          " ".join(r["emotions"]), *(int(au in r["aus"]) for au in aus)])
     return out.getvalue()
 
@@ -245,7 +247,7 @@ def timeline_png(rows: Sequence[dict], title: str = "") -> bytes:
     au_spans, emotion_spans = activation_spans(rows), activation_spans(rows, "emotions")
     labels = [f"AU{au} {AUS[au].name}" if au in AUS else f"AU{au}" for au in au_spans]
     end = max([s[1] for runs in [*au_spans.values(), *emotion_spans.values()] for s in runs],
-              default=rows[-1]["time"] + 1 if rows else 1.0)
+              default=rows[-1]["end"] if rows else 1.0)
     fig = Figure(figsize=(9, 1.6 + 0.32 * (len(labels) + 1)), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
