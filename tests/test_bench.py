@@ -47,3 +47,16 @@ def test_generate_matches_plain_transformers_and_prints_a_ratio(capsys):
     assert "captions matching hf per-image: 4/4   matching hf batched: 4/4" in out, out
     assert re.search(r"hf per-image: \d+\.\d captions/s   expblip batched: \d+\.\d captions/s", out), out
     assert _ratio(out) > 0
+
+
+def test_serve_load_batches_concurrent_clients_and_prints_a_ratio(capsys):
+    code = _bench("serve_load").main(["--clients", "8", "--requests", "16", "--lone", "2", "--beams", "1",
+                                      "--max-new-tokens", "3", "--rounds", "1", "--max-wait-ms", "50"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert re.search(r"batching: +\d+\.\d+ req/s +under load p50 +\d+ ms +p99 +\d+ ms +lone client p50", out), out
+    assert re.search(r"one-at-a-time: +\d+\.\d+ req/s", out), out
+    sizes = re.search(r"batch sizes under load \(batching, round 1\): (.*)", out).group(1)
+    counts = dict(part.split(": ") for part in sizes.split("  "))
+    assert sum(int(n) for label, n in counts.items() if label != "1") > 0, out  # some batch held several images
+    assert _ratio(out) > 0

@@ -216,3 +216,20 @@ def test_retry_after_header_and_timeout_is_504(captioner, faces):
         assert "busy" in second.result()[1]["error"]
         busy.release.set()
         assert app.state.service.batcher.queued == 0  # the timed-out request left the queue
+
+
+def test_a_lone_image_runs_at_once_and_a_batch_waits_only_for_announced_arrivals():
+    recorder = Recorder()
+    batcher = Batcher(recorder, max_batch=4, max_wait_s=2.0, max_queue=8)
+    try:
+        start = time.monotonic()
+        batcher.submit(torch.zeros(1, 3, 8, 8), GEN)[0].result(10)
+        assert time.monotonic() - start < 1.0  # nothing on its way in: no 2 s wait
+        with batcher.arriving():  # a request being decoded: the queued image waits for it
+            first = batcher.submit(torch.zeros(1, 3, 8, 8), GEN)
+            time.sleep(0.3)
+            second = batcher.submit(torch.ones(1, 3, 8, 8), GEN)
+        assert first[0].result(10) and second[0].result(10)
+    finally:
+        batcher.close()
+    assert [size for size, _, _ in recorder.batches] == [1, 2]

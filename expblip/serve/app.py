@@ -190,12 +190,17 @@ class Service:
     video_fps: float = 2.0
     video_limits: video_io.VideoLimits = video_io.VideoLimits()
 
-    async def caption(self, pixels: torch.Tensor, gen: GenerationConfig, prompt: str = "") -> list[Generated]:
-        """Captions of pixels [k, 3, S, S] through the queue; 503 when it is full, 504 after the timeout."""
+    def submit(self, pixels: torch.Tensor, gen: GenerationConfig, prompt: str = "") -> list:
+        """Queue pixels [k, 3, S, S]; 503 with Retry-After when the queue cannot take them."""
         try:
-            return await self.batcher.caption(pixels, gen, prompt, self.request_timeout_s)
+            return self.batcher.submit(pixels, gen, prompt)
         except QueueFull as err:
             raise UploadRejected(503, str(err), headers={"Retry-After": str(err.retry_after_s)}) from err
+
+    async def wait(self, futures: list) -> list[Generated]:
+        """The captions of queued images; 504 after the request timeout."""
+        try:
+            return await self.batcher.wait(futures, self.request_timeout_s)
         except TimeoutError as err:
             raise UploadRejected(504, f"no caption within {self.request_timeout_s:g} s: the server is busy; "
                                       "retry later", headers={"Retry-After": "5"}) from err
@@ -203,8 +208,10 @@ class Service:
     async def describe(self, data: bytes, name: str, gen: GenerationConfig | None = None,
                        prompt: str = "") -> tuple[dict, Generated]:
         """Upload bytes → (the /describe JSON, the caption with its token count)."""
-        prepared = await run_in_threadpool(self._prepare, data, name)
-        generated = (await self.caption(prepared.pixels[None], gen or self.gen, prompt))[0]
+        with self.batcher.arriving():  # a batch forming now may wait for this image
+            prepared = await run_in_threadpool(self._prepare, data, name)
+            futures = self.submit(prepared.pixels[None], gen or self.gen, prompt)
+        generated = (await self.wait(futures))[0]
         return description(generated.text, prepared), generated
 
     def _prepare(self, data: bytes, name: str) -> Prepared:
@@ -212,8 +219,10 @@ class Service:
 
     async def describe_video(self, data: bytes, name: str, fps: float) -> dict:
         """Video bytes → per-frame descriptions, the timeline spans and the timeline plot."""
-        frames, pixels, faces = await run_in_threadpool(self._video_frames, data, name, fps)
-        captions = [g.text for g in await self.caption(pixels, self.gen)]
+        with self.batcher.arriving():
+            frames, pixels, faces = await run_in_threadpool(self._video_frames, data, name, fps)
+            futures = self.submit(pixels, self.gen)
+        captions = [g.text for g in await self.wait(futures)]
         rows = video_io.frame_rows(frames, captions, faces if self.crop_face else None)
         png = await run_in_threadpool(video_io.timeline_png, rows, name)
         return {**video_io.video_summary(rows), "video": {"name": name, "frames": len(rows), "fps": fps},

@@ -4,10 +4,11 @@
     captions = await batcher.caption(pixels, gen, prompt="", timeout_s=60)   # pixels [k, 3, S, S]: k images
     batcher.close()
 
-One worker thread owns the model. It takes the oldest queued image, waits at most ``max_wait_s`` (counted from that
-image's arrival) for up to ``max_batch`` images with the same decoding settings and prompt, and captions them in one
-call; images with other settings wait for a batch of their own. While a batch runs, new requests queue, so under
-load the next batch fills without waiting. A request's images are admitted together or not at all: when the queue
+One worker thread owns the model. It takes the oldest queued image and, while other requests are on their way in
+(announced with ``arriving()``: read and decoded, not yet queued), waits at most ``max_wait_s`` (counted from that
+image's arrival) for up to ``max_batch`` images with the same decoding settings and prompt; then it captions them in
+one call. Images with other settings wait for a batch of their own. A lone request is not held back: with nothing on
+its way in, it runs at once. While a batch runs, new requests queue, so under load the next batch fills by itself. A request's images are admitted together or not at all: when the queue
 holds ``max_queue`` images, ``submit`` raises QueueFull at once (the HTTP app answers 503 with Retry-After). A request
 that times out is cancelled: its images leave the queue, or its answer is dropped if its batch already runs.
 
@@ -17,11 +18,12 @@ Nothing here imports Ray or DeepSpeed (DESIGN.md, wall 2).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import astuple, dataclass, field
 
@@ -73,6 +75,7 @@ class Batcher:
         self._pending: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._arriving = 0  # requests announced with arriving() and not yet queued
         self._batch_seconds = 1.0  # running estimate of one batch's time, for Retry-After
         self._thread = threading.Thread(target=self._loop, name="expblip-batcher", daemon=True)
         self._thread.start()
@@ -106,10 +109,25 @@ class Batcher:
             self._cond.notify_all()
         return [item.future for item in items]
 
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Announce a request that is being read or decoded: a forming batch may wait for it (see the module)."""
+        with self._cond:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._arriving -= 1
+                self._cond.notify_all()
+
     async def caption(self, pixels: torch.Tensor, gen: GenerationConfig, prompt: str = "",
-                      timeout_s: float | None = None) -> list[str]:
+                      timeout_s: float | None = None) -> list:
         """Captions of ``pixels`` [k, 3, S, S]; TimeoutError (the images cancelled) after ``timeout_s``."""
-        futures = self.submit(pixels, gen, prompt)
+        return await self.wait(self.submit(pixels, gen, prompt), timeout_s)
+
+    async def wait(self, futures: list[Future], timeout_s: float | None = None) -> list:
+        """The results of submitted futures; TimeoutError (all of them cancelled) after ``timeout_s``."""
         try:
             return list(await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, futures)), timeout_s))
         except BaseException:  # timeout, client gone, error in the batch: nothing more to do for these images
@@ -150,7 +168,7 @@ class Batcher:
                 self._cond.wait()
             first = self._pending[0]
             deadline = first.enqueued + self.max_wait_s
-            while (not self._closed and self._count(first.key) < self.max_batch
+            while (not self._closed and self._arriving and self._count(first.key) < self.max_batch
                    and (left := deadline - time.monotonic()) > 0):
                 self._cond.wait(left)
             batch = self._take(first.key)
