@@ -41,6 +41,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal
@@ -61,7 +62,7 @@ from expblip.infer import video as video_io
 from expblip.infer.captioner import Captioner, ImageError, load_image
 from expblip.infer.parse import parse_caption
 from expblip.model.blip2 import Generated, GenerationConfig
-from expblip.serve.batching import Batcher, QueueFull
+from expblip.serve.batching import Arrival, Batcher, QueueFull
 from expblip.serve.metrics import CONTENT_TYPE, ServeMetrics
 
 MiB = 1024 * 1024
@@ -79,6 +80,16 @@ SECURITY_HEADERS = {  # the page loads only its own files: no CDN, no inline scr
 IMAGE_ERROR_STATUS = {"not_image": 415, "too_large": 413, "corrupt": 422}
 VIDEO_ERROR_STATUS = {"not_video": 415, "too_large": 413, "corrupt": 422}
 PROTECTED = ("/describe", "/v1/", "/metrics")  # path prefixes that need the API key when one is set
+CAPTIONING = ("/describe", "/describe/video", "/v1/chat/completions")  # POST routes whose images go through the queue
+# The request's announcement to the batcher (made by the middleware as the request starts, before its body is read),
+# ended once its images are queued: a batch that is forming waits for requests already on their way in.
+ARRIVAL: ContextVar[Arrival | None] = ContextVar("expblip_arrival", default=None)
+
+
+def _arrived() -> None:
+    arrival = ARRIVAL.get()
+    if arrival is not None:
+        arrival.done()
 
 
 class AUChip(BaseModel):
@@ -208,9 +219,9 @@ class Service:
     async def describe(self, data: bytes, name: str, gen: GenerationConfig | None = None,
                        prompt: str = "") -> tuple[dict, Generated]:
         """Upload bytes → (the /describe JSON, the caption with its token count)."""
-        with self.batcher.arriving():  # a batch forming now may wait for this image
-            prepared = await run_in_threadpool(self._prepare, data, name)
-            futures = self.submit(prepared.pixels[None], gen or self.gen, prompt)
+        prepared = await run_in_threadpool(self._prepare, data, name)
+        futures = self.submit(prepared.pixels[None], gen or self.gen, prompt)
+        _arrived()
         generated = (await self.wait(futures))[0]
         return description(generated.text, prepared), generated
 
@@ -219,9 +230,9 @@ class Service:
 
     async def describe_video(self, data: bytes, name: str, fps: float) -> dict:
         """Video bytes → per-frame descriptions, the timeline spans and the timeline plot."""
-        with self.batcher.arriving():
-            frames, pixels, faces = await run_in_threadpool(self._video_frames, data, name, fps)
-            futures = self.submit(pixels, self.gen)
+        frames, pixels, faces = await run_in_threadpool(self._video_frames, data, name, fps)
+        futures = self.submit(pixels, self.gen)
+        _arrived()
         captions = [g.text for g in await self.wait(futures)]
         rows = video_io.frame_rows(frames, captions, faces if self.crop_face else None)
         png = await run_in_threadpool(video_io.timeline_png, rows, name)
@@ -267,7 +278,8 @@ def _body_limits(max_upload_bytes: int, max_video_bytes: int) -> dict[str, int]:
             "/v1/chat/completions": math.ceil(max_upload_bytes * 4 / 3) + 64 * 1024}
 
 
-def _install_middleware(app: FastAPI, metrics: ServeMetrics, limits: dict[str, int], api_key: str | None) -> None:
+def _install_middleware(app: FastAPI, metrics: ServeMetrics, limits: dict[str, int], api_key: str | None,
+                        batcher: Batcher) -> None:
     """One middleware: body-size guard, API key, security headers, and the request metrics (route, status, time)."""
 
     @app.middleware("http")
@@ -285,6 +297,14 @@ def _install_middleware(app: FastAPI, metrics: ServeMetrics, limits: dict[str, i
         elif api_key and path.startswith(PROTECTED) and not _authorised(request, api_key):
             response = error_response(path, 401, "missing or wrong API key: send the header "
                                                  "'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"})
+        elif request.method == "POST" and path in CAPTIONING:
+            arrival = batcher.arrival()
+            token = ARRIVAL.set(arrival)
+            try:
+                response = await call_next(request)
+            finally:
+                arrival.done()  # refused before its images were queued, or already done
+                ARRIVAL.reset(token)
         else:
             response = await call_next(request)
         response.headers.update(SECURITY_HEADERS)
@@ -342,7 +362,7 @@ def create_app(captioner: Captioner, max_upload_bytes: int = 5 * MiB, crop_face:
     app.state.service, app.state.metrics = service, metrics
     _install_error_handlers(app, max_upload_bytes)
     limits = _body_limits(max_upload_bytes, max_video_bytes)
-    _install_middleware(app, metrics, limits, api_key)
+    _install_middleware(app, metrics, limits, api_key, batcher)
     _install_routes(app, service, max_upload_bytes, max_video_bytes, limits, bool(api_key), model_name)
 
     from expblip.serve.openai_api import install_openai_routes

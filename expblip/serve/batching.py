@@ -4,11 +4,12 @@
     captions = await batcher.caption(pixels, gen, prompt="", timeout_s=60)   # pixels [k, 3, S, S]: k images
     batcher.close()
 
-One worker thread owns the model. It takes the oldest queued image and, while other requests are on their way in
-(announced with ``arriving()``: read and decoded, not yet queued), waits at most ``max_wait_s`` (counted from that
-image's arrival) for up to ``max_batch`` images with the same decoding settings and prompt; then it captions them in
-one call. Images with other settings wait for a batch of their own. A lone request is not held back: with nothing on
-its way in, it runs at once. While a batch runs, new requests queue, so under load the next batch fills by itself. A request's images are admitted together or not at all: when the queue
+One worker thread owns the model. When free, it takes the oldest queued image and waits at most ``max_wait_s`` for
+up to ``max_batch`` images with the same decoding settings and prompt; then it captions them
+in one call. Images with other settings wait for a batch of their own. It waits only when there is something to wait
+for: requests on their way in (announced with ``arrival()``: being read or decoded, not yet queued), or load (the
+previous batch held several images; closed-loop clients answered by it are about to send again). A lone client is
+not held back. While a batch runs, new requests queue, so under load the next batch fills by itself. A request's images are admitted together or not at all: when the queue
 holds ``max_queue`` images, ``submit`` raises QueueFull at once (the HTTP app answers 503 with Retry-After). A request
 that times out is cancelled: its images leave the queue, or its answer is dropped if its batch already runs.
 
@@ -51,7 +52,6 @@ class _Item:
     prompt: str
     key: tuple  # decoding settings + prompt: only items with equal keys share a batch
     future: Future = field(default_factory=Future)
-    enqueued: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -60,6 +60,19 @@ class BatchStats:
 
     size: int
     seconds: float
+
+
+class Arrival:
+    """A request announced to the batcher; ``done()`` (idempotent) once its images are queued or it gave up."""
+
+    def __init__(self, batcher: Batcher):
+        self._batcher, self._open = batcher, True
+        batcher._arrive(1)
+
+    def done(self) -> None:
+        if self._open:
+            self._open = False
+            self._batcher._arrive(-1)
 
 
 class Batcher:
@@ -75,7 +88,8 @@ class Batcher:
         self._pending: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._arriving = 0  # requests announced with arriving() and not yet queued
+        self._arriving = 0  # requests announced with arrival() and not yet queued
+        self._last_size = 0  # images in the previous batch: more than one means load
         self._batch_seconds = 1.0  # running estimate of one batch's time, for Retry-After
         self._thread = threading.Thread(target=self._loop, name="expblip-batcher", daemon=True)
         self._thread.start()
@@ -109,17 +123,24 @@ class Batcher:
             self._cond.notify_all()
         return [item.future for item in items]
 
+    def arrival(self) -> Arrival:
+        """Announce a request that is on its way in (being read or decoded): a forming batch may wait for it until
+        ``Arrival.done()`` (see the module docstring)."""
+        return Arrival(self)
+
     @contextlib.contextmanager
     def arriving(self) -> Iterator[None]:
-        """Announce a request that is being read or decoded: a forming batch may wait for it (see the module)."""
-        with self._cond:
-            self._arriving += 1
+        """``arrival()`` for the block."""
+        arrival = self.arrival()
         try:
             yield
         finally:
-            with self._cond:
-                self._arriving -= 1
-                self._cond.notify_all()
+            arrival.done()
+
+    def _arrive(self, n: int) -> None:
+        with self._cond:
+            self._arriving += n
+            self._cond.notify_all()
 
     async def caption(self, pixels: torch.Tensor, gen: GenerationConfig, prompt: str = "",
                       timeout_s: float | None = None) -> list:
@@ -167,9 +188,9 @@ class Batcher:
                     return None
                 self._cond.wait()
             first = self._pending[0]
-            deadline = first.enqueued + self.max_wait_s
-            while (not self._closed and self._arriving and self._count(first.key) < self.max_batch
-                   and (left := deadline - time.monotonic()) > 0):
+            deadline = time.monotonic() + self.max_wait_s  # from now: images queued behind a batch waited already
+            while (not self._closed and (self._arriving or self._last_size > 1)
+                   and self._count(first.key) < self.max_batch and (left := deadline - time.monotonic()) > 0):
                 self._cond.wait(left)
             batch = self._take(first.key)
         return [item for item in batch if item.future.set_running_or_notify_cancel()]
@@ -197,6 +218,7 @@ class Batcher:
             for item, caption in zip(batch, captions, strict=True):
                 item.future.set_result(caption)
         seconds = time.monotonic() - start
+        self._last_size = len(batch)
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
         if self.on_batch is not None:
             self.on_batch(BatchStats(len(batch), seconds))
