@@ -34,8 +34,8 @@ RUN_FILE = "mlflow_run.json"  # written into the run directory by expblip.train.
 EXPERIMENT = "expblip-registry"
 REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "pillow", "numpy", "scikit-image", "mlflow")
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec(DataType.binary, "image")]),  # encoded image bytes (PNG, JPEG, WebP, BMP)
-    outputs=Schema([ColSpec(DataType.string, "caption")]),
+    inputs=Schema([ColSpec(DataType.binary)]),  # encoded image bytes (PNG, JPEG, WebP, BMP): a list, or one column
+    outputs=Schema([ColSpec(DataType.string)]),  # one caption per image
     params=ParamSchema([ParamSpec("num_beams", DataType.long, 5), ParamSpec("max_new_tokens", DataType.long, 60),
                         ParamSpec("crop_face", DataType.boolean, False), ParamSpec("batch_size", DataType.long, 16)]),
 )
