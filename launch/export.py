@@ -96,8 +96,10 @@ def register(export: str, name: str, tracking_uri: str) -> None:
         done = register_export(export, name, tracking_uri)
     except MlflowException as err:  # an unreachable server, a refused name: one line, not a traceback
         raise ValueError(f"MLflow refused to register {export} as {name!r}: {err}") from err
-    metrics = ", ".join(f"{k}={v}" for k, v in done.tags.items() if k.startswith("eval.")) or "none (no training run)"
-    print(f"[expblip] registered {export} as {done.model_uri} (run {done.run_id}); eval tags: {metrics}")
+    evals = {k: v for k, v in done.tags.items() if k.startswith("eval.")}
+    shown = ", ".join(f"{k}={evals[k]}" for k in ("eval.au_f1", "eval.emotion_accuracy") if k in evals)
+    summary = f"{len(evals)} eval.* tags ({shown})" if evals else "no eval.* tags (no evaluated training run)"
+    print(f"[expblip] registered {export} as {done.model_uri} (run {done.run_id}); {summary}")
 
 
 if __name__ == "__main__":

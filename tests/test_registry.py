@@ -34,7 +34,7 @@ def run_dir(mlflow_server, tmp_path_factory):
     make_tiny_export(run / "export")
     client = MlflowClient(mlflow_server)
     run_id = client.create_run(client.create_experiment("expblip-train")).info.run_id
-    for key, value in {"eval.mean_au_f1": 0.84, "eval.emotion_accuracy": 0.876, "train.loss": 1.5}.items():
+    for key, value in {"eval.au_f1": 0.84, "eval.emotion_accuracy": 0.876, "train.loss": 1.5}.items():
         client.log_metric(run_id, key, value)
     client.set_terminated(run_id)
     (run / "mlflow_run.json").write_text(json.dumps({"run_id": run_id, "tracking_uri": mlflow_server}))
@@ -50,13 +50,13 @@ def test_registered_export_predicts_the_captions(run_dir, mlflow_server, monkeyp
     main = launch_module("export").main
     assert main(["--export", str(run_dir), "--register", NAME, "--tracking-uri", mlflow_server]) == 0
     out = capsys.readouterr().out
-    assert f"models:/{NAME}/1" in out and "eval.mean_au_f1=0.84" in out
+    assert f"models:/{NAME}/1" in out and "eval.au_f1=0.84" in out
 
     client = MlflowClient(mlflow_server)
     version = client.get_model_version(NAME, "1")
     run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
     assert version.run_id == run_id  # logged into the training run
-    assert version.tags["eval.mean_au_f1"] == "0.84" and version.tags["eval.emotion_accuracy"] == "0.876"
+    assert version.tags["eval.au_f1"] == "0.84" and version.tags["eval.emotion_accuracy"] == "0.876"
     assert "train.loss" not in version.tags
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)

@@ -116,7 +116,7 @@ def register(demo: DemoConfig, run_dir: str, result: dict, run: dict) -> None:
     log_to_mlflow(result, Path(demo.out, "eval"), run["tracking_uri"], run["run_id"])
     done = register_export(Path(run_dir, "export"), demo.register, run["tracking_uri"])
     print(f"registered {Path(run_dir, 'export')} as {done.model_uri} "
-          f"(eval.mean_au_f1 {done.tags.get('eval.mean_au_f1', '?')})")
+          f"(eval.au_f1 {done.tags.get('eval.au_f1', '?')}, tagged with {len(done.tags) - 2} eval.* metrics)")
 
 
 def run_demo(demo: DemoConfig | None = None) -> dict:

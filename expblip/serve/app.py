@@ -308,8 +308,10 @@ def _install_middleware(app: FastAPI, metrics: ServeMetrics, limits: dict[str, i
         else:
             response = await call_next(request)
         response.headers.update(SECURITY_HEADERS)
-        route = request.scope.get("route")
-        metrics.request(getattr(route, "path", "other"), response.status_code, time.monotonic() - start)
+        route = getattr(request.scope.get("route"), "path", None)  # None: refused here, or no such route
+        if route is None:
+            route = path if any(getattr(r, "path", None) == path for r in app.routes) else "other"
+        metrics.request(route, response.status_code, time.monotonic() - start)
         return response
 
 
