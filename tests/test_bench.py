@@ -78,3 +78,18 @@ def test_step_overhead_times_the_loops_real_step_against_bare_deepspeed(capsys):
                      r"of 4 steps, world 2, log every 2\)", out), out
     rounds = _rounds(out)
     assert len(rounds) == 3 and _ratio(out) == pytest.approx(statistics.median(rounds), abs=1e-3)
+
+
+def test_serve_load_batches_concurrent_clients_and_prints_a_ratio(tiny_run_dir, capsys):
+    code = _bench("serve_load").main(["--model", str(tiny_run_dir), "--clients", "8", "--requests", "16", "--lone", "2", "--beams", "1",
+                                      "--max-new-tokens", "3", "--rounds", "1", "--max-wait-ms", "50"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert re.search(r"batching: +\d+\.\d+ req/s +under load p50 +\d+ ms +p99 +\d+ ms +lone client p50", out), out
+    assert re.search(r"one-at-a-time: +\d+\.\d+ req/s", out), out
+    sizes = re.search(r"batch sizes under load \(batching, round 1\): (.*)", out).group(1)
+    counts = dict(part.split(": ") for part in sizes.split("  "))
+    assert sum(int(n) for label, n in counts.items() if label != "1") > 0, out  # some batch held several images
+    rates = {side: float(re.search(rf"{side}: +(\d+\.\d+) req/s", out).group(1))
+             for side in ("batching", "one-at-a-time")}
+    assert _ratio(out) == pytest.approx(rates["batching"] / rates["one-at-a-time"], rel=0.01)  # what the line says

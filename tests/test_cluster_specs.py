@@ -18,7 +18,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
-SPECS = ("runtime_env.yaml", "ray-cluster.yaml", "kuberay-raycluster.yaml", "kuberay-rayjob.yaml")
+SPECS = ("runtime_env.yaml", "ray-cluster.yaml", "kuberay-raycluster.yaml", "kuberay-rayjob.yaml",
+         "serve.yaml")  # serve.yaml: Ray Serve, checked by tests/test_ray_serve.py
 SECRET = "expblip-env"
 SECRET_KEYS = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
                "AWS_SECRET_ACCESS_KEY")

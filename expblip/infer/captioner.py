@@ -169,28 +169,36 @@ class Captioner:
         """Images → normalised pixel values [B, 3, S, S] (float32, on the CPU)."""
         return preprocess_images(images, self.image_size, self.mean, self.std)
 
-    def caption_pixels(self, pixel_values: torch.Tensor, gen: GenerationConfig | None = None) -> list[str]:
-        """Captions for one batch of already preprocessed pixel values [B, 3, S, S]."""
+    def caption_pixels(self, pixel_values: torch.Tensor, gen: GenerationConfig | None = None,
+                       prompt: str = "", with_lengths: bool = False) -> list:
+        """Captions for one batch of already preprocessed pixel values [B, 3, S, S] (``prompt``: text after </s>,
+        as the export's chat template places a user's text; empty for the paper's captions). ``with_lengths``:
+        ``Generated(text, tokens, stopped)`` tuples instead of strings."""
         if pixel_values.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])} but the export expects "
                              f"{self.image_size}x{self.image_size}; preprocess with this export's image_size")
         dtype = next(self.model.parameters()).dtype
-        return generate_captions(self.model, self.tokenizer, pixel_values.to(self.device, dtype), gen)
+        return generate_captions(self.model, self.tokenizer, pixel_values.to(self.device, dtype), gen, prompt,
+                                 with_lengths)
 
     def caption(self, images: Sequence[Image.Image], gen: GenerationConfig | None = None,
-                batch_size: int = 16) -> list[str]:
+                batch_size: int = 16, prompt: str = "") -> list[str]:
         """One caption per image, generated ``batch_size`` images at a time."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         captions: list[str] = []
         for start in range(0, len(images), batch_size):
-            captions.extend(self.caption_pixels(self.preprocess(images[start : start + batch_size]), gen))
+            captions.extend(self.caption_pixels(self.preprocess(images[start : start + batch_size]), gen, prompt))
         return captions
 
     def describe(self, images: Sequence[Image.Image], gen: GenerationConfig | None = None,
-                 batch_size: int = 16) -> list[dict]:
+                 batch_size: int = 16, prompt: str = "") -> list[dict]:
         """{"caption", "aus" (sorted AU numbers), "emotions" (sorted names)} per image, parsed from the caption."""
-        return [{"caption": c, **parse_caption(c)} for c in self.caption(images, gen, batch_size)]
+        return [{"caption": c, **parse_caption(c)} for c in self.caption(images, gen, batch_size, prompt)]
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` in the export's tokenizer (no special tokens): the OpenAI API's usage counts."""
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
 
 
 # ---------------------------------------------------------------- files → descriptions (the describe CLI)

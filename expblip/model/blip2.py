@@ -11,7 +11,7 @@ Nothing here imports Ray, DeepSpeed or MLflow: parallelism wraps this module fro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -234,23 +234,62 @@ class GenerationConfig:
     num_beams: int = 5
     sample: bool = False
     top_p: float = 0.9
+    temperature: float = 1.0  # sampling only
     max_new_tokens: int = 60  # the paper's max length 200 is for OPT's tokens; tiny captions are short
     min_new_tokens: int = 3
     repetition_penalty: float = 1.0
 
 
+def prompt_ids(model: Blip2ForConditionalGeneration, tokenizer, prompt: str, batch: int) -> torch.Tensor:
+    """[B, Q + 1 + P] LM input ids: Q image tokens, </s>, then the prompt's tokens (the exported chat template's
+    layout). An empty prompt gives generate()'s own default, the paper's."""
+    ids = [image_token_id(tokenizer)] * model.config.num_query_tokens + [tokenizer.bos_token_id]
+    ids += tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    return torch.tensor([ids] * batch, dtype=torch.long)
+
+
+class Generated(NamedTuple):
+    """One caption and how it ended: ``tokens`` generated (the end token included), ``stopped`` at the end token
+    rather than at max_new_tokens."""
+
+    text: str
+    tokens: int
+    stopped: bool
+
+
 @torch.no_grad()
 def generate_captions(model: Blip2ForConditionalGeneration, tokenizer, pixel_values: torch.Tensor,
-                      gen: GenerationConfig | None = None, **extra) -> list[str]:
-    """Captions for a batch of images; the prompt is empty (image tokens + </s>) as in the paper."""
+                      gen: GenerationConfig | None = None, prompt: str = "", with_lengths: bool = False,
+                      **extra) -> list[str] | list[Generated]:
+    """Captions for a batch of images; the prompt is empty (image tokens + </s>) as in the paper, or ``prompt``'s
+    text after </s>, the same for every image of the batch. ``with_lengths``: Generated tuples instead of strings."""
     gen = gen or GenerationConfig()
     kwargs = dict(max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens,
                   eos_token_id=caption_end_id(tokenizer), pad_token_id=tokenizer.pad_token_id,
                   repetition_penalty=gen.repetition_penalty)
     if gen.sample:
-        kwargs.update(do_sample=True, top_p=gen.top_p, num_beams=1)
+        kwargs.update(do_sample=True, top_p=gen.top_p, temperature=gen.temperature, num_beams=1)
     else:
         kwargs.update(do_sample=False, num_beams=gen.num_beams)
-    out = model.generate(pixel_values=pixel_values, **kwargs, **extra)
-    prompt = model.config.num_query_tokens + 1  # generate() returns the prompt, then the new tokens
-    return [t.strip() for t in tokenizer.batch_decode(out[:, prompt:], skip_special_tokens=True)]
+    input_ids = prompt_ids(model, tokenizer, prompt, pixel_values.shape[0]).to(pixel_values.device)
+    out = model.generate(pixel_values=pixel_values, input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                         **kwargs, **extra)
+    new = out[:, input_ids.shape[1]:]  # generate() returns the prompt, then the new tokens
+    texts = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    if not with_lengths:
+        return texts
+    end = caption_end_id(tokenizer)
+    out_rows = []
+    for text, row in zip(texts, new.tolist(), strict=True):
+        stopped = end in row
+        length = row.index(end) + 1 if stopped else len(row) - _trailing(row, tokenizer.pad_token_id)
+        out_rows.append(Generated(text, length, stopped))
+    return out_rows
+
+
+def _trailing(row: list[int], value: int) -> int:
+    """How many times ``value`` ends ``row`` (the padding of a finished sequence)."""
+    n = 0
+    while n < len(row) and row[-1 - n] == value:
+        n += 1
+    return n

@@ -1,8 +1,17 @@
 """Weights in and out: HF-format export directories that stock transformers loads, and their import.
 
 An export directory holds model.safetensors + config.json (Blip2ForConditionalGeneration.save_pretrained),
-the tokenizer, `expblip.json` (image size, normalisation, generation end token) and the run's resolved
-config as `config.yaml`. Only safe formats are read by default (safetensors; `torch.load(weights_only=True)`).
+generation_config.json (the paper's decoding: 5 beams, the caption end token), the tokenizer (BOS added as OPT's
+tokenizer does), processor_config.json + chat_template.jinja (Blip2Processor: image size, CLIP mean/std, bicubic,
+num_query_tokens), `expblip.json` (the same facts for expblip's own reader) and the run's resolved config as
+`config.yaml`. Stock transformers describes a face from it with no expblip import:
+
+    processor = Blip2Processor.from_pretrained(export)
+    model = Blip2ForConditionalGeneration.from_pretrained(export)
+    caption = processor.decode(model.generate(**processor(images=face, return_tensors="pt"))[0],
+                               skip_special_tokens=True).strip()
+
+Only safe formats are read by default (safetensors; `torch.load(weights_only=True)`).
 
     state = import_hf_dir("Salesforce/blip2-opt-6.7b")           # a local copy of a public HF repo
     state = import_lavis("blip2_pretrained.pth")                 # LAVIS names -> transformers' Blip2 names
@@ -58,10 +67,8 @@ def export_hf(state: dict[str, torch.Tensor], config: Blip2Config, tokenizer, ou
     if missing or unexpected:
         raise ValueError(f"export to {out}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "expblip.json").write_text(json.dumps(processor_meta(config, tokenizer), indent=2))
-    if resolved_config_yaml:
-        (out / "config.yaml").write_text(resolved_config_yaml)
+    _generation_config(config, tokenizer).save_pretrained(out)  # replaces save_pretrained's copy of the defaults
+    _write_side_files(out, config, tokenizer, resolved_config_yaml, {})
     return out
 
 
@@ -460,10 +467,75 @@ def _generation_config(config: Blip2Config, tokenizer) -> GenerationConfig:
 
 
 def _write_side_files(out: Path, config: Blip2Config, tokenizer, resolved_config_yaml: str, meta: dict) -> None:
-    tokenizer.save_pretrained(out)
+    write_processor(out, config, tokenizer)
     (out / "expblip.json").write_text(json.dumps({**processor_meta(config, tokenizer), **meta}, indent=2))
     if resolved_config_yaml:
         (out / "config.yaml").write_text(resolved_config_yaml)
+
+
+# The prompt of a chat turn for stock transformers (Blip2Processor.apply_chat_template, the image-text-to-text
+# pipeline, engines that read chat_template.jinja): BOS, then the text parts of the user's messages. The processor
+# puts num_query_tokens <image> tokens in front, so an image-only message gives exactly expblip's prompt
+# ([<image>] * Q + [</s>]); Exp-BLIP models were trained with that empty prompt.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}{% endif %}{% endfor %}"
+)
+
+
+def write_processor(out: Path, config: Blip2Config, tokenizer) -> None:
+    """The tokenizer, processor_config.json and chat_template.jinja: what Blip2Processor.from_pretrained(out) and
+    pipeline("image-text-to-text", model=out) read.
+
+    Two fixes to the saved tokenizer, for Blip2Processor in transformers 5.24: ``image_token`` is dropped from
+    tokenizer_config.json (the processor takes a tokenizer's ``image_token`` for an AddedToken and reads its
+    ``.content``, which a plain string has not; without it the processor uses the vocabulary's own ``<image>``), and
+    the tokenizer adds BOS (``</s>``) in front of text, as OPT's own tokenizer does, so that a text prompt gets the
+    prompt the model was trained with. expblip itself always tokenises with add_special_tokens=False.
+    """
+    import tempfile
+
+    from transformers import AutoTokenizer, Blip2Processor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    tokenizer.save_pretrained(out)
+    _tokenizer_for_processor(out, tokenizer.bos_token, tokenizer.bos_token_id)
+    size = config.vision_config.image_size
+    image_processor = BlipImageProcessorPil(size={"height": size, "width": size}, image_mean=list(CLIP_MEAN),
+                                            image_std=list(CLIP_STD), resample=3, do_convert_rgb=True)  # 3: bicubic
+    processor = Blip2Processor(image_processor=image_processor, num_query_tokens=config.num_query_tokens,
+                               tokenizer=AutoTokenizer.from_pretrained(str(out), local_files_only=True))
+    processor.chat_template = CHAT_TEMPLATE  # Blip2Processor.__init__ drops a chat_template argument (5.24)
+    with tempfile.TemporaryDirectory() as tmp:  # keep our tokenizer files; take the processor's own two
+        processor.save_pretrained(tmp)
+        for name in ("processor_config.json", "chat_template.jinja"):
+            (out / name).write_bytes((Path(tmp) / name).read_bytes())
+
+
+def _tokenizer_for_processor(out: Path, bos: str, bos_id: int) -> None:
+    """Edit the saved tokenizer files in ``out`` (see write_processor): no ``image_token``; BOS in front of text."""
+    from tokenizers import Tokenizer, processors
+
+    config_file = out / "tokenizer_config.json"
+    tok_config = json.loads(config_file.read_text())
+    tok_config.pop("image_token", None)
+    for key in ("model_specific_special_tokens", "extra_special_tokens"):
+        if isinstance(tok_config.get(key), dict):
+            tok_config[key].pop("image_token", None)
+    config_file.write_text(json.dumps(tok_config, indent=2, ensure_ascii=False))
+    tok_file = out / "tokenizer.json"
+    if not tok_file.is_file():  # a slow tokenizer: left as it is
+        return
+    backend = Tokenizer.from_file(str(tok_file))
+    if backend.encode("a").ids[:1] == [bos_id]:  # OPT's own tokenizer already adds it
+        return
+    template = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                             special_tokens=[(bos, bos_id)])
+    old = backend.post_processor
+    backend.post_processor = processors.Sequence([old, template]) if old is not None else template
+    backend.save(str(tok_file))
 
 
 # ---------------------------------------------------------------- trainable-only exports
