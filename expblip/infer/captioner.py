@@ -178,8 +178,11 @@ class Captioner:
             raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])} but the export expects "
                              f"{self.image_size}x{self.image_size}; preprocess with this export's image_size")
         dtype = next(self.model.parameters()).dtype
-        return generate_captions(self.model, self.tokenizer, pixel_values.to(self.device, dtype), gen, prompt,
-                                 with_lengths)
+        # inference_mode, not only no_grad: no autograd bookkeeping on any tensor the decoding loop makes. Only here,
+        # where the model is an export that never trains (under ZeRO-3, gathered parameters must stay normal tensors)
+        with torch.inference_mode():
+            return generate_captions(self.model, self.tokenizer, pixel_values.to(self.device, dtype), gen, prompt,
+                                     with_lengths)
 
     def caption(self, images: Sequence[Image.Image], gen: GenerationConfig | None = None,
                 batch_size: int = 16, prompt: str = "") -> list[str]:
