@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--beams", type=int, default=5, help="beam width for beam search (default: 5, as the paper)")
     parser.add_argument("--max-new-tokens", type=int, default=60, help="caption length limit in tokens")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"],
+                        help="weights and compute dtype (bf16 halves memory; the Q-Former stays fp32)")
     return parser.parse_args(argv)
 
 
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from expblip.serve.app import MiB, create_app
 
     try:
-        captioner = Captioner.from_export(resolve_export(args.model), device=args.device)
+        captioner = Captioner.from_export(resolve_export(args.model), device=args.device, dtype=args.dtype)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

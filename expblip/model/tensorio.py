@@ -120,14 +120,14 @@ def is_local(fs) -> bool:
 
 
 def read_range(fs, path: str, meta: TensorMeta, start: int = 0, stop: int | None = None,
-               maps: MappedFiles | None = None, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
+               maps: MappedFiles | None = None, chunk_bytes: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Flat elements [start, stop) of one tensor as (offset from start, 1-D chunk in the file's dtype) pairs.
 
     A chunk is valid only until the next one is requested (a local chunk's pages are released then): copy it.
     """
     stop = meta.numel if stop is None else min(stop, meta.numel)
     size = meta.dtype.itemsize
-    step = max(1, chunk_bytes // size)
+    step = max(1, (chunk_bytes or CHUNK_BYTES) // size)
     local = is_local(fs)
     own_maps = maps is None and local
     maps = MappedFiles() if own_maps else maps

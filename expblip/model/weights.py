@@ -75,8 +75,13 @@ def _is_tied(model, key: str) -> bool:
     return key.endswith("lm_head.weight") and model.config.text_config.tie_word_embeddings
 
 
-def load_export(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(model in eval mode, tokenizer, meta) from an export directory."""
+def load_export(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
+    """(model in eval mode, tokenizer, meta) from an export directory.
+
+    Each tensor is read (memory-mapped) and cast to `dtype` as it is loaded, straight onto `device` when given
+    (transformers' device_map): a bf16 load of a 7.7 B export never holds an fp32 copy, nor a host copy for a GPU.
+    The Q-Former and query tokens stay fp32 (transformers' _keep_in_fp32_modules), as training kept them.
+    """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not an expblip export (no config.json); pass RUN_DIR/export "
@@ -85,8 +90,9 @@ def load_export(path: str | Path, dtype: torch.dtype = torch.float32):
     if meta.get("format") == "trainable-only":
         raise ValueError(f"{path} is a trainable-only export (no frozen towers); merge it onto its towers: "
                          f"python launch/export.py --merge {path} --towers TOWERS_DIR --out DIR")
+    placement = {"device_map": str(device)} if device is not None and torch.device(device).type != "cpu" else {}
     model = Blip2ForConditionalGeneration.from_pretrained(str(path), dtype=dtype, local_files_only=True,
-                                                          use_safetensors=True)
+                                                          use_safetensors=True, **placement)
     return model.eval(), load_tokenizer(path), meta
 
 

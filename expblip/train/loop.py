@@ -12,6 +12,7 @@ CPU run (2 ranks):  deepspeed --num_gpus 2 launch/finetune.py --deepspeed ds_con
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -203,14 +204,25 @@ def _resume(engine, run_dir: Path, tag: str | None, elastic: dict | None, rank: 
 
 def _report_resident(module: torch.nn.Module, rank: int, world: int) -> None:
     """Collective; rank 0 logs the parameter bytes each rank holds (about 1/world of the model under ZeRO-3's
-    partitioned construction)."""
+    partitioned construction) and each rank's host memory after building and loading (resident now, peak so far)."""
     held, total = ds_engine.resident_parameter_bytes(module)
     shares = [None] * world
-    dist.all_gather_object(shares, held)
-    mib = 2**20
+    dist.all_gather_object(shares, (held, *_host_memory()))
+    mib, gib = 2**20, 2**30
     log.info(f"resident parameters per rank (MiB of {total / mib:.3f}): "
-             + ", ".join(f"rank {r} {h / mib:.3f} (share {h / total:.4f})" for r, h in enumerate(shares))
+             + ", ".join(f"rank {r} {h / mib:.3f} (share {h / total:.4f})" for r, (h, _, _) in enumerate(shares))
              + f"; 1/world = {1 / world:.4f}")
+    log.info("host memory per rank after loading (GiB, now / peak): "
+             + ", ".join(f"rank {r} {now / gib:.2f} / {peak / gib:.2f}" for r, (_, now, peak) in enumerate(shares)))
+
+
+def _host_memory() -> tuple[int, int]:
+    """(resident bytes now, peak resident bytes so far) of this process."""
+    import resource
+
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _training_unit(cfg: Config, tokenizer, qformer_tokenizer, init: bool = True,
@@ -448,9 +460,7 @@ def _log_trainable_digest(run: Run, what: str) -> None:
 
 def report_peak_rss(run: Run) -> list[float]:
     """Collective: every rank's peak resident memory so far (GiB, getrusage), logged by rank 0 and returned."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux reports KiB
+    peak = _host_memory()[1] / 2**30
     peaks = [0.0] * run.world
     dist.all_gather_object(peaks, peak)
     log.info("peak host RSS per rank (GiB): " + ", ".join(f"rank {r} {p:.2f}" for r, p in enumerate(peaks)))

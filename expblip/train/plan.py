@@ -382,14 +382,16 @@ def host_rank_bytes(counts: ParamCounts, world: int, plan: PlanConfig, max_live:
     """Predicted peak host memory of one ZeRO-3 CPU rank (16-bit weights), by part.
 
     weights: 2 bytes/param partitioned over `world`; trainable states: 18 bytes/trainable param partitioned (as
-    on GPUs); gathered: the ZeRO-3 working set, max(4 x largest layer, 2 x max_live) bytes (DeepSpeed keeps up
-    to stage3_max_live_parameters gathered); activations: the micro-batch's (activation_bytes, with the
-    configured checkpointing); runtime: the libraries.
+    on GPUs); gathered: the ZeRO-3 working set, max(4 x largest layer, 2 x stage3_max_live_parameters) bytes;
+    activations: the micro-batch's (activation_bytes, with the configured checkpointing); checkpoint: rank 0
+    assembles the trainable parts' fp32 weights and Adam moments (12 bytes/trainable param) to write elastic.pt;
+    runtime: the libraries.
     """
+    gathered = max(4 * counts.largest_layer, 2 * min(max_live, counts.total))
     return {"weights": 2 * counts.total / world, "trainable_states": 18 * counts.trainable(plan.trainable) / world,
-            "gathered": max(4 * counts.largest_layer, 2 * max_live),
+            "gathered": gathered,
             "activations": sum(activation_bytes(counts.dims, plan, plan.checkpointing).values()),
-            "runtime": RUNTIME_BYTES}
+            "checkpoint": 12 * counts.trainable(plan.trainable), "runtime": RUNTIME_BYTES}
 
 
 def format_plan(plan: Plan) -> str:
