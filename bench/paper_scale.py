@@ -111,9 +111,10 @@ def caption_with_stock_transformers(export: Path) -> None:
     pixels = processor(images=image, return_tensors="pt")["pixel_values"].to(torch.bfloat16)
     with torch.no_grad():
         out = model.generate(pixel_values=pixels, max_new_tokens=6, min_new_tokens=6, num_beams=1, do_sample=False)
-    text = tokenizer.decode(out[0, model.config.num_query_tokens + 1:], skip_special_tokens=True)
+    new = out[0, model.config.num_query_tokens + 1:]
+    text = tokenizer.decode(new, skip_special_tokens=True)  # random weights: ids past the 512-word vocabulary are ''
     print(f"stock transformers: loaded in {loaded:.0f} s, captioned a 224-px face in "
-          f"{time.perf_counter() - start - loaded:.0f} s (6 new tokens, random weights): {text!r}; "
+          f"{time.perf_counter() - start - loaded:.0f} s: new token ids {new.tolist()} -> {text!r} (random weights); "
           f"peak RSS {_self_peak_gib():.2f} GiB", flush=True)
 
 
@@ -133,6 +134,7 @@ class PeakMonitor:
         import psutil
 
         self.root, self.interval, self.peak, self._stop = psutil.Process(pid), interval, 0, threading.Event()
+        self.loads: list[float] = []  # the machine's 1-minute load average: other jobs share its cores
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
 
@@ -144,6 +146,7 @@ class PeakMonitor:
                 procs = [self.root, *self.root.children(recursive=True)]
                 total = sum(p.memory_info().rss for p in procs if p.is_running())
                 self.peak = max(self.peak, total)
+                self.loads.append(os.getloadavg()[0])
             except psutil.Error:
                 pass
             self._stop.wait(self.interval)
@@ -173,7 +176,9 @@ def run(cmd: list[str], label: str, log_dir: Path, timeout: int = 7200) -> tuple
     seconds = time.perf_counter() - start
     if code != 0:
         raise SystemExit(f"{label} failed (exit {code}); see {log_dir / (label + '.log')}")
-    print(f"    {label}: {seconds:.0f} s, peak RSS of the whole step {peak:.2f} GiB", flush=True)
+    load = sum(monitor.loads) / max(1, len(monitor.loads))
+    print(f"    {label}: {seconds:.0f} s, peak RSS of the whole step {peak:.2f} GiB, mean load average {load:.1f} "
+          f"on {os.cpu_count()} cores", flush=True)
     return "".join(lines), seconds, peak
 
 

@@ -160,7 +160,7 @@ def enable_checkpointing(model: Blip2ForConditionalGeneration, towers: tuple[str
     frozen tower whose activations are needed only for the gradient of its input (the OPT in stage 2)."""
     parts = {"vision": model.vision_model, "qformer": model.qformer, "lm": model.language_model}
     for tower in towers:
-        parts[tower].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        parts[tower].activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def apply_freezing(model: Blip2ForConditionalGeneration, cfg: ModelConfig, stage: str,

@@ -209,9 +209,13 @@ STRATEGIES: dict[Strategy, str] = {"zero2": "ZeRO-2", "zero3": "ZeRO-3", "zero3_
 
 
 def deepspeed_estimate(counts: ParamCounts, plan: PlanConfig, strategy: Strategy) -> tuple[float, float]:
-    """(GPU bytes per GPU, CPU bytes per node) from DeepSpeed's estimators: every parameter trains."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    """(GPU bytes per GPU, CPU bytes per node) from DeepSpeed's estimators: every parameter trains. NaN where
+    DeepSpeed is not installed (a GPU machine with PyTorch and transformers only: bench/gpu_step.py)."""
+    try:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    except ImportError:
+        return float("nan"), float("nan")
 
     if strategy == "zero2":
         cpu, gpu = estimate_zero2_model_states_mem_needs(counts.total, plan.gpus_per_node, plan.nodes,
