@@ -80,7 +80,8 @@ def load_export(path: str | Path, dtype: torch.dtype = torch.float32, device: st
 
     Each tensor is read (memory-mapped) and cast to `dtype` as it is loaded, straight onto `device` when given
     (transformers' device_map): a bf16 load of a 7.7 B export never holds an fp32 copy, nor a host copy for a GPU.
-    The Q-Former and query tokens stay fp32 (transformers' _keep_in_fp32_modules), as training kept them.
+    The Q-Former and query tokens (0.1 B) are kept in fp32 whatever `dtype`, as their fp32 master weights were
+    (transformers' _keep_in_fp32_modules does that for fp16 only); its output is cast to the towers' dtype.
     """
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -93,6 +94,9 @@ def load_export(path: str | Path, dtype: torch.dtype = torch.float32, device: st
     placement = {"device_map": str(device)} if device is not None and torch.device(device).type != "cpu" else {}
     model = Blip2ForConditionalGeneration.from_pretrained(str(path), dtype=dtype, local_files_only=True,
                                                           use_safetensors=True, **placement)
+    if dtype != torch.float32:
+        model.qformer.float()
+        model.query_tokens.data = model.query_tokens.data.float()
     return model.eval(), load_tokenizer(path), meta
 
 
@@ -656,7 +660,7 @@ def save_hf_dir(state: Mapping[str, Any], config: Blip2Config, tokenizer, out: s
 
     Unlike export_hf it builds no model (the key check runs on the meta device) and streams lazy tensors shard
     by shard, so a 7.7B-parameter export needs little more memory than the state itself. `dtype` casts floating
-    tensors except the Q-Former and query tokens, which transformers keeps in fp32 anyway.
+    tensors except the Q-Former and query tokens, which stay fp32 (small; load_export keeps them fp32 too).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
