@@ -132,3 +132,42 @@ def test_gpu_step_counts_the_flops_the_step_must_do():
     assert flops["language_model"] == pytest.approx(2 * opt)
     assert flops["language_projection"] == pytest.approx(3 * 2 * b * config.num_query_tokens
                                                          * linear(blip2.language_projection))
+
+
+def test_describe_and_evaluate_take_dtype(tmp_path, capsys, tiny_shards, monkeypatch):
+    """launch/describe.py --dtype bf16 prints the fp32 captions; launch/evaluate.py --dtype loads the model so."""
+    from conftest import launch_module
+
+    from expblip.infer.captioner import Captioner
+
+    export = _trained_export("cpu", tmp_path / "export")
+    paths = []
+    for i, image in enumerate(_images()):
+        paths.append(str(tmp_path / f"face{i}.png"))
+        image.save(paths[-1])
+    describe = launch_module("describe").main
+    printed = {}
+    for dtype in ("fp32", "bf16"):
+        assert describe(["--model", str(export), "--dtype", dtype, "--beams", "1", *paths]) == 0
+        printed[dtype] = [line.split(": ", 1)[1].split("  [")[0] for line in capsys.readouterr().out.splitlines()]
+    assert printed["bf16"] == printed["fp32"] == CAPTIONS
+    loads = []
+    original = Captioner.from_export.__func__
+    monkeypatch.setattr(Captioner, "from_export", classmethod(
+        lambda cls, *a, **kw: loads.append(kw.get("dtype")) or original(cls, *a, **kw)))
+    assert launch_module("evaluate").main(["--model", str(export), "--shards", str(tiny_shards["test"]), "--limit",
+                                           "4", "--beams", "1", "--no-caption-metrics", "--no-progress",
+                                           "--dtype", "bf16"]) == 0
+    assert loads == ["bf16"] and "held-out mean AU F1" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        describe(["--model", str(export), "--dtype", "fp8", *paths])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the script measures instead of skipping")
+def test_gpu_step_skips_with_its_reason_without_a_gpu(capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import gpu_step
+
+    assert gpu_step.main([]) == 0
+    assert capsys.readouterr().out.strip() == ("gpu_step: skipped: no CUDA device (torch.cuda.is_available() is "
+                                               "False); not measured on a GPU")

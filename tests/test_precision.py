@@ -161,6 +161,8 @@ def test_bf16_policy_keeps_fp32_masters_and_the_loss_falls(tiny_shards, tiny_run
     assert held["frozen"] == ["torch.bfloat16"] and held["trainable"] == ["torch.bfloat16"]  # compute in bf16
     assert held["masters"] == ["torch.float32"] and held["adam"] == ["torch.float32"]  # fp32 masters and moments
     assert held["masters_numel"] == held["trainable_numel"]  # of exactly the trainable parts (this rank's half)
+    # the masters start from the weights' own fp32 values, not from their bf16 rounding
+    assert held["start_master_is_source"] and not held["source_is_bf16_exact"]
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
 
 
@@ -182,7 +184,20 @@ def _dump_dtypes(argv: list[str]) -> int:
     parser.add_argument("--dump")
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args(argv)
-    finish = loop._finish
+    finish, setup, start = loop._finish, loop.setup, {}
+
+    def setup_and_look(cfg, report=None):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        from expblip.model.weights import read_state
+
+        run = setup(cfg, report)
+        param = run.engine.module.blip2.language_projection.weight
+        master = safe_get_full_fp32_param(param).cpu()  # collective
+        source = read_state(cfg.model.weights)["language_projection.weight"]
+        start.update(start_master_is_source=bool(torch.equal(master, source)),
+                     source_is_bf16_exact=bool(torch.equal(source, source.bfloat16().float())))
+        return run
 
     def dump_then_finish(run) -> None:
         module, zero = run.engine.module, run.engine.optimizer
@@ -193,12 +208,12 @@ def _dump_dtypes(argv: list[str]) -> int:
                 "trainable": sorted({str(p.ds_tensor.dtype) for p in trainable}),
                 "masters": sorted({str(f.dtype) for f in flats}), "masters_numel": sum(f.numel() for f in flats),
                 "trainable_numel": sum(p.ds_tensor.numel() for p in trainable),
-                "adam": sorted({str(s["exp_avg"].dtype) for s in zero.optimizer.state.values()})}
+                "adam": sorted({str(s["exp_avg"].dtype) for s in zero.optimizer.state.values()}), **start}
         if run.rank == 0:
             Path(args.dump).write_text(json.dumps(held))
         finish(run)
 
-    loop._finish = dump_then_finish
+    loop._finish, loop.setup = dump_then_finish, setup_and_look
     return run_main(lambda: loop.train(parse_config(args)))
 
 

@@ -165,6 +165,30 @@ def fill(param: nn.Parameter, source: WeightSource, key: str) -> None:
             dest[offset : offset + chunk.numel()].copy_(chunk)
 
 
+def load_fp32_masters(engine, source: WeightSource, report: LoadReport) -> int:
+    """Collective, after deepspeed.initialize, at a fresh start of a 16-bit engine: overwrite the trained parts'
+    fp32 master weights with the source's own values. DeepSpeed creates the masters from the 16-bit module weights,
+    so an fp32 Q-Former would otherwise start from its bf16 rounding. Returns the number of tensors set."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+
+    count = 0
+    for slot, key in report.loaded:
+        param = slot.param
+        if not param.requires_grad or not source.entries[key].dtype.is_floating_point:
+            continue
+        if hasattr(param, "ds_tensor"):  # this rank's slice, read in fp32 (the padding stays zero)
+            size = param.ds_tensor.numel()
+            start = size * dist.get_rank(group=param.ds_process_group)
+            local = torch.zeros(size, dtype=torch.float32)
+            for offset, chunk in source.read(key, start, min(start + size, param.ds_numel)):
+                local[offset : offset + chunk.numel()].copy_(chunk)
+            safe_set_local_fp32_param(param, local)
+        else:
+            safe_set_full_fp32_param(param, source.tensor(key).to(torch.float32).reshape(param.shape))
+        count += 1
+    return count
+
+
 def _agree(error: str, rank: int) -> None:
     """Collective: every rank learns every rank's error; all raise together when any has one."""
     errors = [error]

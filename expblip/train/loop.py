@@ -47,7 +47,7 @@ from expblip.model.tokenizer import load_tokenizer, train_caption_tokenizer, wra
 from expblip.model.weights import WeightSource, open_weights, save_hf_dir, save_trainable_export
 from expblip.train import checkpoint, heldout
 from expblip.train import engine as ds_engine
-from expblip.train.load import load_initial_weights
+from expblip.train.load import load_fp32_masters, load_initial_weights
 from expblip.train.optim import build_optimizer, build_scheduler
 from expblip.train.tracking import git_commit, make_tracker
 
@@ -132,15 +132,19 @@ def setup(cfg: Config, report: Reporter | None = None) -> Run:
     model = _build(cfg, ds_config, tokenizer, qformer_tokenizer, init=source is None)
     blip2_cfg = model.blip2.config
     elastic = _elastic_resume(run_dir, tag, rank, world)
+    loaded = None
     if source is not None:  # also on a resume: checkpoints leave out the frozen towers that model.weights holds
-        load_initial_weights(model, source, cfg.model.allow_missing, rank)
-        source.close()
+        loaded = load_initial_weights(model, source, cfg.model.allow_missing, rank)
     if elastic is not None:  # another world size: the weights go in before DeepSpeed builds its fp32 partitions
         checkpoint.load_weights_into(model, checkpoint.elastic_weights(elastic), rank)
     optimizer = build_optimizer(model, cfg.optim)
     # the schedule is built on DeepSpeed's wrapped optimiser, whose param groups differ from ours under ZeRO
     engine = ds_engine.initialize(model, optimizer, lambda opt: build_scheduler(opt, cfg.optim, cfg.train.max_steps),
                                   ds_config)
+    if loaded is not None and tag is None and ds_engine.precision(ds_config) != "fp32":
+        load_fp32_masters(engine, source, loaded)  # the trained parts start from the source's values, not bf16's
+    if source is not None:
+        source.close()
     _report_resident(engine.module, rank, world)
     random.seed(cfg.train.seed + rank)  # dropout and augmentation differ per rank; a resume restores them below
     torch.manual_seed(cfg.train.seed + rank)
