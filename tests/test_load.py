@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import deepspeed_cmd, read_metrics, run_launcher
 
+from expblip.config import ConfigError
 from expblip.model.blip2 import CaptionModel, ModelConfig, build_model
 from expblip.model.tokenizer import train_caption_tokenizer
 from expblip.model.weights import open_weights, read_state, save_hf_dir, write_safetensors
@@ -146,6 +147,30 @@ def test_stage1_heads_load_from_their_lavis_names(tokenizer):
     assert "lavis.Qformer.cls.predictions.transform.dense.weight" in renamed
     renamed["lavis.temp"] = ()  # LAVIS keeps the temperature as a 0-d tensor
     assert plan_load(unit, renamed).problems() == ""
+
+
+def test_stage1_from_stage2_weights_starts_its_new_parts_as_transformers_initialises_them(tiny_hf, tokenizer):
+    """The tiny recipe's allow_missing: stage-1 heads and the Q-Former's text feed-forward start new (LayerNorms at
+    1, not the uninitialised memory of a model built without initialisation); the rest comes from the weights."""
+    from expblip.config import load_config
+    from expblip.model.stage1 import Stage1Config, build_stage1, train_qformer_tokenizer
+    from expblip.train.load import load_initial_weights
+
+    path, state = tiny_hf
+    qtok = train_qformer_tokenizer(["the face shows happiness"] * 4, 64)
+    allow = load_config(Path(__file__).resolve().parents[1] / "recipes" / "tiny_stage1.yaml").model.allow_missing
+    source = open_weights(path)
+    with pytest.raises(ConfigError, match=r"missing \d+: .*qformer\.encoder\.layer\.0\.intermediate"):
+        load_initial_weights(build_stage1(ModelConfig(), Stage1Config(), tokenizer, qtok, init=False), source, (), 0)
+    unit = build_stage1(ModelConfig(), Stage1Config(), tokenizer, qtok, init=False)
+    with torch.no_grad():
+        unit.blip2.qformer.encoder.layer[0].output.LayerNorm.weight.fill_(7.0)  # what no initialisation may leave
+    report = load_initial_weights(unit, source, allow, 0)
+    new = sorted(n for s in report.allowed for n in s.names)
+    assert "qformer.encoder.layer.0.output.LayerNorm.weight" in new and "itm_head.weight" in new
+    assert torch.all(unit.blip2.qformer.encoder.layer[0].output.LayerNorm.weight == 1.0)
+    got = {k.removeprefix("blip2."): v for k, v in unit.state_dict().items()}
+    assert all(torch.equal(got[k], state[k]) for k in state)
 
 
 # ---------------------------------------------------------------- writing

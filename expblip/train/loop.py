@@ -203,6 +203,10 @@ def _resume(engine, run_dir: Path, tag: str | None, elastic: dict | None, rank: 
     else:
         client = checkpoint.restore_elastic(engine, elastic, rank)
         cursor_state = checkpoint.epoch_start_cursor(run_dir, tag)
+    left_out = client.get("frozen_from") or ""
+    if left_out and left_out != frozen_from:  # every rank reads the same client state: all raise together
+        raise ConfigError(f"checkpoint {tag} left out the frozen towers of model.weights={left_out}; resume it with "
+                          f"that model.weights (this run has {frozen_from or 'none'})")
     return client["step"], client, cursor_state
 
 
