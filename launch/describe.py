@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="random seed for --sample")
     parser.add_argument("--batch-size", type=int, default=16, help="images captioned together")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"],
+                        help="weights and compute dtype (bf16 halves memory; the Q-Former stays fp32)")
     parser.add_argument("--crop-face", action="store_true",
                         help="describe the square around the largest detected face (centre square if none)")
     parser.add_argument("--fps", type=float, default=2.0, help="video: frames sampled per second (default: 2)")
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         export = resolve_export(args.model)
         if images:
             list_images(images)  # report a missing path before the model loads
-        captioner = Captioner.from_export(export, device=args.device)
+        captioner = Captioner.from_export(export, device=args.device, dtype=args.dtype)
         torch.manual_seed(args.seed)
         if images:
             for path, description in describe_files(captioner, images, gen, args.batch_size, args.crop_face):

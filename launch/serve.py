@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"bearer token for /describe*, /v1/* and /metrics (default: ${API_KEY_ENV}; none: open)")
     parser.add_argument("--model-name", default="", help="the model id of /v1/models (default: the directory name)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"],
+                        help="weights and compute dtype (bf16 halves memory; the Q-Former stays fp32)")
     return parser.parse_args(argv)
 
 
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from expblip.serve.app import MiB, create_app
 
     try:
-        captioner = Captioner.from_export(resolve_export(args.model), device=args.device)
+        captioner = Captioner.from_export(resolve_export(args.model), device=args.device, dtype=args.dtype)
         gen = GenerationConfig(num_beams=args.beams, max_new_tokens=args.max_new_tokens)
         app = create_app(captioner, max_upload_bytes=int(args.max_upload_mb * MiB), crop_face=args.crop_face,
                          gen=gen, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,

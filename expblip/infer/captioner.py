@@ -30,6 +30,16 @@ from expblip.model.weights import load_export
 from expblip.pixels import CLIP_MEAN, CLIP_STD
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --dtype of the inference scripts
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'bf16' | 'fp16' | 'fp32' (or a torch dtype) -> torch dtype; ValueError naming the choices otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 PIL_DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default, used when Image.MAX_IMAGE_PIXELS has been set to None
 
 
@@ -156,10 +166,11 @@ class Captioner:
 
     @classmethod
     def from_export(cls, path: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32) -> Captioner:
-        """Load an export directory (config.json + model.safetensors + tokenizer + expblip.json)."""
-        model, tokenizer, meta = load_export(path, dtype=dtype)
+                    dtype: str | torch.dtype = torch.float32) -> Captioner:
+        """Load an export directory (config.json + model.safetensors + tokenizer + expblip.json) in `dtype`
+        ('bf16', 'fp16', 'fp32' or a torch dtype): each tensor is cast as it is read, straight onto `device`."""
         device = torch.device(device)
+        model, tokenizer, meta = load_export(path, dtype=parse_dtype(dtype), device=device)
         image_size = int(meta.get("image_size", model.config.vision_config.image_size))
         mean = tuple(float(x) for x in meta.get("mean", CLIP_MEAN))
         std = tuple(float(x) for x in meta.get("std", CLIP_STD))
