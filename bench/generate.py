@@ -21,7 +21,9 @@ The images are synthetic 64-px faces. Both sides decode with the same settings: 
 "hf per image" (information only, ``--per-image``): the same HF code given one image per call.
 
 Rounds alternate their order (hf batched, ours; ours, hf batched; ...: bench/rounds.py) after a warm-up of each;
-the figures are medians over the rounds. The captions of both sides are compared string for string, with how many
+the figures are medians over the rounds. Both sides run single-threaded in this process, so by default each is timed
+by the process's CPU seconds (``--clock cpu``): the work itself, which other jobs on a shared machine move far less
+than elapsed time (``--clock wall``; on an idle machine the two agree). The captions of both sides are compared string for string, with how many
 ended before ``--max-new-tokens``; a mismatch makes the timing meaningless. ``--threads`` sets torch's intra-op
 threads (default 1: on a few busy shared cores, more threads spin against each other). The last line is
 ``ratio: <ours/hf batched>`` (the median of the rounds' captions/s ratios; target >= 1.0). It never asserts a time.
@@ -110,10 +112,12 @@ def run(export: Path, images: list, args: argparse.Namespace) -> tuple[dict[str,
         work["hf per image"] = lambda imgs: hf.batched(imgs, 1)
     captions: dict[str, list[str]] = {}
 
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+
     def timed(name: str) -> float:
-        start = time.perf_counter()
+        start = clock()
         captions[name] = work[name](images)
-        return time.perf_counter() - start
+        return clock() - start
 
     for fn in work.values():
         fn(images[: args.batch_size])  # warm-up
@@ -149,8 +153,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                         "trained here first")
     parser.add_argument("--train-steps", type=int, default=500, help="steps of the export trained without --model")
     parser.add_argument("--per-image", action="store_true", help="also time HF with one image per call (info)")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                        help="cpu: this process's CPU seconds (default; with --threads 1 the work itself, barely moved "
+                             "by other jobs on a shared machine); wall: elapsed seconds")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch's default)")
     args = parser.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu needs --threads 1 (CPU seconds of several threads are not elapsed time)")
     if min(args.images, args.batch_size, args.beams, args.max_new_tokens, args.rounds) < 1:
         parser.error("--images, --batch-size, --beams, --max-new-tokens and --rounds must be >= 1")
     return args
@@ -182,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     matched = sum(a == b for a, b in zip(captions["ours"], captions["hf batched"], strict=True))
     print(f"hf batched: {rates['hf batched']:.1f} captions/s   expblip: {rates['ours']:.1f} captions/s"
           + (f"   hf per image (info): {rates['hf per image']:.1f} captions/s" if "hf per image" in rates else "")
-          + f"   (medians of {args.rounds} alternating rounds of {n} images, batch {args.batch_size}, "
-          f"{args.beams} beams, {limit} new tokens max, export {export})")
+          + f"   (medians of {args.rounds} alternating rounds of {n} images, {args.clock} clock, batch "
+          f"{args.batch_size}, {args.beams} beams, {limit} new tokens max, export {export})")
     ended = sum(captions["ended"])
     print(f"captions matching hf batched: {matched}/{n}   ended before the token limit: {ended}/{n}")
     print(f"example caption: {captions['ours'][0]!r}")

@@ -26,6 +26,8 @@ def run_main(fn: Callable[[], object]) -> int:
     """Set up the console (expblip.log: rank 0 logs, other ranks warn) and call fn; configuration and input errors
     print one clear line and exit 2 (no traceback)."""
     setup_logging(int(os.environ.get("RANK", "0") or 0))
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow's store-creation notes would bury our lines
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # and transformers' "Loading weights" bar, each load
     try:
         fn()
     except (ConfigError, FileNotFoundError) as err:

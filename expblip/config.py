@@ -84,6 +84,12 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk (0 = all)
     seed: int = 0
     ds_config: str = "ds_configs/zero3.json"  # DeepSpeed JSON: ZeRO stage and precision policy; numbers come from here
+    # frozen ViT / OPT: replicated on every device (ZeRO-2), partitioned (ZeRO-3), auto = replicated when
+    # expblip.train.plan says they fit beside everything else (partitioned on CPU ranks), config = the JSON's stage
+    placement: Literal["config", "auto", "replicated", "partitioned"] = "config"
+    # what the run writes at its end: the full HF-format export/ (GBs at paper scale), the trainable-only
+    # export-trainable/ (Q-Former-sized; merge it onto model.weights with launch/export.py --merge), or both
+    export: Literal["full", "trainable", "both"] = "full"
     resume: bool = True  # continue from the newest checkpoint in run_dir when there is one
     overwrite: bool = False  # allow starting fresh in a run_dir that already holds another run
     # held-out evaluation on data.eval (expblip.train.heldout): every eval_every steps (0 = off) and at the end

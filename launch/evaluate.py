@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--max-new-tokens", type=int, default=60, help="caption length limit in tokens")
     parser.add_argument("--batch-size", type=int, default=16, help="images captioned together")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"],
+                        help="weights and compute dtype of the model (bf16 halves memory; the Q-Former stays fp32)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument("--protocol", default="", choices=["", "bp4d-3fold", "disfa-3fold"],
                         help="evaluate one export per fold ({fold} in --model and the shard paths) on the dataset's "

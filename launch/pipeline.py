@@ -2,6 +2,7 @@
 
     python launch/pipeline.py --recipe demo                      # the synthetic-face demo (make demo)
     python launch/pipeline.py --recipe demo --stage2-steps 300   # a quicker, weaker demo
+    python launch/pipeline.py --recipe demo --register expblip-demo   # + the MLflow Model Registry (demo/mlflow.db)
 
 The paper's chain (recipes/{exp_blip,au_blip,emot_blip,cat_blip,mix_blip}.yaml; expblip.pipeline.chain), on CPU:
     python launch/pipeline.py --recipe exp_blip --out runs/pipeline --steps-scale 0.25      # about 4x quicker
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vision-steps", type=int, default=DEMO.vision_steps, help="demo only")
     parser.add_argument("--lm-steps", type=int, default=DEMO.lm_steps, help="demo only")
     parser.add_argument("--stage2-steps", type=int, default=DEMO.stage2_steps, help="demo only")
+    parser.add_argument("--register", default="", metavar="NAME",
+                        help="demo only: log the evaluation into the stage-2 run and register its export in MLflow")
     parser.add_argument("--llm-url", default="", help="OpenAI-compatible endpoint for the paper's LLM fusion")
     parser.add_argument("--llm-model", default="", help="model name the --llm-url server knows")
     parser.add_argument("--steps-scale", type=float, default=None, help="multiply every stage's training steps")
@@ -41,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="show Ray's own console output of every stage")
     parser.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. world.au_samples=500 init=lm")
     args = parser.parse_args(argv)
+    if args.register and args.recipe != "demo":
+        parser.error("--register applies to the demo; register a pipeline's export with launch/export.py --export "
+                     "RUN_DIR --register NAME")
     if args.recipe == "demo":
         if args.overrides or args.llm_url or args.steps_scale is not None or args.init:
             parser.error("--llm-url, --steps-scale, --init and overrides apply to the pipeline recipes, not to demo")
@@ -52,7 +58,8 @@ def _demo(args: argparse.Namespace) -> None:
     from expblip.pipeline.demo import run_demo
 
     run_demo(DemoConfig(out=args.out or "demo", train_samples=args.train_samples, vision_steps=args.vision_steps,
-                        lm_steps=args.lm_steps, stage2_steps=args.stage2_steps, verbose=args.verbose))
+                        lm_steps=args.lm_steps, stage2_steps=args.stage2_steps, verbose=args.verbose,
+                        register=args.register))
 
 
 def _pipeline(args: argparse.Namespace) -> None:

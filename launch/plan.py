@@ -6,6 +6,8 @@
     python launch/plan.py --preset vitg-opt6.7b --gpus-per-node 4 --gpu-gib 40 --trainable qformer+vit
     # CPU-only machine, the tiny debug preset; add DeepSpeed's own printouts
     DS_ACCELERATOR=cpu python launch/plan.py --preset tiny --gpus-per-node 2 --deepspeed-tables
+    # the policy each paper recipe gets on 8 x 24 / 40 / 80 GB GPUs (precision, checkpointing, tower placement)
+    python launch/plan.py --recipes
 
 Prints parameter counts per tower (from the preset built on the meta device: no weights, no memory), DeepSpeed's
 estimates (which assume every parameter trains) and ours (frozen towers hold only 16-bit weights; activations for
@@ -30,6 +32,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="what trains besides the frozen OPT: Q-Former (+ query tokens, projection), or also the ViT")
     parser.add_argument("--text-tokens", type=int, default=64, help="caption tokens (data.max_text_tokens)")
     parser.add_argument("--headroom", type=float, default=0.1, help="fraction of GPU memory kept free")
+    parser.add_argument("--checkpointing", nargs="*", default=[], choices=["vision", "qformer", "lm"],
+                        help="towers with activation checkpointing (model.checkpointing)")
+    parser.add_argument("--recipes", action="store_true",
+                        help="print the policy of recipes/paper_stage{1,2}.yaml on 8 x 24 / 40 / 80 GB GPUs instead")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON (bytes)")
     parser.add_argument("--deepspeed-tables", action="store_true",
                         help="also print DeepSpeed's own estimate_zero{2,3}_model_states_mem_needs_all_cold tables")
@@ -38,12 +44,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from expblip.train.plan import PlanConfig, format_plan, make_plan, plan_json, print_deepspeed_tables
+    from expblip.train.plan import PlanConfig, format_plan, make_plan, plan_json, print_deepspeed_tables, recipe_table
 
+    if args.recipes:
+        print("\n".join(recipe_table()))
+        return 0
     try:
         cfg = PlanConfig(preset=args.preset, gpus_per_node=args.gpus_per_node, nodes=args.nodes,
                          micro_batch=args.micro_batch, gpu_gib=args.gpu_gib, trainable=args.trainable,
-                         text_tokens=args.text_tokens, headroom=args.headroom)
+                         text_tokens=args.text_tokens, headroom=args.headroom,
+                         checkpointing=tuple(args.checkpointing))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

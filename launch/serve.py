@@ -1,24 +1,33 @@
-"""Serve an exported Exp-BLIP model over HTTP: a browser page and a JSON API (expblip.serve.app).
+"""Serve an exported Exp-BLIP model over HTTP: a browser page, a JSON API and an OpenAI-compatible API
+(expblip.serve.app). Concurrent requests are captioned together in batches.
 
     # CPU, a run directory (its export/ is used); open http://127.0.0.1:8000 in a browser
     python launch/serve.py --model runs/stage2
-    # whole photos rather than face crops: describe the square around the largest face
+    # whole photos rather than face crops: describe the square around the largest face (per video frame too)
     python launch/serve.py --model runs/stage2/export --crop-face
     # from the command line
     curl -F image=@face.jpg http://127.0.0.1:8000/describe
-    curl http://127.0.0.1:8000/health
-    # GPU, reachable from other machines (there is no authentication: put it behind a proxy that has some)
-    python launch/serve.py --model runs/stage2 --device cuda --host 0.0.0.0 --port 8080
+    curl -F video=@clip.mp4 'http://127.0.0.1:8000/describe/video?fps=2'
+    curl http://127.0.0.1:8000/metrics
+    # the OpenAI API (openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=...)), guarded by a key
+    EXPBLIP_API_KEY=secret python launch/serve.py --model runs/stage2 --model-name expblip-s2
+    # GPU, reachable from other machines: set a key (or put it behind a proxy that authenticates)
+    python launch/serve.py --model runs/stage2 --device cuda --host 0.0.0.0 --port 8080 --api-key "$KEY" --max-batch 64
 
 POST /describe answers {"caption", "aus": [{"au", "name"}], "emotions", "face", "crop", "image"}; errors are
-{"error": "..."} with 400 (no file), 413 (too large), 415 (not an image), 422 (corrupt). A missing or invalid
-model directory prints one line naming it and exits with status 2.
+{"error": "..."} with 400 (no file), 401 (no or wrong key), 413 (too large), 415 (not an image), 422 (corrupt),
+503 + Retry-After (queue full), 504 (timed out). A missing or invalid model directory prints one line naming it and
+exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+
+API_KEY_ENV = "EXPBLIP_API_KEY"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -28,11 +37,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     parser.add_argument("--crop-face", action="store_true",
                         help="describe the square around the largest detected face (centre square if none)")
-    parser.add_argument("--max-upload-mb", type=float, default=5.0, help="largest accepted upload in MiB")
+    parser.add_argument("--max-upload-mb", type=float, default=5.0, help="largest accepted image upload in MiB")
+    parser.add_argument("--max-video-mb", type=float, default=50.0, help="largest accepted video upload in MiB")
+    parser.add_argument("--fps", type=float, default=2.0, help="video frames sampled per second (default: 2)")
+    parser.add_argument("--max-frames", type=int, default=240, help="most frames sampled from one video")
+    parser.add_argument("--max-seconds", type=float, default=600.0, help="longest accepted video, in seconds")
     parser.add_argument("--beams", type=int, default=5, help="beam width for beam search (default: 5, as the paper)")
     parser.add_argument("--max-new-tokens", type=int, default=60, help="caption length limit in tokens")
+    parser.add_argument("--max-batch", type=int, default=16, help="images captioned together in one generate call")
+    parser.add_argument("--max-wait-ms", type=float, default=10.0,
+                        help="how long the first queued image waits for others to share its batch")
+    parser.add_argument("--max-queue", type=int, default=256,
+                        help="images that may wait; beyond that requests get 503 + Retry-After")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds before a request gets 504")
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV, ""),
+                        help=f"bearer token for /describe*, /v1/* and /metrics (default: ${API_KEY_ENV}; none: open)")
+    parser.add_argument("--model-name", default="", help="the model id of /v1/models (default: the directory name)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"],
+                        help="weights and compute dtype (bf16 halves memory; the Q-Former stays fp32)")
     return parser.parse_args(argv)
+
+
+def model_name(model: str) -> str:
+    """A run directory's name for RUN_DIR or RUN_DIR/export, else the export directory's own name."""
+    path = Path(model).resolve()
+    return path.parent.name if path.name == "export" else path.name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,17 +70,25 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from expblip.infer.captioner import Captioner, resolve_export
+    from expblip.infer.video import VideoLimits
     from expblip.model.blip2 import GenerationConfig
     from expblip.serve.app import MiB, create_app
 
     try:
-        captioner = Captioner.from_export(resolve_export(args.model), device=args.device)
+        captioner = Captioner.from_export(resolve_export(args.model), device=args.device, dtype=args.dtype)
+        gen = GenerationConfig(num_beams=args.beams, max_new_tokens=args.max_new_tokens)
+        app = create_app(captioner, max_upload_bytes=int(args.max_upload_mb * MiB), crop_face=args.crop_face,
+                         gen=gen, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                         request_timeout_s=args.timeout, api_key=args.api_key or None,
+                         model_name=args.model_name or model_name(args.model),
+                         max_video_bytes=int(args.max_video_mb * MiB), video_fps=args.fps,
+                         video_limits=VideoLimits(args.max_frames, args.max_seconds))
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    gen = GenerationConfig(num_beams=args.beams, max_new_tokens=args.max_new_tokens)
-    app = create_app(captioner, max_upload_bytes=int(args.max_upload_mb * MiB), crop_face=args.crop_face, gen=gen)
-    print(f"expblip: serving {args.model} on http://{args.host}:{args.port}", flush=True)
+    auth = "API key required" if args.api_key else "no API key"
+    print(f"expblip: serving {args.model} on http://{args.host}:{args.port} ({auth}; batches of up to "
+          f"{args.max_batch}, {args.max_wait_ms:g} ms wait)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 

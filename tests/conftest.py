@@ -92,6 +92,26 @@ def tiny_run_dir(tmp_path_factory) -> Path:
     return run
 
 
+def tiny_image(path: Path, shade: int = 0, fmt: str = "JPEG") -> bytes:
+    """A 4x4 image written to ``path`` (parents made); returns its bytes on disk. For dataset-layout trees."""
+    import io
+
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (shade * 37 % 256, 90, 160)).save(buf, format=fmt)
+    path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def write_text(path: Path, text: str) -> Path:
+    """``text`` written to ``path`` (parents made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
 def run_launcher(args: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a command from the repository root with the test environment; output captured as text."""
     full_env = {**os.environ, **(env or {})}

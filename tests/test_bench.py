@@ -64,7 +64,8 @@ def test_generate_matches_plain_transformers_batch_for_batch(tiny_run_dir, capsy
     assert code == 0
     # a random export never emits its end token: every caption runs to the limit (the bench says so)
     assert "captions matching hf batched: 4/4   ended before the token limit: 0/4" in out, out
-    assert re.search(r"hf batched: \d+\.\d captions/s   expblip: \d+\.\d captions/s   \(medians of 3", out), out
+    assert re.search(r"hf batched: \d+\.\d captions/s   expblip: \d+\.\d captions/s   \(medians of 3 alternating "
+                     r"rounds of 4 images, cpu clock", out), out
     rounds = _rounds(out)
     assert len(rounds) == 3 and _ratio(out) == pytest.approx(statistics.median(rounds), abs=1e-3)
 
@@ -78,3 +79,18 @@ def test_step_overhead_times_the_loops_real_step_against_bare_deepspeed(capsys):
                      r"of 4 steps, world 2, log every 2\)", out), out
     rounds = _rounds(out)
     assert len(rounds) == 3 and _ratio(out) == pytest.approx(statistics.median(rounds), abs=1e-3)
+
+
+def test_serve_load_batches_concurrent_clients_and_prints_a_ratio(tiny_run_dir, capsys):
+    code = _bench("serve_load").main(["--model", str(tiny_run_dir), "--clients", "8", "--requests", "16", "--lone", "2", "--beams", "1",
+                                      "--max-new-tokens", "3", "--rounds", "1", "--max-wait-ms", "50"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert re.search(r"batching: +\d+\.\d+ req/s +under load p50 +\d+ ms +p99 +\d+ ms +lone client p50", out), out
+    assert re.search(r"one-at-a-time: +\d+\.\d+ req/s", out), out
+    sizes = re.search(r"batch sizes under load \(batching, round 1\): (.*)", out).group(1)
+    counts = dict(part.split(": ") for part in sizes.split("  "))
+    assert sum(int(n) for label, n in counts.items() if label != "1") > 0, out  # some batch held several images
+    rates = {side: float(re.search(rf"{side}: +(\d+\.\d+) req/s", out).group(1))
+             for side in ("batching", "one-at-a-time")}
+    assert _ratio(out) == pytest.approx(rates["batching"] / rates["one-at-a-time"], rel=0.01)  # what the line says

@@ -21,6 +21,7 @@ from expblip.data.captions import au_caption, concat_fusion, emotion_caption
 from expblip.data.facs import AUS
 from expblip.data.synthetic import synthetic_records
 from expblip.infer.captioner import Captioner
+from expblip.model.blip2 import Generated
 from expblip.serve.app import background_server, create_app
 
 CHROMIUM = find_chromium()
@@ -33,8 +34,8 @@ class ScriptedCaptioner(Captioner):
     """A captioner that always writes SCRIPTED: the page's highlighting is checked on a caption that names AUs
     (a random tiny model writes none)."""
 
-    def caption(self, images, gen=None, batch_size=16) -> list[str]:
-        return [SCRIPTED] * len(images)
+    def caption_pixels(self, pixel_values, gen=None, prompt="", with_lengths=False) -> list:
+        return [Generated(SCRIPTED, 20, True) if with_lengths else SCRIPTED for _ in pixel_values]
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +128,40 @@ def test_page_takes_drops_and_refuses_oversized_files_itself(page, captioner):
         assert page.evaluate(f"{drop}('huge.png', 2 * 1024 * 1024)") == "error"  # refused before any upload
         assert "limit is 1.0 MiB" in page.evaluate("document.querySelector('#error').textContent")
         assert page.evaluate("document.querySelector('#describe').disabled")
+
+
+def test_page_describes_a_video_with_its_timeline(page, tiny_run_dir, tmp_path, artifacts):
+    from test_video import LENGTH_S, NearestFaceCaptioner, expression_face, write_clip
+
+    base = Captioner.from_export(tiny_run_dir / "export")
+    scripted = NearestFaceCaptioner(**{f.name: getattr(base, f.name) for f in fields(Captioner)})
+    scripted.references = {n: scripted.preprocess([expression_face(n)])[0] for n in ("neutral", "smile")}
+    clip = write_clip(tmp_path / "clip.webm", codec="libvpx")
+    earlier = len(page.problems())  # the error test's refused upload is logged by the browser
+    with background_server(create_app(scripted, video_fps=2)) as url:
+        assert _describe_in_page(page, url, clip) == "done", page.evaluate("error.textContent")
+        page.wait_for("document.querySelector('#timeline').naturalWidth > 0")
+    assert page.evaluate("document.querySelector('#video-result').hidden") is False
+    rows = page.evaluate("[...document.querySelectorAll('#frames tbody tr')].map(r => r.cells[0].textContent + ' ' +"
+                         " r.cells[2].textContent)")
+    assert len(rows) == int(LENGTH_S * 2) and rows[3] == "1.50 s —" and rows[4] == "2.00 s AU6 AU12"
+    assert _chips(page, "#aus .chip.on") == ["AU6 cheek raiser", "AU12 lip corner puller"]
+    assert sorted(_chips(page, "#emotions .chip")) == ["happiness", "neutral"]
+    assert page.evaluate("document.querySelector('#video-preview').hidden") is False
+    assert page.problems()[earlier:] == []
+    shot = page.screenshot(artifacts / "expblip-page-video.png")
+    print(f"screenshot: {shot}")
+
+
+def test_page_sends_the_api_key(page, captioner, tmp_path):
+    face = next(iter(synthetic_records(1, seed=5)))["image"]
+    face.save(tmp_path / "face.png")
+    with background_server(create_app(captioner, gen=GEN, api_key="page-key")) as url:
+        assert _describe_in_page(page, url, tmp_path / "face.png") == "error"
+        assert "Authorization" in page.evaluate("document.querySelector('#error').textContent")
+        assert page.evaluate("document.querySelector('#key-row').hidden") is False
+        page.evaluate("document.querySelector('#apikey').value = 'page-key'")
+        page.evaluate("document.querySelector('#describe').click()")
+        state = page.wait_for("['done', 'error'].includes(document.body.dataset.state) && document.body.dataset.state",
+                              timeout=60)
+    assert state == "done" and page.evaluate("document.querySelector('#caption').textContent")

@@ -154,6 +154,7 @@ def test_trainable_only_export_round_trips_onto_its_towers(small, full, towers):
     assert set(meta["frozen"]) == {k for k in read_state(full) if k.startswith(("vision_model.", "language_model."))}
     assert sum(f.stat().st_size for f in small.glob("*.safetensors")) < 0.5 * (full / "model.safetensors").stat().st_size
     merged, want = merge_trainable(small, towers["init"]), read_state(full)
+    merged = {k: v if torch.is_tensor(v) else v.contiguous() for k, v in merged.items()}  # towers stream lazily
     assert sorted(merged) == sorted(want) and all(torch.equal(merged[k], want[k]) for k in want)
     model, _, _ = load_trainable_export(small, towers["init"])
     got = model.state_dict()

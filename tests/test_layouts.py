@@ -4,7 +4,6 @@ failing with a message that says what to rename, unpack or pass."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import tarfile
@@ -14,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from conftest import launch_module
-from PIL import Image
+from conftest import launch_module, tiny_image, write_text
 
 from expblip.data.shards import MANIFEST, PARTIAL_MANIFEST, read_manifest, resolve_shards
 from expblip.data.sources import records
@@ -27,18 +25,6 @@ BP4D_HEADER = "0,1,2,4,6,7,10,12,14,15,17,23,24"
 DISFA_AUS = (1, 2, 4, 5, 6, 9, 12, 15, 17, 20, 25, 26)
 
 
-def _image(path: Path, shade: int = 0, fmt: str = "JPEG") -> bytes:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    Image.new("RGB", (4, 4), (shade * 37 % 256, 90, 160)).save(buf, format=fmt)
-    path.write_bytes(buf.getvalue())
-    return buf.getvalue()
-
-
-def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
 
 
 def _labels(recs: list[dict], field: str = "aus") -> dict[str, object]:
@@ -58,12 +44,12 @@ def _bp4d_labels(root: Path, subjects=("F001", "M002"), first: int = 2440) -> di
             truth[(subject, first + i)] = aus
             cells = ("1" if int(c) in aus else "0" for c in BP4D_HEADER.split(",")[1:])
             rows.append(",".join([str(first + i), *cells]))
-        _write(root / "AUCoding/AU_OCC" / f"{subject}_T1.csv", "\n".join(rows) + "\n")
+        write_text(root / "AUCoding/AU_OCC" / f"{subject}_T1.csv", "\n".join(rows) + "\n")
     return truth
 
 
 def _bp4d_frames(folder: Path, subjects=("F001", "M002"), first: int = 2440, pad: int = 4) -> dict:
-    return {(s, first + i): _image(folder / s / "T1" / f"{first + i:0{pad}d}.jpg", i)
+    return {(s, first + i): tiny_image(folder / s / "T1" / f"{first + i:0{pad}d}.jpg", i)
             for s in subjects for i in range(3)}
 
 
@@ -117,13 +103,13 @@ def _disfa_labels(root: Path, frames: int = 12, subject: str = "SN001") -> dict[
     """The release's intensity files, frames counted from 1; AU 12 at intensity 3 on frames 4 and 9 only."""
     for au in DISFA_AUS:
         lines = [f"{f},{3 if au == 12 and f in (4, 9) else 0}" for f in range(1, frames + 1)]
-        _write(root / "ActionUnit_Labels" / subject / f"{subject}_au{au}.txt", "\n".join(lines) + "\n")
+        write_text(root / "ActionUnit_Labels" / subject / f"{subject}_au{au}.txt", "\n".join(lines) + "\n")
     return {f: [12] if f in (4, 9) else [] for f in range(1, frames + 1)}
 
 
 def test_disfa_frames_numbered_from_zero_are_paired_not_shifted(tmp_path, caplog):
     truth = _disfa_labels(tmp_path)
-    images = {n: _image(tmp_path / "img/SN001" / f"{n}.png", n, "PNG") for n in range(12)}  # ME-GraphAU: 0.png ..
+    images = {n: tiny_image(tmp_path / "img/SN001" / f"{n}.png", n, "PNG") for n in range(12)}  # ME-GraphAU: 0.png ..
     with caplog.at_level(logging.WARNING, logger="expblip.data.sources"):
         recs = list(records("disfa", root=str(tmp_path), split="all", subsample=False, max_skipped=0.0))
     assert len(recs) == 12 and "numbered from 0" in caplog.text
@@ -136,7 +122,7 @@ def test_disfa_frames_numbered_from_zero_are_paired_not_shifted(tmp_path, caplog
 
 def test_disfa_ambiguous_numbering_is_refused_until_frame_base_decides(tmp_path):
     _disfa_labels(tmp_path)
-    images = {n: _image(tmp_path / "Images_LeftCamera/SN001" / f"{n:05d}.jpg", n) for n in range(13)}  # 0..12
+    images = {n: tiny_image(tmp_path / "Images_LeftCamera/SN001" / f"{n:05d}.jpg", n) for n in range(13)}  # 0..12
     with pytest.raises(FrameNumberingError, match=r"from 0 or from 1.*--frame-base 1.*--frame-base 0"):
         list(records("disfa", root=str(tmp_path), split="all"))
     zero = {r["labels"]["frame"]: r["image"] for r in records("disfa", root=str(tmp_path), split="all",
@@ -160,14 +146,14 @@ def test_disfa_jaanet_and_extraction_script_layouts(tmp_path):
     truth = _disfa_labels(tmp_path / "jaanet")
     kept = [n for n in range(12) if n not in (5, 6)]  # JAA-Net's lists leave out frames without a face
     for n in kept:
-        _image(tmp_path / "jaanet/SN001" / f"{n}.jpg", n)
+        tiny_image(tmp_path / "jaanet/SN001" / f"{n}.jpg", n)
     recs = list(records("disfa", root=str(tmp_path / "jaanet"), split="all", subsample=False, max_skipped=0.5))
     assert {r["labels"]["frame"]: r["labels"]["aus"] for r in recs} == {n + 1: truth[n + 1] for n in kept}
 
     truth = _disfa_labels(tmp_path / "script")
     for n in range(1, 13):
-        _image(tmp_path / "script/images/LeftVideoSN001_comp" / f"LeftVideoSN001_comp_{n:04d}.png", n, "PNG")
-        _image(tmp_path / "script/images/RightVideoSN001_comp" / f"RightVideoSN001_comp_{n:04d}.png", 99, "PNG")
+        tiny_image(tmp_path / "script/images/LeftVideoSN001_comp" / f"LeftVideoSN001_comp_{n:04d}.png", n, "PNG")
+        tiny_image(tmp_path / "script/images/RightVideoSN001_comp" / f"RightVideoSN001_comp_{n:04d}.png", 99, "PNG")
     recs = list(records("disfa", root=str(tmp_path / "script"), split="all", subsample=False, max_skipped=0.0))
     assert {r["labels"]["frame"]: r["labels"]["aus"] for r in recs} == truth
     assert all(r["image"][:4] == b"\x89PNG" for r in recs)
@@ -175,7 +161,7 @@ def test_disfa_jaanet_and_extraction_script_layouts(tmp_path):
 
 def test_disfa_videos_without_frames_name_the_ffmpeg_command(tmp_path):
     _disfa_labels(tmp_path)
-    _write(tmp_path / "Videos_LeftCamera/LeftVideoSN001_comp.avi", "not really a video")
+    write_text(tmp_path / "Videos_LeftCamera/LeftVideoSN001_comp.avi", "not really a video")
     with pytest.raises(FileNotFoundError, match=r"no extracted frames.*ffmpeg -i .*LeftVideoSN001_comp\.avi "
                                                 r"-start_number 1"):
         records("disfa", root=str(tmp_path), split="all")
@@ -185,8 +171,8 @@ def test_gft_img_folder_numbered_from_zero(tmp_path):
     header = "frame,AU1,AU2,AU4,AU6,AU10,AU12,AU14,AU15,AU23,AU24"
     rows = [f"{f}," + ",".join("1" if au == "AU12" and f == 3 else "0" for au in header.split(",")[1:])
             for f in range(1, 8)]
-    _write(tmp_path / "GFT/AU_OCC/001A.csv", "\n".join([header, *rows]) + "\n")
-    images = {n: _image(tmp_path / "GFT/img/001A" / f"{n}.jpg", n) for n in range(7)}
+    write_text(tmp_path / "GFT/AU_OCC/001A.csv", "\n".join([header, *rows]) + "\n")
+    images = {n: tiny_image(tmp_path / "GFT/img/001A" / f"{n}.jpg", n) for n in range(7)}
     recs = {r["labels"]["frame"]: r for r in records("gft", root=str(tmp_path), split="all", subsample=False)}
     assert sorted(recs) == list(range(1, 8)) and recs[3]["labels"]["aus"] == [12] and recs[3]["image"] == images[2]
 
@@ -211,8 +197,8 @@ EMOTIONET_VALUES = [{1: 1, 2: 999, 12: 1, 43: 1}, dict.fromkeys(EMOTIONET_AUS, 9
 def test_emotionet_release_csv_with_quoted_headers_and_urls(tmp_path):
     # py-feat's EmotioNet tutorial: labels/EmotioNet_FACS_aws_2020_24600.csv and the images in imgs/
     rows = _emotionet_rows(EMOTIONET_URLS, EMOTIONET_VALUES)
-    _write(tmp_path / "labels/EmotioNet_FACS_aws_2020_24600.csv", "\n".join(",".join(r) for r in rows) + "\n")
-    images = {n: _image(tmp_path / "imgs" / f"N_000{n}.jpg", n) for n in (1, 3)}
+    write_text(tmp_path / "labels/EmotioNet_FACS_aws_2020_24600.csv", "\n".join(",".join(r) for r in rows) + "\n")
+    images = {n: tiny_image(tmp_path / "imgs" / f"N_000{n}.jpg", n) for n in (1, 3)}
     recs = list(records("emotionet", root=str(tmp_path), split="all", max_skipped=0.0))
     assert [(r["labels"]["aus"], r["labels"]["aus_unknown"]) for r in recs] == [([1, 12], [2]), ([25, 26], [4])]
     assert [r["image"] for r in recs] == [images[1], images[3]]  # the quotes around the URLs are gone
@@ -231,13 +217,13 @@ def test_emotionet_release_xlsx_every_sheet(tmp_path):
         second.append(row)
     book.save(tmp_path / "EmotioNet_FACS_aws_2020_24600.xlsx")
     for n in (1, 3):
-        _image(tmp_path / "images" / f"N_000{n}.jpg", n)
+        tiny_image(tmp_path / "images" / f"N_000{n}.jpg", n)
     recs = list(records("emotionet", root=str(tmp_path), split="all", max_skipped=0.0))
     assert [r["labels"]["aus"] for r in recs] == [[1, 12], [25, 26]]
 
 
 def test_emotionet_without_the_release_table_names_it(tmp_path):
-    _write(tmp_path / "notes.csv", "a,b\n")
+    write_text(tmp_path / "notes.csv", "a,b\n")
     with pytest.raises(FileNotFoundError, match=r"EmotioNet_FACS_aws_2020_24600\.csv or \.xlsx"):
         records("emotionet", root=str(tmp_path), split="all")
 
@@ -252,7 +238,7 @@ AFFECTNET_HEADER = ("subDirectory_filePath,face_x,face_y,face_width,face_height,
 def _affectnet_lists(root: Path, train: dict[str, int], test: dict[str, int]) -> None:
     for name, rows in (("training.csv", train), ("validation.csv", test)):
         lines = [AFFECTNET_HEADER, *(f'{n},1,1,9,9,"1.0;2.0",{c},0.1,0.2' for n, c in rows.items())]
-        _write(root / "Manually_Annotated_file_lists" / name, "\n".join(lines) + "\n")
+        write_text(root / "Manually_Annotated_file_lists" / name, "\n".join(lines) + "\n")
 
 
 @pytest.mark.parametrize("images_at", ["Manually_Annotated/Manually_Annotated_Images",
@@ -260,7 +246,7 @@ def _affectnet_lists(root: Path, train: dict[str, int], test: dict[str, int]) ->
 def test_affectnet_nested_image_roots(tmp_path, images_at):
     _affectnet_lists(tmp_path, {"1/a.jpg": 1, "2/b.jpg": 6, "2/c.jpg": 9}, {"3/d.jpg": 7})
     for name in ("1/a.jpg", "2/b.jpg", "3/d.jpg"):
-        _image(tmp_path / images_at / name)
+        tiny_image(tmp_path / images_at / name)
     train = list(records("affectnet", root=str(tmp_path), split="train", max_skipped=0.0))
     assert _labels(train, "emotions") == {"affectnet-1-a": ["happiness"], "affectnet-2-b": ["anger"]}
     assert _labels(list(records("affectnet", root=str(tmp_path), split="test")), "emotions") == {
@@ -270,7 +256,7 @@ def test_affectnet_nested_image_roots(tmp_path, images_at):
 def test_affectnet_later_release_train_set_val_set(tmp_path):
     for folder, codes in (("train_set", {0: "3", 1: "0", 2: "9"}), ("val_set", {0: "5"})):
         for image_id, code in codes.items():
-            _image(tmp_path / folder / "images" / f"{image_id}.jpg", image_id)
+            tiny_image(tmp_path / folder / "images" / f"{image_id}.jpg", image_id)
             (tmp_path / folder / "annotations").mkdir(parents=True, exist_ok=True)
             np.save(tmp_path / folder / "annotations" / f"{image_id}_exp.npy", np.array(code))
     train = list(records("affectnet", root=str(tmp_path), split="train", max_skipped=0.0))
@@ -283,7 +269,7 @@ def test_affectnet_one_folder_per_code(tmp_path):
     # DAN's utils/convert_affectnet.py copies every image into {train,val}/<label>/
     images = {("train", 1, "a"): 1, ("train", 6, "b"): 2, ("val", 0, "c"): 3}
     for (split, code, name), shade in images.items():
-        _image(tmp_path / split / str(code) / f"{name}.jpg", shade)
+        tiny_image(tmp_path / split / str(code) / f"{name}.jpg", shade)
     assert _labels(list(records("affectnet", root=str(tmp_path), split="train")), "emotions") == {
         "affectnet-train-1-a": ["happiness"], "affectnet-train-6-b": ["anger"]}
     assert _labels(list(records("affectnet", root=str(tmp_path), split="test")), "emotions") == {
@@ -309,9 +295,9 @@ def test_affectnet_images_still_in_their_archive(tmp_path):
 ])
 def test_rafdb_nested_downloads(tmp_path, part_at, images_at):
     labels = {"train_00001.jpg": 4, "train_00002.jpg": 7, "test_0001.jpg": 1}
-    _write(tmp_path / part_at / "EmoLabel/list_patition_label.txt", "".join(f"{n} {c}\n" for n, c in labels.items()))
+    write_text(tmp_path / part_at / "EmoLabel/list_patition_label.txt", "".join(f"{n} {c}\n" for n, c in labels.items()))
     for name in labels:
-        _image(tmp_path / part_at / images_at / name.replace(".jpg", "_aligned.jpg"))
+        tiny_image(tmp_path / part_at / images_at / name.replace(".jpg", "_aligned.jpg"))
     recs = list(records("rafdb", root=str(tmp_path), split="all", max_skipped=0.0))
     assert _labels(recs, "emotions") == {"rafdb_basic-train_00001": ["happiness"],
                                          "rafdb_basic-train_00002": ["neutral"], "rafdb_basic-test_0001": ["surprise"]}
@@ -319,8 +305,8 @@ def test_rafdb_nested_downloads(tmp_path, part_at, images_at):
 
 def test_rafdb_compound_nested_beside_basic_and_zipped_images(tmp_path):
     for part, name, code in (("basic", "train_00001.jpg", 5), ("compound", "train_0001.jpg", 8)):
-        _write(tmp_path / "RAF-DB" / part / part / "EmoLabel/list_patition_label.txt", f"{name} {code}\n")
-    _image(tmp_path / "RAF-DB/compound/compound/Image/aligned/train_0001_aligned.jpg")
+        write_text(tmp_path / "RAF-DB" / part / part / "EmoLabel/list_patition_label.txt", f"{name} {code}\n")
+    tiny_image(tmp_path / "RAF-DB/compound/compound/Image/aligned/train_0001_aligned.jpg")
     compound = list(records("rafdb_compound", root=str(tmp_path), split="all"))
     assert [(r["labels"]["emotions"], r["labels"]["compound"]) for r in compound] == [
         (["fear", "surprise"], "fearfully surprised")]
@@ -332,13 +318,13 @@ def test_rafdb_compound_nested_beside_basic_and_zipped_images(tmp_path):
 
 
 def test_raf_au_and_faceme_in_a_nested_download(tmp_path):
-    _write(tmp_path / "RAF-AU/RAF-AU/RAFAU_label.txt", "0001.jpg 1+L4+R12\n")
-    _image(tmp_path / "RAF-AU/RAF-AU/aligned/0001_aligned.jpg")
+    write_text(tmp_path / "RAF-AU/RAF-AU/RAFAU_label.txt", "0001.jpg 1+L4+R12\n")
+    tiny_image(tmp_path / "RAF-AU/RAF-AU/aligned/0001_aligned.jpg")
     assert _labels(list(records("raf_au", root=str(tmp_path / "RAF-AU"), split="all"))) == {"raf_au-0001": [1, 4, 12]}
-    _write(tmp_path / "FaceME/FaceME/label_names.txt", "happy\nsad\n")
-    _write(tmp_path / "FaceME/FaceME/annotations.csv",
+    write_text(tmp_path / "FaceME/FaceME/label_names.txt", "happy\nsad\n")
+    write_text(tmp_path / "FaceME/FaceME/annotations.csv",
            "image,annotator_1,annotator_2,annotator_3\na.jpg,happy,happy,\n")
-    _image(tmp_path / "FaceME/FaceME/images/a.jpg")
+    tiny_image(tmp_path / "FaceME/FaceME/images/a.jpg")
     assert _labels(list(records("faceme", root=str(tmp_path / "FaceME"))), "emotions") == {"faceme-a": ["happiness"]}
 
 
@@ -350,7 +336,7 @@ def test_zero_sample_conversion_exits_non_zero_without_a_manifest(tmp_path, caps
     _affectnet_lists(tmp_path / "AffectNet", {"1/a.jpg": 1, "1/b.jpg": 2}, {"3/d.jpg": 7})
     (tmp_path / "AffectNet/Manually_Annotated_Images").mkdir()
     for name in ("a.jpg", "b.jpg"):
-        _image(tmp_path / "AffectNet/elsewhere" / name)
+        tiny_image(tmp_path / "AffectNet/elsewhere" / name)
     out = tmp_path / "shards"
     code = launch_module("make_shards").main(["affectnet", "--root", str(tmp_path / "AffectNet"), "--out", str(out)])
     err = capsys.readouterr().err
@@ -361,9 +347,9 @@ def test_zero_sample_conversion_exits_non_zero_without_a_manifest(tmp_path, caps
 
 def test_too_many_skipped_rows_fail_unless_allowed(tmp_path, capsys):
     labels = {f"train_{i:05d}.jpg": 4 for i in range(1, 5)}
-    _write(tmp_path / "basic/EmoLabel/list_patition_label.txt", "".join(f"{n} {c}\n" for n, c in labels.items()))
+    write_text(tmp_path / "basic/EmoLabel/list_patition_label.txt", "".join(f"{n} {c}\n" for n, c in labels.items()))
     for name in list(labels)[:3]:  # one of four images is missing: 25% > 1%
-        _image(tmp_path / "basic/Image/aligned" / name.replace(".jpg", "_aligned.jpg"))
+        tiny_image(tmp_path / "basic/Image/aligned" / name.replace(".jpg", "_aligned.jpg"))
     main = launch_module("make_shards").main
     assert main(["rafdb", "--root", str(tmp_path), "--out", str(tmp_path / "a"), "--samples-per-shard", "2"]) == 2
     err = capsys.readouterr().err
@@ -377,12 +363,12 @@ def test_too_many_skipped_rows_fail_unless_allowed(tmp_path, capsys):
 def test_rows_left_out_by_rule_never_fail_a_conversion(tmp_path):
     # AffectNet's codes 8-10 are most of this list; they are a label rule, not bad data
     _affectnet_lists(tmp_path, {"1/a.jpg": 1, "1/b.jpg": 8, "1/c.jpg": 9, "1/d.jpg": 10}, {"3/d.jpg": 7})
-    _image(tmp_path / "Manually_Annotated_Images/1/a.jpg")
+    tiny_image(tmp_path / "Manually_Annotated_Images/1/a.jpg")
     recs = list(records("affectnet", root=str(tmp_path), split="train", max_skipped=0.0))
     assert _labels(recs, "emotions") == {"affectnet-1-a": ["happiness"]}
     # but a conversion that keeps nothing at all is an error
     with pytest.raises(ConversionError, match=r"no samples to write .*1 code 8 \(none\) \(by rule\)"):
-        _write(tmp_path / "Manually_Annotated_file_lists/training.csv",
+        write_text(tmp_path / "Manually_Annotated_file_lists/training.csv",
                "\n".join([AFFECTNET_HEADER, '1/b.jpg,1,1,9,9,"1",8,0,0']) + "\n")
         list(records("affectnet", root=str(tmp_path), split="train", max_skipped=0.0))
 
@@ -391,9 +377,9 @@ def test_make_shards_disfa_frame_base_end_to_end(tmp_path, capsys):
     truth = _disfa_labels(tmp_path / "DISFA")
     _disfa_labels(tmp_path / "DISFA", subject="SN002")
     for n in range(12):  # SN001: ME-GraphAU's 0.png .. 11.png, detected
-        _image(tmp_path / "DISFA/img/SN001" / f"{n}.png", n, "PNG")
+        tiny_image(tmp_path / "DISFA/img/SN001" / f"{n}.png", n, "PNG")
     for n in range(13):  # SN002: 0..12 against labels 1..12 cannot be told apart
-        _image(tmp_path / "DISFA/img/SN002" / f"{n}.png", n, "PNG")
+        tiny_image(tmp_path / "DISFA/img/SN002" / f"{n}.png", n, "PNG")
     out, main = tmp_path / "shards", launch_module("make_shards").main
     args = ["disfa", "--root", str(tmp_path / "DISFA"), "--out", str(out), "--split", "all", "--no-subsample",
             "--samples-per-shard", "5"]

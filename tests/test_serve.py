@@ -53,7 +53,7 @@ def post_file(url: str, data: bytes, filename: str = "face.png", content_type: s
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     try:
-        conn.putrequest("POST", parts.path)
+        conn.putrequest("POST", parts.path + (f"?{parts.query}" if parts.query else ""))
         conn.putheader("Content-Type", f"multipart/form-data; boundary={boundary}")
         # no Content-Length when chunked: the server can only count while it reads
         conn.putheader(*(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(len(body)))))
@@ -210,7 +210,8 @@ def test_serve_script_reports_a_missing_model(tmp_path, capsys):
 def test_app_imports_neither_ray_nor_deepspeed():
     import subprocess
 
-    code = ("import sys; import expblip.serve.app, expblip.infer.face; "
+    code = ("import sys; import expblip.serve.app, expblip.serve.openai_api, expblip.serve.batching, "
+            "expblip.serve.metrics, expblip.infer.face, expblip.infer.video; "
             "bad = [m for m in ('ray', 'deepspeed', 'expblip.train', 'mlflow') if m in sys.modules]; "
             "sys.exit(f'imported {bad}' if bad else 0)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from pathlib import Path
 
 import pytest
 import webdataset as wds
-from conftest import launch_module
-from PIL import Image
+from conftest import launch_module, tiny_image, write_text
 
 from expblip.data.captions import NO_AU_CAPTION, CaptionConfig
 from expblip.data.shards import read_manifest, resolve_shards
@@ -20,19 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 DISFA_AUS = (1, 2, 4, 5, 6, 9, 12, 15, 17, 20, 25, 26)
 
 
-def _image(path: Path, seed: int = 0, fmt: str = "JPEG") -> bytes:
-    """Writes a tiny image to ``path`` and returns the bytes on disk."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    Image.new("RGB", (4, 4), (seed * 37 % 256, 90, 160)).save(buf, format=fmt)
-    path.write_bytes(buf.getvalue())
-    return buf.getvalue()
-
-
-def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
 
 
 def _by_frame(recs: list[dict]) -> dict[int, dict]:
@@ -95,8 +80,8 @@ def _bp4d_tree(root: Path, subjects=("F001", "M002")) -> Path:
             aus = {1, 27} if frame <= 12 else {1, 2} if frame <= 14 else {1}
             rows.append(_bp4d_row(frame, aus, unknown=4 if frame == 20 else None))  # frame 20: AU4 not coded
             if not (subject == "F001" and frame == 11):  # F001 frame 11 has labels but no image
-                _image(root / "2D+3D" / subject / "T1" / f"{frame:04d}.jpg", frame)
-        _write(root / "AUCoding" / "AU_OCC" / f"{subject}_T1.csv", "\n".join([BP4D_HEADER, *rows]) + "\n")
+                tiny_image(root / "2D+3D" / subject / "T1" / f"{frame:04d}.jpg", frame)
+        write_text(root / "AUCoding" / "AU_OCC" / f"{subject}_T1.csv", "\n".join([BP4D_HEADER, *rows]) + "\n")
     return root
 
 
@@ -153,9 +138,9 @@ def _disfa_tree(root: Path) -> Path:
     for au in DISFA_AUS:
         values = intensity.get(au, dict.fromkeys(frames, 0))
         kept = [f for f in frames if not (au == 26 and f == 12)]  # frame 12 is missing from the AU26 file
-        _write(root / "ActionUnit_Labels/SN001" / f"SN001_au{au}.txt", "".join(f"{f},{values[f]}\n" for f in kept))
+        write_text(root / "ActionUnit_Labels/SN001" / f"SN001_au{au}.txt", "".join(f"{f},{values[f]}\n" for f in kept))
     for f in frames:
-        _image(root / "Images_LeftCamera/SN001" / f"{f:05d}.jpg", f)
+        tiny_image(root / "Images_LeftCamera/SN001" / f"{f:05d}.jpg", f)
     return root
 
 
@@ -198,9 +183,9 @@ def test_gft_labels_and_subject_split(tmp_path):
     for v in videos:
         rows = [f"{f}," + ",".join("1" if (au == "AU12" and f >= 3) else "0" for au in header.split(",")[1:])
                 for f in range(1, 6)]
-        _write(tmp_path / "AU_OCC" / f"{v}.csv", "\n".join([header, *rows]) + "\n")
+        write_text(tmp_path / "AU_OCC" / f"{v}.csv", "\n".join([header, *rows]) + "\n")
         for f in range(1, 6):
-            _image(tmp_path / "images" / v / f"{f:06d}.jpg", f)
+            tiny_image(tmp_path / "images" / v / f"{f:06d}.jpg", f)
     frames = _by_frame([r for r in records("gft", root=str(tmp_path), split="all") if r["labels"]["subject"] == "001A"])
     assert sorted(frames) == [1, 3]  # position 0, and the frame where AU12 starts
     assert frames[3]["labels"]["aus"] == [12] and frames[3]["labels"]["sequence"] == "001A"
@@ -214,9 +199,9 @@ def test_gft_labels_and_subject_split(tmp_path):
 
 
 def test_raf_au_prefixes_dropped_and_subset(tmp_path):
-    _write(tmp_path / "RAFAU_label.txt",
+    write_text(tmp_path / "RAFAU_label.txt",
            "0001.jpg 1+2+L4+R12+25\n0002.jpg null\n0003.jpg 7+T9+B26 \n0004.jpg L14+R14\n")
-    images = {n: _image(tmp_path / "aligned" / f"{n}_aligned.jpg", i) for i, n in enumerate(["0001", "0002", "0003",
+    images = {n: tiny_image(tmp_path / "aligned" / f"{n}_aligned.jpg", i) for i, n in enumerate(["0001", "0002", "0003",
                                                                                               "0004"])}
     recs = {r["key"]: r for r in records("raf_au", root=str(tmp_path), split="all")}
     assert {k: r["labels"]["aus"] for k, r in recs.items()} == {
@@ -229,7 +214,7 @@ def test_raf_au_prefixes_dropped_and_subset(tmp_path):
     test = {r["key"] for r in records("raf_au", root=str(tmp_path), split="test", test_fraction=0.5)}
     assert train | test == set(recs) and not train & test
 
-    _write(tmp_path / "RAFAU_label.txt", "0001.jpg 1+2\n\n0002.jpg 1+X2\n")
+    write_text(tmp_path / "RAFAU_label.txt", "0001.jpg 1+2\n\n0002.jpg 1+X2\n")
     with pytest.raises(ValueError, match=r"RAFAU_label\.txt:3: AU token 'X2'"):
         list(records("raf_au", root=str(tmp_path), split="all"))
 
@@ -246,9 +231,9 @@ def test_emotionet_manual_labels_and_unknowns(tmp_path, caplog):
     rows = [row("http://a.example/x/face_1.jpg", {1: 1, 2: 999, 12: 1, 43: 1}),
             row("http://b.example/face_2.jpg", dict.fromkeys(aus, 999)),
             row("images/local_3.png", {25: 1, 26: 1})]
-    _write(tmp_path / "emotionet_manual.csv", "\n".join(["URL,URL orig," + ",".join(f"AU{a}" for a in aus), *rows]))
-    _image(tmp_path / "images/face_1.jpg", 1)
-    png = _image(tmp_path / "images/local_3.png", 3, fmt="PNG")
+    write_text(tmp_path / "emotionet_manual.csv", "\n".join(["URL,URL orig," + ",".join(f"AU{a}" for a in aus), *rows]))
+    tiny_image(tmp_path / "images/face_1.jpg", 1)
+    png = tiny_image(tmp_path / "images/local_3.png", 3, fmt="PNG")
     with caplog.at_level(logging.WARNING, logger="expblip.data.sources"):
         recs = list(records("emotionet", root=str(tmp_path), split="all"))
     assert [(r["labels"]["aus"], r["labels"]["aus_unknown"]) for r in recs] == [([1, 12], [2]), ([25, 26], [])]
@@ -256,7 +241,7 @@ def test_emotionet_manual_labels_and_unknowns(tmp_path, caplog):
     assert recs[1]["image"] == png and recs[0]["labels"]["emotions"] is None
     assert recs[0]["key"].startswith("emotionet-face_1-") and "every AU unknown" in caplog.text
 
-    _write(tmp_path / "emotionet_manual.csv",
+    write_text(tmp_path / "emotionet_manual.csv",
            "\n".join(["URL,URL orig," + ",".join(f"AU{a}" for a in aus), rows[0], row("u/y.jpg", {5: 2})]))
     with pytest.raises(ValueError, match=r"emotionet_manual\.csv:3: AU5 must be 0, 1 or 999"):
         list(records("emotionet", root=str(tmp_path), split="all"))
@@ -275,11 +260,11 @@ def _affectnet_row(name: str, code: int) -> str:
 
 def test_affectnet_codes_and_dropped_classes(tmp_path, caplog):
     codes = {"1/a.jpg": 1, "1/b.jpg": 7, "2/c.jpg": 8, "2/d.jpg": 9, "2/e.jpg": 10, "3/f.jpg": 0}
-    _write(tmp_path / "Manually_Annotated_file_lists/training.csv",
+    write_text(tmp_path / "Manually_Annotated_file_lists/training.csv",
            "\n".join([AFFECTNET_HEADER, *(_affectnet_row(n, c) for n, c in codes.items())]) + "\n")
-    _write(tmp_path / "Manually_Annotated_file_lists/validation.csv", _affectnet_row("4/g.jpg", 3) + "\n")  # no header
+    write_text(tmp_path / "Manually_Annotated_file_lists/validation.csv", _affectnet_row("4/g.jpg", 3) + "\n")  # no header
     for i, name in enumerate([*codes, "4/g.jpg"]):
-        _image(tmp_path / "Manually_Annotated_Images" / name, i)
+        tiny_image(tmp_path / "Manually_Annotated_Images" / name, i)
     with caplog.at_level(logging.WARNING, logger="expblip.data.sources"):
         train = list(records("affectnet", root=str(tmp_path), split="train"))
     assert {r["key"]: r["labels"]["emotions"] for r in train} == {
@@ -290,7 +275,7 @@ def test_affectnet_codes_and_dropped_classes(tmp_path, caplog):
     assert [r["labels"]["emotions"] for r in test] == [["surprise"]]
     assert len(list(records("affectnet", root=str(tmp_path), split="all"))) == 4
 
-    _write(tmp_path / "Manually_Annotated_file_lists/training.csv",
+    write_text(tmp_path / "Manually_Annotated_file_lists/training.csv",
            "\n".join([AFFECTNET_HEADER, _affectnet_row("1/a.jpg", 1), _affectnet_row("1/b.jpg", 11)]) + "\n")
     with pytest.raises(ValueError, match=r"training\.csv:3: unknown emotion code 11"):
         list(records("affectnet", root=str(tmp_path), split="train"))
@@ -303,9 +288,9 @@ def _rafdb_tree(root: Path) -> Path:
     basic = {"train_00001.jpg": 5, "train_00002.jpg": 4, "train_00003.jpg": 7, "test_0001.jpg": 1}
     compound = {"train_0001.jpg": 1, "train_0002.jpg": 11, "test_0001.jpg": 7}
     for part, labels in (("basic", basic), ("compound", compound)):
-        _write(root / part / "EmoLabel/list_patition_label.txt", "".join(f"{n} {c}\n" for n, c in labels.items()))
+        write_text(root / part / "EmoLabel/list_patition_label.txt", "".join(f"{n} {c}\n" for n, c in labels.items()))
         for i, name in enumerate(labels):
-            _image(root / part / "Image/aligned" / name.replace(".jpg", "_aligned.jpg"), i)
+            tiny_image(root / part / "Image/aligned" / name.replace(".jpg", "_aligned.jpg"), i)
     return root
 
 
@@ -342,10 +327,10 @@ def test_rafdb_errors_and_missing_images(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="expblip.data.sources"):
         assert len(list(records("rafdb", root=str(root)))) == 2
     assert "missing image" in caplog.text and "1 skipped" in caplog.text
-    _write(root / "basic/EmoLabel/list_patition_label.txt", "train_00001.jpg 5\ntrain_00002.jpg 8\n")
+    write_text(root / "basic/EmoLabel/list_patition_label.txt", "train_00001.jpg 5\ntrain_00002.jpg 8\n")
     with pytest.raises(ValueError, match=r"list_patition_label\.txt:2: unknown emotion code 8"):
         list(records("rafdb", root=str(root)))
-    _write(root / "compound/EmoLabel/list_patition_label.txt", "train_0001.jpg\n")
+    write_text(root / "compound/EmoLabel/list_patition_label.txt", "train_0001.jpg\n")
     with pytest.raises(ValueError, match=r"list_patition_label\.txt:1: expected '<image name> <code>'"):
         list(records("rafdb_compound", root=str(root)))
 
@@ -355,10 +340,10 @@ def test_rafdb_errors_and_missing_images(tmp_path, caplog):
 
 def _faceme_tree(root: Path, rows: list[str]) -> Path:
     names = ["happy", "surprised", "sad", "yawning"] + [f"label_{i:02d}" for i in range(81)]  # 85 labels
-    _write(root / "label_names.txt", "\n".join(names) + "\n")
-    _write(root / "annotations.csv", "\n".join(["image,annotator_1,annotator_2,annotator_3", *rows]) + "\n")
+    write_text(root / "label_names.txt", "\n".join(names) + "\n")
+    write_text(root / "annotations.csv", "\n".join(["image,annotator_1,annotator_2,annotator_3", *rows]) + "\n")
     for i, name in enumerate(["a.jpg", "b.jpg", "c.jpg"]):
-        _image(root / "images" / name, i)
+        tiny_image(root / "images" / name, i)
     return root
 
 

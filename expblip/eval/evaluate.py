@@ -272,7 +272,7 @@ def caption_text_scores(run: dict, baseline_caption: str, meteor: bool = True, d
 def evaluate_export(export_dir: str | Path, shards: str, aus: Sequence[int] = DATASET_AUS["synthetic"],
                     gen: GenerationConfig | None = None, limit: int | None = None, train: TrainingText | None = None,
                     batch_size: int = 16, device: str = "cpu", progress: bool = True, caption_metrics: bool = False,
-                    meteor: bool = True) -> dict:
+                    meteor: bool = True, dtype: str = "fp32") -> dict:
     """Caption the held-out shards with the export; score the model and every baseline.
 
     ``export_dir`` may also be a run directory (its export/ is used). Returns {"model": scores, "baselines": [rows],
@@ -280,7 +280,7 @@ def evaluate_export(export_dir: str | Path, shards: str, aus: Sequence[int] = DA
     and, with ``caption_metrics``, "captions": {"model", "baseline"} text scores (``meteor=False`` skips METEOR).
     """
     resolve_shards(shards)  # a wrong shard URL fails before the model loads
-    captioner = Captioner.from_export(resolve_export(export_dir), device=device)
+    captioner = Captioner.from_export(resolve_export(export_dir), device=device, dtype=dtype)
     run = generate_for_shards(captioner, shards, gen, limit, batch_size, progress)
     labels = [_label_fields(lab) for lab in run["labels"]]
     if train is None:

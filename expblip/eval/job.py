@@ -32,6 +32,7 @@ class EvalJob:
     max_new_tokens: int = 60
     batch_size: int = 16
     device: str = "cpu"
+    dtype: str = "fp32"  # bf16 | fp16 | fp32: the model's weights and compute
     progress: bool = True
     caption_metrics: bool = True
     meteor: bool = True
@@ -63,11 +64,12 @@ def evaluate(job: EvalJob) -> dict:
     export = resolve_export(job.model)
     train = training_text(job.train_shards) if job.train_shards else None
     result = evaluate_export(export, job.shards, aus, gen, job.limit, train, job.batch_size, job.device,
-                             progress=job.progress, caption_metrics=job.caption_metrics, meteor=job.meteor)
+                             progress=job.progress, caption_metrics=job.caption_metrics, meteor=job.meteor,
+                             dtype=job.dtype)
     tasks = ("au", "emotion") if job.probe_task == "both" else (job.probe_task,)
     probes = [p for features in dict.fromkeys(job.probe)
               for p in run_probes(export, job.probe_train_shards, job.shards, features, tasks, aus, job.probe_pooling,
-                                  batch_size=job.batch_size, limit=job.probe_limit, device=job.device,
+                                  batch_size=job.batch_size, limit=job.probe_limit, device=job.device, dtype=job.dtype,
                                   progress=job.progress, skip_unlabelled=True)]
     if probes:
         result["probes"] = probes

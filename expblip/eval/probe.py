@@ -259,10 +259,10 @@ def run_probes(export: str | Path, train_shards: str, test_shards: str, features
                tasks: Sequence[Task] = ("au", "emotion"), aus: Sequence[int] = DATASET_AUS["synthetic"],
                pooling: Pooling = "mean", cfg: ProbeConfig | None = None, batch_size: int = 32,
                limit: int | None = None, device: str = "cpu", progress: bool = False,
-               skip_unlabelled: bool = False) -> list[dict]:
+               skip_unlabelled: bool = False, dtype: str = "fp32") -> list[dict]:
     """Extract features once, then one probe per task; with ``skip_unlabelled`` a task without labels is reported
     as {"task", "features", "skipped_reason"} instead of raising."""
-    cap = Captioner.from_export(resolve_export(export), device=device)
+    cap = Captioner.from_export(resolve_export(export), device=device, dtype=dtype)
     train_x, train_labels = extract_features(export, train_shards, features, pooling, batch_size, limit, device,
                                              progress, cap)
     test_x, test_labels = extract_features(export, test_shards, features, pooling, batch_size, limit, device,

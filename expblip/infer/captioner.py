@@ -30,6 +30,16 @@ from expblip.model.weights import load_export
 from expblip.pixels import CLIP_MEAN, CLIP_STD
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --dtype of the inference scripts
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'bf16' | 'fp16' | 'fp32' (or a torch dtype) -> torch dtype; ValueError naming the choices otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 PIL_DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default, used when Image.MAX_IMAGE_PIXELS has been set to None
 
 
@@ -156,10 +166,11 @@ class Captioner:
 
     @classmethod
     def from_export(cls, path: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32) -> Captioner:
-        """Load an export directory (config.json + model.safetensors + tokenizer + expblip.json)."""
-        model, tokenizer, meta = load_export(path, dtype=dtype)
+                    dtype: str | torch.dtype = torch.float32) -> Captioner:
+        """Load an export directory (config.json + model.safetensors + tokenizer + expblip.json) in `dtype`
+        ('bf16', 'fp16', 'fp32' or a torch dtype): each tensor is cast as it is read, straight onto `device`."""
         device = torch.device(device)
+        model, tokenizer, meta = load_export(path, dtype=parse_dtype(dtype), device=device)
         image_size = int(meta.get("image_size", model.config.vision_config.image_size))
         mean = tuple(float(x) for x in meta.get("mean", CLIP_MEAN))
         std = tuple(float(x) for x in meta.get("std", CLIP_STD))
@@ -169,28 +180,39 @@ class Captioner:
         """Images → normalised pixel values [B, 3, S, S] (float32, on the CPU)."""
         return preprocess_images(images, self.image_size, self.mean, self.std)
 
-    def caption_pixels(self, pixel_values: torch.Tensor, gen: GenerationConfig | None = None) -> list[str]:
-        """Captions for one batch of already preprocessed pixel values [B, 3, S, S]."""
+    def caption_pixels(self, pixel_values: torch.Tensor, gen: GenerationConfig | None = None,
+                       prompt: str = "", with_lengths: bool = False) -> list:
+        """Captions for one batch of already preprocessed pixel values [B, 3, S, S] (``prompt``: text after </s>,
+        as the export's chat template places a user's text; empty for the paper's captions). ``with_lengths``:
+        ``Generated(text, tokens, stopped)`` tuples instead of strings."""
         if pixel_values.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])} but the export expects "
                              f"{self.image_size}x{self.image_size}; preprocess with this export's image_size")
         dtype = next(self.model.parameters()).dtype
-        return generate_captions(self.model, self.tokenizer, pixel_values.to(self.device, dtype), gen)
+        # inference_mode, not only no_grad: no autograd bookkeeping on any tensor the decoding loop makes. Only here,
+        # where the model is an export that never trains (under ZeRO-3, gathered parameters must stay normal tensors)
+        with torch.inference_mode():
+            return generate_captions(self.model, self.tokenizer, pixel_values.to(self.device, dtype), gen, prompt,
+                                     with_lengths)
 
     def caption(self, images: Sequence[Image.Image], gen: GenerationConfig | None = None,
-                batch_size: int = 16) -> list[str]:
+                batch_size: int = 16, prompt: str = "") -> list[str]:
         """One caption per image, generated ``batch_size`` images at a time."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         captions: list[str] = []
         for start in range(0, len(images), batch_size):
-            captions.extend(self.caption_pixels(self.preprocess(images[start : start + batch_size]), gen))
+            captions.extend(self.caption_pixels(self.preprocess(images[start : start + batch_size]), gen, prompt))
         return captions
 
     def describe(self, images: Sequence[Image.Image], gen: GenerationConfig | None = None,
-                 batch_size: int = 16) -> list[dict]:
+                 batch_size: int = 16, prompt: str = "") -> list[dict]:
         """{"caption", "aus" (sorted AU numbers), "emotions" (sorted names)} per image, parsed from the caption."""
-        return [{"caption": c, **parse_caption(c)} for c in self.caption(images, gen, batch_size)]
+        return [{"caption": c, **parse_caption(c)} for c in self.caption(images, gen, batch_size, prompt)]
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` in the export's tokenizer (no special tokens): the OpenAI API's usage counts."""
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
 
 
 # ---------------------------------------------------------------- files → descriptions (the describe CLI)

@@ -11,7 +11,7 @@ Nothing here imports Ray, DeepSpeed or MLflow: parallelism wraps this module fro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -19,7 +19,8 @@ from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QForme
 
 from expblip.model.tokenizer import caption_end_id, image_token_id
 
-PresetName = Literal["tiny", "vitg-opt6.7b", "vitg-opt2.7b", "vitb-opt2.7b"]
+PresetName = Literal["tiny", "mid", "vitg-opt6.7b", "vitg-opt2.7b", "vitb-opt2.7b"]
+Tower = Literal["vision", "qformer", "lm"]
 
 # Tower shapes. Paper presets follow the public blip2-opt-* configs; tiny is a CPU debug model (hidden 64, 2 layers).
 _VISION = {
@@ -31,6 +32,10 @@ _VISION = {
                  image_size=224, patch_size=14),
     "vitb": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                  image_size=224, patch_size=16, initializer_range=0.02),
+    # mid: the paper presets' code paths (224 px, patch 14, BERT-base Q-Former, OPT's 50k vocabulary; sharded
+    # checkpoints, 2-rank ZeRO-3 bf16, streaming loads) at 0.23 B parameters, for CPU checks
+    "mid": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
+                image_size=224, patch_size=14, initializer_range=0.02),
 }
 _QFORMER = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -46,9 +51,12 @@ _OPT = {
                      max_position_embeddings=2048, word_embed_proj_dim=2560, vocab_size=50272),
     "opt-6.7b": dict(hidden_size=4096, ffn_dim=16384, num_hidden_layers=32, num_attention_heads=32,
                      max_position_embeddings=2048, word_embed_proj_dim=4096, vocab_size=50272),
+    "opt-mid": dict(hidden_size=1024, ffn_dim=4096, num_hidden_layers=4, num_attention_heads=16,
+                    max_position_embeddings=2048, word_embed_proj_dim=1024, vocab_size=50272),
 }
 PRESETS: dict[str, tuple[str, str, str, int]] = {  # name -> (vision, qformer, lm, query tokens)
     "tiny": ("tiny", "tiny", "tiny", 8),
+    "mid": ("mid", "base", "opt-mid", 32),
     "vitg-opt6.7b": ("vitg", "base", "opt-6.7b", 32),
     "vitg-opt2.7b": ("vitg", "base", "opt-2.7b", 32),
     "vitb-opt2.7b": ("vitb", "base", "opt-2.7b", 32),
@@ -62,7 +70,14 @@ class ModelConfig:
     preset: PresetName = "tiny"
     tokenizer: str = ""  # local tokenizer dir; '' = train one on the captions (tiny) / from init_from's run
     tokenizer_vocab: int = 512  # size of the trained tiny tokenizer
-    weights: str = ""  # local HF-format BLIP-2 dir to initialise from ('' = random init)
+    # initial weights ('' = random init): an HF-format BLIP-2 directory (single or sharded safetensors), an expblip
+    # export or run directory, or a LAVIS .pth; a local path or s3://... Streamed into each rank's partitions.
+    weights: str = ""
+    # parameters meant to start new although model.weights lacks them (globs over the unit's parameter names, '*'
+    # within a dotted part, '**' across: e.g. 'itm_head.**'); any other missing tensor is an error
+    allow_missing: tuple[str, ...] = ()
+    # towers that recompute their activations in backward instead of storing them (activation checkpointing)
+    checkpointing: tuple[Tower, ...] = ()
     num_query_tokens: int = 0  # 0 = the preset's (32 for paper presets)
     freeze_vision: bool = True  # paper step 1 and default step 2; the released fine-tune config unfreezes it
     freeze_qformer: bool = False
@@ -76,6 +91,9 @@ class ModelConfig:
             raise ValueError(f"model.preset {self.preset!r} does not exist; choose one of {sorted(PRESETS)}")
         if self.preset != "tiny" and not self.tokenizer and not self.weights:
             raise ValueError(f"model.preset {self.preset!r} needs model.tokenizer (a local OPT tokenizer directory)")
+        unknown = sorted(set(self.checkpointing) - {"vision", "qformer", "lm"})
+        if unknown:
+            raise ValueError(f"model.checkpointing {unknown}: choose towers among vision, qformer, lm")
 
     @property
     def image_size(self) -> int:
@@ -104,13 +122,52 @@ def blip2_config(cfg: ModelConfig, tokenizer) -> Blip2Config:
     )
 
 
-def build_model(cfg: ModelConfig, tokenizer) -> Blip2ForConditionalGeneration:
-    """Random-init BLIP-2 for the preset (weights are loaded separately: expblip.model.weights)."""
-    return Blip2ForConditionalGeneration._from_config(blip2_config(cfg, tokenizer))
+def build_model(cfg: ModelConfig, tokenizer, init: bool = True,
+                dtype: torch.dtype | None = None) -> Blip2ForConditionalGeneration:
+    """BLIP-2 for the preset, random-initialised, or (init=False) with uninitialised parameters that the caller
+    fills (weights are loaded separately: expblip.train.load, expblip.model.weights)."""
+    return construct(blip2_config(cfg, tokenizer), init, dtype)
 
 
-def apply_freezing(model: Blip2ForConditionalGeneration, cfg: ModelConfig, stage: str) -> None:
-    """Set requires_grad per the config; the 'lm' stage trains only the language model."""
+def construct(config: Blip2Config, init: bool = True, dtype: torch.dtype | None = None) -> Blip2ForConditionalGeneration:
+    """Blip2ForConditionalGeneration._from_config, optionally without initialisation and in `dtype`.
+
+    init=False skips every initialiser (transformers' no_init_weights: parameters are allocated, never written),
+    so a 7.7 B model costs no random draws and, until loaded, no touched memory; the tied OPT head is tied here,
+    since no_init_weights also skips the tying that init_weights does.
+    """
+    from transformers.initialization import no_init_weights
+
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    if init:
+        return Blip2ForConditionalGeneration._from_config(config, **kwargs)
+    with no_init_weights():
+        model = Blip2ForConditionalGeneration._from_config(config, **kwargs)
+    model.tie_weights()
+    return model
+
+
+def preset_hidden_size(preset: str) -> int:
+    """The largest hidden size of a preset's towers (what ZeRO buckets are sized from: the LM's, at paper scale)."""
+    vision, qformer, lm, _ = PRESETS[preset]
+    return max(_VISION[vision]["hidden_size"], _QFORMER[qformer]["hidden_size"], _OPT[lm]["hidden_size"])
+
+
+def enable_checkpointing(model: Blip2ForConditionalGeneration, towers: tuple[str, ...]) -> None:
+    """Activation checkpointing per tower: each layer keeps its input only and recomputes the rest in backward.
+
+    transformers' own per-layer checkpointing (GradientCheckpointingLayer), non-reentrant: it also works for a
+    frozen tower whose activations are needed only for the gradient of its input (the OPT in stage 2)."""
+    parts = {"vision": model.vision_model, "qformer": model.qformer, "lm": model.language_model}
+    for tower in towers:
+        parts[tower].activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def apply_freezing(model: Blip2ForConditionalGeneration, cfg: ModelConfig, stage: str,
+                   others_dtype: torch.dtype | None = None) -> None:
+    """Set requires_grad per the config; the 'lm' stage trains only the language model. Frozen ViT / OPT go to
+    model.frozen_dtype; `others_dtype` (fp32 when the engine computes in fp32) is what every other parameter is
+    cast to, for a model built in the frozen towers' dtype (None: leave them)."""
     trains = {
         "vision_model": not cfg.freeze_vision,
         "qformer": not cfg.freeze_qformer,
@@ -125,25 +182,32 @@ def apply_freezing(model: Blip2ForConditionalGeneration, cfg: ModelConfig, stage
         trains = {name: name == tower for name in trains}
     for name, param in model.named_parameters():
         param.requires_grad = trains[name.split(".")[0]]
-    _cast_frozen_towers(model, getattr(torch, cfg.frozen_dtype))
+    frozen = _cast_frozen_towers(model, getattr(torch, cfg.frozen_dtype))
+    if others_dtype is not None:
+        for name, param in model.named_parameters():
+            if name.split(".")[0] not in frozen and param.dtype != others_dtype:
+                param.data = param.data.to(others_dtype)  # a ZeRO-3 partition is cast by expblip.train.engine
 
 
-def _cast_frozen_towers(model: Blip2ForConditionalGeneration, dtype: torch.dtype) -> None:
-    """Frozen ViT / OPT to `dtype`; the dtype boundaries are then crossed in both directions.
+def _cast_frozen_towers(model: Blip2ForConditionalGeneration, dtype: torch.dtype) -> set[str]:
+    """Frozen ViT / OPT to `dtype`; the dtype boundaries are then crossed in both directions. Returns the names of
+    the towers that were frozen (and cast).
 
     ViT -> Q-Former: transformers casts the encoder states to the Q-Former's dtype. Q-Former -> projection:
     transformers casts the query output to the *ViT's* dtype, so a pre-hook casts it back to the projection's.
     Projection -> OPT: transformers casts the projected queries to the LM's embedding dtype.
     """
+    frozen = {name for name in ("vision_model", "language_model")
+              if not any(p.requires_grad for p in getattr(model, name).parameters())}
     if dtype == torch.float32:
-        return
-    for tower in (model.vision_model, model.language_model):
-        if not any(p.requires_grad for p in tower.parameters()):
-            for param in tower.parameters():
-                param.data = param.data.to(dtype)  # a ZeRO-3 partition is cast by expblip.train.engine
+        return frozen
+    for name in frozen:
+        for param in getattr(model, name).parameters():
+            param.data = param.data.to(dtype)  # a ZeRO-3 partition is cast by expblip.train.engine
     if not getattr(model.language_projection, "_expblip_casts_input", False):
         model.language_projection.register_forward_pre_hook(_to_weight_dtype)
         model.language_projection._expblip_casts_input = True
+    return frozen
 
 
 def _to_weight_dtype(module: nn.Module, args: tuple) -> tuple:
@@ -234,23 +298,62 @@ class GenerationConfig:
     num_beams: int = 5
     sample: bool = False
     top_p: float = 0.9
+    temperature: float = 1.0  # sampling only
     max_new_tokens: int = 60  # the paper's max length 200 is for OPT's tokens; tiny captions are short
     min_new_tokens: int = 3
     repetition_penalty: float = 1.0
 
 
+def prompt_ids(model: Blip2ForConditionalGeneration, tokenizer, prompt: str, batch: int) -> torch.Tensor:
+    """[B, Q + 1 + P] LM input ids: Q image tokens, </s>, then the prompt's tokens (the exported chat template's
+    layout). An empty prompt gives generate()'s own default, the paper's."""
+    ids = [image_token_id(tokenizer)] * model.config.num_query_tokens + [tokenizer.bos_token_id]
+    ids += tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    return torch.tensor([ids] * batch, dtype=torch.long)
+
+
+class Generated(NamedTuple):
+    """One caption and how it ended: ``tokens`` generated (the end token included), ``stopped`` at the end token
+    rather than at max_new_tokens."""
+
+    text: str
+    tokens: int
+    stopped: bool
+
+
 @torch.no_grad()
 def generate_captions(model: Blip2ForConditionalGeneration, tokenizer, pixel_values: torch.Tensor,
-                      gen: GenerationConfig | None = None, **extra) -> list[str]:
-    """Captions for a batch of images; the prompt is empty (image tokens + </s>) as in the paper."""
+                      gen: GenerationConfig | None = None, prompt: str = "", with_lengths: bool = False,
+                      **extra) -> list[str] | list[Generated]:
+    """Captions for a batch of images; the prompt is empty (image tokens + </s>) as in the paper, or ``prompt``'s
+    text after </s>, the same for every image of the batch. ``with_lengths``: Generated tuples instead of strings."""
     gen = gen or GenerationConfig()
     kwargs = dict(max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens,
                   eos_token_id=caption_end_id(tokenizer), pad_token_id=tokenizer.pad_token_id,
                   repetition_penalty=gen.repetition_penalty)
     if gen.sample:
-        kwargs.update(do_sample=True, top_p=gen.top_p, num_beams=1)
+        kwargs.update(do_sample=True, top_p=gen.top_p, temperature=gen.temperature, num_beams=1)
     else:
         kwargs.update(do_sample=False, num_beams=gen.num_beams)
-    out = model.generate(pixel_values=pixel_values, **kwargs, **extra)
-    prompt = model.config.num_query_tokens + 1  # generate() returns the prompt, then the new tokens
-    return [t.strip() for t in tokenizer.batch_decode(out[:, prompt:], skip_special_tokens=True)]
+    input_ids = prompt_ids(model, tokenizer, prompt, pixel_values.shape[0]).to(pixel_values.device)
+    out = model.generate(pixel_values=pixel_values, input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                         **kwargs, **extra)
+    new = out[:, input_ids.shape[1]:]  # generate() returns the prompt, then the new tokens
+    texts = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    if not with_lengths:
+        return texts
+    end = caption_end_id(tokenizer)
+    out_rows = []
+    for text, row in zip(texts, new.tolist(), strict=True):
+        stopped = end in row
+        length = row.index(end) + 1 if stopped else len(row) - _trailing(row, tokenizer.pad_token_id)
+        out_rows.append(Generated(text, length, stopped))
+    return out_rows
+
+
+def _trailing(row: list[int], value: int) -> int:
+    """How many times ``value`` ends ``row`` (the padding of a finished sequence)."""
+    n = 0
+    while n < len(row) and row[-1 - n] == value:
+        n += 1
+    return n

@@ -45,7 +45,7 @@ from transformers import (
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
-from expblip.model.blip2 import PRESETS, ModelConfig, blip2_config
+from expblip.model.blip2 import PRESETS, ModelConfig, blip2_config, construct
 
 Gather = Callable[[Tensor], Tensor]
 _EMBED_DIM = {"tiny": 32, "base": 256}  # ITC projection size per Q-Former preset (BLIP-2: 256)
@@ -132,16 +132,17 @@ def with_qformer_text(config: Blip2Config, qformer_tokenizer) -> Blip2Config:
 
 
 def build_stage1(cfg: ModelConfig, stage1: Stage1Config, tokenizer, qformer_tokenizer,
-                 config: Blip2Config | None = None) -> Stage1Model:
+                 config: Blip2Config | None = None, init: bool = True, dtype: torch.dtype | None = None) -> Stage1Model:
     """Random-init BLIP-2 whose Q-Former takes text, wrapped with the stage-1 heads (weights load separately).
 
     config: a prepared Blip2Config to build instead of the preset's (it gets the Q-Former text side too).
+    init=False / dtype: as expblip.model.blip2.construct, for the BLIP-2 only (the heads are always initialised).
     """
     config = with_qformer_text(config or blip2_config(cfg, tokenizer), qformer_tokenizer)
     if stage1.max_text_tokens > config.qformer_config.max_position_embeddings:
         raise ValueError(f"stage1.max_text_tokens={stage1.max_text_tokens} exceeds the Q-Former's "
                          f"{config.qformer_config.max_position_embeddings} text positions")
-    blip2 = Blip2ForConditionalGeneration._from_config(config)
+    blip2 = construct(config, init, dtype)
     # transformers initialises query_tokens to zeros; BLIP-2 (LAVIS) draws them from N(0, initializer_range), so
     # that the Q queries differ from the first step instead of relying on dropout to break their symmetry.
     nn.init.normal_(blip2.query_tokens, std=config.qformer_config.initializer_range)
@@ -231,6 +232,19 @@ class Stage1Model(nn.Module):
                     nn.init.zeros_(m.bias)
         with torch.no_grad():
             self.embeddings.word_embeddings.weight[self.pad_token_id].zero_()
+
+    # the names stage-1 heads carry in weights files (expblip.model.weights: LAVIS' stage-1 checkpoints renamed to
+    # transformers' Blip2ForImageTextRetrieval names, or lavis.* where transformers has none)
+    _SOURCE_NAMES = (("vision_proj.", "vision_projection."), ("text_proj.", "text_projection."),
+                     ("lm_head.transform.", "lavis.Qformer.cls.predictions.transform."),
+                     ("lm_head.decoder.bias", "lavis.Qformer.cls.predictions.bias"), ("temp", "lavis.temp"))
+
+    def source_key(self, name: str) -> str:
+        """The name under which a weights file holds this module's parameter `name` (its own name otherwise)."""
+        for ours, theirs in self._SOURCE_NAMES:
+            if name.startswith(ours):
+                return theirs + name[len(ours):]
+        return name
 
     def external_parameters(self) -> list[nn.Parameter]:
         """Parameters used here outside their owner's forward (ZeRO-3 must gather them with this module's)."""

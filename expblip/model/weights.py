@@ -1,8 +1,17 @@
 """Weights in and out: HF-format export directories that stock transformers loads, and their import.
 
 An export directory holds model.safetensors + config.json (Blip2ForConditionalGeneration.save_pretrained),
-the tokenizer, `expblip.json` (image size, normalisation, generation end token) and the run's resolved
-config as `config.yaml`. Only safe formats are read by default (safetensors; `torch.load(weights_only=True)`).
+generation_config.json (the paper's decoding: 5 beams, the caption end token), the tokenizer (BOS added as OPT's
+tokenizer does), processor_config.json + chat_template.jinja (Blip2Processor: image size, CLIP mean/std, bicubic,
+num_query_tokens), `expblip.json` (the same facts for expblip's own reader) and the run's resolved config as
+`config.yaml`. Stock transformers describes a face from it with no expblip import:
+
+    processor = Blip2Processor.from_pretrained(export)
+    model = Blip2ForConditionalGeneration.from_pretrained(export)
+    caption = processor.decode(model.generate(**processor(images=face, return_tensors="pt"))[0],
+                               skip_special_tokens=True).strip()
+
+Only safe formats are read by default (safetensors; `torch.load(weights_only=True)`).
 
     state = import_hf_dir("Salesforce/blip2-opt-6.7b")           # a local copy of a public HF repo
     state = import_lavis("blip2_pretrained.pth")                 # LAVIS names -> transformers' Blip2 names
@@ -26,7 +35,7 @@ import hashlib
 import json
 import pickle
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,10 +67,8 @@ def export_hf(state: dict[str, torch.Tensor], config: Blip2Config, tokenizer, ou
     if missing or unexpected:
         raise ValueError(f"export to {out}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "expblip.json").write_text(json.dumps(processor_meta(config, tokenizer), indent=2))
-    if resolved_config_yaml:
-        (out / "config.yaml").write_text(resolved_config_yaml)
+    _generation_config(config, tokenizer).save_pretrained(out)  # replaces save_pretrained's copy of the defaults
+    _write_side_files(out, config, tokenizer, resolved_config_yaml, {})
     return out
 
 
@@ -75,8 +82,14 @@ def _is_tied(model, key: str) -> bool:
     return key.endswith("lm_head.weight") and model.config.text_config.tie_word_embeddings
 
 
-def load_export(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(model in eval mode, tokenizer, meta) from an export directory."""
+def load_export(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
+    """(model in eval mode, tokenizer, meta) from an export directory.
+
+    Each tensor is read (memory-mapped) and cast to `dtype` as it is loaded, straight onto `device` when given
+    (transformers' device_map): a bf16 load of a 7.7 B export never holds an fp32 copy, nor a host copy for a GPU.
+    The Q-Former and query tokens (0.1 B) are kept in fp32 whatever `dtype`, as their fp32 master weights were
+    (transformers' _keep_in_fp32_modules does that for fp16 only); its output is cast to the towers' dtype.
+    """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not an expblip export (no config.json); pass RUN_DIR/export "
@@ -85,8 +98,12 @@ def load_export(path: str | Path, dtype: torch.dtype = torch.float32):
     if meta.get("format") == "trainable-only":
         raise ValueError(f"{path} is a trainable-only export (no frozen towers); merge it onto its towers: "
                          f"python launch/export.py --merge {path} --towers TOWERS_DIR --out DIR")
+    placement = {"device_map": str(device)} if device is not None and torch.device(device).type != "cpu" else {}
     model = Blip2ForConditionalGeneration.from_pretrained(str(path), dtype=dtype, local_files_only=True,
-                                                          use_safetensors=True)
+                                                          use_safetensors=True, **placement)
+    if dtype != torch.float32:
+        model.qformer.float()
+        model.query_tokens.data = model.query_tokens.data.float()
     return model.eval(), load_tokenizer(path), meta
 
 
@@ -271,6 +288,227 @@ def import_lavis(path: str | Path, allow_pickle: bool = False) -> dict[str, torc
     return lavis_to_hf(state)
 
 
+# ---------------------------------------------------------------- streaming sources
+
+
+class LazyTensor:
+    """One tensor of a WeightSource, read only when asked: `.shape`, `.dtype`, `.contiguous()` (a whole copy),
+    `.fingerprint(dtype)` (streamed). What write_safetensors and save_hf_dir accept in place of a tensor."""
+
+    def __init__(self, source: WeightSource, name: str):
+        self.source, self.name = source, name
+        self.shape = torch.Size(source.entries[name].shape)
+        self.dtype = source.entries[name].dtype
+
+    def contiguous(self) -> torch.Tensor:
+        return self.source.tensor(self.name)
+
+    def fingerprint(self, dtype: torch.dtype | None = None) -> str:
+        return self.source.fingerprint(self.name, dtype)
+
+
+@dataclass
+class Entry:
+    """How to read one tensor: a byte range of a safetensors file, a (memory-mapped) tensor, or a composition."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: str = ""  # safetensors file (path in the source's filesystem)
+    meta: Any = None  # its tensorio.TensorMeta
+    tensor: torch.Tensor | None = None  # from a torch file, loaded with mmap=True
+    compose: Callable[[WeightSource], torch.Tensor] | None = None  # e.g. EVA's q/v biases -> one qkv bias
+
+
+class WeightSource:
+    """The tensors of `model.weights` in transformers' names, read one at a time or one slice at a time.
+
+        source = open_weights("s3://bucket/blip2-opt-6.7b")      # or an HF dir, export, run dir, LAVIS .pth
+        source.shapes()                                           # {name: shape}: headers only, nothing read
+        for offset, chunk in source.read("query_tokens", start, stop):   # flat elements [start, stop)
+            ...
+        source.close()
+
+    Reading holds one chunk (tensorio.CHUNK_BYTES) at a time; the caller copies it where it belongs (a ZeRO-3
+    partition, a parameter, a hash).
+    """
+
+    def __init__(self, where: str, fs, entries: dict[str, Entry], kind: str, directory: str = ""):
+        from expblip.model.tensorio import MappedFiles
+
+        self.where, self.fs, self.entries, self.kind, self.directory = where, fs, entries, kind, directory
+        self._maps = MappedFiles()
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: e.shape for k, e in self.entries.items()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(offset from start, 1-D chunk) over flat elements [start, stop) of `name`, in the stored dtype."""
+        from expblip.model.tensorio import CHUNK_BYTES, read_range
+
+        entry = self.entries[name]
+        if entry.meta is not None:
+            yield from read_range(self.fs, entry.file, entry.meta, start, stop, self._maps)
+            return
+        flat = self.entry_tensor(entry).reshape(-1)
+        stop = flat.numel() if stop is None else min(stop, flat.numel())
+        step = max(1, CHUNK_BYTES // entry.dtype.itemsize)
+        for first in range(start, stop, step):
+            yield first - start, flat[first : min(stop, first + step)]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A whole tensor in its own memory."""
+        entry = self.entries[name]
+        out = torch.empty(_numel(entry.shape), dtype=entry.dtype)
+        for offset, chunk in self.read(name):
+            out[offset : offset + chunk.numel()].copy_(chunk)
+        return out.reshape(entry.shape)
+
+    def entry_tensor(self, entry: Entry) -> torch.Tensor:
+        """The whole tensor of an entry (a copy for safetensors, the mapped tensor itself for torch files)."""
+        from expblip.model.tensorio import read_tensor
+
+        if entry.meta is not None:
+            return read_tensor(self.fs, entry.file, entry.meta, self._maps)
+        return entry.tensor if entry.tensor is not None else entry.compose(self)
+
+    def lazy(self, name: str) -> LazyTensor:
+        return LazyTensor(self, name)
+
+    def fingerprint(self, name: str, dtype: torch.dtype | None = None) -> str:
+        """fingerprint() of the tensor, streamed chunk by chunk (same digest as hashing it whole)."""
+        entry = self.entries[name]
+        digest = hashlib.sha256(repr(tuple(entry.shape)).encode())
+        for _, chunk in self.read(name):
+            digest.update(memoryview(chunk.to(dtype or chunk.dtype).contiguous().view(torch.uint8).numpy()))
+        return digest.hexdigest()
+
+    def side_file(self, name: str) -> bytes | None:
+        """A small file beside the weights (config.json, tokenizer.json, ...), or None."""
+        if not self.directory:
+            return None
+        path = f"{self.directory.rstrip('/')}/{name}"
+        return self.fs.cat_file(path) if self.fs.isfile(path) else None
+
+    def close(self) -> None:
+        self._maps.close()
+
+
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                "pytorch_model.bin")
+_LAVIS_PREFIXES = ("visual_encoder.", "Qformer.", "opt_model.", "opt_proj.", "t5_model.", "t5_proj.", "ln_vision.")
+
+
+def open_weights(path: str | Path, allow_pickle: bool = False) -> WeightSource:
+    """A WeightSource over any accepted `model.weights`: an HF-format directory (single or sharded safetensors, or
+    pytorch_model*.bin), an expblip export, a run directory (its export/), a LAVIS .pth/.safetensors file; local
+    paths or fsspec URLs (s3://bucket/dir). Only headers are read here."""
+    from fsspec.core import url_to_fs
+    from fsspec.implementations.local import LocalFileSystem
+
+    where = str(path)
+    fs, root = url_to_fs(where) if "://" in where else (LocalFileSystem(), str(Path(where).resolve()))
+    if fs.isdir(root) and fs.isfile(f"{root}/export/config.json"):
+        root = f"{root}/export"  # a run directory
+    if fs.isdir(root):
+        return _open_directory(where, fs, root, allow_pickle)
+    if not fs.isfile(root):
+        raise FileNotFoundError(f"model.weights {where} does not exist; give an HF-format or export directory, a run "
+                                "directory, or a LAVIS .pth file (local or s3://)")
+    return _open_file(where, fs, root, allow_pickle)
+
+
+def _open_directory(where: str, fs, root: str, allow_pickle: bool) -> WeightSource:
+    meta = json.loads(fs.cat_file(f"{root}/expblip.json")) if fs.isfile(f"{root}/expblip.json") else {}
+    if meta.get("format") == "trainable-only":
+        raise ValueError(f"{where} is a trainable-only export (no frozen towers); merge it onto its towers first: "
+                         f"python launch/export.py --merge {where} --towers TOWERS_DIR --out DIR")
+    found = [name for name in WEIGHT_FILES if fs.isfile(f"{root}/{name}")]
+    if not found:
+        raise FileNotFoundError(f"{where} holds none of {', '.join(WEIGHT_FILES)}; give an HF-format model directory")
+    name = found[0]
+    if name.endswith(".index.json"):
+        weight_map: dict[str, str] = json.loads(fs.cat_file(f"{root}/{name}"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+        absent = [s for s in shards if not fs.isfile(f"{root}/{s}")]
+        if absent:
+            raise FileNotFoundError(f"{where}/{name} names shards that are not there: {absent}; "
+                                    "download the complete repository")
+        entries: dict[str, Entry] = {}
+        for shard in shards:
+            entries.update(_file_entries(fs, f"{root}/{shard}", allow_pickle))
+        lost = sorted(set(weight_map) - set(entries))
+        if lost:
+            raise ValueError(f"{where}: the index lists {len(lost)} tensors that no shard holds, e.g. {lost[:3]}")
+    else:
+        entries = _file_entries(fs, f"{root}/{name}", allow_pickle)
+    return WeightSource(where, fs, _renamed(entries), "hf", root)
+
+
+def _open_file(where: str, fs, root: str, allow_pickle: bool) -> WeightSource:
+    entries = _file_entries(fs, root, allow_pickle)
+    kind = "lavis" if any(k.removeprefix("module.").startswith(_LAVIS_PREFIXES) for k in entries) else "file"
+    return WeightSource(where, fs, _renamed(entries), kind)
+
+
+def _file_entries(fs, path: str, allow_pickle: bool) -> dict[str, Entry]:
+    from expblip.model.tensorio import is_local, read_header
+
+    if path.endswith(".safetensors"):
+        return {k: Entry(m.shape, m.dtype, file=path, meta=m) for k, m in read_header(fs, path).items()}
+    if not is_local(fs):
+        raise ValueError(f"{path}: only safetensors can be streamed from remote storage; convert it, or copy it "
+                         "to local disk")
+    tensors = _tensor_dict(_load_torch_mmap(Path(path), allow_pickle), Path(path))
+    return {k: Entry(tuple(v.shape), v.dtype, tensor=v) for k, v in tensors.items()}
+
+
+def _load_torch_mmap(path: Path, allow_pickle: bool) -> Any:
+    """torch.load memory-mapped (pages are read as tensors are touched), or plainly for the legacy format."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+    return load_torch_file(path, allow_pickle)
+
+
+def _renamed(entries: dict[str, Entry]) -> dict[str, Entry]:
+    """transformers' names: prefixes `module.` / `blip2.` dropped, LAVIS names converted, EVA q/v biases merged."""
+    entries = {k.removeprefix("module.").removeprefix(PREFIX): e for k, e in entries.items()}
+    if not any(k.startswith(_LAVIS_PREFIXES) for k in entries):
+        return entries
+    out: dict[str, Entry] = {}
+    biases: dict[str, dict[str, str]] = {}
+    raw = dict(entries)
+    for key, entry in entries.items():
+        if _LAVIS_DROPPED.match(key):
+            continue
+        qv = _QV_BIAS.match(key)
+        if qv:
+            biases.setdefault(qv.group(1), {})[qv.group(2)] = key
+        else:
+            out[lavis_name(key)] = entry
+    for layer, names in biases.items():
+        if set(names) != {"q", "v"}:
+            raise ValueError(f"visual_encoder.blocks.{layer}.attn has only its {set(names)} bias; q_bias and v_bias "
+                             "must come together")
+        q, v = raw[names["q"]], raw[names["v"]]
+        out[f"vision_model.encoder.layers.{layer}.self_attn.qkv.bias"] = Entry(
+            (q.shape[0] * 3,), q.dtype, compose=_qkv_bias(q, v))
+    return out
+
+
+def _qkv_bias(q: Entry, v: Entry) -> Callable[[WeightSource], torch.Tensor]:
+    def compose(source: WeightSource) -> torch.Tensor:
+        qt, vt = source.entry_tensor(q), source.entry_tensor(v)
+        return torch.cat((qt.reshape(-1), torch.zeros(vt.numel(), dtype=vt.dtype), vt.reshape(-1)))
+
+    return compose
+
+
 # ---------------------------------------------------------------- loading with a key report
 
 
@@ -336,7 +574,7 @@ def load_into_model(model: nn.Module, state: Mapping[str, torch.Tensor], strict:
             elif tuple(value.shape) != tuple(own[key].shape):
                 report.mismatched_shapes.append((key, tuple(value.shape), tuple(own[key].shape)))
             else:
-                own[key].copy_(value)
+                own[key].copy_(value if torch.is_tensor(value) else value.contiguous())  # a lazy tensor: read now
                 report.loaded.append(key)
                 done.add(id(own[key]))
     report.missing = [k for k, t in own.items() if k not in state and id(t) not in done]
@@ -383,43 +621,36 @@ def check_state(state: Mapping[str, Any], config: Blip2Config, where: str) -> No
                          f"unexpected {len(unexpected)} {unexpected[:4]}, wrong shapes {wrong[:3]}")
 
 
-def _cast(key: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    if dtype is None or not tensor.is_floating_point() or key.startswith(KEEP_FP32):
-        return tensor
-    return tensor.to(dtype)
-
-
 def write_safetensors(state: Mapping[str, Any], out: Path, dtype: torch.dtype | None = None,
                       max_shard_bytes: int = 5 * 10**9, name: str = "model") -> list[str]:
     """Write `state` as name.safetensors, or shards name-0000i-of-0000n.safetensors + index when larger.
 
-    Values may be lazy (anything with .shape, .dtype and .contiguous(), e.g. DeepSpeed's GatheredTensor):
-    each shard's tensors are materialised only while that shard is written.
+    Values may be lazy (anything with .shape, .dtype and .contiguous(): DeepSpeed's GatheredTensor, a
+    WeightSource's LazyTensor): each is materialised only while it is written (expblip.model.tensorio), so the
+    memory needed is one tensor's, whatever the shard size.
     """
-    from safetensors.torch import save_file
+    from expblip.model.tensorio import Planned, plan_shards, write_file
 
-    shards: list[list[str]] = [[]]
-    size = 0
-    for key, value in state.items():
-        nbytes = _numel(value.shape) * (dtype or value.dtype).itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes
+    items = [Planned(k, _out_dtype(k, v.dtype, dtype), tuple(v.shape), _producer(v)) for k, v in state.items()]
+    shards = plan_shards(items, max_shard_bytes)
     files = ([f"{name}.safetensors"] if len(shards) == 1 else
              [f"{name}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    total = 0
-    for file, keys in zip(files, shards, strict=True):
-        tensors = {k: _cast(k, state[k].contiguous(), dtype).contiguous() for k in keys}
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        save_file(tensors, str(out / file), metadata={"format": "pt"})
-        del tensors
+    total = sum(write_file(out / file, group) for file, group in zip(files, shards, strict=True))
     if len(files) > 1:
         index = {"metadata": {"total_size": total},
-                 "weight_map": {k: f for f, keys in zip(files, shards, strict=True) for k in keys}}
+                 "weight_map": {item.name: f for f, group in zip(files, shards, strict=True) for item in group}}
         (out / f"{name}.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return files
+
+
+def _out_dtype(key: str, stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is None or not stored.is_floating_point or key.startswith(KEEP_FP32):
+        return stored
+    return dtype
+
+
+def _producer(value) -> Callable[[], torch.Tensor]:
+    return lambda: value.contiguous()
 
 
 def _numel(shape) -> int:
@@ -431,12 +662,12 @@ def _numel(shape) -> int:
 
 def save_hf_dir(state: Mapping[str, Any], config: Blip2Config, tokenizer, out: str | Path,
                 resolved_config_yaml: str = "", dtype: torch.dtype | None = None, extra_meta: dict | None = None,
-                max_shard_bytes: int = 5 * 10**9) -> Path:
+                max_shard_bytes: int = 5 * 10**9, config_dtype: torch.dtype | None = None) -> Path:
     """Full HF-format export that stock Blip2ForConditionalGeneration.from_pretrained loads.
 
     Unlike export_hf it builds no model (the key check runs on the meta device) and streams lazy tensors shard
     by shard, so a 7.7B-parameter export needs little more memory than the state itself. `dtype` casts floating
-    tensors except the Q-Former and query tokens, which transformers keeps in fp32 anyway.
+    tensors except the Q-Former and query tokens, which stay fp32 (small; load_export keeps them fp32 too).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -446,7 +677,7 @@ def save_hf_dir(state: Mapping[str, Any], config: Blip2Config, tokenizer, out: s
     write_safetensors(state, out, dtype, max_shard_bytes)
     config = Blip2Config.from_dict(config.to_dict())  # a copy: the caller's config is left alone
     config.architectures = ["Blip2ForConditionalGeneration"]
-    config.dtype = str(dtype or torch.float32).removeprefix("torch.")
+    config.dtype = str(dtype or config_dtype or torch.float32).removeprefix("torch.")
     config.save_pretrained(out)
     _generation_config(config, tokenizer).save_pretrained(out)
     _write_side_files(out, config, tokenizer, resolved_config_yaml, {"format": "full", **(extra_meta or {})})
@@ -460,10 +691,75 @@ def _generation_config(config: Blip2Config, tokenizer) -> GenerationConfig:
 
 
 def _write_side_files(out: Path, config: Blip2Config, tokenizer, resolved_config_yaml: str, meta: dict) -> None:
-    tokenizer.save_pretrained(out)
+    write_processor(out, config, tokenizer)
     (out / "expblip.json").write_text(json.dumps({**processor_meta(config, tokenizer), **meta}, indent=2))
     if resolved_config_yaml:
         (out / "config.yaml").write_text(resolved_config_yaml)
+
+
+# The prompt of a chat turn for stock transformers (Blip2Processor.apply_chat_template, the image-text-to-text
+# pipeline, engines that read chat_template.jinja): BOS, then the text parts of the user's messages. The processor
+# puts num_query_tokens <image> tokens in front, so an image-only message gives exactly expblip's prompt
+# ([<image>] * Q + [</s>]); Exp-BLIP models were trained with that empty prompt.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}{% endif %}{% endfor %}"
+)
+
+
+def write_processor(out: Path, config: Blip2Config, tokenizer) -> None:
+    """The tokenizer, processor_config.json and chat_template.jinja: what Blip2Processor.from_pretrained(out) and
+    pipeline("image-text-to-text", model=out) read.
+
+    Two fixes to the saved tokenizer, for Blip2Processor in transformers 5.24: ``image_token`` is dropped from
+    tokenizer_config.json (the processor takes a tokenizer's ``image_token`` for an AddedToken and reads its
+    ``.content``, which a plain string has not; without it the processor uses the vocabulary's own ``<image>``), and
+    the tokenizer adds BOS (``</s>``) in front of text, as OPT's own tokenizer does, so that a text prompt gets the
+    prompt the model was trained with. expblip itself always tokenises with add_special_tokens=False.
+    """
+    import tempfile
+
+    from transformers import AutoTokenizer, Blip2Processor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    tokenizer.save_pretrained(out)
+    _tokenizer_for_processor(out, tokenizer.bos_token, tokenizer.bos_token_id)
+    size = config.vision_config.image_size
+    image_processor = BlipImageProcessorPil(size={"height": size, "width": size}, image_mean=list(CLIP_MEAN),
+                                            image_std=list(CLIP_STD), resample=3, do_convert_rgb=True)  # 3: bicubic
+    processor = Blip2Processor(image_processor=image_processor, num_query_tokens=config.num_query_tokens,
+                               tokenizer=AutoTokenizer.from_pretrained(str(out), local_files_only=True))
+    processor.chat_template = CHAT_TEMPLATE  # Blip2Processor.__init__ drops a chat_template argument (5.24)
+    with tempfile.TemporaryDirectory() as tmp:  # keep our tokenizer files; take the processor's own two
+        processor.save_pretrained(tmp)
+        for name in ("processor_config.json", "chat_template.jinja"):
+            (out / name).write_bytes((Path(tmp) / name).read_bytes())
+
+
+def _tokenizer_for_processor(out: Path, bos: str, bos_id: int) -> None:
+    """Edit the saved tokenizer files in ``out`` (see write_processor): no ``image_token``; BOS in front of text."""
+    from tokenizers import Tokenizer, processors
+
+    config_file = out / "tokenizer_config.json"
+    tok_config = json.loads(config_file.read_text())
+    tok_config.pop("image_token", None)
+    for key in ("model_specific_special_tokens", "extra_special_tokens"):
+        if isinstance(tok_config.get(key), dict):
+            tok_config[key].pop("image_token", None)
+    config_file.write_text(json.dumps(tok_config, indent=2, ensure_ascii=False))
+    tok_file = out / "tokenizer.json"
+    if not tok_file.is_file():  # a slow tokenizer: left as it is
+        return
+    backend = Tokenizer.from_file(str(tok_file))
+    if backend.encode("a").ids[:1] == [bos_id]:  # OPT's own tokenizer already adds it
+        return
+    template = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                             special_tokens=[(bos, bos_id)])
+    old = backend.post_processor
+    backend.post_processor = processors.Sequence([old, template]) if old is not None else template
+    backend.save(str(tok_file))
 
 
 # ---------------------------------------------------------------- trainable-only exports
@@ -475,6 +771,8 @@ class TowerMismatchError(ValueError):
 
 def fingerprint(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> str:
     """sha256 of the tensor's shape and bytes, after casting to `dtype` (the dtype the run held it in)."""
+    if isinstance(tensor, LazyTensor):
+        return tensor.fingerprint(dtype)
     t = tensor.detach().to("cpu", dtype or tensor.dtype).contiguous()
     digest = hashlib.sha256(repr(tuple(t.shape)).encode())
     digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
@@ -483,28 +781,34 @@ def fingerprint(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> str:
 
 def save_trainable_export(state: Mapping[str, Any], config: Blip2Config, tokenizer, out: str | Path,
                           trainable: Iterable[str], resolved_config_yaml: str = "",
-                          extra_meta: dict | None = None) -> Path:
+                          extra_meta: dict | None = None, frozen: dict[str, dict] | None = None) -> Path:
     """A small export: the trained tensors (`trainable`, e.g. Q-Former, query tokens, projection) in fp32, and a
     sha256 fingerprint of every frozen tensor they were trained with, so merging onto other towers is refused.
 
     Holds trainable.safetensors, config.json (the full Blip2Config), the tokenizer, config.yaml and expblip.json
     ({"format": "trainable-only", "frozen": {key: {"sha256", "dtype", "shape"}}, ...}).
+    `frozen`: those fingerprints already computed (the training loop hashes each frozen tensor as it gathers it);
+    `state` then holds only the trainable tensors.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     aliases = tied_aliases(config)
     state = {k: v for k, v in strip_prefix(dict(state)).items() if k not in aliases}
+    if frozen is not None:
+        state = {**state, **{k: torch.empty(v["shape"], device="meta") for k, v in frozen.items()}}  # shapes
     check_state(state, config, f"export to {out}")
     keep = set(trainable)
     absent = sorted(keep - set(state))
     if absent:
         raise ValueError(f"trainable keys not in the checkpoint: {absent[:5]}")
     write_safetensors({k: state[k] for k in state if k in keep}, out, name=TRAINABLE_FILE.removesuffix(".safetensors"))
-    frozen = {}
-    for key in sorted(set(state) - keep):
-        tensor = state[key].contiguous()
-        frozen[key] = {"sha256": fingerprint(tensor), "dtype": str(tensor.dtype).removeprefix("torch."),
-                       "shape": list(tensor.shape)}
+    if frozen is None:
+        frozen = {}
+        for key in sorted(set(state) - keep):  # a lazy tower tensor is hashed as it streams, never held whole
+            tensor = state[key] if isinstance(state[key], LazyTensor) else state[key].contiguous()
+            frozen[key] = {"sha256": fingerprint(tensor), "dtype": str(tensor.dtype).removeprefix("torch."),
+                           "shape": list(tensor.shape)}
+    frozen = dict(sorted(frozen.items()))
     config.save_pretrained(out)
     meta = {"format": "trainable-only", "trainable": sorted(keep), "frozen": frozen,
             "towers": _tower_digests(frozen), **(extra_meta or {})}
@@ -549,15 +853,17 @@ def check_towers(towers: Mapping[str, torch.Tensor], frozen: Mapping[str, dict])
     return problems
 
 
-def merge_trainable(path: str | Path, towers: str | Path | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Full state: `towers` (an HF-format dir, a LAVIS .pth or a state dict) overlaid with a trainable-only export.
+def merge_trainable(path: str | Path, towers: str | Path | WeightSource | Mapping[str, Any]) -> dict[str, Any]:
+    """Full state: `towers` (anything open_weights reads, a WeightSource or a state dict) overlaid with a
+    trainable-only export. Towers from a path stay lazy (LazyTensor): they are hashed and, later, written one tensor
+    at a time, so merging a 7B model needs one tensor's memory.
 
     Raises TowerMismatchError naming the first differing tensors unless every frozen tensor matches its fingerprint.
     """
     trained, meta = read_trainable_export(path)
     if not isinstance(towers, Mapping):
-        towers = Path(towers)
-        towers = import_hf_dir(towers) if towers.is_dir() else import_lavis(towers)
+        source = towers if isinstance(towers, WeightSource) else open_weights(towers)
+        towers = {k: source.lazy(k) for k in source.entries}
     towers = strip_prefix(dict(towers))
     problems = check_towers(towers, meta["frozen"])
     if problems:

@@ -34,6 +34,7 @@ class DemoConfig:
     describe: int = 4  # held-out faces described at the end
     probe_train: int = 2000  # training faces for the linear probes
     verbose: bool = False  # Ray's own console output (ray.verbose)
+    register: str = ""  # MLflow model name: log eval.* into the stage-2 run and register its export ('' = no)
 
 
 def make_shards(demo: DemoConfig) -> dict[str, str]:
@@ -110,6 +111,18 @@ def describe(demo: DemoConfig, run_dir: str) -> None:
         print(f"{path}: {desc['caption']}\n    parsed AUs {desc['aus']} | true AUs {rec['labels']['aus']}")
 
 
+def register(demo: DemoConfig, run_dir: str, result: dict, run: dict) -> None:
+    """The evaluation into the stage-2 run (eval.* metrics, report files), then its export into the Model Registry
+    as a new version of ``demo.register``, tagged with those metrics."""
+    from expblip.eval.report import log_to_mlflow
+    from expblip.train.registry import register_export
+
+    log_to_mlflow(result, Path(demo.out, "eval"), run["tracking_uri"], run["run_id"])
+    done = register_export(Path(run_dir, "export"), demo.register, run["tracking_uri"])
+    print(f"registered {Path(run_dir, 'export')} as {done.model_uri} "
+          f"(eval.au_f1 {done.tags.get('eval.au_f1', '?')}, tagged with {len(done.tags) - 2} eval.* metrics)")
+
+
 def run_demo(demo: DemoConfig | None = None) -> dict:
     from expblip.eval.report import summary_line
 
@@ -125,6 +138,8 @@ def run_demo(demo: DemoConfig | None = None) -> dict:
     result["probes"] = probe(demo, stage2, shards)
     describe(demo, stage2)
     run_id = json.loads(Path(stage2, "mlflow_run.json").read_text())
+    if demo.register:
+        register(demo, stage2, result, run_id)
     print(f"MLflow: {run_id['tracking_uri']} (run {run_id['run_id']}); "
           f"browse with: .venv/bin/mlflow ui --backend-store-uri {run_id['tracking_uri']}")
     print(f"report: {Path(demo.out, 'eval', 'report.md')}")

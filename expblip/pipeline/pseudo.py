@@ -70,6 +70,7 @@ class PseudoConfig:
     use_gpu: bool = False  # one GPU (gpus_per_worker of one) per actor, and the model on cuda
     gpus_per_worker: float = 1.0
     batch_size: int = 64  # images per generate() call
+    dtype: Literal["bf16", "fp16", "fp32"] = "fp32"  # the model's weights and compute (bf16 halves its memory)
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(num_beams=3))
 
     def __post_init__(self) -> None:
@@ -111,7 +112,7 @@ class ShardCaptioner:
 
         if not cfg.use_gpu:
             torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-        self.captioner = Captioner.from_export(export, device="cuda" if cfg.use_gpu else "cpu")
+        self.captioner = Captioner.from_export(export, device="cuda" if cfg.use_gpu else "cpu", dtype=cfg.dtype)
         self.field, self.provenance, self.cfg = field_name, provenance, cfg
 
     def caption_shard(self, in_url: str, out_url: str) -> dict:

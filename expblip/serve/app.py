@@ -1,34 +1,53 @@
-"""HTTP API and browser page over a Captioner: upload a face, read its AUs and emotions in words.
+"""HTTP API and browser page over a Captioner: upload a face or a clip, read its AUs and emotions in words.
 
     app = create_app(Captioner.from_export("runs/stage2"), crop_face=True)   # then: uvicorn, or launch/serve.py
 
-    GET  /            the page (static/index.html: choose or drop an image, see caption, AU and emotion chips)
-    GET  /health      {"status": "ok", "image_size", "crop_face", "max_upload_bytes", "formats"}
+    GET  /            the page (static/index.html: an image or a video, caption, AU and emotion chips, timeline)
+    GET  /health      {"status": "ok", "model", "image_size", "crop_face", "auth", "max_upload_bytes", "formats",
+                       "video": {...}, "batching": {...}}
     GET  /vocabulary  {"aus": [{"au": 1, "name": "inner brow raiser"}, ...], "emotions": ["neutral", ...]}
-    POST /describe    multipart/form-data, file field "image" →
+    GET  /metrics     Prometheus text: requests by route and status, latency and batch-size histograms, queue depth
+    POST /describe    multipart/form-data, file field "image" (query: beams, max_new_tokens) →
                       {"caption", "aus": [{"au": 12, "name": "lip corner puller"}], "emotions": ["happiness"],
                        "face": {"x", "y", "width", "height"} | null, "crop": "face" | "centre" | "none",
                        "image": {"width", "height"}}
+    POST /describe/video  multipart, file field "video" (MP4/MOV, MKV/WebM, AVI; query: fps) →
+                      {"frames": [{"frame", "time", "caption", "aus", "emotions", "face"?}], "timeline": {...},
+                       "timeline_png": "data:image/png;base64,...", "video": {"frames", "fps"}}
+    POST /v1/chat/completions, GET /v1/models   OpenAI-compatible (expblip.serve.openai_api)
+
+Requests are batched (expblip.serve.batching): concurrent images with the same decoding settings share one
+``generate`` call on the one model copy. The queue is bounded: when full the answer is 503 with Retry-After; a request
+not answered within ``request_timeout_s`` gets 504. With ``api_key`` (launch/serve.py --api-key, or $EXPBLIP_API_KEY)
+every API route (/describe*, /v1/*, /metrics) needs ``Authorization: Bearer KEY``; the page asks for the key.
 
 ``face`` is in the uploaded (EXIF-upright) image's pixels; with ``crop_face`` the model sees the square around it,
 or the centre square when no face was found (``crop: "centre"``, ``face: null``). Every error is JSON
-``{"error": "..."}``: 400 no or empty file, 413 upload above ``max_upload_bytes`` (refused while the body is read,
-before any decoding) or image above ``max_pixels`` (read from the header, nothing allocated), 415 not a PNG, JPEG,
-WebP or BMP (sniffed from the bytes; the declared content type is ignored), 422 a truncated or corrupt image.
-Weights come from the export's safetensors (Captioner); nothing here unpickles, and nothing imports Ray or DeepSpeed.
+``{"error": "..."}`` (OpenAI's ``{"error": {"message", "type", "code"}}`` under /v1): 400 no or empty file, 401 no or
+wrong key, 413 upload above its limit (refused while the body is read, before any decoding) or image above
+``max_pixels`` (read from the header, nothing allocated) or video too long, 415 not a PNG, JPEG, WebP or BMP (sniffed
+from the bytes; the declared content type is ignored) or not a video, 422 a truncated or corrupt file, 503 queue
+full, 504 timed out. Weights come from the export's safetensors (Captioner); nothing here unpickles, and nothing
+imports Ray or DeepSpeed.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hmac
 import io
+import math
 import threading
 import time
 from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import FastAPI, File, Request, UploadFile
+import torch
+from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -39,21 +58,38 @@ from starlette.exceptions import HTTPException
 
 from expblip.data.facs import AUS, EMOTIONS
 from expblip.infer import face as face_detection
+from expblip.infer import video as video_io
 from expblip.infer.captioner import Captioner, ImageError, load_image
-from expblip.model.blip2 import GenerationConfig
+from expblip.infer.parse import parse_caption
+from expblip.model.blip2 import Generated, GenerationConfig
+from expblip.serve.batching import Arrival, Batcher, QueueFull
+from expblip.serve.metrics import CONTENT_TYPE, ServeMetrics
 
 MiB = 1024 * 1024
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # PIL decoders tried; no EPS/PDF/... (EPS would run Ghostscript)
 MAX_PIXELS = 40_000_000  # an 8K photo; decoding it takes ~120 MB of RGB
 MULTIPART_OVERHEAD = 16 * 1024  # boundaries and part headers around the file, allowed on top of max_upload_bytes
+MAX_BEAMS = 8
 STATIC = Path(__file__).with_name("static")
 SECURITY_HEADERS = {  # the page loads only its own files: no CDN, no inline script
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
-                               "base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob:; "
+                               "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
 IMAGE_ERROR_STATUS = {"not_image": 415, "too_large": 413, "corrupt": 422}
+VIDEO_ERROR_STATUS = {"not_video": 415, "too_large": 413, "corrupt": 422}
+PROTECTED = ("/describe", "/v1/", "/metrics")  # path prefixes that need the API key when one is set
+CAPTIONING = ("/describe", "/describe/video", "/v1/chat/completions")  # POST routes whose images go through the queue
+# The request's announcement to the batcher (made by the middleware as the request starts, before its body is read),
+# ended once its images are queued: a batch that is forming waits for requests already on their way in.
+ARRIVAL: ContextVar[Arrival | None] = ContextVar("expblip_arrival", default=None)
+
+
+def _arrived() -> None:
+    arrival = ARRIVAL.get()
+    if arrival is not None:
+        arrival.done()
 
 
 class AUChip(BaseModel):
@@ -102,69 +138,245 @@ def decode_upload(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> Image
     return ImageOps.exif_transpose(image)  # phone photos: the model sees what the browser preview shows
 
 
-def describe_image(captioner: Captioner, image: Image.Image, crop_face: bool,
-                   gen: GenerationConfig | None = None) -> dict:
-    """One image → the /describe JSON (see the module docstring)."""
+@dataclass
+class Prepared:
+    """An image ready for the model: its pixels, and what the answer says about the crop."""
+
+    pixels: torch.Tensor  # [3, S, S]
+    face: dict | None
+    crop: Literal["face", "centre", "none"]
+    size: dict  # {"width", "height"} of the image as uploaded (upright)
+
+
+def prepare_image(captioner: Captioner, image: Image.Image, crop_face: bool) -> Prepared:
+    """Crop (if asked) and preprocess one image: the work a request thread does before its image is queued."""
     crop: Literal["face", "centre", "none"] = "none"
     face = None
     seen = image
     if crop_face:
-        seen, face = face_detection.crop_face(image)
-        crop = "face" if face else "centre"
-    described = captioner.describe([seen], gen)[0]
-    return {"caption": described["caption"], "aus": au_chips(described["aus"]), "emotions": described["emotions"],
-            "face": face.as_dict() if face else None, "crop": crop,
-            "image": {"width": image.width, "height": image.height}}
+        seen, box = face_detection.crop_face(image)
+        crop, face = ("face", box.as_dict()) if box else ("centre", None)
+    return Prepared(captioner.preprocess([seen])[0], face, crop, {"width": image.width, "height": image.height})
 
 
-def _too_large(max_upload_bytes: int) -> str:
-    return f"the upload is larger than the {max_upload_bytes / MiB:g} MiB limit; send a smaller image"
+def description(caption: str, prepared: Prepared) -> dict:
+    """The /describe JSON (see the module docstring) of one caption."""
+    parsed = parse_caption(caption)
+    return {"caption": caption, "aus": au_chips(parsed["aus"]), "emotions": parsed["emotions"],
+            "face": prepared.face, "crop": prepared.crop, "image": prepared.size}
 
 
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+def describe_image(captioner: Captioner, image: Image.Image, crop_face: bool,
+                   gen: GenerationConfig | None = None) -> dict:
+    """One image → the /describe JSON, captioned here and now (no queue): for scripts and tests."""
+    prepared = prepare_image(captioner, image, crop_face)
+    return description(captioner.caption_pixels(prepared.pixels[None], gen)[0], prepared)
+
+
+def _too_large(max_upload_bytes: int, what: str = "image") -> str:
+    return f"the upload is larger than the {max_upload_bytes / MiB:g} MiB limit; send a smaller {what}"
+
+
+def error_response(path: str, status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    """{"error": message}, or OpenAI's {"error": {"message", "type", "param", "code"}} under /v1/."""
+    if not path.startswith("/v1/"):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    kind, code = {401: ("invalid_request_error", "invalid_api_key"), 404: ("invalid_request_error", "model_not_found"),
+                  503: ("server_error", "overloaded"), 504: ("server_error", "timeout")}.get(
+        status, ("invalid_request_error" if status < 500 else "server_error", None))
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}},
+                        status_code=status, headers=headers)
+
+
+@dataclass
+class Service:
+    """What every route shares: the captioner, its batching queue, and the server's settings."""
+
+    captioner: Captioner
+    batcher: Batcher
+    gen: GenerationConfig
+    crop_face: bool = False
+    max_pixels: int = MAX_PIXELS
+    request_timeout_s: float = 120.0
+    video_fps: float = 2.0
+    video_limits: video_io.VideoLimits = video_io.VideoLimits()
+
+    def submit(self, pixels: torch.Tensor, gen: GenerationConfig, prompt: str = "") -> list:
+        """Queue pixels [k, 3, S, S]; 503 with Retry-After when the queue cannot take them."""
+        try:
+            return self.batcher.submit(pixels, gen, prompt)
+        except QueueFull as err:
+            raise UploadRejected(503, str(err), headers={"Retry-After": str(err.retry_after_s)}) from err
+
+    async def wait(self, futures: list) -> list[Generated]:
+        """The captions of queued images; 504 after the request timeout."""
+        try:
+            return await self.batcher.wait(futures, self.request_timeout_s)
+        except TimeoutError as err:
+            raise UploadRejected(504, f"no caption within {self.request_timeout_s:g} s: the server is busy; "
+                                      "retry later", headers={"Retry-After": "5"}) from err
+
+    async def describe(self, data: bytes, name: str, gen: GenerationConfig | None = None,
+                       prompt: str = "") -> tuple[dict, Generated]:
+        """Upload bytes → (the /describe JSON, the caption with its token count)."""
+        prepared = await run_in_threadpool(self._prepare, data, name)
+        futures = self.submit(prepared.pixels[None], gen or self.gen, prompt)
+        _arrived()
+        generated = (await self.wait(futures))[0]
+        return description(generated.text, prepared), generated
+
+    def _prepare(self, data: bytes, name: str) -> Prepared:
+        return prepare_image(self.captioner, decode_upload(data, name, self.max_pixels), self.crop_face)
+
+    async def describe_video(self, data: bytes, name: str, fps: float) -> dict:
+        """Video bytes → per-frame descriptions, the timeline spans and the timeline plot."""
+        frames, pixels, faces = await run_in_threadpool(self._video_frames, data, name, fps)
+        futures = self.submit(pixels, self.gen)
+        _arrived()
+        captions = [g.text for g in await self.wait(futures)]
+        rows = video_io.frame_rows(frames, captions, faces if self.crop_face else None)
+        png = await run_in_threadpool(video_io.timeline_png, rows, name)
+        return {**video_io.video_summary(rows), "video": {"name": name, "frames": len(rows), "fps": fps},
+                "timeline_png": "data:image/png;base64," + base64.b64encode(png).decode()}
+
+    def _video_frames(self, data: bytes, name: str, fps: float):
+        if not data:
+            raise UploadRejected(400, f"{name}: the upload is empty; choose a video file")
+        try:
+            frames = video_io.sample_frames(io.BytesIO(data), fps, self.video_limits, name)
+        except video_io.VideoError as err:
+            raise UploadRejected(VIDEO_ERROR_STATUS[err.kind], str(err)) from err
+        images, faces = video_io.crop_frames(frames, self.crop_face)
+        return frames, self.captioner.preprocess(images), faces
 
 
 def _install_error_handlers(app: FastAPI, max_upload_bytes: int) -> None:
-    """Every error as {"error": message}; the body limit's bare 413 gets a message that names the limit."""
+    """Every error as JSON (see error_response); the body limit's bare 413 gets a message that names the limit."""
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         message = str(exc.detail)
         if exc.status_code == 413 and not isinstance(exc, UploadRejected):  # starlette's body limit
-            message = _too_large(max_upload_bytes)
-        return _error(exc.status_code, message, getattr(exc, "headers", None))
+            message = _too_large(max_upload_bytes, "file")
+        return error_response(request.url.path, exc.status_code, message, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(400, "send the image as multipart/form-data in the file field 'image' "
-                           f"(e.g. curl -F image=@face.jpg {request.url})")
+        if request.url.path.startswith("/v1/"):
+            first = exc.errors()[0] if exc.errors() else {}
+            where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+            return error_response(request.url.path, 400, f"invalid request: {where} {first.get('msg', '')}".strip())
+        field = "video" if request.url.path == "/describe/video" else "image"
+        return error_response(request.url.path, 400, f"send the {field} as multipart/form-data in the file field "
+                                                     f"'{field}' (e.g. curl -F {field}=@FILE {request.url})")
 
 
-def create_app(captioner: Captioner, max_upload_bytes: int = 5 * MiB, crop_face: bool = False,
-               gen: GenerationConfig | None = None, max_pixels: int = MAX_PIXELS) -> FastAPI:
-    """The FastAPI app: the page, /health, /vocabulary and POST /describe over one loaded captioner.
+def _body_limits(max_upload_bytes: int, max_video_bytes: int) -> dict[str, int]:
+    """Largest accepted request body per route: the file plus multipart framing, or its base64 in a JSON body."""
+    return {"/describe": max_upload_bytes + MULTIPART_OVERHEAD,
+            "/describe/video": max_video_bytes + MULTIPART_OVERHEAD,
+            "/v1/chat/completions": math.ceil(max_upload_bytes * 4 / 3) + 64 * 1024}
 
-    Requests are described one at a time (a lock around the model): generation already uses every core.
-    """
-    if max_upload_bytes < 1:
-        raise ValueError(f"max_upload_bytes must be >= 1, got {max_upload_bytes}")
-    app = FastAPI(title="expblip", summary="Facial action units and emotions, in words",
-                  docs_url=None, redoc_url=None)  # the Swagger/ReDoc pages load from a CDN; /openapi.json stays
-    lock = threading.Lock()
-    _install_error_handlers(app, max_upload_bytes)
+
+def _install_middleware(app: FastAPI, metrics: ServeMetrics, limits: dict[str, int], api_key: str | None,
+                        batcher: Batcher) -> None:
+    """One middleware: body-size guard, API key, security headers, and the request metrics (route, status, time)."""
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
+        start = time.monotonic()
+        path = request.url.path
         # An honest Content-Length above the limit is refused here, before the body is read: starlette's own
         # refusal for that case (the route's max_body_size) is plain text. The route's limit counts chunked bodies.
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > max_upload_bytes + MULTIPART_OVERHEAD:
-            response: Response = _error(413, _too_large(max_upload_bytes), {"Connection": "close"})
+        limit = limits.get(path, limits["/describe"])
+        if declared.isdigit() and int(declared) > limit:
+            what = "video" if path == "/describe/video" else "image"
+            response: Response = error_response(path, 413, _too_large(limit - MULTIPART_OVERHEAD, what),
+                                                {"Connection": "close"})
+        elif api_key and path.startswith(PROTECTED) and not _authorised(request, api_key):
+            response = error_response(path, 401, "missing or wrong API key: send the header "
+                                                 "'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"})
+        elif request.method == "POST" and path in CAPTIONING:
+            arrival = batcher.arrival()
+            token = ARRIVAL.set(arrival)
+            try:
+                response = await call_next(request)
+            finally:
+                arrival.done()  # refused before its images were queued, or already done
+                ARRIVAL.reset(token)
         else:
             response = await call_next(request)
         response.headers.update(SECURITY_HEADERS)
+        route = getattr(request.scope.get("route"), "path", None)  # None: refused here, or no such route
+        if route is None:
+            route = path if any(getattr(r, "path", None) == path for r in app.routes) else "other"
+        metrics.request(route, response.status_code, time.monotonic() - start)
         return response
+
+
+def _authorised(request: Request, api_key: str) -> bool:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+
+def request_gen(base: GenerationConfig, beams: int | None, max_new_tokens: int | None) -> GenerationConfig:
+    """The server's decoding with a request's beam width and length limit (bounded by the server's own)."""
+    gen = base
+    if beams is not None:
+        gen = replace(gen, num_beams=beams, sample=False)
+    if max_new_tokens is not None:
+        gen = replace(gen, max_new_tokens=min(max_new_tokens, base.max_new_tokens))
+    return gen
+
+
+def create_app(captioner: Captioner, max_upload_bytes: int = 5 * MiB, crop_face: bool = False,
+               gen: GenerationConfig | None = None, max_pixels: int = MAX_PIXELS, *, max_batch: int = 16,
+               max_wait_ms: float = 10.0, max_queue: int = 256, request_timeout_s: float = 120.0,
+               api_key: str | None = None, model_name: str = "expblip", max_video_bytes: int = 50 * MiB,
+               video_fps: float = 2.0, video_limits: video_io.VideoLimits | None = None) -> FastAPI:
+    """The FastAPI app over one loaded captioner: the page, /health, /vocabulary, /metrics, /describe(/video) and the
+    OpenAI-compatible /v1 routes. Images are captioned in batches of up to ``max_batch``, gathered for at most
+    ``max_wait_ms``; at most ``max_queue`` images wait (it must hold a whole video: video_limits.max_frames)."""
+    if max_upload_bytes < 1 or max_video_bytes < 1:
+        raise ValueError(f"max_upload_bytes and max_video_bytes must be >= 1, got {max_upload_bytes}, "
+                         f"{max_video_bytes}")
+    video_limits = video_limits or video_io.VideoLimits()
+    if max_queue < video_limits.max_frames:
+        raise ValueError(f"max_queue ({max_queue} images) must hold a whole video (video_limits.max_frames = "
+                         f"{video_limits.max_frames}); raise it or lower the frame limit")
+    gen = gen or GenerationConfig()
+    metrics = ServeMetrics()
+    def generate(pixels: torch.Tensor, gen: GenerationConfig, prompt: str) -> list[Generated]:
+        return captioner.caption_pixels(pixels, gen, prompt, with_lengths=True)
+
+    batcher = Batcher(generate, max_batch, max_wait_ms / 1000, max_queue, on_batch=metrics.batch)
+    metrics.watch_queue(lambda: batcher.queued)
+    service = Service(captioner, batcher, gen, crop_face, max_pixels, request_timeout_s, video_fps, video_limits)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await run_in_threadpool(batcher.close)
+
+    app = FastAPI(title="expblip", summary="Facial action units and emotions, in words", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)  # the Swagger/ReDoc pages load from a CDN; /openapi.json stays
+    app.state.service, app.state.metrics = service, metrics
+    _install_error_handlers(app, max_upload_bytes)
+    limits = _body_limits(max_upload_bytes, max_video_bytes)
+    _install_middleware(app, metrics, limits, api_key, batcher)
+    _install_routes(app, service, max_upload_bytes, max_video_bytes, limits, bool(api_key), model_name)
+
+    from expblip.serve.openai_api import install_openai_routes
+
+    install_openai_routes(app, service, model_name, limits["/v1/chat/completions"])
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _install_routes(app: FastAPI, service: Service, max_upload_bytes: int, max_video_bytes: int,
+                    limits: dict[str, int], auth: bool, model_name: str) -> None:
+    captioner, batcher = service.captioner, service.batcher
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -172,31 +384,46 @@ def create_app(captioner: Captioner, max_upload_bytes: int = 5 * MiB, crop_face:
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "image_size": captioner.image_size, "crop_face": crop_face,
-                "max_upload_bytes": max_upload_bytes, "formats": [f.lower() for f in UPLOAD_FORMATS]}
+        limits_ = service.video_limits
+        return {"status": "ok", "model": model_name, "image_size": captioner.image_size,
+                "crop_face": service.crop_face, "auth": auth, "max_upload_bytes": max_upload_bytes,
+                "formats": [f.lower() for f in UPLOAD_FORMATS],
+                "video": {"max_upload_bytes": max_video_bytes, "fps": service.video_fps,
+                          "max_frames": limits_.max_frames, "max_seconds": limits_.max_seconds,
+                          "formats": ["mp4", "mov", "mkv", "webm", "avi"]},
+                "batching": {"max_batch": batcher.max_batch, "max_wait_ms": batcher.max_wait_s * 1000,
+                             "max_queue": batcher.max_queue, "queued": batcher.queued}}
 
     @app.get("/vocabulary")
     def vocabulary() -> dict:
         return {"aus": au_chips(sorted(AUS)), "emotions": list(EMOTIONS)}
 
-    def describe_bytes(data: bytes, name: str) -> dict:
-        image = decode_upload(data, name, max_pixels)
-        with lock:
-            return describe_image(captioner, image, crop_face, gen)
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(app.state.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.post("/describe", response_model=Description, max_body_size=max_upload_bytes + MULTIPART_OVERHEAD,
+    @app.post("/describe", response_model=Description, max_body_size=limits["/describe"],
               responses={code: {"description": why} for code, why in [
                   (400, "no or empty file"), (413, "upload or image too large"), (415, "not a PNG/JPEG/WebP/BMP"),
-                  (422, "corrupt image")]})
-    async def describe(image: Annotated[UploadFile, File(description="a face photo (PNG, JPEG, WebP or BMP)")]):
+                  (422, "corrupt image"), (503, "queue full"), (504, "timed out")]})
+    async def describe(image: Annotated[UploadFile, File(description="a face photo (PNG, JPEG, WebP or BMP)")],
+                       beams: Annotated[int | None, Query(ge=1, le=MAX_BEAMS)] = None,
+                       max_new_tokens: Annotated[int | None, Query(ge=1)] = None):
         name = Path(image.filename or "upload").name
         if image.size is not None and image.size > max_upload_bytes:  # the body limit allows for multipart framing
             raise UploadRejected(413, f"{name}: {image.size} bytes is above the {max_upload_bytes / MiB:g} MiB "
                                       "upload limit; send a smaller image")
-        return await run_in_threadpool(describe_bytes, await image.read(), name)
+        gen = request_gen(service.gen, beams, max_new_tokens)
+        return (await service.describe(await image.read(), name, gen))[0]
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return app
+    @app.post("/describe/video", max_body_size=limits["/describe/video"])
+    async def describe_video(video: Annotated[UploadFile, File(description="a clip (MP4/MOV, MKV/WebM or AVI)")],
+                             fps: Annotated[float | None, Query(gt=0, le=30)] = None):
+        name = Path(video.filename or "upload").name
+        if video.size is not None and video.size > max_video_bytes:
+            raise UploadRejected(413, f"{name}: {video.size} bytes is above the {max_video_bytes / MiB:g} MiB "
+                                      "video limit; send a shorter clip")
+        return await service.describe_video(await video.read(), name, fps or service.video_fps)
 
 
 @contextlib.contextmanager
@@ -205,7 +432,7 @@ def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
     """Run ``app`` under a real uvicorn server in a thread (port 0: a free one); yields its base URL."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, name="expblip-serve", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

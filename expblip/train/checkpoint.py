@@ -17,6 +17,7 @@ clears first. `latest` is written after complete.json, through a temporary file 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -67,18 +68,22 @@ def rank_state(cursor_state: dict) -> dict:
 def save(engine, run_dir: str | Path, step: int, client_state: dict, cursor_state: dict, extra_files: dict,
          frozen_source: str = "") -> Path:
     """Collective: every rank writes its shards and state; rank 0 writes `extra_files` (name -> text).
-    `frozen_source` (model.weights): where the frozen towers can be re-read, so elastic.pt need not repeat them.
+    `frozen_source` (model.weights): where the frozen towers can be re-read, so neither DeepSpeed's shards nor
+    elastic.pt repeat them.
 
     Atomic as a whole: rank 0 writes complete.json once every rank has written, then points `latest` at it.
     """
     root, tag = checkpoint_root(run_dir), tag_for(step)
     rank, world = dist.get_rank(), dist.get_world_size()
-    client_state = {**client_state, "world_size": world}
+    client_state = {**client_state, "world_size": world, "frozen_from": frozen_source}
     if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0 and (root / tag).exists():  # a killed attempt's leftovers
         shutil.rmtree(root / tag, ignore_errors=True)
     dist.barrier()
     save_elastic(engine, root / tag, rank, client_state, frozen_source)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    # frozen towers that model.weights holds are not written again (at paper scale 14 GiB per checkpoint): a resume
+    # and an export re-read them there
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=bool(frozen_source))
     torch.save(rank_state(cursor_state), root / tag / f"rank{rank}.pt")
     if rank == 0:
         for name, text in extra_files.items():
@@ -110,11 +115,12 @@ def written_world_size(run_dir: str | Path, tag: str) -> int:
     return len(list((checkpoint_root(run_dir) / tag).glob("rank*.pt")))
 
 
-def load(engine, run_dir: str | Path, tag: str) -> tuple[dict, dict | None]:
+def load(engine, run_dir: str | Path, tag: str, frozen_from: str = "") -> tuple[dict, dict | None]:
     """Same world size: restore engine state (weights, optimiser, schedule, step) exactly with DeepSpeed's loader;
-    return (client_state, this rank's cursor)."""
+    return (client_state, this rank's cursor). `frozen_from`: the frozen towers are already loaded from there, and a
+    checkpoint that left them out (save) is loaded without them."""
     root = checkpoint_root(run_dir)
-    path, client_state = engine.load_checkpoint(str(root), tag=tag)
+    path, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=not frozen_from)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}; delete it to resume from an older one")
     state_file = root / tag / f"rank{dist.get_rank()}.pt"
@@ -136,6 +142,21 @@ def prune(run_dir: str | Path, keep: int, step: int) -> None:
     stale = [p for p in tags if not is_complete(p) and p.name < tag_for(step)]
     for old in (complete[:-keep] if keep > 0 else []) + stale:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def trainable_digest(engine, rank: int) -> str:
+    """Collective: sha256 over the trainable parameters' full fp32 master weights, in name order ('' off rank 0).
+    Equal digests at a save and at a resume show that the resume continues from the same trainable weights."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    digest = hashlib.sha256()
+    for name, param in sorted(engine.module.named_parameters(), key=lambda item: item[0]):
+        if param.requires_grad:
+            full = safe_get_full_fp32_param(param)
+            if rank == 0:
+                digest.update(name.encode())
+                digest.update(memoryview(full.detach().to("cpu", torch.float32).contiguous().view(-1).numpy()))
+    return digest.hexdigest() if rank == 0 else ""
 
 
 def consolidated_state_dict(model: nn.Module, rank: int) -> dict[str, torch.Tensor]:
@@ -211,6 +232,7 @@ def save_elastic(engine, directory: Path, rank: int, client_state: dict, frozen_
     """
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    _relink_optimizer_state(engine)
     state: dict = {"weights": {}, "fp32": {}, **{k: {} for k in _MOMENTS}}
     for name, param in engine.module.named_parameters():
         if param.requires_grad:
@@ -238,6 +260,20 @@ def save_elastic(engine, directory: Path, rank: int, client_state: dict, frozen_
     torch.save(state, directory / ELASTIC)
 
 
+def _relink_optimizer_state(engine) -> None:
+    """ZeRO-1/2 (replicated towers): point every parameter's optimiser-state fragments at the Adam state again.
+
+    Workaround for DeepSpeed 0.19.8: DeepSpeedZeroOptimizer links them lazily right after the *first* param group's
+    first step (_optimizer_step -> _lazy_init_hp_params_optimizer_state), when the other groups' Adam state does not
+    exist yet, and never again; with our two groups (decayed, not decayed) the second group's parameters then have
+    no exp_avg and safe_get_full_optimizer_state raises "exp_avg not found in optimizer state fragment".
+    """
+    zero = engine.optimizer
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state") and not hasattr(zero, "fp32_partitioned_groups_flat"):
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
+
 def _full_shape(param) -> torch.Size:
     return param.ds_shape if hasattr(param, "ds_shape") else param.shape  # ZeRO-3 params are empty outside forward
 
@@ -248,7 +284,9 @@ def read_elastic(run_dir: str | Path, tag: str, rank: int) -> dict:
     if not path.is_file():  # every rank sees the same directory, so every rank raises
         raise RuntimeError(f"checkpoint {path.parent} has no {ELASTIC} (written before resuming at another world size "
                            "was supported): resume it with the number of ranks that wrote it")
-    return torch.load(path, weights_only=True, map_location="cpu") if rank == 0 else {}
+    # memory-mapped: a 7.7 B run's trainable state (1.3 GB) is paged in as each tensor is scattered, and its clean
+    # file pages can be dropped again under memory pressure
+    return torch.load(path, weights_only=True, map_location="cpu", mmap=True) if rank == 0 else {}
 
 
 def elastic_weights(elastic: dict) -> dict[str, torch.Tensor]:
@@ -271,6 +309,7 @@ def restore_elastic(engine, elastic: dict, rank: int) -> dict:
         raise RuntimeError(f"the trainable parameters differ from those of the checkpoint ({differ[:8]}): resume with "
                            "the checkpoint's model.freeze_* and train.stage")
     _create_adam_state(engine)
+    _relink_optimizer_state(engine)
     for name, param in trainable:
         shape = _full_shape(param)
         for key in ("fp32", *_MOMENTS):

@@ -11,7 +11,7 @@ import json
 import os
 import socket
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,6 +19,10 @@ import torch
 from torch import nn
 
 from expblip.config import COLLECTIVE_TIMEOUT_S, Config, ConfigError
+from expblip.log import get_logger
+from expblip.model.blip2 import preset_hidden_size
+
+log = get_logger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _FILLED_BY_US = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -35,6 +39,7 @@ def init_distributed() -> tuple[int, int]:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "gloo":
         _skip_cpu_shm_all_reduce()
+        return_freed_memory()
     # explicit: a rank whose storage is out makes the others wait in a collective for up to data.max_outage_s
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -50,6 +55,24 @@ def _skip_cpu_shm_all_reduce() -> None:
     """
     # not `import deepspeed.comm.torch as m`: deepspeed.comm's own `torch` attribute is the torch package
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def return_freed_memory(threshold: int = 64 * 2**10) -> None:
+    """CPU ranks: allocations above `threshold` bytes get their own mapping, returned to the system when freed.
+
+    glibc raises its mmap threshold to the size of any mapped block that is freed (up to 32 MiB), after which such
+    blocks come from the heap, where freed memory stays resident. ZeRO-3 gathers and frees layer-sized buffers every
+    step, so a CPU rank's resident memory grew by ~0.7 GiB above what it used (0.2 B-parameter model, 2 ranks);
+    mallopt(M_MMAP_THRESHOLD) fixes the threshold (same as MALLOC_MMAP_THRESHOLD_=65536). No-op off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _free_port() -> int:
@@ -78,7 +101,8 @@ def load_ds_config(path: str) -> dict:
 
 
 def resolve_ds_config(cfg: Config, world_size: int) -> dict:
-    """The policy JSON completed with batch sizes and clipping from our config."""
+    """The policy JSON completed from our config: batch sizes and clipping, the frozen-tower placement
+    (train.placement), "auto" bucket sizes from the model's hidden size; precision checked against model.frozen_dtype."""
     ds = load_ds_config(cfg.train.ds_config)
     micro = cfg.data.train.batch_size
     ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=cfg.optim.grad_accum,
@@ -86,29 +110,147 @@ def resolve_ds_config(cfg: Config, world_size: int) -> dict:
     if not torch.cuda.is_available():
         ds.get("zero_optimization", {}).pop("offload_param", None)  # pinned CPU offload needs a GPU
         ds.get("zero_optimization", {}).pop("offload_optimizer", None)
+    check_precision(ds, cfg.model.frozen_dtype, cfg.train.ds_config)
+    apply_placement(ds, cfg, world_size)
+    fill_auto(ds, preset_hidden_size(cfg.model.preset), gpu=torch.cuda.is_available(), where=cfg.train.ds_config)
     return ds
+
+
+def precision(ds_config: dict) -> str:
+    """'bf16', 'fp16' or 'fp32': the dtype the engine keeps the module in (fp32 masters for trainable parts)."""
+    if ds_config.get("bf16", {}).get("enabled"):
+        return "bf16"
+    return "fp16" if ds_config.get("fp16", {}).get("enabled") else "fp32"
+
+
+def check_precision(ds_config: dict, frozen_dtype: str, where: str = "") -> None:
+    """The precision policy's rules: one 16-bit format at a time; fp16 only with loss scaling (an fp16 OPT passes
+    gradients too small for fp16 to the Q-Former); frozen towers in the engine's own 16-bit dtype."""
+    bf16, fp16 = ds_config.get("bf16", {}), ds_config.get("fp16", {})
+    if bf16.get("enabled") and fp16.get("enabled"):
+        raise ConfigError(f"DeepSpeed config {where} enables both bf16 and fp16; keep one")
+    if fp16.get("enabled") and 0 < float(fp16.get("loss_scale", 0)) <= 1:
+        raise ConfigError(f"DeepSpeed config {where}: fp16 with loss_scale {fp16['loss_scale']} means no loss scaling; "
+                          "use 0 (dynamic) or use bf16 (ds_configs/zero3_bf16.json)")
+    policy = precision(ds_config)
+    if frozen_dtype == "float16" and policy != "fp16":
+        raise ConfigError("model.frozen_dtype=float16 runs the frozen towers in fp16 without loss scaling (the "
+                          "gradients through the OPT underflow); use model.frozen_dtype=bfloat16 with a bf16 policy "
+                          "(ds_configs/zero3_bf16.json), or an fp16 DeepSpeed config with loss scaling")
+    engine_dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(policy)
+    if engine_dtype and frozen_dtype not in ("float32", engine_dtype):
+        raise ConfigError(f"model.frozen_dtype={frozen_dtype} under a {policy} DeepSpeed config ({where}): the engine "
+                          f"keeps every weight in {engine_dtype}; set model.frozen_dtype={engine_dtype}")
+
+
+def construction_dtype(ds_config: dict, frozen_dtype: str) -> torch.dtype:
+    """The dtype a model that will be loaded is built in: the engine's 16-bit dtype, or (fp32 engines) the frozen
+    towers' dtype, the trainable parts being cast to fp32 afterwards (cheap: they are small)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(ds_config), getattr(torch, frozen_dtype))
+
+
+# "auto" in a policy JSON: sized from the model's largest hidden size h (as DeepSpeed's HF integration does) and
+# from where it runs: (GPU, CPU ranks). Gathered-parameter limits: DeepSpeed's 1e9 elements (2 GB in 16-bit) on a
+# GPU; CPU ranks share one host's memory, so there about one transformer layer of the widest tower (12 h^2).
+AUTO_ZERO = {
+    "reduce_bucket_size": lambda h, gpu: h * h,
+    "allgather_bucket_size": lambda h, gpu: h * h,
+    "stage3_prefetch_bucket_size": lambda h, gpu: int(0.9 * h * h),
+    "stage3_param_persistence_threshold": lambda h, gpu: 10 * h,  # biases and norms stay whole: no tiny all-gathers
+    "stage3_max_live_parameters": lambda h, gpu: 10**9 if gpu else 12 * h * h,
+    "stage3_max_reuse_distance": lambda h, gpu: 10**9 if gpu else 12 * h * h,
+}
+
+
+def fill_auto(ds_config: dict, hidden: int, gpu: bool, where: str = "") -> None:
+    """Replace "auto" values: buckets from the hidden size (16.8 M elements for OPT-6.7B's 4096), overlap of
+    communication with computation on GPUs (NCCL runs beside the kernels; gloo on CPU ranks would only compete
+    for the same cores)."""
+    zero = ds_config.get("zero_optimization", {})
+    for key, value in list(zero.items()):
+        if value != "auto":
+            continue
+        if key == "overlap_comm":
+            zero[key] = gpu
+        elif key in AUTO_ZERO:
+            zero[key] = AUTO_ZERO[key](hidden, gpu)
+        else:
+            raise ConfigError(f"DeepSpeed config {where}: zero_optimization.{key} is \"auto\", which expblip cannot "
+                              f"fill; give a number (auto works for {sorted(AUTO_ZERO) + ['overlap_comm']})")
+    others = [k for k, v in ds_config.items() if v == "auto"]
+    if others:
+        raise ConfigError(f"DeepSpeed config {where}: {others} are \"auto\"; only zero_optimization buckets can be")
+
+
+def apply_placement(ds_config: dict, cfg: Config, world_size: int) -> str:
+    """Set the ZeRO stage from train.placement ("config" keeps the JSON's): frozen towers replicated on every device
+    (ZeRO-2: no all-gather of a frozen OPT each step; gradients and Adam states of the trainable parts still
+    partitioned) or partitioned (ZeRO-3). "auto" asks expblip.train.plan whether the replicated towers fit."""
+    if cfg.train.placement == "config":
+        return ""
+    choice, reason = cfg.train.placement, "train.placement"
+    if choice == "auto":
+        from expblip.train.plan import placement_for_run
+
+        choice, reason = placement_for_run(cfg, world_size)
+    zero = ds_config.setdefault("zero_optimization", {})
+    zero["stage"] = 2 if choice == "replicated" else 3
+    log.info(f"frozen towers {choice} (ZeRO-{zero['stage']}): {reason}")
+    return choice
 
 
 def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def build_partitioned(ds_config: dict, build: Callable[[], nn.Module]) -> nn.Module:
-    """Run `build` so that, under ZeRO-3, each parameter is partitioned as it is created.
+def build_partitioned(ds_config: dict, build: Callable[[torch.dtype | None], nn.Module], init: bool = True,
+                      dtype: torch.dtype | None = None) -> nn.Module:
+    """Run `build(dtype)` so that, under ZeRO-3, each parameter is partitioned as it is created.
 
     `deepspeed.zero.Init` around Blip2ForConditionalGeneration fails (HF's weight init indexes a partitioned
     embedding row); keeping an HfDeepSpeedConfig alive makes transformers' own construction partition instead.
+    Under ZeRO-3 partitions take zero.Init's dtype, so `dtype` goes into the config transformers hands it, and
+    build() gets None; otherwise build() gets `dtype`. init=False: transformers' ZeRO-3 initialisation pass (which
+    gathers every module in turn to initialise it on rank 0) is skipped, as the weights will be loaded.
     """
     if zero_stage(ds_config) != 3:
-        return build()
+        return build(dtype)
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 - transformers reads it through a weak reference
+    keep_alive = HfDeepSpeedConfig(_with_dtype(ds_config, dtype))  # noqa: F841 - transformers keeps a weak reference
     try:
-        return build()
+        with nullcontext() if init else _no_zero3_init():
+            return build(None)
     finally:
         unset_hf_deepspeed_config()  # later rank-0-only constructions must not become collectives
+
+
+def _with_dtype(ds_config: dict, dtype: torch.dtype | None) -> dict:
+    """A copy of the config whose precision section makes zero.Init create partitions in `dtype`."""
+    if dtype is None or dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(ds_config)):
+        return ds_config
+    config = {k: v for k, v in ds_config.items() if k not in ("bf16", "fp16")}
+    if dtype == torch.bfloat16:
+        config["bf16"] = {"enabled": True}
+    elif dtype == torch.float16:
+        config["fp16"] = {"enabled": True}
+    return config
+
+
+@contextmanager
+def _no_zero3_init():
+    """transformers 5.24's _from_config ends a ZeRO-3 construction with initialize_weights_zero3 (a GatheredParameters
+    round per module, rank 0 initialising): pointless for parameters about to be loaded. _from_config imports it
+    from its module at call time, so replacing the module attribute skips it."""
+    import transformers.integrations.deepspeed as hf_ds
+
+    original = hf_ds.initialize_weights_zero3
+    hf_ds.initialize_weights_zero3 = lambda model: None
+    try:
+        yield
+    finally:
+        hf_ds.initialize_weights_zero3 = original
 
 
 def initialize(model: nn.Module, optimizer, scheduler, ds_config: dict):

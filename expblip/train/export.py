@@ -15,8 +15,8 @@ Only the HF model of the training unit (its `.blip2`) is exported, as train.loop
 out; a stage-1 export carries its Q-Former text side and qformer_tokenizer/.
 
 The weights come from DeepSpeed's own `zero_to_fp32` (ZeRO-2 or ZeRO-3 shards, trainable parameters from the fp32
-master copy, frozen ones as stored). The frozen towers are read whole; trainable tensors are gathered lazily, one
-output shard at a time.
+master copy, frozen ones as stored). Frozen towers that the checkpoint left out (it does when model.weights holds
+them) are streamed from model.weights; every tensor is materialised only while it is written or hashed.
 """
 
 from __future__ import annotations
@@ -33,9 +33,8 @@ from expblip.model.blip2 import apply_freezing, blip2_config
 from expblip.model.tokenizer import load_tokenizer
 from expblip.model.weights import (
     PREFIX,
-    import_hf_dir,
-    import_lavis,
     merge_trainable,
+    open_weights,
     read_trainable_export,
     save_hf_dir,
     save_trainable_export,
@@ -165,6 +164,7 @@ def export_checkpoint(checkpoint_path: str | Path, out: str | Path, trainable_on
     tokenizer = find_tokenizer(cfg, ckpt, tokenizer_dir)
     config, qformer_tokenizer = model_config(cfg, ckpt, tokenizer)
     state, heads = consolidated(ckpt)
+    state = with_frozen_towers(state, config, cfg)
     step = int(ckpt.tag.removeprefix("step")) if ckpt.tag.removeprefix("step").isdigit() else -1
     source = {"checkpoint": str(ckpt.path.resolve()), "step": step, "stage": cfg.train.stage,
               "preset": cfg.model.preset, "heads_not_exported": heads}
@@ -176,6 +176,22 @@ def export_checkpoint(checkpoint_path: str | Path, out: str | Path, trainable_on
     if qformer_tokenizer is not None:
         qformer_tokenizer.save_pretrained(Path(out) / "qformer_tokenizer")
     return ExportResult(Path(out), ckpt.path, step, len(state), trainable_only, heads)
+
+
+def with_frozen_towers(state: dict, config, cfg: Config) -> dict:
+    """The checkpoint's state, completed with the frozen towers it left out (checkpoint.save does when model.weights
+    holds them): read lazily from model.weights, one tensor at a time as they are written or hashed."""
+    from expblip.model.weights import expected_shapes, open_weights
+
+    absent = sorted(set(expected_shapes(config)) - set(state))
+    if not absent or not cfg.model.weights:
+        return state
+    source = open_weights(cfg.model.weights)
+    lost = [k for k in absent if k not in source]
+    if lost:
+        raise FileNotFoundError(f"the checkpoint leaves out {len(absent)} frozen tensors and model.weights "
+                                f"{cfg.model.weights} lacks {lost[:4]}; it must be the run's initial weights")
+    return {**state, **{k: source.lazy(k) for k in absent}}
 
 
 def _check_out(out: str | Path, overwrite: bool) -> None:
@@ -195,14 +211,11 @@ def merge_export(trainable_dir: str | Path, towers: str | Path, out: str | Path,
 
     trainable_dir = Path(trainable_dir)
     _, meta = read_trainable_export(trainable_dir)
-    towers_path = Path(towers)
     _check_out(out, overwrite)
-    tower_state = (import_hf_dir(towers_path, allow_pickle) if towers_path.is_dir()
-                   else import_lavis(towers_path, allow_pickle))
-    state = merge_trainable(trainable_dir, tower_state)
+    state = merge_trainable(trainable_dir, open_weights(towers, allow_pickle))  # towers stream, one tensor at a time
     config = Blip2Config.from_pretrained(str(trainable_dir), local_files_only=True)
     yaml_file = trainable_dir / "config.yaml"
     yaml_text = yaml_file.read_text() if yaml_file.is_file() else ""
     extra = {"source": meta.get("source", {}), "merged_from": {"trainable": str(trainable_dir.resolve()),
-                                                                "towers": str(towers_path.resolve())}}
+                                                                "towers": str(towers)}}
     return save_hf_dir(state, config, load_tokenizer(trainable_dir), out, yaml_text, DTYPES[dtype], extra)

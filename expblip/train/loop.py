@@ -12,6 +12,7 @@ CPU run (2 ranks):  deepspeed --num_gpus 2 launch/finetune.py --deepspeed ds_con
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ from expblip.model.blip2 import (
     au_targets,
     build_model,
     caption_inputs,
+    enable_checkpointing,
 )
 from expblip.model.stage1 import (
     all_gather_with_grad,
@@ -42,9 +44,10 @@ from expblip.model.stage1 import (
     train_qformer_tokenizer,
 )
 from expblip.model.tokenizer import load_tokenizer, train_caption_tokenizer, wrap
-from expblip.model.weights import export_hf, read_state, save_trainable_export
+from expblip.model.weights import WeightSource, open_weights, save_hf_dir, save_trainable_export
 from expblip.train import checkpoint, heldout
 from expblip.train import engine as ds_engine
+from expblip.train.load import load_fp32_masters, load_initial_weights
 from expblip.train.optim import build_optimizer, build_scheduler
 from expblip.train.tracking import git_commit, make_tracker
 
@@ -130,27 +133,29 @@ def setup(cfg: Config, report: Reporter | None = None) -> Run:
     tag = _check_run_dir(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    tokenizer = _tokenizer(cfg, rank, run_dir)
-    qformer_tokenizer = _qformer_tokenizer(cfg, rank, run_dir) if cfg.train.stage == "stage1" else None
-    model = ds_engine.build_partitioned(ds_config, lambda: _training_unit(cfg, tokenizer, qformer_tokenizer))
+    source = open_weights(cfg.model.weights) if cfg.model.weights else None  # headers only, on every rank
+    tokenizer = _tokenizer(cfg, rank, run_dir, source)
+    qformer_tokenizer = _qformer_tokenizer(cfg, rank, run_dir, source) if cfg.train.stage == "stage1" else None
+    model = _build(cfg, ds_config, tokenizer, qformer_tokenizer, init=source is None)
     blip2_cfg = model.blip2.config
     elastic = _elastic_resume(run_dir, tag, rank, world)
+    loaded = None
+    if source is not None:  # also on a resume: checkpoints leave out the frozen towers that model.weights holds
+        loaded = load_initial_weights(model, source, cfg.model.allow_missing, rank)
     if elastic is not None:  # another world size: the weights go in before DeepSpeed builds its fp32 partitions
-        if cfg.model.weights:  # the frozen towers, which elastic.pt does not repeat (checkpoint.save_elastic)
-            _load_initial_weights(model, cfg.model.weights, rank)
         checkpoint.load_weights_into(model, checkpoint.elastic_weights(elastic), rank)
-    elif cfg.model.weights and tag is None:
-        _load_initial_weights(model, cfg.model.weights, rank)
-    apply_freezing(model.blip2, cfg.model, cfg.train.stage)
-    ds_engine.cast_partitions(model)  # model.frozen_dtype
     optimizer = build_optimizer(model, cfg.optim)
     # the schedule is built on DeepSpeed's wrapped optimiser, whose param groups differ from ours under ZeRO
     engine = ds_engine.initialize(model, optimizer, lambda opt: build_scheduler(opt, cfg.optim, cfg.train.max_steps),
                                   ds_config)
+    if loaded is not None and tag is None and ds_engine.precision(ds_config) != "fp32":
+        load_fp32_masters(engine, source, loaded)  # the trained parts start from the source's values, not bf16's
+    if source is not None:
+        source.close()
     _report_resident(engine.module, rank, world)
     random.seed(cfg.train.seed + rank)  # dropout and augmentation differ per rank; a resume restores them below
     torch.manual_seed(cfg.train.seed + rank)
-    step, client, cursor_state = _resume(engine, run_dir, tag, elastic, rank)
+    step, client, cursor_state = _resume(engine, run_dir, tag, elastic, rank, frozen_from=cfg.model.weights)
     cursor = Cursor.from_state_dict(cursor_state) if cursor_state else Cursor()
     batches = iter(make_loader(cfg.data.train, rank, world, cursor=cursor, max_outage_s=cfg.data.max_outage_s))
     tracker = make_tracker(cfg.tracking, run_dir, rank, client.get("mlflow_run_id"))
@@ -160,6 +165,8 @@ def setup(cfg: Config, report: Reporter | None = None) -> Run:
               heldout=heldout.HeldoutState.from_state_dict(client.get("heldout")), attempt=_attempt_id(),
               resized_from=client.get("world_size", world) if client.get("world_size", world) != world else 0)
     _record_start(run)
+    if tag is not None:
+        _log_trainable_digest(run, "restored")
     return run
 
 
@@ -168,6 +175,23 @@ def _attempt_id() -> int:
     stamp = [time.time_ns()]
     dist.broadcast_object_list(stamp, src=0)
     return stamp[0]
+
+
+def _build(cfg: Config, ds_config: dict, tokenizer, qformer_tokenizer, init: bool) -> torch.nn.Module:
+    """The training unit, partitioned as it is built (ZeRO-3), with each part in its dtype and checkpointing set.
+
+    init=False (model.weights will fill it): nothing is randomly initialised, and the model is built directly in
+    the dtype it trains in (the engine's 16-bit dtype, or model.frozen_dtype for fp32 engines: trainable parts are
+    then cast to fp32), so no fp32 copy of the frozen towers ever exists.
+    """
+    fp32_engine = ds_engine.precision(ds_config) == "fp32"
+    dtype = None if init else ds_engine.construction_dtype(ds_config, cfg.model.frozen_dtype)
+    model = ds_engine.build_partitioned(
+        ds_config, lambda d: _training_unit(cfg, tokenizer, qformer_tokenizer, init, d), init=init, dtype=dtype)
+    apply_freezing(model.blip2, cfg.model, cfg.train.stage, torch.float32 if fp32_engine else None)
+    enable_checkpointing(model.blip2, cfg.model.checkpointing)
+    ds_engine.cast_partitions(model)  # model.frozen_dtype and the fp32 trainable parts, under ZeRO-3
+    return model
 
 
 def _elastic_resume(run_dir: Path, tag: str | None, rank: int, world: int) -> dict | None:
@@ -183,52 +207,76 @@ def _elastic_resume(run_dir: Path, tag: str | None, rank: int, world: int) -> di
     return checkpoint.read_elastic(run_dir, tag, rank)
 
 
-def _resume(engine, run_dir: Path, tag: str | None, elastic: dict | None, rank: int) -> tuple[int, dict, dict]:
+def _resume(engine, run_dir: Path, tag: str | None, elastic: dict | None, rank: int,
+            frozen_from: str = "") -> tuple[int, dict, dict]:
     """(step, client state: MLflow run id, held-out best step..., loader cursor state) after restoring checkpoint
-    `tag`; fresh: (0, {}, None)."""
+    `tag`; fresh: (0, {}, None). `frozen_from`: model.weights, which already filled the frozen towers."""
     if tag is None:
         return 0, {}, None
     if elastic is None:  # same world size: DeepSpeed's own shards, this rank's exact loader position and RNG
-        client, cursor_state = checkpoint.load(engine, run_dir, tag)
+        client, cursor_state = checkpoint.load(engine, run_dir, tag, frozen_from=frozen_from)
     else:  # another world size: the data position is the same number for every rank (expblip.data.order)
         client = checkpoint.restore_elastic(engine, elastic, rank)
         cursor_state = checkpoint.data_cursor(run_dir, tag)
+    left_out = client.get("frozen_from") or ""
+    if left_out and left_out != frozen_from:  # every rank reads the same client state: all raise together
+        raise ConfigError(f"checkpoint {tag} left out the frozen towers of model.weights={left_out}; resume it with "
+                          f"that model.weights (this run has {frozen_from or 'none'})")
     return client["step"], client, cursor_state
 
 
 def _report_resident(module: torch.nn.Module, rank: int, world: int) -> None:
     """Collective; rank 0 logs the parameter bytes each rank holds (about 1/world of the model under ZeRO-3's
-    partitioned construction)."""
+    partitioned construction) and each rank's host memory after building and loading (resident now, peak so far)."""
     held, total = ds_engine.resident_parameter_bytes(module)
     shares = [None] * world
-    dist.all_gather_object(shares, held)
-    mib = 2**20
+    dist.all_gather_object(shares, (held, *_host_memory()))
+    mib, gib = 2**20, 2**30
     log.info(f"resident parameters per rank (MiB of {total / mib:.3f}): "
-             + ", ".join(f"rank {r} {h / mib:.3f} (share {h / total:.4f})" for r, h in enumerate(shares))
+             + ", ".join(f"rank {r} {h / mib:.3f} (share {h / total:.4f})" for r, (h, _, _) in enumerate(shares))
              + f"; 1/world = {1 / world:.4f}")
+    log.info("host memory per rank after loading (GiB, now / peak): "
+             + ", ".join(f"rank {r} {now / gib:.2f} / {peak / gib:.2f}" for r, (_, now, peak) in enumerate(shares)))
 
 
-def _training_unit(cfg: Config, tokenizer, qformer_tokenizer) -> torch.nn.Module:
+def _host_memory() -> tuple[int, int]:
+    """(resident bytes now, peak resident bytes so far) of this process."""
+    import resource
+
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _training_unit(cfg: Config, tokenizer, qformer_tokenizer, init: bool = True,
+                   dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The module the engine wraps for this stage; each keeps the HF model at `.blip2` (what gets exported)."""
     if cfg.train.stage == "stage1":
-        unit = build_stage1(cfg.model, cfg.stage1, tokenizer, qformer_tokenizer)
+        unit = build_stage1(cfg.model, cfg.stage1, tokenizer, qformer_tokenizer, init=init, dtype=dtype)
         for param in unit.external_parameters():  # read outside their owner's forward: ZeRO-3 must gather them
             ds_engine.register_external(unit, param)
         return unit
-    blip2 = build_model(cfg.model, tokenizer)
+    blip2 = build_model(cfg.model, tokenizer, init=init, dtype=dtype)
     if cfg.train.stage == "vision":
         return VisionPretrainModel(blip2, len(cfg.train.vision_aus))
     return CaptionModel(blip2)
 
 
-def _qformer_tokenizer(cfg: Config, rank: int, run_dir: Path):
-    """Stage 1's Q-Former text tokenizer: given, saved in the run or its weights, or trained on the captions."""
+def _qformer_tokenizer(cfg: Config, rank: int, run_dir: Path, source: WeightSource | None = None):
+    """Stage 1's Q-Former text tokenizer: given (stage1.qformer_tokenizer, a local BERT tokenizer as BLIP-2 reads),
+    saved in the run or beside its weights, or, for the tiny preset only, trained on the captions."""
     if cfg.stage1.qformer_tokenizer:
         return load_qformer_tokenizer(cfg.stage1.qformer_tokenizer)
     for candidate in (run_dir / "qformer_tokenizer", Path(_weights_dir(cfg.model.weights) or "/nonexistent",
                                                           "qformer_tokenizer")):
         if (candidate / "tokenizer.json").is_file():
             return load_qformer_tokenizer(candidate)
+    fetched = _fetch_tokenizer(source, "qformer_tokenizer")
+    if fetched:
+        return load_qformer_tokenizer(fetched)
+    if cfg.model.preset != "tiny":  # a real Q-Former reads BERT's vocabulary: no whole-dataset scan for a new one
+        raise ConfigError(f"model.preset {cfg.model.preset} in stage 1 needs stage1.qformer_tokenizer: a local "
+                          "directory holding BERT's tokenizer (a copy of bert-base-uncased's), as BLIP-2 uses")
     captions = [read_captions(cfg.data.train) if rank == 0 else None]
     dist.broadcast_object_list(captions, src=0)  # the trainer is deterministic: every rank builds the same vocabulary
     tokenizer = train_qformer_tokenizer(captions[0], cfg.stage1.qformer_vocab)
@@ -255,13 +303,16 @@ def _check_run_dir(cfg: Config, run_dir: Path) -> str | None:
     return tag
 
 
-def _tokenizer(cfg: Config, rank: int, run_dir: Path):
+def _tokenizer(cfg: Config, rank: int, run_dir: Path, source: WeightSource | None = None):
     """A given tokenizer, the one saved in the run, the one of the initial weights, or one trained on captions."""
     if cfg.model.tokenizer:
         return load_tokenizer(cfg.model.tokenizer)
     for candidate in (str(run_dir / "tokenizer"), _weights_dir(cfg.model.weights)):
         if candidate and Path(candidate, "tokenizer.json").is_file():
             return load_tokenizer(candidate)
+    fetched = _fetch_tokenizer(source)
+    if fetched:
+        return load_tokenizer(fetched)
     if cfg.model.preset != "tiny":
         raise ConfigError(f"model.preset {cfg.model.preset} needs model.tokenizer (a local tokenizer directory)")
     text = [None]
@@ -284,14 +335,23 @@ def _weights_dir(weights: str) -> str:
     return weights
 
 
-def _load_initial_weights(model: CaptionModel, weights: str, rank: int) -> None:
-    source = _weights_dir(weights)
-    if not Path(source).is_dir():
-        raise ConfigError(f"model.weights {weights} does not exist; give an export or run directory")
-    # rank 0 alone reads the file (a full copy per rank would not fit at 7B); the others receive their partitions
-    report = checkpoint.load_weights_into(model.blip2, read_state(source) if rank == 0 else {}, rank)
-    if rank == 0 and (report["missing"] or report["unexpected"]):
-        log.warning(f"weights {source}: missing {report['missing'][:8]}, unexpected {report['unexpected'][:8]}")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "vocab.txt", "added_tokens.json")
+
+
+def _fetch_tokenizer(source: WeightSource | None, sub: str = "") -> str:
+    """A remote weights directory's tokenizer (or its `sub` directory's), copied to a local temporary directory;
+    '' when there is none (local weights are read in place)."""
+    if source is None or not source.directory or "://" not in source.where:
+        return ""
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="expblip-tokenizer-"))
+    for name in TOKENIZER_FILES:
+        data = source.side_file(f"{sub}/{name}" if sub else name)
+        if data is not None:
+            (out / name).write_bytes(data)
+    return str(out) if (out / "tokenizer.json").is_file() else ""
 
 
 def _record_start(run: Run) -> None:
@@ -454,26 +514,105 @@ def save_checkpoint(run: Run) -> Path:
                            frozen_source=run.cfg.model.weights)
     if run.rank == 0:
         checkpoint.prune(run.cfg.train.run_dir, run.cfg.train.keep_checkpoints, run.step)
+    _log_trainable_digest(run, "saved")
     return path
 
 
-TRAINABLE_EXPORT = "export-trainable"  # beside export/ when tracking.log_export=trainable
+def _log_trainable_digest(run: Run, what: str) -> None:
+    """Collective: rank 0 logs the digest of the trainable fp32 master weights (checkpoint.trainable_digest)."""
+    digest = checkpoint.trainable_digest(run.engine, run.rank)
+    log.info(f"trainable weights {what} at step {run.step}: sha256 {digest[:16]}")
+
+
+def report_peak_rss(run: Run) -> list[float]:
+    """Collective: every rank's peak resident memory so far (GiB, getrusage), logged by rank 0 and returned."""
+    peak = _host_memory()[1] / 2**30
+    peaks = [0.0] * run.world
+    dist.all_gather_object(peaks, peak)
+    log.info("peak host RSS per rank (GiB): " + ", ".join(f"rank {r} {p:.2f}" for r, p in enumerate(peaks)))
+    return peaks
+
+
+TRAINABLE_EXPORT = "export-trainable"  # train.export=trainable|both, or tracking.log_export=trainable
 
 
 def export(run: Run) -> Path:
-    """Consolidate the weights on rank 0 and write the HF-format export directory."""
-    out = Path(run.cfg.train.run_dir) / "export"
-    state = checkpoint.consolidated_state_dict(run.engine.module.blip2, run.rank)
+    """Collective: write the exports train.export asks for, streaming one gathered tensor at a time (rank 0 writes).
+
+    export/ (full HF format, what stock transformers loads): frozen towers in the dtype they trained in, trainable
+    parts from their fp32 master weights. export-trainable/: the trainable parts + fingerprints of the frozen
+    towers, to be merged onto model.weights. Returns the full export, else the trainable-only one."""
+    run_dir, kind = Path(run.cfg.train.run_dir), run.cfg.train.export
+    small = kind in ("trainable", "both") or (run.cfg.tracking.enabled and run.cfg.tracking.log_export == "trainable")
+    if kind in ("full", "both"):
+        _export_full(run, run_dir / "export")
+    if small:
+        _export_trainable(run, run_dir / TRAINABLE_EXPORT)
+    dist.barrier()
+    return run_dir / ("export" if kind in ("full", "both") else TRAINABLE_EXPORT)
+
+
+class _Gathered:
+    """A parameter's full value, gathered when asked (`.contiguous()`); a collective, so every rank asks for the same
+    parameters in the same order. Trainable parameters come from the fp32 master weights (a bf16 engine's module
+    holds them in bf16 only)."""
+
+    def __init__(self, param, rank: int):
+        self.param, self.rank = param, rank
+        self.shape = param.ds_shape if hasattr(param, "ds_shape") else param.shape
+        self.dtype = torch.float32 if param.requires_grad else param.dtype
+
+    def contiguous(self) -> torch.Tensor | None:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        if self.param.requires_grad:
+            full = safe_get_full_fp32_param(self.param)
+            return full.detach().to("cpu", torch.float32).reshape(self.shape) if self.rank == 0 else None
+        with ds_engine.gathered([self.param]):
+            return self.param.detach().to("cpu", copy=True) if self.rank == 0 else None
+
+
+def _export_state(run: Run) -> dict[str, _Gathered]:
+    """The HF model's parameters (tied aliases left out), each to be gathered when written."""
+    from expblip.model.weights import tied_aliases
+
+    aliases = tied_aliases(run.blip2_config)
+    return {name: _Gathered(param, run.rank) for name, param in run.engine.module.blip2.named_parameters()
+            if name not in aliases}
+
+
+def _export_full(run: Run, out: Path) -> None:
+    yaml_text = yaml.safe_dump(public_dict(run.cfg), sort_keys=False)
+    state = _export_state(run)
     if run.rank == 0:
-        export_hf(state, run.blip2_config, run.tokenizer, out, yaml.safe_dump(public_dict(run.cfg), sort_keys=False))
+        save_hf_dir(state, run.blip2_config, run.tokenizer, out, yaml_text, extra_meta={"step": run.step},
+                    config_dtype=ds_engine.construction_dtype(run.ds_config, run.cfg.model.frozen_dtype))
         if run.qformer_tokenizer is not None:
             run.qformer_tokenizer.save_pretrained(out / "qformer_tokenizer")
-        if run.cfg.tracking.enabled and run.cfg.tracking.log_export == "trainable":
-            trainable = [n for n, p in run.engine.module.blip2.named_parameters() if p.requires_grad]
-            save_trainable_export(state, run.blip2_config, run.tokenizer, Path(run.cfg.train.run_dir, TRAINABLE_EXPORT),
-                                  trainable, yaml.safe_dump(public_dict(run.cfg), sort_keys=False))
-    dist.barrier()
-    return out
+    else:  # the same gathers, in the same order as rank 0's writer
+        for value in state.values():
+            value.contiguous()
+
+
+def _export_trainable(run: Run, out: Path) -> None:
+    """Trainable tensors whole (Q-Former-sized); frozen ones gathered one at a time and only hashed."""
+    from expblip.model.weights import fingerprint
+
+    trained, frozen = {}, {}
+    for name, value in _export_state(run).items():
+        tensor = value.contiguous()
+        if run.rank == 0 and value.param.requires_grad:
+            trained[name] = tensor
+        elif run.rank == 0:
+            frozen[name] = {"sha256": fingerprint(tensor), "dtype": str(tensor.dtype).removeprefix("torch."),
+                            "shape": list(tensor.shape)}
+        del tensor
+    if run.rank == 0:
+        save_trainable_export(trained, run.blip2_config, run.tokenizer, out, sorted(trained),
+                              yaml.safe_dump(public_dict(run.cfg), sort_keys=False),
+                              {"step": run.step, "towers_from": run.cfg.model.weights}, frozen=frozen)
+        if run.qformer_tokenizer is not None:
+            run.qformer_tokenizer.save_pretrained(out / "qformer_tokenizer")
 
 
 def train(cfg: Config, report: Reporter | None = None) -> dict:
@@ -484,6 +623,7 @@ def train(cfg: Config, report: Reporter | None = None) -> dict:
         while run.step < run.end:
             metrics = step(run) or metrics
         metrics["export"] = str(export(run))
+        report_peak_rss(run)
     except BaseException:
         run.tracker.close("FAILED")
         raise
@@ -528,6 +668,7 @@ def _finish(run: Run) -> None:
         run.tracker.log_artifact(run_dir / "config.yaml")
         run.tracker.log_artifact(run_dir / "ds_config.json")
         log = run.cfg.tracking.log_export
-        if log != "none":  # the small trainable-only export, or the whole HF-format one
-            run.tracker.log_artifacts(run_dir / (TRAINABLE_EXPORT if log == "trainable" else "export"), "export")
+        what = run_dir / (TRAINABLE_EXPORT if log == "trainable" else "export")
+        if log != "none" and what.is_dir():  # the small trainable-only export, or the whole HF-format one
+            run.tracker.log_artifacts(what, "export")
     run.tracker.close()

@@ -66,8 +66,10 @@ class PlanConfig:
     micro_batch: int = 4  # images per GPU per micro-step (released step-2 config: 4)
     gpu_gib: float = 80.0  # memory of one GPU
     trainable: Trainable = "qformer"  # Q-Former + query tokens + projection (+ the ViT)
-    text_tokens: int = 64  # caption tokens after the queries (data.max_text_tokens)
+    text_tokens: int = 64  # caption tokens after the queries (data.max_text_tokens; stage 1: Q-Former text tokens)
     headroom: float = 0.1  # fraction of GPU memory kept free (CUDA context, allocator fragmentation, buckets)
+    checkpointing: tuple[str, ...] = ()  # towers with activation checkpointing (model.checkpointing)
+    stage: Literal["stage1", "stage2"] = "stage2"  # stage 1: no OPT pass, but the Q-Former's text/ITM/ITG passes
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -174,20 +176,28 @@ def _layer(s: int, b: int, h: int, a: int, s_kv: int | None = None) -> float:
     return s * b * h * 34 + 5 * a * b * s * (s_kv if s_kv is not None else s)
 
 
-def activation_bytes(dims: Dims, plan: PlanConfig, checkpointing: bool) -> dict[str, float]:
-    """Stored activations per GPU by tower for one micro-batch, with or without activation checkpointing."""
+def activation_bytes(dims: Dims, plan: PlanConfig, checkpointing: bool | tuple[str, ...]) -> dict[str, float]:
+    """Stored activations per GPU by tower for one micro-batch; `checkpointing`: True / False for every tower, or
+    the towers that checkpoint (PlanConfig.checkpointing)."""
+    ckpt = {"vision", "qformer", "lm"} if checkpointing is True else set(checkpointing or ())
     b = plan.micro_batch
 
-    def tower(layers: int, s: int, h: int, a: int, s_kv: int | None = None) -> float:
-        one = _layer(s, b, h, a, s_kv)
-        return layers * 2 * s * b * h + one if checkpointing else layers * one
+    def tower(name: str, layers: int, s: int, h: int, a: int, s_kv: int | None = None, batch: int = b) -> float:
+        one = _layer(s, batch, h, a, s_kv)
+        return layers * 2 * s * batch * h + one if name in ckpt else layers * one
 
     vit_one = _layer(dims.vit_tokens, b, dims.vit_hidden, dims.vit_heads)
-    vit = (tower(dims.vit_layers, dims.vit_tokens, dims.vit_hidden, dims.vit_heads)
+    vit = (tower("vision", dims.vit_layers, dims.vit_tokens, dims.vit_hidden, dims.vit_heads)
            if plan.trainable == "qformer+vit" else vit_one)
-    qformer = tower(dims.qf_layers, dims.queries, dims.qf_hidden, dims.qf_heads, dims.queries + dims.vit_tokens)
-    s_lm = dims.queries + 1 + plan.text_tokens
-    lm = tower(dims.lm_layers, s_lm, dims.lm_hidden, dims.lm_heads) + b * s_lm * dims.vocab * (2 + 4 + 4)
+    q, h, a, n = dims.queries, dims.qf_hidden, dims.qf_heads, dims.qf_layers
+    qformer = tower("qformer", n, q, h, a, q + dims.vit_tokens)
+    if plan.stage == "stage1":  # + text pass, ITM on 3B (queries ++ text), ITG (queries ++ text) with its queries
+        t = plan.text_tokens
+        qformer += (tower("qformer", n, t, h, a) + tower("qformer", n, q + t, h, a, q + t + dims.vit_tokens, 3 * b)
+                    + tower("qformer", n, q + t, h, a, q + t + dims.vit_tokens))
+        return {"vision": vit, "qformer": qformer, "lm": 0.0}
+    s_lm = q + 1 + plan.text_tokens
+    lm = tower("lm", dims.lm_layers, s_lm, dims.lm_hidden, dims.lm_heads) + b * s_lm * dims.vocab * (2 + 4 + 4)
     return {"vision": vit, "qformer": qformer, "lm": lm}
 
 
@@ -199,9 +209,13 @@ STRATEGIES: dict[Strategy, str] = {"zero2": "ZeRO-2", "zero3": "ZeRO-3", "zero3_
 
 
 def deepspeed_estimate(counts: ParamCounts, plan: PlanConfig, strategy: Strategy) -> tuple[float, float]:
-    """(GPU bytes per GPU, CPU bytes per node) from DeepSpeed's estimators: every parameter trains."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    """(GPU bytes per GPU, CPU bytes per node) from DeepSpeed's estimators: every parameter trains. NaN where
+    DeepSpeed is not installed (a GPU machine with PyTorch and transformers only: bench/gpu_step.py)."""
+    try:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    except ImportError:
+        return float("nan"), float("nan")
 
     if strategy == "zero2":
         cpu, gpu = estimate_zero2_model_states_mem_needs(counts.total, plan.gpus_per_node, plan.nodes,
@@ -241,6 +255,7 @@ class Row:
     cpu_node: float
     fits: bool
     fits_with_ckpt: bool
+    act_cfg_gpu: float = 0.0  # with the configured checkpointing (PlanConfig.checkpointing)
 
     @property
     def total_gpu(self) -> float:
@@ -250,6 +265,10 @@ class Row:
     def total_ckpt_gpu(self) -> float:
         return self.states_gpu + self.act_ckpt_gpu
 
+    @property
+    def total_cfg_gpu(self) -> float:
+        return self.states_gpu + self.act_cfg_gpu
+
 
 @dataclass
 class Plan:
@@ -258,6 +277,7 @@ class Plan:
     activations: dict[str, float]  # by tower, no checkpointing
     activations_ckpt: dict[str, float]
     rows: list[Row]
+    activations_cfg: dict[str, float] = field(default_factory=dict)  # with PlanConfig.checkpointing
 
     def row(self, strategy: Strategy) -> Row:
         return self.rows[list(STRATEGIES).index(strategy)]
@@ -265,23 +285,117 @@ class Plan:
     @property
     def load_note(self) -> str:
         """CPU memory for loading initial weights, which the model-state figures above leave out."""
-        per_rank = 4 * self.counts.total  # fp32 safetensors read by every rank (train.loop._load_initial_weights)
-        return (f"loading model.weights: every rank reads the whole fp32 state, {self.config.gpus_per_node} × "
-                f"{per_rank / GiB:.1f} GiB = {self.config.gpus_per_node * per_rank / GiB:.0f} GiB CPU per node "
-                "at start-up (16-bit weights halve it)")
+        from expblip.model.tensorio import CHUNK_BYTES
+
+        return (f"loading model.weights: each rank streams its own partitions from the safetensors files "
+                f"(expblip.train.load), {CHUNK_BYTES / 2**20:.0f} MiB of host memory at a time; no rank reads the "
+                "whole state")
 
 
 def make_plan(plan: PlanConfig, counts: ParamCounts | None = None) -> Plan:
     counts = counts or count_params(plan.preset)
-    act, act_ckpt = (activation_bytes(counts.dims, plan, c) for c in (False, True))
+    act, act_ckpt, act_cfg = (activation_bytes(counts.dims, plan, c) for c in (False, True, plan.checkpointing))
     budget = plan.gpu_gib * GiB * (1 - plan.headroom)
     rows = []
     for strategy, label in STRATEGIES.items():
         ds_gpu, ds_cpu = deepspeed_estimate(counts, plan, strategy)
         gpu, cpu = model_state_bytes(counts, plan, strategy)
         a, ac = sum(act.values()), sum(act_ckpt.values())
-        rows.append(Row(label, ds_gpu, ds_cpu, gpu, a, ac, cpu, gpu + a <= budget, gpu + ac <= budget))
-    return Plan(plan, counts, act, act_ckpt, rows)
+        rows.append(Row(label, ds_gpu, ds_cpu, gpu, a, ac, cpu, gpu + a <= budget, gpu + ac <= budget,
+                        sum(act_cfg.values())))
+    return Plan(plan, counts, act, act_ckpt, rows, act_cfg)
+
+
+# ---------------------------------------------------------------- frozen-tower placement
+
+
+def placement(plan: Plan) -> tuple[str, str]:
+    """("replicated" | "partitioned", why): replicated (ZeRO-2) when the 16-bit towers fit on every GPU beside the
+    partitioned trainable states and the activations (with the configured checkpointing), else partitioned."""
+    budget = plan.config.gpu_gib * GiB * (1 - plan.config.headroom)
+    z2, z3 = plan.row("zero2"), plan.row("zero3")
+    ckpt = f", checkpointing {'+'.join(plan.config.checkpointing) or 'none'}"
+    if z2.total_cfg_gpu <= budget:
+        return "replicated", (f"replicated towers fit: ZeRO-2 needs {z2.total_cfg_gpu / GiB:.1f} GiB per GPU <= "
+                              f"{budget / GiB:.1f} GiB{ckpt}; no per-step all-gather of the frozen towers")
+    return "partitioned", (f"replicated towers do not fit: ZeRO-2 needs {z2.total_cfg_gpu / GiB:.1f} GiB per GPU > "
+                           f"{budget / GiB:.1f} GiB{ckpt}; ZeRO-3 needs {z3.total_cfg_gpu / GiB:.1f} GiB")
+
+
+def plan_for_run(cfg, gpus_per_node: int, nodes: int, gpu_gib: float) -> PlanConfig:
+    """The PlanConfig of a run's config (expblip.config.Config) on these GPUs."""
+    stage1 = cfg.train.stage == "stage1"
+    return PlanConfig(preset=cfg.model.preset, gpus_per_node=gpus_per_node, nodes=nodes,
+                      micro_batch=cfg.data.train.batch_size, gpu_gib=gpu_gib,
+                      trainable="qformer" if cfg.model.freeze_vision else "qformer+vit",
+                      text_tokens=cfg.stage1.max_text_tokens if stage1 else cfg.data.max_text_tokens,
+                      checkpointing=tuple(cfg.model.checkpointing), stage="stage1" if stage1 else "stage2")
+
+
+def placement_for_run(cfg, world: int) -> tuple[str, str]:
+    """train.placement=auto: the placement for this run's GPUs (partitioned on CPU ranks)."""
+    import os
+
+    if not torch.cuda.is_available():
+        return "partitioned", "no GPU: CPU ranks share one host's memory, and ZeRO-3 keeps one copy of the towers"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    gib = torch.cuda.get_device_properties(0).total_memory / GiB
+    return placement(make_plan(plan_for_run(cfg, local, max(1, world // local), gib)))
+
+
+PAPER_RECIPES = ("recipes/paper_stage1.yaml", "recipes/paper_stage2.yaml")
+GPU_SIZES = (24.0, 40.0, 80.0)
+
+
+def recipe_table(recipes: tuple[str, ...] = PAPER_RECIPES, sizes: tuple[float, ...] = GPU_SIZES,
+                 gpus: int = 8) -> list[str]:
+    """The policy each recipe gets on `gpus` GPUs of each size: bf16 (its DeepSpeed config), frozen-tower placement
+    (train.placement=auto) with its activation checkpointing, and what the placement would be without checkpointing."""
+    from dataclasses import replace
+
+    from expblip.config import load_config
+    from expblip.train.engine import REPO_ROOT, load_ds_config, precision
+
+    lines = [f"{'recipe':<18} {'GPUs':<10} {'precision':<9} {'checkpointing':<13} {'placement':<12} {'GiB/GPU':>7}"
+             f"  {'without checkpointing':<28} why"]
+    for recipe in recipes:
+        cfg = load_config(REPO_ROOT / recipe, ["model.tokenizer=(plan)"])
+        bits = precision(load_ds_config(cfg.train.ds_config))
+        for size in sizes:
+            plan_cfg = plan_for_run(cfg, gpus, 1, size)
+            plan = make_plan(plan_cfg)
+            choice, why = placement(plan)
+            row = plan.row("zero2" if choice == "replicated" else "zero3")
+            bare = make_plan(replace(plan_cfg, checkpointing=()), plan.counts)
+            bare_choice = placement(bare)[0]
+            bare_row = bare.row("zero2" if bare_choice == "replicated" else "zero3")
+            bare_text = f"{bare_choice} {bare_row.total_cfg_gpu / GiB:.1f} GiB"
+            lines.append(f"{recipe.split('/')[-1]:<18} {f'{gpus} x {size:g} GB':<10} {bits:<9} "
+                         f"{'+'.join(cfg.model.checkpointing) or 'none':<13} {choice:<12} "
+                         f"{row.total_cfg_gpu / GiB:>7.1f}  {bare_text:<28} {why.split(';')[0]}")
+    return lines
+
+
+# ---------------------------------------------------------------- host memory of CPU ranks
+
+
+RUNTIME_BYTES = 0.75 * GiB  # one CPU rank's torch + DeepSpeed + transformers + data loader, tiny model (measured)
+
+
+def host_rank_bytes(counts: ParamCounts, world: int, plan: PlanConfig, max_live: float = 0.0) -> dict[str, float]:
+    """Predicted peak host memory of one ZeRO-3 CPU rank (16-bit weights), by part.
+
+    weights: 2 bytes/param partitioned over `world`; trainable states: 18 bytes/trainable param partitioned (as
+    on GPUs); gathered: the ZeRO-3 working set, max(4 x largest layer, 2 x stage3_max_live_parameters) bytes;
+    activations: the micro-batch's (activation_bytes, with the configured checkpointing); checkpoint: rank 0
+    assembles the trainable parts' fp32 weights and Adam moments (12 bytes/trainable param) to write elastic.pt;
+    runtime: the libraries.
+    """
+    gathered = max(4 * counts.largest_layer, 2 * min(max_live, counts.total))
+    return {"weights": 2 * counts.total / world, "trainable_states": 18 * counts.trainable(plan.trainable) / world,
+            "gathered": gathered,
+            "activations": sum(activation_bytes(counts.dims, plan, plan.checkpointing).values()),
+            "checkpoint": 12 * counts.trainable(plan.trainable), "runtime": RUNTIME_BYTES}
 
 
 def format_plan(plan: Plan) -> str:
@@ -314,6 +428,8 @@ def _lines(plan: Plan) -> Iterator[str]:
         f"{k} {plan.activations[k] / GiB:.2f} / {plan.activations_ckpt[k] / GiB:.2f}" for k in plan.activations))
     yield (f"fits = total <= {cfg.gpu_gib:g} GiB × {1 - cfg.headroom:.2f} (headroom for CUDA context, "
            "communication buckets and fragmentation)")
+    choice, why = placement(plan)
+    yield f"frozen towers (train.placement=auto): {choice} — {why}"
     yield plan.load_note
 
 
@@ -324,9 +440,11 @@ def _row(cells, widths) -> str:
 
 def plan_json(plan: Plan) -> str:
     rows = [{**asdict(r), "total_gpu": r.total_gpu, "total_ckpt_gpu": r.total_ckpt_gpu} for r in plan.rows]
+    choice, why = placement(plan)
     counts = {k: v for k, v in asdict(plan.counts).items() if k != "dims"} | {"total": plan.counts.total}
     return json.dumps({"config": asdict(plan.config), "counts": counts, "activations": plan.activations,
-                       "activations_ckpt": plan.activations_ckpt, "rows": rows, "unit": "bytes"}, indent=2)
+                       "activations_ckpt": plan.activations_ckpt, "rows": rows, "unit": "bytes",
+                       "placement": {"frozen_towers": choice, "why": why}}, indent=2)
 
 
 def print_deepspeed_tables(plan: Plan) -> None:

@@ -1,0 +1,148 @@
+"""OpenAI-compatible routes, so that VLM clients (the official ``openai`` package, anything speaking its API) can ask
+an expblip model about a face:
+
+    client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything")
+    answer = client.chat.completions.create(model="expblip", messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR..."}}]}])
+    answer.choices[0].message.content          # the caption
+    answer.model_extra["expblip"]              # {"aus": [{"au", "name"}], "emotions", "face", "crop", "image"}
+
+    GET  /v1/models, /v1/models/{id}   the one model this server holds
+    POST /v1/chat/completions          the last user message: exactly one ``image_url`` part, as a ``data:`` URL
+                                       (base64), and optional ``text`` parts
+
+Remote image URLs (http, https, anything but ``data:``) are refused with 400: the server never fetches on a client's
+behalf. The text parts become the prompt after ``</s>``, exactly as the export's chat template places them for stock
+transformers; Exp-BLIP models were trained with an empty prompt, so send the image alone for the paper's captions.
+Decoding: the server's (beam search) unless the request sets ``temperature`` > 0 or ``top_p`` (nucleus sampling);
+``max_completion_tokens`` / ``max_tokens`` lower the length limit. ``n`` must be 1 and ``stream`` false. The image goes
+through the same upload checks and the same batching queue as POST /describe.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+import uuid
+from dataclasses import replace
+from typing import Annotated, Any
+
+from fastapi import Body, FastAPI
+from pydantic import BaseModel, ConfigDict, Field
+
+from expblip.model.blip2 import Generated, GenerationConfig
+from expblip.serve.app import MiB, Service, UploadRejected
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields of OpenAI's chat completion request that expblip reads; others are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = 1
+    stream: bool | None = False
+
+
+def user_turn(messages: list[dict[str, Any]]) -> tuple[str, str]:
+    """(the image's URL, the text) of the last user message; UploadRejected(400) saying what is missing."""
+    users = [m for m in messages if m.get("role") == "user"]
+    if not users:
+        raise UploadRejected(400, "no user message: send {'role': 'user', 'content': [{'type': 'image_url', ...}]}")
+    content = users[-1].get("content")
+    parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    if not isinstance(parts, list):
+        raise UploadRejected(400, "the user message's content must be a string or a list of parts")
+    urls, texts = [], []
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image_url":
+            url = part.get("image_url")
+            urls.append(url.get("url") if isinstance(url, dict) else url)
+        elif kind == "text":
+            texts.append(str(part.get("text", "")))
+        else:
+            raise UploadRejected(400, f"content part of type {kind!r} is not supported; send 'image_url' and 'text'")
+    if len(urls) != 1 or not isinstance(urls[0], str):
+        raise UploadRejected(400, f"the user message holds {len(urls)} images; send exactly one 'image_url' part "
+                                  "with a data: URL (data:image/png;base64,...)")
+    return urls[0], "".join(texts).strip()
+
+
+def data_url_bytes(url: str, max_bytes: int) -> bytes:
+    """The bytes of a base64 ``data:`` URL; 400 for a remote or malformed URL, 413 above ``max_bytes``."""
+    if not url.startswith("data:"):
+        scheme = url.split(":", 1)[0] if ":" in url else "a bare path"
+        raise UploadRejected(400, f"image URLs of scheme {scheme!r} are refused: the server never fetches on a "
+                                  "client's behalf; send the image inline as a data: URL (data:image/png;base64,...)")
+    header, _, payload = url.partition(",")
+    if not header.endswith(";base64"):
+        raise UploadRejected(400, "the data: URL must be base64-encoded (data:image/png;base64,...)")
+    if len(payload) > max_bytes * 4 / 3 + 4:
+        raise UploadRejected(413, f"the image is larger than the {max_bytes / MiB:g} MiB limit; send a smaller image")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise UploadRejected(400, f"the data: URL is not valid base64 ({err})") from err
+
+
+def chat_gen(base: GenerationConfig, request: ChatCompletionRequest) -> GenerationConfig:
+    """The server's decoding, sampling when asked (temperature > 0 or top_p), length limited by the request."""
+    gen = base
+    limit = request.max_completion_tokens or request.max_tokens
+    if limit is not None:
+        gen = replace(gen, max_new_tokens=min(limit, base.max_new_tokens))
+    if (request.temperature or 0) > 0 or request.top_p is not None:
+        gen = replace(gen, sample=True, temperature=request.temperature or 1.0, top_p=request.top_p or base.top_p)
+    return gen
+
+
+def completion(model: str, described: dict, generated: Generated, prompt_tokens: int) -> dict:
+    """OpenAI's chat.completion object, with expblip's parse in the extra field ``expblip``. Usage counts the
+    tokens the model saw (query tokens, </s>, the prompt) and generated (the caption end token included)."""
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": model, "system_fingerprint": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": generated.text, "refusal": None},
+                         "finish_reason": "stop" if generated.stopped else "length", "logprobs": None}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated.tokens,
+                      "total_tokens": prompt_tokens + generated.tokens},
+            "expblip": {k: described[k] for k in ("aus", "emotions", "face", "crop", "image")}}
+
+
+def install_openai_routes(app: FastAPI, service: Service, model_name: str, max_body_bytes: int) -> None:
+    """GET /v1/models, GET /v1/models/{id} and POST /v1/chat/completions on ``app``."""
+    created = int(time.time())
+    card = {"id": model_name, "object": "model", "created": created, "owned_by": "expblip"}
+    max_image_bytes = int((max_body_bytes - 64 * 1024) * 3 / 4)
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    def model(model_id: str) -> dict:
+        if model_id != model_name:
+            raise UploadRejected(404, f"the model {model_id!r} does not exist; this server serves {model_name!r}")
+        return card
+
+    @app.post("/v1/chat/completions", max_body_size=max_body_bytes)
+    async def chat_completions(request: Annotated[ChatCompletionRequest, Body()]) -> dict:
+        if request.model != model_name:
+            raise UploadRejected(404, f"the model {request.model!r} does not exist; this server serves "
+                                      f"{model_name!r} (GET /v1/models)")
+        if request.stream:
+            raise UploadRejected(400, "streaming is not supported; send stream: false")
+        if request.n not in (None, 1):
+            raise UploadRejected(400, f"n={request.n}: one caption per request; send n: 1")
+        url, prompt = user_turn(request.messages)
+        data = data_url_bytes(url, max_image_bytes)
+        gen = chat_gen(service.gen, request)
+        described, generated = await service.describe(data, "image_url", gen, prompt)
+        captioner = service.captioner
+        prompt_tokens = captioner.model.config.num_query_tokens + 1 + captioner.count_tokens(prompt)
+        return completion(model_name, described, generated, prompt_tokens)
