@@ -1,6 +1,6 @@
 """Our training data loader against a bare WebDataset + PIL pipeline: same shards, same batch size, same process.
 
-    python bench/data_throughput.py [--samples 2000] [--batch-size 32] [--workers 0] [--rounds 3] [--threads 1]
+    python bench/data_throughput.py [--samples 8000] [--batch-size 32] [--workers 0] [--rounds 7] [--threads 1]
     python bench/data_throughput.py --workers 2          # both paths through a DataLoader with 2 worker processes
 
 The script writes ``--samples`` synthetic 64-px faces as PNG into 4 shards in a temporary directory (the first
@@ -137,10 +137,11 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=2000, help="samples per round (rounded down to full batches)")
+    parser.add_argument("--samples", type=int, default=8000,
+                        help="samples per round (rounded down to full batches); shorter rounds are mostly noise")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes, for both paths")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads in this process (0 = torch's)")
     args = parser.parse_args(argv)
     if args.samples < args.batch_size or min(args.batch_size, args.rounds) < 1 or args.workers < 0:
