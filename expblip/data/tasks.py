@@ -27,23 +27,29 @@ TaskName = Literal["describe", "aus", "emotion"]
 TASKS: tuple[TaskName, ...] = ("describe", "aus", "emotion")
 
 
+DEFAULT_PROMPTS = {"describe": "", "aus": "List the active action units.", "emotion": "Name the emotion."}
+
+
 @dataclass
 class TaskSpec:
     """One instruction: its share of the training mixture and its prompt."""
 
     weight: float = 0.0  # relative share among the tasks a sample can train (0 = not trained)
-    prompt: str = ""  # the instruction ('' = none)
+    prompt: str | None = None  # the instruction ('' = none; None = the task's default, DEFAULT_PROMPTS)
 
 
 @dataclass
 class TasksConfig:
     """The task mixture of a run (the recipe sets the weights; the prompts are what evaluation and serving ask)."""
 
-    describe: TaskSpec = field(default_factory=lambda: TaskSpec(1.0, ""))
-    aus: TaskSpec = field(default_factory=lambda: TaskSpec(0.0, "List the active action units."))
-    emotion: TaskSpec = field(default_factory=lambda: TaskSpec(0.0, "Name the emotion."))
+    describe: TaskSpec = field(default_factory=lambda: TaskSpec(1.0))
+    aus: TaskSpec = field(default_factory=TaskSpec)
+    emotion: TaskSpec = field(default_factory=TaskSpec)
 
     def __post_init__(self) -> None:
+        for name in TASKS:
+            if self.spec(name).prompt is None:
+                self.spec(name).prompt = DEFAULT_PROMPTS[name]
         if any(self.spec(t).weight < 0 for t in TASKS) or not any(self.spec(t).weight > 0 for t in TASKS):
             raise ValueError("tasks.*.weight must be >= 0 with at least one task above 0")
         prompts = [self.spec(t).prompt for t in self.trained]
