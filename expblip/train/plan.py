@@ -108,7 +108,7 @@ class _VocabOnly:
         self.pad_token_id = self.ids[self.family.pad]
         self.bos_token_id = self.ids.get(self.family.bos)
         if family == "opt":  # OPT's own ids: <pad> 1, </s> 2, "\n" 50118; <image> appended after the vocabulary
-            self.ids = {IMAGE_TOKEN: size, "\n": 50118, "<pad>": 1, "</s>": 2}
+            self.ids = {IMAGE_TOKEN: size, "\n": min(50118, size - 1), "<pad>": 1, "</s>": 2}
             self.pad_token_id, self.bos_token_id = 1, 2
 
     def __len__(self) -> int:
