@@ -42,16 +42,15 @@ def make_data(root: Path) -> Path:
 
 
 def _bare_engine(run):
-    """A second engine on the same model config, initial weights and freezing: the plain DeepSpeed loop."""
+    """A second engine built by the loop's own builder: same model config, initial weights, freezing and dtypes."""
     import torch
 
-    from expblip.model.blip2 import CaptionModel, apply_freezing, build_model
     from expblip.train import engine as ds_engine
+    from expblip.train.loop import _build
     from expblip.train.optim import build_optimizer
 
     torch.manual_seed(run.cfg.train.seed)
-    model = CaptionModel(ds_engine.build_partitioned(run.ds_config, lambda: build_model(run.cfg.model, run.tokenizer)))
-    apply_freezing(model.blip2, run.cfg.model, run.cfg.train.stage)
+    model = _build(run.cfg, run.ds_config, run.tokenizer, run.qformer_tokenizer, init=True)
     return ds_engine.initialize(model, build_optimizer(model, run.cfg.optim), None, run.ds_config)
 
 

@@ -233,7 +233,9 @@ def test_runtime_env_job_trains_on_a_ray_head(tmp_path, tiny_shards, mlflow_serv
     assert not port_open(address)  # the head is gone once stopped
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     # `ray job submit` follows the job's logs: they show the training steps, and the job succeeds
-    assert "[expblip] step 1/2" in result.stdout and "[expblip] step 2/2" in result.stdout
+    # one progress line per step here (expblip.train.console: "[expblip] <run>: step N/M ...")
+    for n in (1, 2):
+        assert re.search(rf"^\[expblip\] \S+: step {n}/2 ", result.stdout, re.M), result.stdout[-4000:]
     assert "[expblip] finished" in result.stdout and "succeeded" in result.stdout.lower()
     # The training workers ran on this head's cluster (ray.address=auto), not on a Ray started inside the job.
     assert sum(a["class_name"] == "RayTrainWorker" for a in actors) == 2, {a["class_name"] for a in actors}
