@@ -4,12 +4,13 @@ that resumes exactly and whose merged export stock transformers serves with the 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch_module
+from conftest import deepspeed_cmd, launch_module, read_metrics, run_launcher
 
 from expblip.data.synthetic import synthetic_records
 from expblip.model.blip2 import ModelConfig, apply_freezing, build_model, caption_inputs
@@ -207,3 +208,147 @@ def test_plan_one_preset_with_lora_names_the_adapters(capsys):
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("LoRA r=16"))
     assert "lm 40.37M adapters (0.53% of the lm)" in line, line
+
+
+# ---------------------------------------------------------------- a LoRA run under ZeRO-3 (slow)
+
+STOCK_GREEDY = r"""
+import json, sys
+import torch
+from PIL import Image
+from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+export, images = sys.argv[1], sys.argv[2:]
+processor = Blip2Processor.from_pretrained(export)
+model = Blip2ForConditionalGeneration.from_pretrained(export).eval()
+inputs = processor(images=[Image.open(p) for p in images], return_tensors="pt")
+with torch.no_grad():
+    ids = model.generate(**inputs, generation_config=model.generation_config, num_beams=1, do_sample=False,
+                         max_new_tokens=12, min_new_tokens=1)
+captions = processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+print(json.dumps({"captions": [c.strip() for c in captions], "pixel_values": inputs["pixel_values"].tolist(),
+                  "expblip_imported": any(m.startswith("expblip") for m in sys.modules)}))
+"""
+LORA = ["model.lora.towers=[lm]", "model.lora.r=4", "model.lora.alpha=16", "model.lora.dropout=0.0"]
+
+
+@pytest.fixture(scope="module")
+def qwen_init(tiny_shards, tmp_path_factory) -> Path:
+    """A random tiny Qwen2.5-family BLIP-2 + a Qwen-style tokenizer trained on the shards' captions."""
+    from expblip.data.stream import StreamConfig, iterate_once
+    from expblip.model.weights import export_hf
+
+    captions = [c for b in iterate_once(StreamConfig(shards=str(tiny_shards["train"]))) for c in b["captions"]]
+    tok = train_caption_tokenizer(captions, vocab_size=256, family="qwen2")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny-qwen2.5"), tok)
+    return export_hf(model.state_dict(), model.config, tok, tmp_path_factory.mktemp("qwen_init") / "export")
+
+
+def lora_args(tiny_shards, qwen_init, run_dir) -> list[str]:
+    return [f"data.train.shards={tiny_shards['train']}", "data.train.batch_size=8", f"model.weights={qwen_init}",
+            "model.preset=tiny-qwen2.5", "model.dropout=0.0", *LORA, "optim.lr=1e-2", "optim.min_lr=1e-3",
+            "optim.warmup_steps=2", "train.max_steps=8", "train.log_every=1", "train.ckpt_every=4",
+            "train.export=both", "tracking.experiment=lora", f"train.run_dir={run_dir}"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_shards, qwen_init, tmp_path_factory) -> Path:
+    """8 steps of a LoRA stage 2 on 2 CPU ranks under ZeRO-3 (~1-2 min here)."""
+    run_dir = tmp_path_factory.mktemp("lora_full")
+    proc = run_launcher(deepspeed_cmd("--deepspeed", "ds_configs/zero3.json", *lora_args(tiny_shards, qwen_init,
+                                                                                          run_dir)), timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir
+
+
+def adapters_of(run_dir: Path) -> dict[str, torch.Tensor]:
+    from expblip.model.weights import read_trainable_export
+
+    trained, _ = read_trainable_export(run_dir / "export-trainable")
+    return {k: v for k, v in trained.items() if is_adapter(k)}
+
+
+@pytest.mark.slow  # ~1-2 min: the run fixture (shared with the tests below)
+def test_lora_run_trains_the_adapters_only_and_records_them(lora_run, qwen_init):
+    import mlflow
+
+    from expblip.model.weights import read_state, read_trainable_export
+
+    losses = [m["loss"] for m in read_metrics(lora_run)]
+    assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2]), losses
+    trained, meta = read_trainable_export(lora_run / "export-trainable")
+    assert meta["lora"]["r"] == 4 and meta["lora"]["scale"] == 4.0
+    lm = [k for k in trained if k.startswith("language_model.")]
+    assert lm and all(is_adapter(k) for k in lm)  # the LM's own weights are only fingerprinted
+    assert {k.split(".")[0] for k in trained} == {"qformer", "query_tokens", "language_projection", "language_model"}
+    assert all(trained[k].abs().max() > 0 for k in lm if ".lora_B." in k)  # B left zero: they trained
+    init = read_state(qwen_init)
+    frozen = [k for k in meta["frozen"] if k.startswith("language_model.")]
+    assert set(frozen) <= set(init) and len(frozen) > 7 * 2  # under transformers' names, what --merge matches
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{lora_run / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("lora").experiment_id])[0]
+    assert run.data.params["model.lora.r"] == "4" and "lm" in run.data.params["model.lora.towers"]
+
+
+@pytest.mark.slow  # ~2-3 min: two more runs of the fixture's size
+def test_stopped_lora_run_resumes_with_the_same_adapters_and_trajectory(lora_run, tiny_shards, qwen_init, tmp_path):
+    args = lora_args(tiny_shards, qwen_init, tmp_path)
+    first = run_launcher(deepspeed_cmd("--deepspeed", "ds_configs/zero3.json", *args, "train.stop_after=4"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    second = run_launcher(deepspeed_cmd("--deepspeed", "ds_configs/zero3.json", *args))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "start step 4" in second.stdout + second.stderr
+    resumed, reference = read_metrics(tmp_path), read_metrics(lora_run)
+    assert [m["step"] for m in resumed] == list(range(1, 9))  # continues at 5, nothing repeated
+    for got, want in zip(resumed, reference, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4, abs=1e-5), (got["step"], got, want)
+        assert got["lr"] == pytest.approx(want["lr"], rel=1e-6)
+    a, b = adapters_of(tmp_path), adapters_of(lora_run)
+    assert set(a) == set(b) and a
+    worst = max((a[k] - b[k]).abs().max().item() for k in b)
+    assert worst < 1e-3, worst  # same adapters, up to the float order of the gloo all-reduce
+
+
+@pytest.mark.slow  # ~30 s on top of the run fixture
+def test_merged_lora_export_gives_the_adapter_model_s_greedy_captions_in_stock_transformers(lora_run, qwen_init,
+                                                                                            tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from expblip.model.blip2 import GenerationConfig, generate_captions
+    from expblip.model.tokenizer import load_tokenizer
+    from expblip.model.weights import read_state, read_trainable_export
+
+    assert launch_module("export").main(["--merge", str(lora_run / "export-trainable"), "--towers", str(qwen_init),
+                                         "--out", str(tmp_path / "merged")]) == 0
+    capsys.readouterr()
+    merged, init = read_state(tmp_path / "merged"), read_state(qwen_init)
+    assert not any(is_adapter(k) for k in merged)
+    folded = [k for k in init if k.startswith("language_model.") and not torch.equal(init[k], merged[k])]
+    assert len(folded) == 7 * 2  # every adapted projection of both layers holds W + alpha/r * B @ A
+
+    faces = []
+    for i, record in enumerate(synthetic_records(4, seed=7, split="test")):
+        faces.append(tmp_path / f"face{i}.png")
+        record["image"].save(faces[-1])
+    proc = subprocess.run([sys.executable, "-c", STOCK_GREEDY, str(tmp_path / "merged"), *map(str, faces)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stock = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert stock["expblip_imported"] is False
+
+    # the adapter model: the towers, the adapters unmerged beside them, and the trained Q-Former / projection
+    tok = load_tokenizer(qwen_init)
+    model = build_model(ModelConfig(preset="tiny-qwen2.5", lora=LoraSettings(towers=("lm",), r=4, alpha=16,
+                                                                             dropout=0.0)), tok)
+    trained, _ = read_trainable_export(lora_run / "export-trainable")
+    state = model.state_dict()
+    model.load_state_dict({k: trained.get(k, init.get(base_name(k))) for k in state}, strict=True)
+    pixels = torch.tensor(stock["pixel_values"])
+    with torch.no_grad():
+        ours = generate_captions(model.eval(), tok, pixels, GenerationConfig(num_beams=1, max_new_tokens=12,
+                                                                             min_new_tokens=1))
+    assert [c.strip() for c in ours] == stock["captions"], (ours, stock["captions"])
+    assert any(stock["captions"])
