@@ -221,7 +221,8 @@ from transformers import Blip2ForConditionalGeneration, Blip2Processor
 export, images = sys.argv[1], sys.argv[2:]
 processor = Blip2Processor.from_pretrained(export)
 model = Blip2ForConditionalGeneration.from_pretrained(export).eval()
-inputs = processor(images=[Image.open(p) for p in images], return_tensors="pt")
+# text "": transformers' Blip2 generate() without input_ids starts from image tokens + BOS, and Qwen2.5 has no BOS
+inputs = processor(images=[Image.open(p) for p in images], text=[""] * len(images), return_tensors="pt")
 with torch.no_grad():
     ids = model.generate(**inputs, generation_config=model.generation_config, num_beams=1, do_sample=False,
                          max_new_tokens=12, min_new_tokens=1)
@@ -345,7 +346,9 @@ def test_merged_lora_export_gives_the_adapter_model_s_greedy_captions_in_stock_t
                                                                              dropout=0.0)), tok)
     trained, _ = read_trainable_export(lora_run / "export-trainable")
     state = model.state_dict()
-    model.load_state_dict({k: trained.get(k, init.get(base_name(k))) for k in state}, strict=True)
+    values = {k: trained.get(k, init.get(base_name(k))) for k in state}
+    missing = model.load_state_dict({k: v for k, v in values.items() if v is not None}, strict=False).missing_keys
+    assert set(missing) <= {"language_model.lm_head.weight"}  # tied to the embedding, which is loaded
     pixels = torch.tensor(stock["pixel_values"])
     with torch.no_grad():
         ours = generate_captions(model.eval(), tok, pixels, GenerationConfig(num_beams=1, max_new_tokens=12,
