@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from expblip.data.stream import StreamConfig
+from expblip.data.tasks import TasksConfig
 from expblip.model.blip2 import ModelConfig
 from expblip.model.stage1 import Stage1Config
 
@@ -160,10 +161,16 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    # instructions trained at once (expblip.data.tasks), in the lm and stage2 stages; the other stages only train
+    # their tiny tokenizer on the prompts and answers too
+    tasks: TasksConfig = field(default_factory=TasksConfig)
 
     def __post_init__(self) -> None:
         if self.train.eval_every and not self.data.eval.shards:
             raise ConfigError("train.eval_every needs held-out shards: set data.eval.shards (or train.eval_every=0)")
+        if self.model.lora.enabled and self.train.stage != "stage2":
+            raise ConfigError(f"model.lora.towers is set in train.stage={self.train.stage}; LoRA adapters train in "
+                              "stage2 only (set model.lora.towers=[] for this stage)")
 
 
 # ---------------------------------------------------------------- loading

@@ -11,6 +11,9 @@ video frame), or JSON lines.
     python launch/describe.py --model runs/stage2 --device cuda --beams 8 --batch-size 64 demo/faces/
     # a video: 2 frames per second, each cut to its face; frames.json, frames.csv and timeline.png go to clip-expblip/
     python launch/describe.py --model runs/stage2 clip.mp4 --fps 2 --crop-face --out clip-expblip
+    # a task-prompted model: ask one of its tasks (its trained prompt), or any instruction
+    python launch/describe.py --model runs/tasks --task aus face.png
+    python launch/describe.py --model runs/tasks --prompt "Name the emotion." face.png
 
 Each line reads ``path: caption  [AUs: 1, 2, 12] [emotion: happiness]``; AUs and emotions are parsed from the
 caption (expblip.infer.parse); a video frame's line starts ``clip.mp4@1.50s``. Videos (mp4, m4v, mov, mkv, webm, avi)
@@ -31,6 +34,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("images", nargs="+", help="image files (jpg/jpeg/png/bmp/webp), directories of them, and "
                                                   "video clips (mp4/m4v/mov/mkv/webm/avi)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per line")
+    parser.add_argument("--task", default="", help="ask one of the tasks the model was trained on (describe, aus, "
+                                                   "emotion: their prompts are in the export's expblip.json)")
+    parser.add_argument("--prompt", default="", help="an instruction of your own, laid out as the LM family's turn "
+                                                     "(default: none, the paper's captioning)")
     parser.add_argument("--sample", action="store_true", help="nucleus sampling (top_p 0.9) instead of beam search")
     parser.add_argument("--beams", type=int, default=5, help="beam width for beam search (default: 5, as the paper)")
     parser.add_argument("--max-new-tokens", type=int, default=60, help="caption length limit in tokens")
@@ -49,14 +56,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def describe_videos(captioner, videos: list[str], args: argparse.Namespace, gen) -> None:
+def describe_videos(captioner, videos: list[str], args: argparse.Namespace, gen, prompt: str = "") -> None:
     """Per-frame lines on stdout, then frames.json, frames.csv and timeline.png per clip (their paths on stderr)."""
     from expblip.infer.captioner import format_description
     from expblip.infer.video import VideoLimits, describe_video_file, write_outputs
 
     limits = VideoLimits(args.max_frames, args.max_seconds)
     for clip in videos:
-        rows = describe_video_file(captioner, clip, args.fps, args.crop_face, gen, args.batch_size, limits)
+        rows = describe_video_file(captioner, clip, args.fps, args.crop_face, gen, args.batch_size, limits,
+                                   prompt=prompt)
         for row in rows:
             line = {k: v for k, v in row.items() if k not in ("frame", "time")}
             label = f"{clip}@{row['time']:.2f}s"
@@ -85,11 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         if images:
             list_images(images)  # report a missing path before the model loads
         captioner = Captioner.from_export(export, device=args.device, dtype=args.dtype)
+        if args.task and args.prompt:
+            raise ValueError("give --task or --prompt, not both")
+        prompt = captioner.task_prompt(args.task) if args.task else args.prompt
         torch.manual_seed(args.seed)
         if images:
-            for path, description in describe_files(captioner, images, gen, args.batch_size, args.crop_face):
+            for path, description in describe_files(captioner, images, gen, args.batch_size, args.crop_face, prompt):
                 print(format_description(path, description, as_json=args.json), flush=True)
-        describe_videos(captioner, videos, args, gen)
+        describe_videos(captioner, videos, args, gen, prompt)
     except (OSError, ValueError) as err:  # FileNotFoundError, ImageError: both name the path
         print(f"error: {err}", file=sys.stderr)
         return 2

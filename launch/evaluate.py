@@ -16,6 +16,8 @@ every baseline that costs nothing, caption text metrics, optional linear probes,
         --shards shards/bp4d/fold{fold}/test --train-shards shards/bp4d/fold{fold}/train \
         --probe qformer --probe-train-shards shards/bp4d/fold{fold}/train --out runs/bp4d_protocol
 
+A task-prompted model (config `tasks`) is asked each task it was trained on, with that task's prompt, and each answer
+set is scored on its task's metric beside the baselines (a table of tasks, and one verdict line per task).
 Prints the model beside each baseline (the most frequent training caption, the best constant caption for AU F1 and
 for emotion accuracy chosen on the training labels, chance), the per-AU F1 table, the caption metrics and the
 probes, and ends with the verdict lines, e.g. ``held-out mean AU F1: 0.861 (best constant caption: 0.412)``.
@@ -49,6 +51,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"],
                         help="weights and compute dtype of the model (bf16 halves memory; the Q-Former stays fp32)")
+    parser.add_argument("--task", default="", choices=["", "describe", "aus", "emotion"],
+                        help="ask only this task (default: every task the model was trained on, each scored on its "
+                        "metric: AU F1 for aus, emotion accuracy for emotion, both for describe)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument("--protocol", default="", choices=["", "bp4d-3fold", "disfa-3fold"],
                         help="evaluate one export per fold ({fold} in --model and the shard paths) on the dataset's "

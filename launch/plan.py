@@ -8,6 +8,10 @@
     DS_ACCELERATOR=cpu python launch/plan.py --preset tiny --gpus-per-node 2 --deepspeed-tables
     # the policy each paper recipe gets on 8 x 24 / 40 / 80 GB GPUs (precision, checkpointing, tower placement)
     python launch/plan.py --recipes
+    # a modern LM with LoRA r 16 on it (adapters counted, trained and planned beside the Q-Former)
+    python launch/plan.py --preset vitg-qwen2.5-7b --lora-r 16 --checkpointing lm
+    # every preset: parameters, LoRA adapter counts, what a LoRA stage 2 trains and its GiB per GPU
+    python launch/plan.py --presets
 
 Prints parameter counts per tower (from the preset built on the meta device: no weights, no memory), DeepSpeed's
 estimates (which assume every parameter trains) and ours (frozen towers hold only 16-bit weights; activations for
@@ -34,6 +38,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--headroom", type=float, default=0.1, help="fraction of GPU memory kept free")
     parser.add_argument("--checkpointing", nargs="*", default=[], choices=["vision", "qformer", "lm"],
                         help="towers with activation checkpointing (model.checkpointing)")
+    parser.add_argument("--lora-r", type=int, default=0, help="LoRA rank on --lora-towers (model.lora.r; 0 = none)")
+    parser.add_argument("--lora-towers", nargs="*", default=["lm"], choices=["lm", "vision", "qformer"],
+                        help="towers with LoRA adapters (model.lora.towers; default: lm)")
+    parser.add_argument("--presets", action="store_true",
+                        help="one line per preset: parameters, LoRA adapters (--lora-r, default 16) and GiB/GPU")
     parser.add_argument("--recipes", action="store_true",
                         help="print the policy of recipes/paper_stage{1,2}.yaml on 8 x 24 / 40 / 80 GB GPUs instead")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON (bytes)")
@@ -44,16 +53,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from expblip.train.plan import PlanConfig, format_plan, make_plan, plan_json, print_deepspeed_tables, recipe_table
+    from expblip.train.plan import (
+        PlanConfig,
+        format_plan,
+        make_plan,
+        plan_json,
+        preset_table,
+        print_deepspeed_tables,
+        recipe_table,
+    )
 
     if args.recipes:
         print("\n".join(recipe_table()))
+        return 0
+    if args.presets:
+        print("\n".join(preset_table(args.lora_r or 16, args.gpus_per_node, args.gpu_gib, args.micro_batch)))
         return 0
     try:
         cfg = PlanConfig(preset=args.preset, gpus_per_node=args.gpus_per_node, nodes=args.nodes,
                          micro_batch=args.micro_batch, gpu_gib=args.gpu_gib, trainable=args.trainable,
                          text_tokens=args.text_tokens, headroom=args.headroom,
-                         checkpointing=tuple(args.checkpointing))
+                         checkpointing=tuple(args.checkpointing), lora_r=args.lora_r,
+                         lora_towers=tuple(args.lora_towers))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

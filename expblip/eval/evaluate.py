@@ -150,6 +150,7 @@ def baseline_rows(train: TrainingText, labels: Sequence[dict], aus: Sequence[int
 
 
 METRICS = ("mean_au_f1", "emotion_accuracy")
+TASK_METRICS = {"describe": METRICS, "aus": ("mean_au_f1",), "emotion": ("emotion_accuracy",)}
 
 
 def strongest(baselines: Sequence[dict]) -> dict:
@@ -234,7 +235,8 @@ def _expected_samples(shards: str, limit: int | None) -> int | None:
 
 
 def generate_for_shards(captioner: Captioner, shards: str, gen: GenerationConfig | None = None,
-                        limit: int | None = None, batch_size: int = 16, progress: bool = True) -> dict:
+                        limit: int | None = None, batch_size: int = 16, progress: bool = True,
+                        prompt: str = "") -> dict:
     """{"keys", "captions" (generated), "references" (the stream's pick), "all_references" (every caption of the
     sample), "labels", "skipped"} over the shards (eval transforms)."""
     out: dict = {"keys": [], "captions": [], "references": [], "all_references": [], "labels": [], "skipped": {}}
@@ -242,7 +244,7 @@ def generate_for_shards(captioner: Captioner, shards: str, gen: GenerationConfig
     with bar:
         for batch in eval_batches(shards, captioner.image_size, batch_size, limit):
             pixels = renormalise(batch["pixel_values"], captioner.mean, captioner.std)
-            out["captions"].extend(captioner.caption_pixels(pixels, gen))
+            out["captions"].extend(captioner.caption_pixels(pixels, gen, prompt))
             for name, key in (("keys", "keys"), ("references", "captions"), ("labels", "labels")):
                 out[name].extend(batch[key])
             pairs = zip(batch["labels"], batch["captions"], strict=True)
@@ -272,27 +274,34 @@ def caption_text_scores(run: dict, baseline_caption: str, meteor: bool = True, d
 def evaluate_export(export_dir: str | Path, shards: str, aus: Sequence[int] = DATASET_AUS["synthetic"],
                     gen: GenerationConfig | None = None, limit: int | None = None, train: TrainingText | None = None,
                     batch_size: int = 16, device: str = "cpu", progress: bool = True, caption_metrics: bool = False,
-                    meteor: bool = True, dtype: str = "fp32") -> dict:
+                    meteor: bool = True, dtype: str = "fp32", task: str = "describe", prompt: str | None = None,
+                    captioner: Captioner | None = None) -> dict:
     """Caption the held-out shards with the export; score the model and every baseline.
 
     ``export_dir`` may also be a run directory (its export/ is used). Returns {"model": scores, "baselines": [rows],
     "best": strongest(baselines), "baseline_source", "samples": the first 20 {key, caption, truth}, "settings"}
     and, with ``caption_metrics``, "captions": {"model", "baseline"} text scores (``meteor=False`` skips METEOR).
+    ``task``: which of the export's tasks is asked (its prompt, unless ``prompt`` is given); the model is scored
+    on that task's metrics only (TASK_METRICS: both for describe, AU F1 for aus, emotion accuracy for emotion).
     """
     resolve_shards(shards)  # a wrong shard URL fails before the model loads
-    captioner = Captioner.from_export(resolve_export(export_dir), device=device, dtype=dtype)
-    run = generate_for_shards(captioner, shards, gen, limit, batch_size, progress)
+    captioner = captioner or Captioner.from_export(resolve_export(export_dir), device=device, dtype=dtype)
+    prompt = captioner.task_prompt(task) if prompt is None else prompt
+    run = generate_for_shards(captioner, shards, gen, limit, batch_size, progress, prompt)
     labels = [_label_fields(lab) for lab in run["labels"]]
     if train is None:
         train = TrainingText(run["references"], labels, "held-out references and labels (optimistic: uses the "
                                                         "test labels; pass the training shards)")
     model = evaluate_captions(run["captions"], labels, aus)
+    for metric in METRICS:
+        if metric not in TASK_METRICS.get(task, METRICS):  # e.g. the AU task's answers are not asked for emotions
+            model[metric] = None
     model["counts"]["skipped"] = run["skipped"]
     baselines = baseline_rows(train, labels, aus)
     samples = [{"key": k, "caption": c, "truth": {"caption": r, **lab}}
                for k, c, r, lab in zip(run["keys"], run["captions"], run["references"], labels, strict=True)]
     settings = {"export": str(export_dir), "shards": shards, "aus": list(aus), "limit": limit,
-                "generation": dataclasses.asdict(gen or GenerationConfig())}
+                "generation": dataclasses.asdict(gen or GenerationConfig()), "task": task, "prompt": prompt}
     result = {"model": model, "baselines": baselines, "best": strongest(baselines), "baseline_source": train.source,
               "samples": samples[:SAMPLES_KEPT], "settings": settings}
     if caption_metrics:
@@ -303,3 +312,15 @@ def evaluate_export(export_dir: str | Path, shards: str, aus: Sequence[int] = DA
 def _label_fields(labels: dict) -> dict:
     """The scored part of a sample's labels: {"aus", "emotions"} (None where the dataset does not label it)."""
     return {"aus": labels.get("aus"), "emotions": labels.get("emotions")}
+
+
+def evaluate_tasks(export_dir: str | Path, shards: str, tasks: Sequence[str] | None = None, device: str = "cpu",
+                   dtype: str = "fp32", **kwargs) -> dict[str, dict]:
+    """{task: evaluate_export result} for each task the export was trained on (expblip.json "tasks"; ``tasks``
+    narrows them), the model loaded once. Each result is scored on its task's metrics beside every baseline."""
+    captioner = Captioner.from_export(resolve_export(export_dir), device=device, dtype=dtype)
+    asked = list(tasks or captioner.tasks)
+    unknown = [t for t in asked if t not in captioner.tasks]
+    if unknown:
+        raise ValueError(f"task(s) {unknown} are not among the export's {sorted(captioner.tasks)}")
+    return {task: evaluate_export(export_dir, shards, task=task, captioner=captioner, **kwargs) for task in asked}

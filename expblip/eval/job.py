@@ -45,6 +45,7 @@ class EvalJob:
     mlflow_uri: str = ""
     mlflow_experiment: str = "expblip-eval"
     protocol: str = ""  # "bp4d-3fold" | "disfa-3fold": one export per fold, {fold} in the paths (expblip.eval.protocol)
+    task: str = ""  # one of the export's tasks (describe, aus, emotion); '' = every task it was trained on
 
     def __post_init__(self) -> None:
         if self.probe and not self.probe_train_shards:
@@ -54,7 +55,7 @@ class EvalJob:
 def evaluate(job: EvalJob) -> dict:
     """The evaluation (and probes) that the job asks for."""
     from expblip.data.facs import DATASET_AUS
-    from expblip.eval.evaluate import evaluate_export, training_text
+    from expblip.eval.evaluate import evaluate_tasks, training_text
     from expblip.eval.probe import run_probes
     from expblip.infer.captioner import resolve_export
     from expblip.model.blip2 import GenerationConfig
@@ -63,9 +64,12 @@ def evaluate(job: EvalJob) -> dict:
     gen = GenerationConfig(num_beams=job.beams, max_new_tokens=job.max_new_tokens)
     export = resolve_export(job.model)
     train = training_text(job.train_shards) if job.train_shards else None
-    result = evaluate_export(export, job.shards, aus, gen, job.limit, train, job.batch_size, job.device,
-                             progress=job.progress, caption_metrics=job.caption_metrics, meteor=job.meteor,
-                             dtype=job.dtype)
+    results = evaluate_tasks(export, job.shards, [job.task] if job.task else None, job.device, job.dtype, aus=aus,
+                             gen=gen, limit=job.limit, train=train, batch_size=job.batch_size, progress=job.progress,
+                             caption_metrics=job.caption_metrics, meteor=job.meteor)
+    result = dict(results.get("describe") or next(iter(results.values())))  # the report's and MLflow's
+    if len(results) > 1:  # a task-prompted model: every task's scores beside the baselines
+        result["tasks"] = results
     tasks = ("au", "emotion") if job.probe_task == "both" else (job.probe_task,)
     probes = [p for features in dict.fromkeys(job.probe)
               for p in run_probes(export, job.probe_train_shards, job.shards, features, tasks, aus, job.probe_pooling,
@@ -111,10 +115,17 @@ def report(job: EvalJob, result: dict) -> list[str]:
         if job.mlflow:
             lines.append(f"mlflow run: {log_mlflow(job, result, out)}")
     lines += [baseline_table(result), "", au_table(result)]
+    if result.get("tasks"):
+        from expblip.eval.report import task_table
+
+        lines += ["", task_table(result["tasks"])]
     if result.get("captions"):
         lines += ["", caption_table(result)]
     if result.get("probes"):
         lines += ["", probe_table(result["probes"])]
+    if result.get("tasks"):
+        verdicts = [f"{task}: {line}" for task, res in result["tasks"].items() for line in summary_lines(res)]
+        return [*lines, "", *verdicts]
     return [*lines, "", *summary_lines(result)]
 
 

@@ -71,6 +71,19 @@ def _verdict(result: dict, metric: str, label: str) -> str | None:
     return f"held-out {label}: {_fmt(value)} ({against}: {_fmt(best['score'])})"
 
 
+def task_table(results: dict[str, dict]) -> str:
+    """Markdown table: each task asked with its prompt, its metrics, and the strongest baseline of each metric."""
+    rows = ["| task | prompt | mean AU F1 | emotion accuracy | strongest baseline: AU F1 | emotion accuracy |",
+            "|---|---|---:|---:|---:|---:|"]
+    for task, result in results.items():
+        model, best = result["model"], result.get("best") or {}
+        base = [_fmt((best.get(m) or {}).get("score")) for m in ("mean_au_f1", "emotion_accuracy")]
+        prompt = result["settings"].get("prompt") or "(none)"
+        rows.append(f"| {task} | {_cell(prompt)} | {_fmt(model['mean_au_f1'])} | {_fmt(model['emotion_accuracy'])} "
+                    f"| {base[0]} | {base[1]} |")
+    return "\n".join(rows)
+
+
 def summary_lines(result: dict) -> list[str]:
     """The verdict lines, each learned score beside the strongest baseline: emotion accuracy (when scored), then
     mean AU F1 (when scored) last, e.g. ``held-out mean AU F1: 0.861 (best constant caption: 0.412)``."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
 
@@ -163,6 +163,7 @@ class Captioner:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     device: torch.device
+    tasks: dict = field(default_factory=lambda: {"describe": ""})  # task -> prompt the model was trained with
 
     @classmethod
     def from_export(cls, path: str | Path, device: str | torch.device = "cpu",
@@ -174,7 +175,14 @@ class Captioner:
         image_size = int(meta.get("image_size", model.config.vision_config.image_size))
         mean = tuple(float(x) for x in meta.get("mean", CLIP_MEAN))
         std = tuple(float(x) for x in meta.get("std", CLIP_STD))
-        return cls(model.to(device), tokenizer, image_size, mean, std, device)  # type: ignore[arg-type]
+        tasks = dict(meta.get("tasks") or {"describe": ""})
+        return cls(model.to(device), tokenizer, image_size, mean, std, device, tasks)  # type: ignore[arg-type]
+
+    def task_prompt(self, task: str) -> str:
+        """The prompt of one of the tasks the export was trained on (expblip.json "tasks")."""
+        if task not in self.tasks:
+            raise ValueError(f"task {task!r}: this model was trained on {sorted(self.tasks)}")
+        return self.tasks[task]
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Images → normalised pixel values [B, 3, S, S] (float32, on the CPU)."""
@@ -210,6 +218,12 @@ class Captioner:
         """{"caption", "aus" (sorted AU numbers), "emotions" (sorted names)} per image, parsed from the caption."""
         return [{"caption": c, **parse_caption(c)} for c in self.caption(images, gen, batch_size, prompt)]
 
+    def prompt_length(self, prompt: str = "") -> int:
+        """Tokens the model reads before it answers: query tokens, BOS and the prompt in the family's turn layout."""
+        from expblip.model.blip2 import prompt_ids
+
+        return prompt_ids(self.model, self.tokenizer, prompt, 1).shape[1]
+
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` in the export's tokenizer (no special tokens): the OpenAI API's usage counts."""
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
@@ -219,7 +233,7 @@ class Captioner:
 
 
 def describe_files(captioner: Captioner, paths: Iterable[str | Path], gen: GenerationConfig | None = None,
-                   batch_size: int = 16, crop_face: bool = False) -> Iterator[tuple[Path, dict]]:
+                   batch_size: int = 16, crop_face: bool = False, prompt: str = "") -> Iterator[tuple[Path, dict]]:
     """(path, description) for every image named by ``paths``, loading only ``batch_size`` images at a time.
 
     All paths are listed (and missing ones reported) before the first image is captioned. With ``crop_face`` each
@@ -237,7 +251,7 @@ def describe_files(captioner: Captioner, paths: Iterable[str | Path], gen: Gener
             crops = [crop(image) for image in images]
             images = [c.image for c in crops]
             faces = [c.face.as_dict() if c.face else None for c in crops]
-        described = captioner.describe(images, gen, batch_size)
+        described = captioner.describe(images, gen, batch_size, prompt)
         if crop_face:
             described = [{**d, "face": f} for d, f in zip(described, faces, strict=True)]
         yield from zip(chunk, described, strict=True)

@@ -195,10 +195,11 @@ def frame_rows(frames: Sequence[Frame], captions: Sequence[str], faces: Sequence
 
 
 def describe_frames(captioner, frames: Sequence[Frame], crop_face: bool = False, gen=None,
-                    batch_size: int = 16) -> list[dict]:
-    """Caption sampled frames with a Captioner, ``batch_size`` at a time; rows as ``frame_rows``."""
+                    batch_size: int = 16, prompt: str = "") -> list[dict]:
+    """Caption sampled frames with a Captioner, ``batch_size`` at a time (``prompt``: a task instruction); rows as
+    ``frame_rows``."""
     images, faces = crop_frames(frames, crop_face)
-    captions = captioner.caption(images, gen, batch_size)
+    captions = captioner.caption(images, gen, batch_size, prompt)
     return frame_rows(frames, captions, faces if crop_face else None)
 
 
@@ -284,9 +285,9 @@ def write_outputs(rows: Sequence[dict], out: str | Path, title: str = "") -> dic
 
 def describe_video_file(captioner, path: str | Path, fps: float = 2.0, crop_face: bool = False, gen=None,
                         batch_size: int = 16, limits: VideoLimits = VideoLimits(),
-                        progress: Callable[[str], None] | None = None) -> list[dict]:
+                        progress: Callable[[str], None] | None = None, prompt: str = "") -> list[dict]:
     """Decode, sample, crop and caption one clip (the describe CLI); rows as ``frame_rows``."""
     frames = sample_frames(path, fps, limits)
     if progress:
         progress(f"{path}: {len(frames)} frames at {fps:g} frames/s")
-    return describe_frames(captioner, frames, crop_face, gen, batch_size)
+    return describe_frames(captioner, frames, crop_face, gen, batch_size, prompt)

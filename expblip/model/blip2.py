@@ -2,26 +2,32 @@
 
 Data flow (B images, Q query tokens, T caption tokens):
     pixel_values [B,3,S,S] -> ViT -> [B,P,Dv] -> Q-Former(Q learned queries) -> [B,Q,Dq] -> projection -> [B,Q,Dlm]
-    LM input ids: [<image>]*Q + [</s>] + caption + "\\n" + <pad>...   (query outputs are scattered into <image>)
-    labels:       -100 on <image>, the prompt (</s>) and padding; caption tokens and the "\\n" end token count.
+    LM input ids: [<image>]*Q + [BOS] + prompt + caption + END + <pad>...   (query outputs are scattered into <image>)
+    labels:       -100 on <image>, BOS, the prompt and padding; caption tokens and the END token count.
+BOS, END and the prompt's layout are the LM family's (expblip.model.family): OPT's "</s>" and "\\n" with an empty
+prompt (the paper's), Qwen2.5's and Llama-3's chat turns and end-of-turn tokens. The LM is any causal LM that
+transformers builds from its config (OPT, Qwen2, Llama); LoRA adapters are added by expblip.model.lora.
 
 Nothing here imports Ray, DeepSpeed or MLflow: parallelism wraps this module from expblip.train.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
-from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
+from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig
 
-from expblip.model.tokenizer import caption_end_id, image_token_id
+from expblip.model.family import FAMILIES, Family
+from expblip.model.lora import TOWER_MODULES, LoraSettings, add_lora, is_adapter
+from expblip.model.tokenizer import bos_ids, caption_end_id, family_of_tokenizer, image_token_id
 
-PresetName = Literal["tiny", "mid", "vitg-opt6.7b", "vitg-opt2.7b", "vitb-opt2.7b"]
+PresetName = Literal["tiny", "tiny-qwen2.5", "tiny-llama3", "mid", "vitg-opt6.7b", "vitg-opt2.7b", "vitb-opt2.7b",
+                     "vitg-qwen2.5-7b", "vitg-qwen2.5-3b", "vitg-qwen2.5-1.5b", "vitg-llama3-8b", "vitg-llama3.2-3b",
+                     "vitg-llama3.2-1b"]
 Tower = Literal["vision", "qformer", "lm"]
-
 # Tower shapes. Paper presets follow the public blip2-opt-* configs; tiny is a CPU debug model (hidden 64, 2 layers).
 _VISION = {
     # Patch 16 (a 4x4 grid) and init 0.1: a random tiny ViT learns the synthetic AUs ~5x faster than at patch 8 /
@@ -44,23 +50,69 @@ _QFORMER = {
     "base": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                  cross_attention_frequency=2),
 }
-_OPT = {
-    "tiny": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
-                 word_embed_proj_dim=64, dropout=0.0),
-    "opt-2.7b": dict(hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32,
-                     max_position_embeddings=2048, word_embed_proj_dim=2560, vocab_size=50272),
-    "opt-6.7b": dict(hidden_size=4096, ffn_dim=16384, num_hidden_layers=32, num_attention_heads=32,
-                     max_position_embeddings=2048, word_embed_proj_dim=4096, vocab_size=50272),
-    "opt-mid": dict(hidden_size=1024, ffn_dim=4096, num_hidden_layers=4, num_attention_heads=16,
-                    max_position_embeddings=2048, word_embed_proj_dim=1024, vocab_size=50272),
+_TINY_LM = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # Llama-3.1 / 3.2's
+# name -> (family, text config): OPT as the public blip2-opt-* configs; Qwen2.5 and Llama-3 as their public configs
+# (the LM's own config.json replaces these when model.lm_weights names its directory); tiny: CPU debug LMs
+_LM: dict[str, tuple[str, dict]] = {
+    "tiny": ("opt", dict(_TINY_LM, ffn_dim=128, word_embed_proj_dim=64, dropout=0.0)),
+    "qwen-tiny": ("qwen2", dict(_TINY_LM, intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama-tiny": ("llama", dict(_TINY_LM, intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=True)),
+    "opt-2.7b": ("opt", dict(hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32,
+                             max_position_embeddings=2048, word_embed_proj_dim=2560, vocab_size=50272)),
+    "opt-6.7b": ("opt", dict(hidden_size=4096, ffn_dim=16384, num_hidden_layers=32, num_attention_heads=32,
+                             max_position_embeddings=2048, word_embed_proj_dim=4096, vocab_size=50272)),
+    "opt-mid": ("opt", dict(hidden_size=1024, ffn_dim=4096, num_hidden_layers=4, num_attention_heads=16,
+                            max_position_embeddings=2048, word_embed_proj_dim=1024, vocab_size=50272)),
+    "qwen2.5-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                 num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                 max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "qwen2.5-3b": ("qwen2", dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                                 num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
+                                 max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "qwen2.5-1.5b": ("qwen2", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                   num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                                   max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "llama3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                                rms_norm_eps=1e-5, tie_word_embeddings=False,
+                                rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+    "llama3.2-3b": ("llama", dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                                  num_attention_heads=24, num_key_value_heads=8, vocab_size=128256,
+                                  max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                                  rope_parameters=_LLAMA3_ROPE)),
+    "llama3.2-1b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                  num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, head_dim=64,
+                                  max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                                  rope_parameters=_LLAMA3_ROPE)),
 }
 PRESETS: dict[str, tuple[str, str, str, int]] = {  # name -> (vision, qformer, lm, query tokens)
     "tiny": ("tiny", "tiny", "tiny", 8),
+    "tiny-qwen2.5": ("tiny", "tiny", "qwen-tiny", 8),
+    "tiny-llama3": ("tiny", "tiny", "llama-tiny", 8),
     "mid": ("mid", "base", "opt-mid", 32),
     "vitg-opt6.7b": ("vitg", "base", "opt-6.7b", 32),
     "vitg-opt2.7b": ("vitg", "base", "opt-2.7b", 32),
     "vitb-opt2.7b": ("vitb", "base", "opt-2.7b", 32),
+    "vitg-qwen2.5-7b": ("vitg", "base", "qwen2.5-7b", 32),
+    "vitg-qwen2.5-3b": ("vitg", "base", "qwen2.5-3b", 32),
+    "vitg-qwen2.5-1.5b": ("vitg", "base", "qwen2.5-1.5b", 32),
+    "vitg-llama3-8b": ("vitg", "base", "llama3-8b", 32),
+    "vitg-llama3.2-3b": ("vitg", "base", "llama3.2-3b", 32),
+    "vitg-llama3.2-1b": ("vitg", "base", "llama3.2-1b", 32),
 }
+TINY_PRESETS = ("tiny", "tiny-qwen2.5", "tiny-llama3")  # train their tokenizer on the captions
+
+
+def preset_family(preset: str) -> Family:
+    """The LM family of a preset."""
+    return FAMILIES[_LM[PRESETS[preset][2]][0]]
+
+
 
 
 @dataclass
@@ -68,7 +120,7 @@ class ModelConfig:
     """Which BLIP-2 to build and which of its parts train."""
 
     preset: PresetName = "tiny"
-    tokenizer: str = ""  # local tokenizer dir; '' = train one on the captions (tiny) / from init_from's run
+    tokenizer: str = ""  # local tokenizer dir; '' = train one on the captions (tiny presets) / from init_from's run
     tokenizer_vocab: int = 512  # size of the trained tiny tokenizer
     # initial weights ('' = random init): an HF-format BLIP-2 directory (single or sharded safetensors), an expblip
     # export or run directory, or a LAVIS .pth; a local path or s3://... Streamed into each rank's partitions.
@@ -85,15 +137,26 @@ class ModelConfig:
     dropout: float = 0.1  # Q-Former hidden dropout (0 makes resumed runs bit-comparable)
     # dtype of the *frozen* ViT / OPT (halves their memory); the trainable Q-Former, queries and projection stay fp32
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # LoRA adapters on frozen towers (stage 2): the adapters train, the tower's own weights stay frozen
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"model.preset {self.preset!r} does not exist; choose one of {sorted(PRESETS)}")
-        if self.preset != "tiny" and not self.tokenizer and not self.weights:
-            raise ValueError(f"model.preset {self.preset!r} needs model.tokenizer (a local OPT tokenizer directory)")
+        if self.preset not in TINY_PRESETS and not self.tokenizer and not self.weights:
+            raise ValueError(f"model.preset {self.preset!r} needs model.tokenizer (a local directory holding the "
+                             f"{preset_family(self.preset).name} tokenizer)")
         unknown = sorted(set(self.checkpointing) - {"vision", "qformer", "lm"})
         if unknown:
             raise ValueError(f"model.checkpointing {unknown}: choose towers among vision, qformer, lm")
+        for tower, frozen in (("lm", self.freeze_lm), ("vision", self.freeze_vision)):
+            if tower in self.lora.towers and not frozen:
+                raise ValueError(f"model.lora.towers has {tower}: its own weights stay frozen under LoRA; set "
+                                 f"model.freeze_{tower}=true (or take {tower} out of model.lora.towers)")
+
+    @property
+    def family(self) -> Family:
+        return preset_family(self.preset)
 
     @property
     def image_size(self) -> int:
@@ -107,16 +170,22 @@ class ModelConfig:
 def blip2_config(cfg: ModelConfig, tokenizer) -> Blip2Config:
     """A transformers Blip2Config for the preset, with the LM vocabulary and special ids of `tokenizer`."""
     vision, qformer, lm, _ = PRESETS[cfg.preset]
+    family, dims = _LM[lm]
+    if family_of_tokenizer(tokenizer).name != family:
+        raise ValueError(f"model.preset {cfg.preset} has a {family} language model but the tokenizer follows "
+                         f"{family_of_tokenizer(tokenizer).name}'s conventions; give model.tokenizer the LM's own")
     v = _VISION[vision]
-    opt = dict(_OPT[lm])
-    opt["vocab_size"] = max(opt.get("vocab_size", 0), len(tokenizer))
-    text = OPTConfig(**opt, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                     eos_token_id=caption_end_id(tokenizer))
+    text = dict(dims)
+    text["vocab_size"] = max(text.get("vocab_size", 0), len(tokenizer))
+    bos = bos_ids(tokenizer)
+    text_config = FAMILIES[family].config_class(**text, pad_token_id=tokenizer.pad_token_id,
+                                                bos_token_id=bos[0] if bos else None,
+                                                eos_token_id=caption_end_id(tokenizer))
     return Blip2Config(
         vision_config=Blip2VisionConfig(**v).to_dict(),
         qformer_config=Blip2QFormerConfig(**_QFORMER[qformer], encoder_hidden_size=v["hidden_size"],
                                           hidden_dropout_prob=cfg.dropout).to_dict(),
-        text_config=text.to_dict(),
+        text_config=text_config.to_dict(),
         num_query_tokens=cfg.query_tokens,
         image_token_index=image_token_id(tokenizer),
     )
@@ -126,7 +195,10 @@ def build_model(cfg: ModelConfig, tokenizer, init: bool = True,
                 dtype: torch.dtype | None = None) -> Blip2ForConditionalGeneration:
     """BLIP-2 for the preset, random-initialised, or (init=False) with uninitialised parameters that the caller
     fills (weights are loaded separately: expblip.train.load, expblip.model.weights)."""
-    return construct(blip2_config(cfg, tokenizer), init, dtype)
+    model = construct(blip2_config(cfg, tokenizer), init, dtype)
+    if cfg.lora.enabled:  # after construct: its no_init_weights would also skip peft's initialisation
+        add_lora(model, cfg.lora, cfg.family)
+    return model
 
 
 def construct(config: Blip2Config, init: bool = True, dtype: torch.dtype | None = None) -> Blip2ForConditionalGeneration:
@@ -150,7 +222,7 @@ def construct(config: Blip2Config, init: bool = True, dtype: torch.dtype | None 
 def preset_hidden_size(preset: str) -> int:
     """The largest hidden size of a preset's towers (what ZeRO buckets are sized from: the LM's, at paper scale)."""
     vision, qformer, lm, _ = PRESETS[preset]
-    return max(_VISION[vision]["hidden_size"], _QFORMER[qformer]["hidden_size"], _OPT[lm]["hidden_size"])
+    return max(_VISION[vision]["hidden_size"], _QFORMER[qformer]["hidden_size"], _LM[lm][1]["hidden_size"])
 
 
 def enable_checkpointing(model: Blip2ForConditionalGeneration, towers: tuple[str, ...]) -> None:
@@ -165,12 +237,14 @@ def enable_checkpointing(model: Blip2ForConditionalGeneration, towers: tuple[str
 
 def apply_freezing(model: Blip2ForConditionalGeneration, cfg: ModelConfig, stage: str,
                    others_dtype: torch.dtype | None = None) -> None:
-    """Set requires_grad per the config; the 'lm' stage trains only the language model. Frozen ViT / OPT go to
-    model.frozen_dtype; `others_dtype` (fp32 when the engine computes in fp32) is what every other parameter is
-    cast to, for a model built in the frozen towers' dtype (None: leave them)."""
+    """Set requires_grad per the config; the 'lm' stage trains only the language model. LoRA adapters train and
+    their tower's own weights stay frozen (model.lora.towers; a Q-Former under LoRA keeps training its query tokens
+    and projection unless model.freeze_qformer). Frozen weights go to model.frozen_dtype; `others_dtype` (fp32 when
+    the engine computes in fp32) is what every other parameter is cast to, for a model built in the frozen towers'
+    dtype (None: leave them)."""
     trains = {
         "vision_model": not cfg.freeze_vision,
-        "qformer": not cfg.freeze_qformer,
+        "qformer": not cfg.freeze_qformer and "qformer" not in cfg.lora.towers,
         "query_tokens": not cfg.freeze_qformer,
         "language_projection": not cfg.freeze_qformer,
         "language_model": not cfg.freeze_lm,
@@ -180,30 +254,34 @@ def apply_freezing(model: Blip2ForConditionalGeneration, cfg: ModelConfig, stage
     if stage in ("lm", "vision"):  # the tiny world's tower pre-training stages train one tower each
         tower = "language_model" if stage == "lm" else "vision_model"
         trains = {name: name == tower for name in trains}
+    adapted = {TOWER_MODULES[t] for t in cfg.lora.towers}
     for name, param in model.named_parameters():
-        param.requires_grad = trains[name.split(".")[0]]
+        top = name.split(".")[0]
+        param.requires_grad = top in adapted if is_adapter(name) else trains[top]
     frozen = _cast_frozen_towers(model, getattr(torch, cfg.frozen_dtype))
     if others_dtype is not None:
         for name, param in model.named_parameters():
-            if name.split(".")[0] not in frozen and param.dtype != others_dtype:
+            if not (name.split(".")[0] in frozen and not is_adapter(name)) and param.dtype != others_dtype:
                 param.data = param.data.to(others_dtype)  # a ZeRO-3 partition is cast by expblip.train.engine
 
 
 def _cast_frozen_towers(model: Blip2ForConditionalGeneration, dtype: torch.dtype) -> set[str]:
-    """Frozen ViT / OPT to `dtype`; the dtype boundaries are then crossed in both directions. Returns the names of
-    the towers that were frozen (and cast).
+    """Frozen ViT / OPT weights to `dtype` (a tower under LoRA counts as frozen: its adapters are left alone); the
+    dtype boundaries are then crossed in both directions. Returns the names of the frozen towers.
 
     ViT -> Q-Former: transformers casts the encoder states to the Q-Former's dtype. Q-Former -> projection:
     transformers casts the query output to the *ViT's* dtype, so a pre-hook casts it back to the projection's.
-    Projection -> OPT: transformers casts the projected queries to the LM's embedding dtype.
+    Projection -> LM: transformers casts the projected queries to the LM's embedding dtype. LoRA layers cast
+    their input to the adapters' dtype and their output back to the base layer's (peft).
     """
     frozen = {name for name in ("vision_model", "language_model")
-              if not any(p.requires_grad for p in getattr(model, name).parameters())}
+              if not any(p.requires_grad for n, p in getattr(model, name).named_parameters() if not is_adapter(n))}
     if dtype == torch.float32:
         return frozen
     for name in frozen:
-        for param in getattr(model, name).parameters():
-            param.data = param.data.to(dtype)  # a ZeRO-3 partition is cast by expblip.train.engine
+        for pname, param in getattr(model, name).named_parameters():
+            if not is_adapter(pname):
+                param.data = param.data.to(dtype)  # a ZeRO-3 partition is cast by expblip.train.engine
     if not getattr(model.language_projection, "_expblip_casts_input", False):
         model.language_projection.register_forward_pre_hook(_to_weight_dtype)
         model.language_projection._expblip_casts_input = True
@@ -270,25 +348,36 @@ def au_targets(labels: list[dict], aus: tuple[int, ...]) -> dict[str, torch.Tens
     return {"targets": targets, "target_mask": mask}
 
 
-def caption_inputs(tokenizer, captions: list[str], num_query: int, max_tokens: int) -> dict[str, torch.Tensor]:
+def caption_inputs(tokenizer, captions: list[str], num_query: int, max_tokens: int,
+                   prompts: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Tokenise captions into BLIP-2 LM inputs and labels (num_query=0 for the text-only 'lm' stage).
 
-    Returns input_ids / attention_mask / labels, each [B, num_query + 1 + T] with T <= max_tokens.
+    `prompts`: each sample's task instruction ('' or None: none, the paper's captioning), laid out as the LM
+    family's chat turn (expblip.model.family) between BOS and the caption; the loss masks it with BOS and the image
+    tokens. Returns input_ids / attention_mask / labels, each [B, num_query + len(BOS) + P_i + T_i, padded] with the
+    caption part T_i <= max_tokens.
     """
     end = caption_end_id(tokenizer)
     body = tokenizer([c.strip() for c in captions], add_special_tokens=False)["input_ids"]
-    rows = [ids[: max_tokens - 1] + [end] for ids in body]  # truncated captions still end with "\n"
-    prefix = [image_token_id(tokenizer)] * num_query + [tokenizer.bos_token_id]
-    width = len(prefix) + max(len(r) for r in rows)
+    rows = [ids[: max_tokens - 1] + [end] for ids in body]  # truncated captions still end with the end token
+    prefix = [image_token_id(tokenizer)] * num_query + bos_ids(tokenizer)
+    heads = [prefix + instruction_ids(tokenizer, p) for p in (prompts or [""] * len(rows))]
+    width = max(len(h) + len(r) for h, r in zip(heads, rows, strict=True))
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full_like(input_ids, -100)
     attention = torch.zeros_like(input_ids)
-    for i, row in enumerate(rows):
-        n = len(prefix) + len(row)
-        input_ids[i, :n] = torch.tensor(prefix + row)
-        labels[i, len(prefix) : n] = torch.tensor(row)
+    for i, (head, row) in enumerate(zip(heads, rows, strict=True)):
+        n = len(head) + len(row)
+        input_ids[i, :n] = torch.tensor(head + row)
+        labels[i, len(head) : n] = torch.tensor(row)
         attention[i, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def instruction_ids(tokenizer, instruction: str) -> list[int]:
+    """Token ids of a task instruction in the tokenizer's family's turn layout; [] for none."""
+    text = family_of_tokenizer(tokenizer).prompt_text(instruction)
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
 @dataclass
@@ -305,10 +394,11 @@ class GenerationConfig:
 
 
 def prompt_ids(model: Blip2ForConditionalGeneration, tokenizer, prompt: str, batch: int) -> torch.Tensor:
-    """[B, Q + 1 + P] LM input ids: Q image tokens, </s>, then the prompt's tokens (the exported chat template's
-    layout). An empty prompt gives generate()'s own default, the paper's."""
-    ids = [image_token_id(tokenizer)] * model.config.num_query_tokens + [tokenizer.bos_token_id]
-    ids += tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    """[B, Q + len(BOS) + P] LM input ids: Q image tokens, BOS (OPT's </s>, Llama-3's <|begin_of_text|>, none for
+    Qwen2.5), then the instruction in the family's turn layout (the exported chat template's layout). An empty prompt
+    gives the paper's: image tokens and BOS only."""
+    ids = [image_token_id(tokenizer)] * model.config.num_query_tokens + bos_ids(tokenizer)
+    ids += instruction_ids(tokenizer, prompt)
     return torch.tensor([ids] * batch, dtype=torch.long)
 
 
@@ -325,8 +415,9 @@ class Generated(NamedTuple):
 def generate_captions(model: Blip2ForConditionalGeneration, tokenizer, pixel_values: torch.Tensor,
                       gen: GenerationConfig | None = None, prompt: str = "", with_lengths: bool = False,
                       **extra) -> list[str] | list[Generated]:
-    """Captions for a batch of images; the prompt is empty (image tokens + </s>) as in the paper, or ``prompt``'s
-    text after </s>, the same for every image of the batch. ``with_lengths``: Generated tuples instead of strings."""
+    """Captions for a batch of images; the prompt is empty (image tokens + BOS) as in the paper, or ``prompt``, a
+    task instruction laid out as the LM family's turn, the same for every image of the batch. ``with_lengths``:
+    Generated tuples instead of strings."""
     gen = gen or GenerationConfig()
     kwargs = dict(max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens,
                   eos_token_id=caption_end_id(tokenizer), pad_token_id=tokenizer.pad_token_id,

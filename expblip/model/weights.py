@@ -44,7 +44,8 @@ import torch
 from torch import nn
 from transformers import Blip2Config, Blip2ForConditionalGeneration, GenerationConfig
 
-from expblip.model.tokenizer import caption_end_id, load_tokenizer
+from expblip.model.family import OPT, Family
+from expblip.model.tokenizer import caption_end_id, family_of_tokenizer, load_tokenizer
 from expblip.pixels import CLIP_MEAN, CLIP_STD
 
 PREFIX = "blip2."  # CaptionModel wraps the HF model under this attribute
@@ -698,15 +699,31 @@ def _write_side_files(out: Path, config: Blip2Config, tokenizer, resolved_config
 
 
 # The prompt of a chat turn for stock transformers (Blip2Processor.apply_chat_template, the image-text-to-text
-# pipeline, engines that read chat_template.jinja): BOS, then the text parts of the user's messages. The processor
-# puts num_query_tokens <image> tokens in front, so an image-only message gives exactly expblip's prompt
-# ([<image>] * Q + [</s>]); Exp-BLIP models were trained with that empty prompt.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}{% endif %}{% endfor %}"
+# pipeline, engines that read chat_template.jinja): BOS, then the text parts of the user's messages laid out as the
+# LM family's turn (expblip.model.family; OPT's is the text itself), nothing for an image alone. The processor puts
+# num_query_tokens <image> tokens in front, so an image-only message gives exactly expblip's prompt ([<image>] * Q +
+# BOS); Exp-BLIP models were trained with that empty prompt, task-prompted models with the family's turn.
+_CHAT_TEXT = (
+    "{% set ns = namespace(text='') %}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{% if message['content'] is string %}{% set ns.text = ns.text + message['content'] %}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{% set ns.text = ns.text + part['text'] %}"
+    "{% endif %}{% endfor %}{% endif %}{% endif %}{% endfor %}"
 )
+
+
+def chat_template(family: Family) -> str:
+    """The exported chat template of a family (see above)."""
+    before, _, after = family.turn.partition("{prompt}")
+    bos = "{{ bos_token }}" if family.bos else ""
+    turn = "{{ ns.text }}" if not before and not after else f"{_jinja_text(before)}{{{{ ns.text }}}}{_jinja_text(after)}"
+    return f"{_CHAT_TEXT}{bos}{{% if ns.text %}}{turn}{{% endif %}}"
+
+
+def _jinja_text(text: str) -> str:
+    return "{{ " + json.dumps(text) + " }}" if text else ""
+
+
+CHAT_TEMPLATE = chat_template(OPT)
 
 
 def write_processor(out: Path, config: Blip2Config, tokenizer) -> None:
@@ -725,21 +742,23 @@ def write_processor(out: Path, config: Blip2Config, tokenizer) -> None:
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     tokenizer.save_pretrained(out)
-    _tokenizer_for_processor(out, tokenizer.bos_token, tokenizer.bos_token_id)
+    family = family_of_tokenizer(tokenizer)
+    _tokenizer_for_processor(out, family.bos, tokenizer.convert_tokens_to_ids(family.bos) if family.bos else None)
     size = config.vision_config.image_size
     image_processor = BlipImageProcessorPil(size={"height": size, "width": size}, image_mean=list(CLIP_MEAN),
                                             image_std=list(CLIP_STD), resample=3, do_convert_rgb=True)  # 3: bicubic
     processor = Blip2Processor(image_processor=image_processor, num_query_tokens=config.num_query_tokens,
                                tokenizer=AutoTokenizer.from_pretrained(str(out), local_files_only=True))
-    processor.chat_template = CHAT_TEMPLATE  # Blip2Processor.__init__ drops a chat_template argument (5.24)
+    processor.chat_template = chat_template(family)  # Blip2Processor.__init__ drops a chat_template argument (5.24)
     with tempfile.TemporaryDirectory() as tmp:  # keep our tokenizer files; take the processor's own two
         processor.save_pretrained(tmp)
         for name in ("processor_config.json", "chat_template.jinja"):
             (out / name).write_bytes((Path(tmp) / name).read_bytes())
 
 
-def _tokenizer_for_processor(out: Path, bos: str, bos_id: int) -> None:
-    """Edit the saved tokenizer files in ``out`` (see write_processor): no ``image_token``; BOS in front of text."""
+def _tokenizer_for_processor(out: Path, bos: str | None, bos_id: int | None) -> None:
+    """Edit the saved tokenizer files in ``out`` (see write_processor): no ``image_token``; BOS in front of text
+    (none for a family without one: Qwen2.5)."""
     from tokenizers import Tokenizer, processors
 
     config_file = out / "tokenizer_config.json"
@@ -750,7 +769,7 @@ def _tokenizer_for_processor(out: Path, bos: str, bos_id: int) -> None:
             tok_config[key].pop("image_token", None)
     config_file.write_text(json.dumps(tok_config, indent=2, ensure_ascii=False))
     tok_file = out / "tokenizer.json"
-    if not tok_file.is_file():  # a slow tokenizer: left as it is
+    if not tok_file.is_file() or bos is None:  # a slow tokenizer, or no BOS: left as it is
         return
     backend = Tokenizer.from_file(str(tok_file))
     if backend.encode("a").ids[:1] == [bos_id]:  # OPT's own tokenizer already adds it
@@ -788,20 +807,30 @@ def save_trainable_export(state: Mapping[str, Any], config: Blip2Config, tokeniz
     Holds trainable.safetensors, config.json (the full Blip2Config), the tokenizer, config.yaml and expblip.json
     ({"format": "trainable-only", "frozen": {key: {"sha256", "dtype", "shape"}}, ...}).
     `frozen`: those fingerprints already computed (the training loop hashes each frozen tensor as it gathers it);
-    `state` then holds only the trainable tensors.
+    `state` then holds only the trainable tensors. LoRA adapters (`...lora_A.default.weight`) are kept under their
+    own names beside the trained tensors; their layers' frozen weights are fingerprinted under transformers' names,
+    and `extra_meta["lora"]["scale"]` (alpha / r) says how merge_trainable folds them in.
     """
+    from expblip.model.lora import base_name, is_adapter
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     aliases = tied_aliases(config)
-    state = {k: v for k, v in strip_prefix(dict(state)).items() if k not in aliases}
+    state = strip_prefix(dict(state))
+    adapters = {k: v for k, v in state.items() if is_adapter(k)}
+    if adapters and "scale" not in (extra_meta or {}).get("lora", {}):
+        raise ValueError(f"export to {out}: LoRA adapters need extra_meta['lora']['scale'] (alpha / r)")
+    state = {base_name(k): v for k, v in state.items() if not is_adapter(k) and base_name(k) not in aliases}
     if frozen is not None:
         state = {**state, **{k: torch.empty(v["shape"], device="meta") for k, v in frozen.items()}}  # shapes
     check_state(state, config, f"export to {out}")
-    keep = set(trainable)
+    keep = {base_name(k) for k in trainable if not is_adapter(k)}
     absent = sorted(keep - set(state))
     if absent:
         raise ValueError(f"trainable keys not in the checkpoint: {absent[:5]}")
-    write_safetensors({k: state[k] for k in state if k in keep}, out, name=TRAINABLE_FILE.removesuffix(".safetensors"))
+    write_safetensors({**{k: state[k] for k in state if k in keep}, **adapters}, out,
+                      name=TRAINABLE_FILE.removesuffix(".safetensors"))
+    keep_written = keep | set(adapters)
     if frozen is None:
         frozen = {}
         for key in sorted(set(state) - keep):  # a lazy tower tensor is hashed as it streams, never held whole
@@ -810,7 +839,7 @@ def save_trainable_export(state: Mapping[str, Any], config: Blip2Config, tokeniz
                            "shape": list(tensor.shape)}
     frozen = dict(sorted(frozen.items()))
     config.save_pretrained(out)
-    meta = {"format": "trainable-only", "trainable": sorted(keep), "frozen": frozen,
+    meta = {"format": "trainable-only", "trainable": sorted(keep_written), "frozen": frozen,
             "towers": _tower_digests(frozen), **(extra_meta or {})}
     _write_side_files(out, config, tokenizer, resolved_config_yaml, meta)
     return out
@@ -855,7 +884,7 @@ def check_towers(towers: Mapping[str, torch.Tensor], frozen: Mapping[str, dict])
 
 def merge_trainable(path: str | Path, towers: str | Path | WeightSource | Mapping[str, Any]) -> dict[str, Any]:
     """Full state: `towers` (anything open_weights reads, a WeightSource or a state dict) overlaid with a
-    trainable-only export. Towers from a path stay lazy (LazyTensor): they are hashed and, later, written one tensor
+    trainable-only export, its LoRA adapters folded into their layers (W + alpha/r * B @ A). Towers from a path stay lazy (LazyTensor): they are hashed and, later, written one tensor
     at a time, so merging a 7B model needs one tensor's memory.
 
     Raises TowerMismatchError naming the first differing tensors unless every frozen tensor matches its fingerprint.
@@ -871,7 +900,12 @@ def merge_trainable(path: str | Path, towers: str | Path | WeightSource | Mappin
         raise TowerMismatchError(f"{path} was trained on other frozen towers: {len(problems)} of "
                                  f"{len(meta['frozen'])} tensors differ ({by_tower}), e.g.\n  "
                                  + "\n  ".join(problems[:5]))
-    return {**{k: towers[k] for k in meta["frozen"]}, **trained}
+    state = {**{k: towers[k] for k in meta["frozen"]}, **trained}
+    if "lora" in meta:  # the adapters folded into their layers: a plain Blip2 state
+        from expblip.model.lora import merge_adapters
+
+        state = merge_adapters(state, float(meta["lora"]["scale"]))
+    return state
 
 
 def load_trainable_export(path: str | Path, towers: str | Path | Mapping[str, torch.Tensor],

@@ -320,6 +320,22 @@ def _authorised(request: Request, api_key: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
 
 
+MAX_PROMPT_CHARS = 1000
+
+
+def request_prompt(captioner: Captioner, task: str | None, prompt: str | None) -> str:
+    """The prompt of a /describe request: one of the model's tasks (its trained prompt), an instruction of the
+    request's own, or none (the paper's captioning); 400 when both are given or the task is unknown."""
+    if task and prompt:
+        raise UploadRejected(400, "give task or prompt, not both")
+    if task:
+        try:
+            return captioner.task_prompt(task)
+        except ValueError as err:
+            raise UploadRejected(400, str(err)) from err
+    return prompt or ""
+
+
 def request_gen(base: GenerationConfig, beams: int | None, max_new_tokens: int | None) -> GenerationConfig:
     """The server's decoding with a request's beam width and length limit (bounded by the server's own)."""
     gen = base
@@ -385,7 +401,7 @@ def _install_routes(app: FastAPI, service: Service, max_upload_bytes: int, max_v
     @app.get("/health")
     def health() -> dict:
         limits_ = service.video_limits
-        return {"status": "ok", "model": model_name, "image_size": captioner.image_size,
+        return {"status": "ok", "model": model_name, "image_size": captioner.image_size, "tasks": captioner.tasks,
                 "crop_face": service.crop_face, "auth": auth, "max_upload_bytes": max_upload_bytes,
                 "formats": [f.lower() for f in UPLOAD_FORMATS],
                 "video": {"max_upload_bytes": max_video_bytes, "fps": service.video_fps,
@@ -408,13 +424,16 @@ def _install_routes(app: FastAPI, service: Service, max_upload_bytes: int, max_v
                   (422, "corrupt image"), (503, "queue full"), (504, "timed out")]})
     async def describe(image: Annotated[UploadFile, File(description="a face photo (PNG, JPEG, WebP or BMP)")],
                        beams: Annotated[int | None, Query(ge=1, le=MAX_BEAMS)] = None,
-                       max_new_tokens: Annotated[int | None, Query(ge=1)] = None):
+                       max_new_tokens: Annotated[int | None, Query(ge=1)] = None,
+                       task: Annotated[str | None, Query(description="one of the model's tasks (GET /health)")] = None,
+                       prompt: Annotated[str | None, Query(max_length=MAX_PROMPT_CHARS,
+                                                           description="an instruction of your own")] = None):
         name = Path(image.filename or "upload").name
         if image.size is not None and image.size > max_upload_bytes:  # the body limit allows for multipart framing
             raise UploadRejected(413, f"{name}: {image.size} bytes is above the {max_upload_bytes / MiB:g} MiB "
                                       "upload limit; send a smaller image")
         gen = request_gen(service.gen, beams, max_new_tokens)
-        return (await service.describe(await image.read(), name, gen))[0]
+        return (await service.describe(await image.read(), name, gen, request_prompt(captioner, task, prompt)))[0]
 
     @app.post("/describe/video", max_body_size=limits["/describe/video"])
     async def describe_video(video: Annotated[UploadFile, File(description="a clip (MP4/MOV, MKV/WebM or AVI)")],

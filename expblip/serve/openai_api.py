@@ -12,8 +12,9 @@ an expblip model about a face:
                                        (base64), and optional ``text`` parts
 
 Remote image URLs (http, https, anything but ``data:``) are refused with 400: the server never fetches on a client's
-behalf. The text parts become the prompt after ``</s>``, exactly as the export's chat template places them for stock
-transformers; Exp-BLIP models were trained with an empty prompt, so send the image alone for the paper's captions.
+behalf. The text parts become the prompt, laid out as the LM family's turn after BOS, exactly as the export's chat
+template places them for stock transformers; Exp-BLIP models were trained with an empty prompt, so send the image
+alone for the paper's captions, and a task-prompted model's task prompt (GET /health lists them) for its tasks.
 Decoding: the server's (beam search) unless the request sets ``temperature`` > 0 or ``top_p`` (nucleus sampling);
 ``max_completion_tokens`` / ``max_tokens`` lower the length limit. ``n`` must be 1 and ``stream`` false. The image goes
 through the same upload checks and the same batching queue as POST /describe.
@@ -143,6 +144,5 @@ def install_openai_routes(app: FastAPI, service: Service, model_name: str, max_b
         data = data_url_bytes(url, max_image_bytes)
         gen = chat_gen(service.gen, request)
         described, generated = await service.describe(data, "image_url", gen, prompt)
-        captioner = service.captioner
-        prompt_tokens = captioner.model.config.num_query_tokens + 1 + captioner.count_tokens(prompt)
+        prompt_tokens = service.captioner.prompt_length(prompt)
         return completion(model_name, described, generated, prompt_tokens)

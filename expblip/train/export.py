@@ -22,6 +22,7 @@ them) are streamed from model.weights; every tensor is materialised only while i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 
 from expblip.config import Config, ConfigError, load_config
 from expblip.model.blip2 import apply_freezing, blip2_config
+from expblip.model.lora import merge_adapters
 from expblip.model.tokenizer import load_tokenizer
 from expblip.model.weights import (
     PREFIX,
@@ -99,8 +101,12 @@ def trainable_keys(cfg: Config, config) -> set[str]:
     """Names of the parameters the run trained: the model built on the meta device, frozen as the stage froze it."""
     from transformers import Blip2ForConditionalGeneration
 
+    from expblip.model.lora import add_lora
+
     with torch.device("meta"):
         model = Blip2ForConditionalGeneration._from_config(config)
+        if cfg.model.lora.enabled:
+            add_lora(model, cfg.model.lora, cfg.model.family)
     apply_freezing(model, cfg.model, cfg.train.stage)
     return {name for name, param in model.named_parameters() if param.requires_grad}
 
@@ -168,11 +174,15 @@ def export_checkpoint(checkpoint_path: str | Path, out: str | Path, trainable_on
     step = int(ckpt.tag.removeprefix("step")) if ckpt.tag.removeprefix("step").isdigit() else -1
     source = {"checkpoint": str(ckpt.path.resolve()), "step": step, "stage": cfg.train.stage,
               "preset": cfg.model.preset, "heads_not_exported": heads}
+    meta = {"source": source, "tasks": cfg.tasks.prompts() if cfg.tasks.multi else {"describe": ""}}
+    if cfg.model.lora.enabled:
+        meta["lora"] = {**dataclasses.asdict(cfg.model.lora), "scale": cfg.model.lora.scale}
     if trainable_only:
         keys = trainable_keys(cfg, config)
-        save_trainable_export(state, config, tokenizer, out, keys, yaml_text, {"source": source})
-    else:
-        save_hf_dir(state, config, tokenizer, out, yaml_text, DTYPES[dtype], {"source": source})
+        save_trainable_export(state, config, tokenizer, out, keys, yaml_text, meta)
+    else:  # LoRA adapters folded into their layers: a plain Blip2 export
+        save_hf_dir(merge_adapters(state, cfg.model.lora.scale), config, tokenizer, out, yaml_text, DTYPES[dtype],
+                    meta)
     if qformer_tokenizer is not None:
         qformer_tokenizer.save_pretrained(Path(out) / "qformer_tokenizer")
     return ExportResult(Path(out), ckpt.path, step, len(state), trainable_only, heads)
@@ -181,9 +191,10 @@ def export_checkpoint(checkpoint_path: str | Path, out: str | Path, trainable_on
 def with_frozen_towers(state: dict, config, cfg: Config) -> dict:
     """The checkpoint's state, completed with the frozen towers it left out (checkpoint.save does when model.weights
     holds them): read lazily from model.weights, one tensor at a time as they are written or hashed."""
+    from expblip.model.lora import base_name, is_adapter
     from expblip.model.weights import expected_shapes, open_weights
 
-    absent = sorted(set(expected_shapes(config)) - set(state))
+    absent = sorted(set(expected_shapes(config)) - {base_name(k) for k in state if not is_adapter(k)})
     if not absent or not cfg.model.weights:
         return state
     source = open_weights(cfg.model.weights)

@@ -57,7 +57,7 @@ def heldout_loss(run, model_inputs) -> float:
     batches, total = _eval_stream(run), torch.zeros(2, dtype=torch.float64)
     for _ in range(run.cfg.train.eval_batches):
         batch = next(batches)
-        out = run.engine(**model_inputs(run, batch))
+        out = run.engine(**model_inputs(run, batch, task_step=-1))
         loss = out["loss"] if isinstance(out, dict) else out
         total += torch.tensor([float(loss) * len(batch["keys"]), len(batch["keys"])], dtype=torch.float64)
     dist.all_reduce(total)
@@ -65,8 +65,9 @@ def heldout_loss(run, model_inputs) -> float:
 
 
 @torch.no_grad()
-def heldout_captions(run) -> tuple[list[str], list[dict]]:
-    """Collective: greedy captions of the same number of held-out images on every rank; all of them on rank 0."""
+def heldout_captions(run, prompt: str = "") -> tuple[list[str], list[dict]]:
+    """Collective: greedy captions (answers to `prompt`) of the same number of held-out images on every rank; all of
+    them on rank 0."""
     from expblip.model.blip2 import GenerationConfig, generate_captions
     from expblip.train.engine import gathered
 
@@ -80,7 +81,8 @@ def heldout_captions(run) -> tuple[list[str], list[dict]]:
         batch = next(batches)
         pixels = batch["pixel_values"].to(run.engine.device, dtype)
         with gathered([blip2.query_tokens]):  # read outside forward: ZeRO-3 must gather it explicitly
-            captions += generate_captions(blip2, run.tokenizer, pixels, gen, synced_gpus=partitioned and run.world > 1)
+            captions += generate_captions(blip2, run.tokenizer, pixels, gen, prompt,
+                                          synced_gpus=partitioned and run.world > 1)
         labels += batch["labels"]
     gathered_all = [None] * run.world
     dist.all_gather_object(gathered_all, (captions[:per_rank], labels[:per_rank]))
@@ -97,8 +99,13 @@ def _baselines(run) -> dict:
     return {"train": train, "aus": list(run.cfg.train.eval_aus) or seen}
 
 
-def caption_scores(run, state: HeldoutState, captions: list[str], labels: list[dict]) -> dict:
-    """Rank 0: evaluator scores of the held-out captions, beside the best constant captions (first time only)."""
+TASK_METRICS = {"describe": ("mean_au_f1", "emotion_accuracy"), "aus": ("mean_au_f1",),
+                "emotion": ("emotion_accuracy",)}
+
+
+def caption_scores(run, state: HeldoutState, captions: list[str], labels: list[dict], task: str = "describe") -> dict:
+    """Rank 0: evaluator scores of the held-out captions (answers to `task`'s prompt: its metrics, under
+    eval/<task>/ except for describe), beside the best constant captions (first time only)."""
     from expblip.eval.evaluate import baseline_rows, evaluate_captions, strongest
 
     if not state.baselines:
@@ -107,11 +114,17 @@ def caption_scores(run, state: HeldoutState, captions: list[str], labels: list[d
     if not state.baselines["aus"]:  # an emotion-only dataset: no AU to score
         scored = [{**lab, "aus": None} for lab in scored]
     model = evaluate_captions(captions, scored, state.baselines["aus"])
-    metrics = {f"eval/{k}": model[k] for k in ("mean_au_f1", "emotion_accuracy") if model[k] is not None}
-    metrics["eval/captions"] = len(captions)
+    prefix = "eval/" if task == "describe" else f"eval/{task}/"
+    metrics = {f"{prefix}{k}": model[k] for k in TASK_METRICS[task] if model[k] is not None}
+    metrics[f"{prefix}captions"] = len(captions)
     best = strongest(baseline_rows(state.baselines["train"], scored, state.baselines["aus"]))
     metrics.update({f"eval/best_baseline.{k}": v["score"] for k, v in best.items() if v is not None})
     return metrics
+
+
+def evaluation_tasks(cfg) -> dict[str, str]:
+    """{task: prompt} asked at each held-out evaluation: the trained tasks, or the paper's captioning alone."""
+    return cfg.tasks.prompts() if cfg.tasks.multi else {"describe": ""}
 
 
 def evaluate(run, state: HeldoutState, model_inputs) -> dict:
@@ -120,9 +133,10 @@ def evaluate(run, state: HeldoutState, model_inputs) -> dict:
     try:
         metrics = {"eval/loss": heldout_loss(run, model_inputs)}
         if run.cfg.train.eval_generate and run.cfg.train.stage in CAPTION_STAGES:
-            captions, labels = heldout_captions(run)
-            if run.rank == 0:
-                metrics.update(caption_scores(run, state, captions, labels))
+            for task, prompt in evaluation_tasks(run.cfg).items():
+                captions, labels = heldout_captions(run, prompt)
+                if run.rank == 0:
+                    metrics.update(caption_scores(run, state, captions, labels, task))
     finally:
         run.engine.module.train()
     if metrics["eval/loss"] < state.best_loss:

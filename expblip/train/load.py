@@ -29,6 +29,7 @@ from torch import nn
 
 from expblip.config import ConfigError
 from expblip.log import get_logger
+from expblip.model.lora import base_name, is_adapter
 from expblip.model.weights import PREFIX, STAGE1_EXTRAS, WeightSource
 
 log = get_logger(__name__)
@@ -84,11 +85,15 @@ def allow_pattern(globs: Iterable[str]) -> re.Pattern | None:
 
 
 def slots(unit: nn.Module) -> list[Slot]:
-    """Every parameter once, with all its names: BLIP-2's under transformers' names, stage heads under the names
-    their weights carry (Stage1Model.source_key: LAVIS and Blip2ForImageTextRetrieval names)."""
+    """Every parameter once, with all its names: BLIP-2's under transformers' names (a LoRA-adapted layer's
+    `base_layer` under its own name), stage heads under the names their weights carry (Stage1Model.source_key: LAVIS
+    and Blip2ForImageTextRetrieval names). LoRA adapters are left out: peft initialised them (B = 0), nothing loads
+    them."""
     by_id: dict[int, Slot] = {}
     for name, param in unit.named_parameters(remove_duplicate=False):
-        plain = name.removeprefix(PREFIX)
+        if is_adapter(name):
+            continue
+        plain = base_name(name.removeprefix(PREFIX))
         key = plain if name.startswith(PREFIX) else getattr(unit, "source_key", lambda n: n)(name)
         slot = by_id.setdefault(id(param), Slot([], [], param))
         slot.names.append(plain)

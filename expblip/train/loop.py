@@ -26,8 +26,10 @@ import yaml
 from expblip.config import Config, ConfigError, dump_config, public_dict
 from expblip.data.shards import resolve_shards
 from expblip.data.stream import Cursor, StreamError, make_loader, read_captions, resolve_with_retry
+from expblip.data.tasks import pick_task, task_text, task_vocabulary
 from expblip.log import get_logger
 from expblip.model.blip2 import (
+    TINY_PRESETS,
     CaptionModel,
     VisionPretrainModel,
     apply_freezing,
@@ -313,12 +315,13 @@ def _tokenizer(cfg: Config, rank: int, run_dir: Path, source: WeightSource | Non
     fetched = _fetch_tokenizer(source)
     if fetched:
         return load_tokenizer(fetched)
-    if cfg.model.preset != "tiny":
+    if cfg.model.preset not in TINY_PRESETS:
         raise ConfigError(f"model.preset {cfg.model.preset} needs model.tokenizer (a local tokenizer directory)")
     text = [None]
     if rank == 0:  # train once and broadcast: every rank must hold the identical vocabulary
-        captions = read_captions(cfg.data.train)
-        text[0] = train_caption_tokenizer(captions, cfg.model.tokenizer_vocab).backend_tokenizer.to_str()
+        captions = read_captions(cfg.data.train) + task_vocabulary(cfg.tasks)
+        text[0] = train_caption_tokenizer(captions, cfg.model.tokenizer_vocab,
+                                          cfg.model.family).backend_tokenizer.to_str()
     dist.broadcast_object_list(text, src=0)
     from tokenizers import Tokenizer
 
@@ -378,8 +381,10 @@ def _record_start(run: Run) -> None:
 # ---------------------------------------------------------------- step
 
 
-def model_inputs(run: Run, batch: dict) -> dict:
-    """Batch from the loader -> keyword arguments of the training unit's forward."""
+def model_inputs(run: Run, batch: dict, task_step: int | None = None) -> dict:
+    """Batch from the loader -> keyword arguments of the training unit's forward. With several tasks (config
+    `tasks`), each sample gets the prompt and answer of a task drawn for (sample, step); `task_step` replaces the
+    step (held-out batches use -1: the same draw at every evaluation)."""
     if run.cfg.train.stage == "vision":
         inputs = {"pixel_values": _pixels(run, batch), **au_targets(batch["labels"], run.cfg.train.vision_aus)}
         return {k: v.to(run.engine.device) for k, v in inputs.items()}
@@ -388,10 +393,16 @@ def model_inputs(run: Run, batch: dict) -> dict:
         inputs = {"pixel_values": _pixels(run, batch), **text}
         return {**{k: v.to(run.engine.device) for k, v in inputs.items()}, "gather": all_gather_with_grad}
     lm_only = run.cfg.train.stage == "lm"
-    # the 'lm' stage keeps the captioning layout (<image> placeholders, then </s> and the caption) so that the
-    # frozen LM later meets the query outputs at positions it was trained on
-    inputs = caption_inputs(run.tokenizer, batch["captions"], run.blip2_config.num_query_tokens,
-                            run.cfg.data.max_text_tokens)
+    captions, prompts = batch["captions"], None
+    if run.cfg.tasks.multi:
+        step = run.step if task_step is None else task_step
+        picked = [task_text(run.cfg.tasks, pick_task(run.cfg.tasks, lab, key, run.cfg.train.seed, step), lab, cap)
+                  for lab, key, cap in zip(batch["labels"], batch["keys"], batch["captions"], strict=True)]
+        prompts, captions = [p for p, _ in picked], [a for _, a in picked]
+    # the 'lm' stage keeps the captioning layout (<image> placeholders, then BOS, the prompt and the caption) so
+    # that the frozen LM later meets the query outputs at positions it was trained on
+    inputs = caption_inputs(run.tokenizer, captions, run.blip2_config.num_query_tokens, run.cfg.data.max_text_tokens,
+                            prompts)
     if not lm_only:
         inputs["pixel_values"] = _pixels(run, batch)
     return {k: v.to(run.engine.device) for k, v in inputs.items()}
@@ -573,19 +584,25 @@ class _Gathered:
 
 
 def _export_state(run: Run) -> dict[str, _Gathered]:
-    """The HF model's parameters (tied aliases left out), each to be gathered when written."""
+    """The HF model's parameters (tied aliases left out), each to be gathered when written; LoRA layers under their
+    module names (`...q_proj.base_layer.weight`, `...lora_A.default.weight`)."""
+    from expblip.model.lora import base_name
     from expblip.model.weights import tied_aliases
 
     aliases = tied_aliases(run.blip2_config)
     return {name: _Gathered(param, run.rank) for name, param in run.engine.module.blip2.named_parameters()
-            if name not in aliases}
+            if base_name(name) not in aliases}
 
 
 def _export_full(run: Run, out: Path) -> None:
+    """Full HF-format export; LoRA adapters folded into their layers' weights (W + alpha/r * B @ A), so stock
+    transformers loads it as a plain Blip2ForConditionalGeneration."""
+    from expblip.model.lora import merge_adapters
+
     yaml_text = yaml.safe_dump(public_dict(run.cfg), sort_keys=False)
-    state = _export_state(run)
+    state = merge_adapters(_export_state(run), run.cfg.model.lora.scale)
     if run.rank == 0:
-        save_hf_dir(state, run.blip2_config, run.tokenizer, out, yaml_text, extra_meta={"step": run.step},
+        save_hf_dir(state, run.blip2_config, run.tokenizer, out, yaml_text, extra_meta=_export_meta(run),
                     config_dtype=ds_engine.construction_dtype(run.ds_config, run.cfg.model.frozen_dtype))
         if run.qformer_tokenizer is not None:
             run.qformer_tokenizer.save_pretrained(out / "qformer_tokenizer")
@@ -594,8 +611,20 @@ def _export_full(run: Run, out: Path) -> None:
             value.contiguous()
 
 
+def _export_meta(run: Run) -> dict:
+    """What an export records about training besides the config: the step, the task prompts, the LoRA settings."""
+    from dataclasses import asdict
+
+    meta: dict = {"step": run.step, "tasks": heldout.evaluation_tasks(run.cfg)}
+    if run.cfg.model.lora.enabled:
+        meta["lora"] = {**asdict(run.cfg.model.lora), "scale": run.cfg.model.lora.scale}
+    return meta
+
+
 def _export_trainable(run: Run, out: Path) -> None:
-    """Trainable tensors whole (Q-Former-sized); frozen ones gathered one at a time and only hashed."""
+    """Trainable tensors whole (Q-Former-sized, LoRA adapters included); frozen ones gathered one at a time and
+    only hashed, under their transformers names (what merging onto the towers matches)."""
+    from expblip.model.lora import base_name
     from expblip.model.weights import fingerprint
 
     trained, frozen = {}, {}
@@ -604,13 +633,13 @@ def _export_trainable(run: Run, out: Path) -> None:
         if run.rank == 0 and value.param.requires_grad:
             trained[name] = tensor
         elif run.rank == 0:
-            frozen[name] = {"sha256": fingerprint(tensor), "dtype": str(tensor.dtype).removeprefix("torch."),
-                            "shape": list(tensor.shape)}
+            frozen[base_name(name)] = {"sha256": fingerprint(tensor), "dtype": str(tensor.dtype).removeprefix("torch."),
+                                       "shape": list(tensor.shape)}
         del tensor
     if run.rank == 0:
         save_trainable_export(trained, run.blip2_config, run.tokenizer, out, sorted(trained),
                               yaml.safe_dump(public_dict(run.cfg), sort_keys=False),
-                              {"step": run.step, "towers_from": run.cfg.model.weights}, frozen=frozen)
+                              {**_export_meta(run), "towers_from": run.cfg.model.weights}, frozen=frozen)
         if run.qformer_tokenizer is not None:
             run.qformer_tokenizer.save_pretrained(out / "qformer_tokenizer")
 
@@ -653,9 +682,11 @@ def _log(run: Run, metrics: dict) -> None:
 
 
 def _log_eval(run: Run, metrics: dict) -> None:
-    scores = [f"{name} {metrics[f'eval/{name}']:.3f} (strongest baseline "
-              f"{metrics[f'eval/best_baseline.{name}']:.3f})" for name in ("mean_au_f1", "emotion_accuracy")
-              if f"eval/{name}" in metrics and f"eval/best_baseline.{name}" in metrics]
+    keys = [(f"eval/{task}/" if task != "describe" else "eval/", name, f"{task} " if task != "describe" else "")
+            for task in heldout.TASK_METRICS for name in heldout.TASK_METRICS[task]]
+    scores = [f"{label}{name} {metrics[f'{prefix}{name}']:.3f} (strongest baseline "
+              f"{metrics[f'eval/best_baseline.{name}']:.3f})" for prefix, name, label in keys
+              if f"{prefix}{name}" in metrics and f"eval/best_baseline.{name}" in metrics]
     log.info(f"held-out at step {run.step}: loss {metrics['eval/loss']:.4f} (best {metrics['eval/best_loss']:.4f} at "
              f"step {metrics['eval/best_step']})" + "".join(f"; {s}" for s in scores))
 

@@ -70,10 +70,14 @@ class PlanConfig:
     headroom: float = 0.1  # fraction of GPU memory kept free (CUDA context, allocator fragmentation, buckets)
     checkpointing: tuple[str, ...] = ()  # towers with activation checkpointing (model.checkpointing)
     stage: Literal["stage1", "stage2"] = "stage2"  # stage 1: no OPT pass, but the Q-Former's text/ITM/ITG passes
+    lora_r: int = 0  # LoRA rank on lora_towers (model.lora.r); 0 = no adapters
+    lora_towers: tuple[str, ...] = ("lm",)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"--preset {self.preset!r} does not exist; choose one of {sorted(PRESETS)}")
+        if self.lora_r < 0 or not set(self.lora_towers) <= {"lm", "vision", "qformer"}:
+            raise ValueError("--lora-r must be >= 0 and --lora-towers among lm, vision, qformer")
         if self.trainable not in ("qformer", "qformer+vit"):
             raise ValueError(f"--trainable {self.trainable!r}: choose qformer or qformer+vit")
         if min(self.gpus_per_node, self.nodes, self.micro_batch) < 1:
@@ -87,22 +91,37 @@ class PlanConfig:
 # ---------------------------------------------------------------- parameter counts
 
 
+# tokens of each family's tokenizer before <image>: OPT's 50,265 (embedding padded to 50,272), Qwen2.5's 151,665
+# (151,936 / 152,064 rows), Llama-3's 128,256 (which fill its embedding: <image> takes a reserved token's id)
+FAMILY_VOCAB = {"opt": OPT_VOCAB, "qwen2": 151665, "llama": 128256}
+
+
 class _VocabOnly:
-    """Stand-in for a tokenizer where only its size and OPT's special ids matter (no tokenizer file needed)."""
+    """Stand-in for a tokenizer where only its size and its family's special ids matter (no tokenizer file)."""
 
-    pad_token_id, bos_token_id, caption_end = 1, 2, 50118  # OPT: <pad>, </s>, "\n" (Ċ)
+    def __init__(self, size: int, family: str = "opt"):
+        from expblip.model.family import FAMILIES, IMAGE_TOKEN
 
-    def __init__(self, size: int):
-        self.size = size
+        self.size, self.family = size, FAMILIES[family]
+        names = [IMAGE_TOKEN, self.family.caption_end, self.family.pad, *([self.family.bos] if self.family.bos else [])]
+        self.ids = {name: size - 1 - i for i, name in enumerate(names)}  # the last ids; <image> in place of the last
+        self.pad_token_id = self.ids[self.family.pad]
+        self.bos_token_id = self.ids.get(self.family.bos)
+        if family == "opt":  # OPT's own ids: <pad> 1, </s> 2, "\n" 50118; <image> appended after the vocabulary
+            self.ids = {IMAGE_TOKEN: size, "\n": min(50118, size - 1), "<pad>": 1, "</s>": 2}
+            self.pad_token_id, self.bos_token_id = 1, 2
 
     def __len__(self) -> int:
-        return self.size + 1  # + <image>
+        return self.size + 1 if self.family.name == "opt" else self.size
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.ids)
 
     def convert_tokens_to_ids(self, token: str) -> int:
-        return self.size  # <image> is appended after the vocabulary
+        return self.ids[token]
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-        return {"input_ids": [self.caption_end]}
+        return {"input_ids": [self.ids[text]]}
 
 
 @dataclass
@@ -133,30 +152,44 @@ class ParamCounts:
     lm: int
     largest_layer: int
     dims: Dims = field(repr=False)
+    adapters: int = 0  # LoRA adapters (PlanConfig.lora_r), not in the towers' counts
+    adapters_by_tower: dict = field(default_factory=dict, repr=False)
 
     @property
     def total(self) -> int:
-        return self.vision + self.qformer + self.projection + self.lm
+        return self.vision + self.qformer + self.projection + self.lm + self.adapters
 
     def trainable(self, which: Trainable) -> int:
-        return self.qformer + self.projection + (self.vision if which == "qformer+vit" else 0)
+        return self.qformer + self.projection + (self.vision if which == "qformer+vit" else 0) + self.adapters
 
 
 _TOWER = {"vision_model": "vision", "qformer": "qformer", "query_tokens": "qformer",
           "language_projection": "projection", "language_model": "lm"}
 
 
-def count_params(preset: str) -> ParamCounts:
-    """Build the preset on the meta device (no memory, no weights) and count its parameters per tower."""
-    cfg = ModelConfig(preset=preset, tokenizer="(meta)")  # type: ignore[arg-type]
-    vocab = cfg.tokenizer_vocab if preset == "tiny" else OPT_VOCAB
+def count_params(preset: str, lora_r: int = 0, lora_towers: tuple[str, ...] = ("lm",)) -> ParamCounts:
+    """Build the preset on the meta device (no memory, no weights) and count its parameters per tower; with
+    `lora_r`, also the LoRA adapters of rank r on `lora_towers` (each tower's default targets)."""
+    from expblip.model.blip2 import TINY_PRESETS, preset_family
+    from expblip.model.lora import LoraSettings, is_adapter
+
+    lora = LoraSettings(towers=tuple(lora_towers) if lora_r else (), r=max(lora_r, 1))  # type: ignore[arg-type]
+    cfg = ModelConfig(preset=preset, tokenizer="(meta)", lora=lora)  # type: ignore[arg-type]
+    family = preset_family(preset).name
+    vocab = cfg.tokenizer_vocab if preset in TINY_PRESETS else FAMILY_VOCAB[family]
     with torch.device("meta"):
-        model = build_model(cfg, _VocabOnly(vocab))
+        model = build_model(cfg, _VocabOnly(vocab, family))
     counts = dict.fromkeys(("vision", "qformer", "projection", "lm"), 0)
+    by_tower: dict[str, int] = {}
     for name, param in model.named_parameters():  # deduplicates the tied lm_head / embed_tokens
-        counts[_TOWER[name.split(".")[0]]] += param.numel()
+        tower = _TOWER[name.split(".")[0]]
+        if is_adapter(name):
+            by_tower[tower] = by_tower.get(tower, 0) + param.numel()
+        else:
+            counts[tower] += param.numel()
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return ParamCounts(**counts, largest_layer=largest, dims=_dims(model.config))
+    return ParamCounts(**counts, largest_layer=largest, dims=_dims(model.config), adapters=sum(by_tower.values()),
+                       adapters_by_tower=by_tower)
 
 
 def _dims(config) -> Dims:
@@ -293,7 +326,7 @@ class Plan:
 
 
 def make_plan(plan: PlanConfig, counts: ParamCounts | None = None) -> Plan:
-    counts = counts or count_params(plan.preset)
+    counts = counts or count_params(plan.preset, plan.lora_r, plan.lora_towers)
     act, act_ckpt, act_cfg = (activation_bytes(counts.dims, plan, c) for c in (False, True, plan.checkpointing))
     budget = plan.gpu_gib * GiB * (1 - plan.headroom)
     rows = []
@@ -329,7 +362,9 @@ def plan_for_run(cfg, gpus_per_node: int, nodes: int, gpu_gib: float) -> PlanCon
                       micro_batch=cfg.data.train.batch_size, gpu_gib=gpu_gib,
                       trainable="qformer" if cfg.model.freeze_vision else "qformer+vit",
                       text_tokens=cfg.stage1.max_text_tokens if stage1 else cfg.data.max_text_tokens,
-                      checkpointing=tuple(cfg.model.checkpointing), stage="stage1" if stage1 else "stage2")
+                      checkpointing=tuple(cfg.model.checkpointing), stage="stage1" if stage1 else "stage2",
+                      lora_r=cfg.model.lora.r if cfg.model.lora.enabled else 0,
+                      lora_towers=tuple(cfg.model.lora.towers) or ("lm",))
 
 
 def placement_for_run(cfg, world: int) -> tuple[str, str]:
@@ -408,7 +443,12 @@ def _lines(plan: Plan) -> Iterator[str]:
     m = 1e6
     yield (f"{cfg.preset}: {c.total / m:,.0f}M parameters = vision {c.vision / m:,.0f}M + Q-Former {c.qformer / m:,.1f}M "
            f"+ projection {c.projection / m:,.1f}M + LM {c.lm / m:,.0f}M; largest layer {c.largest_layer / m:,.0f}M")
-    yield (f"trainable ({cfg.trainable}): {c.trainable(cfg.trainable) / m:,.1f}M; {cfg.nodes} node(s) × "
+    if c.adapters:
+        yield ("LoRA r=" + str(cfg.lora_r) + ": " + ", ".join(
+            f"{t} {n / m:,.2f}M adapters ({n / getattr(c, t):.2%} of the {t})" for t, n in c.adapters_by_tower.items())
+            + f"; trainable {c.trainable(cfg.trainable) / m:,.1f}M of {c.total / m:,.0f}M")
+    yield (f"trainable ({cfg.trainable}{' + LoRA' if c.adapters else ''}): {c.trainable(cfg.trainable) / m:,.1f}M; "
+           f"{cfg.nodes} node(s) × "
            f"{cfg.gpus_per_node} GPUs of {cfg.gpu_gib:g} GiB; micro-batch {cfg.micro_batch}, "
            f"{cfg.text_tokens} text tokens; 16-bit weights")
     g = lambda x: f"{x / GiB:.1f}"  # noqa: E731
@@ -455,3 +495,24 @@ def print_deepspeed_tables(plan: Plan) -> None:
     cfg, c = plan.config, plan.counts
     estimate_zero2_model_states_mem_needs_all_cold(c.total, cfg.gpus_per_node, cfg.nodes)
     estimate_zero3_model_states_mem_needs_all_cold(c.total, c.largest_layer, cfg.gpus_per_node, cfg.nodes)
+
+
+def preset_table(lora_r: int = 16, gpus: int = 8, gpu_gib: float = 80.0, micro_batch: int = 4) -> list[str]:
+    """Every preset: parameters by tower, LoRA adapters of rank `lora_r` on the LM (default targets of its
+    family), what stage 2 trains with them, and the GiB per GPU of that LoRA stage 2 (bf16, frozen towers
+    replicated or partitioned as train.placement=auto chooses, LM checkpointed) on `gpus` GPUs of `gpu_gib`."""
+    from expblip.model.blip2 import PRESETS, preset_family
+
+    m = 1e6
+    lines = [f"{'preset':<19} {'LM family':<9} {'params':>9} {'LM':>9} {f'LoRA r{lora_r} (LM)':>16} {'% of LM':>8} "
+             f"{'trainable':>10} {'placement':<12} {f'GiB/GPU ({gpus}x{gpu_gib:g})':>16}"]
+    for preset in PRESETS:
+        plan = make_plan(PlanConfig(preset=preset, gpus_per_node=gpus, gpu_gib=gpu_gib, micro_batch=micro_batch,
+                                    lora_r=lora_r, checkpointing=("lm",)))
+        c = plan.counts
+        choice, _ = placement(plan)
+        row = plan.row("zero2" if choice == "replicated" else "zero3")
+        lines.append(f"{preset:<19} {preset_family(preset).name:<9} {c.total / m:>8,.1f}M {c.lm / m:>8,.1f}M "
+                     f"{c.adapters / m:>15,.2f}M {c.adapters / c.lm:>8.2%} {c.trainable('qformer') / m:>9,.1f}M "
+                     f"{choice:<12} {row.total_cfg_gpu / GiB:>16.1f}")
+    return lines
