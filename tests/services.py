@@ -417,7 +417,7 @@ class RayCluster:
         raylets = [p for p in processes if p.name() == "raylet"]
         assert raylets, f"no raylet under node {index}"
         raylets[0].kill()
-        for proc in processes:
+        for proc in processes + _workers_of(raylets[0].pid):
             try:
                 proc.kill()
             except psutil.Error:
@@ -487,3 +487,19 @@ def ray_cluster(tmpdir: str | Path, nodes: int = 2, num_cpus: int = 1, env: dict
         cluster.stop()
         raise
     return cluster
+
+
+def _workers_of(raylet_pid: int) -> list:
+    """The Ray worker processes a raylet started, wherever they sit in the process tree: Ray gives each its raylet's
+    pid in RAY_RAYLET_PID (a worker re-parented away from the raylet is not among its descendants)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("RAY_RAYLET_PID") == str(raylet_pid):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+

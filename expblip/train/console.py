@@ -93,9 +93,13 @@ class Console:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        # on the driver's node: a worker node may be lost mid-run (elastic training), the driver's node is not
+        # on the driver's node: a worker node may be lost mid-run (elastic training), the driver's node is not.
+        # Where Ray cannot tell which node that is (several nodes on one host), a lost node may take the mailbox
+        # with it: Ray then restarts it on another node, under the same handle, and the workers' lines go on
+        # arriving (what it held is lost).
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        self.actor = ray.remote(num_cpus=0, scheduling_strategy=here)(_Mailbox).remote()
+        self.actor = ray.remote(num_cpus=0, scheduling_strategy=here, max_restarts=-1,
+                                max_task_retries=-1)(_Mailbox).remote()
         self.progress = Progress(stage, out)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="expblip-console", daemon=True)
