@@ -173,19 +173,29 @@ def _given_export(model: str | None) -> Path | None:
     return resolve_export(DEMO_EXPORT) if (DEMO_EXPORT / "export" / "config.json").is_file() else None
 
 
+@contextlib.contextmanager
+def bench_export(model: str | None, threads: int, train_steps: int = 500) -> Iterator[Path]:
+    """The export a bench times (--model, else the demo's, else one trained in a temporary directory), with torch
+    at `threads` intra-op threads. Raises SystemExit(2) naming --model when it names no export."""
+    try:
+        given = _given_export(model)
+    except FileNotFoundError as err:
+        print(f"error: --model {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    with torch_threads(threads), tempfile.TemporaryDirectory() as tmp:
+        yield given or train_export(Path(tmp), train_steps)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from expblip.data.synthetic import synthetic_records
 
-    try:
-        given = _given_export(args.model)
-    except FileNotFoundError as err:
-        print(f"error: --model {err}", file=sys.stderr)
-        return 2
     images = [r["image"] for r in synthetic_records(args.images, seed=7, split="test")]
-    with torch_threads(args.threads), tempfile.TemporaryDirectory() as tmp:
-        export = given or train_export(Path(tmp), args.train_steps)
-        seconds, captions = run(export, images, args)
+    try:
+        with bench_export(args.model, args.threads, args.train_steps) as export:
+            seconds, captions = run(export, images, args)
+    except SystemExit as exit_:
+        return int(exit_.code)
     n, limit = len(images), args.max_new_tokens
     rates = {name: median([n / s for s in values]) for name, values in seconds.items()}
     matched = sum(a == b for a, b in zip(captions["ours"], captions["hf batched"], strict=True))

@@ -27,7 +27,6 @@ import http.client
 import io
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -191,22 +190,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from generate import _given_export, torch_threads, train_export
+    from generate import bench_export
 
     from expblip.data.synthetic import synthetic_records
 
-    try:
-        given = _given_export(args.model)
-    except FileNotFoundError as err:
-        print(f"error: --model {err}", file=sys.stderr)
-        return 2
     images = []
     for record in synthetic_records(16, seed=7):
         buffer = io.BytesIO()
         record["image"].save(buffer, "PNG")
         images.append(buffer.getvalue())
-    with torch_threads(args.threads), tempfile.TemporaryDirectory() as tmp:
-        results = measure(given or train_export(Path(tmp)), images, args)
+    try:
+        with bench_export(args.model, args.threads) as export:
+            results = measure(export, images, args)
+    except SystemExit as exit_:
+        return int(exit_.code)
     print("\n".join(report(results, args)), flush=True)
     return 0
 
