@@ -46,11 +46,11 @@ def _bare_engine(run):
     import torch
 
     from expblip.train import engine as ds_engine
-    from expblip.train.loop import _build
+    from expblip.train.loop import build_unit
     from expblip.train.optim import build_optimizer
 
     torch.manual_seed(run.cfg.train.seed)
-    model = _build(run.cfg, run.ds_config, run.tokenizer, run.qformer_tokenizer, init=True)
+    model = build_unit(run.cfg, run.ds_config, run.tokenizer, run.qformer_tokenizer, init=True)
     return ds_engine.initialize(model, build_optimizer(model, run.cfg.optim), None, run.ds_config)
 
 

@@ -219,13 +219,13 @@ def _measure(weights: str) -> None:
     from expblip.model.weights import open_weights as open_source
     from expblip.train import engine
     from expblip.train.load import load_initial_weights
-    from expblip.train.loop import _build
+    from expblip.train.loop import build_unit
 
     rank, world = engine.init_distributed()
     cfg = load_config(None, [f"model.preset={MEASURE_PRESET}", f"model.weights={weights}", "model.frozen_dtype=bfloat16",
                              "train.ds_config=ds_configs/zero3_bf16.json", "data.train.shards=unused"])
     ds = engine.resolve_ds_config(cfg, world)
-    unit = _build(cfg, ds, load_tokenizer(weights), None, init=False)
+    unit = build_unit(cfg, ds, load_tokenizer(weights), None, init=False)
     Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from what is resident now
     before = _status("VmHWM")
     load_initial_weights(unit, open_source(weights), (), rank)

@@ -138,7 +138,7 @@ def setup(cfg: Config, report: Reporter | None = None) -> Run:
     source = open_weights(cfg.model.weights) if cfg.model.weights else None  # headers only, on every rank
     tokenizer = _tokenizer(cfg, rank, run_dir, source)
     qformer_tokenizer = _qformer_tokenizer(cfg, rank, run_dir, source) if cfg.train.stage == "stage1" else None
-    model = _build(cfg, ds_config, tokenizer, qformer_tokenizer, init=source is None)
+    model = build_unit(cfg, ds_config, tokenizer, qformer_tokenizer, init=source is None)
     blip2_cfg = model.blip2.config
     elastic = _elastic_resume(run_dir, tag, rank, world)
     loaded = None
@@ -179,7 +179,7 @@ def _attempt_id() -> int:
     return stamp[0]
 
 
-def _build(cfg: Config, ds_config: dict, tokenizer, qformer_tokenizer, init: bool) -> torch.nn.Module:
+def build_unit(cfg: Config, ds_config: dict, tokenizer, qformer_tokenizer, init: bool) -> torch.nn.Module:
     """The training unit, partitioned as it is built (ZeRO-3), with each part in its dtype and checkpointing set.
 
     init=False (model.weights will fill it): nothing is randomly initialised, and the model is built directly in
