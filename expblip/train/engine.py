@@ -29,10 +29,15 @@ _FILLED_BY_US = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient
                  "gradient_clipping", "optimizer", "scheduler")
 
 
+_OWN_GROUP = False  # this process created the process group (deepspeed launcher, torchrun, lone python), not Ray
+
+
 def init_distributed() -> tuple[int, int]:
     """Join (or create) the process group: deepspeed launcher, torchrun, Ray Train, or a lone `python` process."""
     import deepspeed
 
+    global _OWN_GROUP
+    _OWN_GROUP = not torch.distributed.is_initialized()
     if "RANK" not in os.environ:  # a plain `python launch/finetune.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
@@ -43,6 +48,17 @@ def init_distributed() -> tuple[int, int]:
     # explicit: a rank whose storage is out makes the others wait in a collective for up to data.max_outage_s
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def close_distributed() -> None:
+    """Destroy the process group this process created, after a run that ended well (torchtitan's rule: never after
+    an error, where peers may still sit in a collective). Left to interpreter exit, gloo's worker threads can abort
+    the process with "terminate called without an active exception" (pytorch #190489). Ray Train closes its own."""
+    global _OWN_GROUP
+    if _OWN_GROUP and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank tears its transport down while a peer still uses it
+        torch.distributed.destroy_process_group()
+    _OWN_GROUP = False
 
 
 def _skip_cpu_shm_all_reduce() -> None:

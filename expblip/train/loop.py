@@ -657,6 +657,7 @@ def train(cfg: Config, report: Reporter | None = None) -> dict:
         run.tracker.close("FAILED")
         raise
     _finish(run)
+    ds_engine.close_distributed()
     return metrics
 
 
