@@ -39,7 +39,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="MLflow server for --register (default: $MLFLOW_TRACKING_URI, else the training run's)")
     parser.add_argument("--trainable-only", action="store_true",
                         help="write only the trained tensors + sha256 fingerprints of the frozen towers")
-    parser.add_argument("--towers", help="with --merge: HF-format dir (or LAVIS .pth) holding the frozen towers")
+    parser.add_argument("--towers", default="",
+                        help="with --merge: HF-format dir (or LAVIS .pth) holding the frozen towers (model.weights)")
+    parser.add_argument("--vision-weights", default="",
+                        help="with --merge: the run's model.vision_weights (the ViT from its own source)")
+    parser.add_argument("--lm-weights", default="",
+                        help="with --merge: the run's model.lm_weights (the LM's own HF directory)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weights of a full export (default: float32, what the checkpoint holds)")
     parser.add_argument("--tokenizer", default="", help="tokenizer directory, if not found beside the run")
@@ -51,8 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--export names an export to register: add --register NAME")
     if not args.export and not args.out:
         parser.error("--out is required with --checkpoint and --merge")
-    if args.merge and not args.towers:
-        parser.error("--merge needs --towers")
+    if args.merge and not (args.towers or args.vision_weights or args.lm_weights):
+        parser.error("--merge needs --towers (and/or --vision-weights / --lm-weights, as the run had them)")
     if args.merge and args.trainable_only:
         parser.error("--trainable-only goes with --checkpoint, not --merge")
     return args
@@ -75,8 +80,10 @@ def write_export(args: argparse.Namespace) -> str:
     from expblip.train.export import export_checkpoint, merge_export
 
     if args.merge:
-        out = merge_export(args.merge, args.towers, args.out, args.dtype, args.allow_pickle, args.overwrite)
-        print(f"[expblip] merged {args.merge} onto the towers of {args.towers}: {out}")
+        out = merge_export(args.merge, args.towers, args.out, args.dtype, args.allow_pickle, args.overwrite,
+                           args.vision_weights, args.lm_weights)
+        towers = " + ".join(p for p in (args.towers, args.vision_weights, args.lm_weights) if p)
+        print(f"[expblip] merged {args.merge} onto the towers of {towers}: {out}")
         return args.out
     result = export_checkpoint(args.checkpoint, args.out, args.trainable_only, args.dtype, args.tokenizer,
                                args.overwrite)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import deepspeed_cmd, launch_module, read_metrics, run_launcher
+from conftest import deepspeed_cmd, launch_module, read_keys, read_metrics, run_launcher
 
 from expblip.data.synthetic import synthetic_records
 from expblip.model.blip2 import ModelConfig, apply_freezing, build_model, caption_inputs
@@ -235,7 +235,11 @@ LORA = ["model.lora.towers=[lm]", "model.lora.r=4", "model.lora.alpha=16", "mode
 
 @pytest.fixture(scope="module")
 def qwen_init(tiny_shards, tmp_path_factory) -> Path:
-    """A random tiny Qwen2.5-family BLIP-2 + a Qwen-style tokenizer trained on the shards' captions."""
+    """A random tiny Qwen2.5-family BLIP-2 + a Qwen-style tokenizer trained on the shards' captions (one export), and
+    beside it the same weights as a run on a modern LM starts from: `towers/blip2` (ViT, Q-Former, queries; no LM,
+    no projection) and `towers/qwen` (the LM as Qwen2ForCausalLM.save_pretrained writes it, with its tokenizer)."""
+    from safetensors.torch import save_file
+
     from expblip.data.stream import StreamConfig, iterate_once
     from expblip.model.weights import export_hf
 
@@ -243,11 +247,26 @@ def qwen_init(tiny_shards, tmp_path_factory) -> Path:
     tok = train_caption_tokenizer(captions, vocab_size=256, family="qwen2")
     torch.manual_seed(0)
     model = build_model(ModelConfig(preset="tiny-qwen2.5"), tok)
-    return export_hf(model.state_dict(), model.config, tok, tmp_path_factory.mktemp("qwen_init") / "export")
+    root = tmp_path_factory.mktemp("qwen_init")
+    (root / "towers" / "blip2").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()
+               if not k.startswith(("language_model.", "language_projection."))},
+              str(root / "towers" / "blip2" / "model.safetensors"))
+    model.language_model.save_pretrained(root / "towers" / "qwen")
+    tok.save_pretrained(root / "towers" / "qwen")
+    return export_hf(model.state_dict(), model.config, tok, root / "export")
+
+
+def towers_of(qwen_init: Path) -> tuple[Path, Path]:
+    return qwen_init.parent / "towers" / "blip2", qwen_init.parent / "towers" / "qwen"
 
 
 def lora_args(tiny_shards, qwen_init, run_dir) -> list[str]:
-    return [f"data.train.shards={tiny_shards['train']}", "data.train.batch_size=8", f"model.weights={qwen_init}",
+    """The LM from its own directory (its tokenizer is the run's), the ViT and Q-Former from a BLIP-2 without one;
+    the projection starts new."""
+    blip2, qwen = towers_of(qwen_init)
+    return [f"data.train.shards={tiny_shards['train']}", "data.train.batch_size=8", f"model.weights={blip2}",
+            f"model.lm_weights={qwen}", "model.allow_missing=[language_projection.**]",
             "model.preset=tiny-qwen2.5", "model.dropout=0.0", *LORA, "optim.lr=1e-2", "optim.min_lr=1e-3",
             "optim.warmup_steps=2", "train.max_steps=8", "train.log_every=1", "train.ckpt_every=4",
             "train.export=both", "tracking.experiment=lora", f"train.run_dir={run_dir}"]
@@ -312,6 +331,48 @@ def test_stopped_lora_run_resumes_with_the_same_adapters_and_trajectory(lora_run
     assert worst < 1e-3, worst  # same adapters, up to the float order of the gloo all-reduce
 
 
+@pytest.mark.slow  # ~40 s: one single-rank run from the fixture's step-4 checkpoint
+def test_lora_run_resumed_at_another_world_size_continues_from_its_adapters(lora_run, tiny_shards, qwen_init,
+                                                                            tmp_path):
+    """The fixture's 2-rank checkpoint at step 4, resumed by one rank: it starts from exactly the trainable weights
+    (adapters, Q-Former, projection) the two ranks saved, continues at step 5 on the samples the two ranks had not
+    read, and its loss keeps falling."""
+    import hashlib
+    import shutil
+
+    from expblip.data.stream import StreamConfig, make_loader
+    from expblip.train.checkpoint import read_elastic
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(lora_run, run_dir, ignore=shutil.ignore_patterns("step00000008", "export*"))
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n")
+    saved = read_elastic(run_dir, "step00000004", 0)["fp32"]  # the trainable fp32 masters, as rank 0 wrote them
+    assert any(is_adapter(k) for k in saved)
+    digest = hashlib.sha256()  # checkpoint.trainable_digest's recipe, over the saved state
+    for name in sorted(saved):
+        digest.update(name.encode())
+        digest.update(memoryview(saved[name].to(torch.float32).contiguous().view(-1).numpy()))
+
+    proc = run_launcher(deepspeed_cmd("--deepspeed", "ds_configs/zero3.json",
+                                      *lora_args(tiny_shards, qwen_init, run_dir), "train.log_keys=true", ranks=1),
+                        timeout=400)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "resized from 2 to 1 ranks at step 4" in out, out[-3000:]
+    assert f"trainable weights restored at step 4: sha256 {digest.hexdigest()[:16]}" in out, out[-3000:]
+    resumed, reference = read_metrics(run_dir), read_metrics(lora_run)
+    assert [m["step"] for m in resumed] == list(range(1, 9))
+    assert [m["lr"] for m in resumed] == pytest.approx([m["lr"] for m in reference], rel=1e-6)  # one schedule
+    assert sum(m["loss"] for m in resumed[-2:]) < sum(m["loss"] for m in resumed[:2])
+    keys = read_keys(run_dir)  # one rank of 8 a step now: the epoch goes on where the two ranks' 64 samples ended
+    loader = iter(make_loader(StreamConfig(shards=str(tiny_shards["train"]), batch_size=8), 0, 1))
+    order = [next(loader)["keys"] for _ in range(12)]  # the global order, 8 at a time
+    assert [[k for k, _ in keys[s]] for s in sorted(keys)] == order[8:]
+    a = adapters_of(run_dir)
+    assert set(a) == set(adapters_of(lora_run)) and all(a[k].abs().max() > 0 for k in a if ".lora_B." in k)
+
+
 @pytest.mark.slow  # ~30 s on top of the run fixture
 def test_merged_lora_export_gives_the_adapter_model_s_greedy_captions_in_stock_transformers(lora_run, qwen_init,
                                                                                             tmp_path, capsys):
@@ -322,8 +383,9 @@ def test_merged_lora_export_gives_the_adapter_model_s_greedy_captions_in_stock_t
     from expblip.model.tokenizer import load_tokenizer
     from expblip.model.weights import read_state, read_trainable_export
 
-    assert launch_module("export").main(["--merge", str(lora_run / "export-trainable"), "--towers", str(qwen_init),
-                                         "--out", str(tmp_path / "merged")]) == 0
+    blip2, qwen = towers_of(qwen_init)
+    assert launch_module("export").main(["--merge", str(lora_run / "export-trainable"), "--towers", str(blip2),
+                                         "--lm-weights", str(qwen), "--out", str(tmp_path / "merged")]) == 0
     capsys.readouterr()
     merged, init = read_state(tmp_path / "merged"), read_state(qwen_init)
     assert not any(is_adapter(k) for k in merged)

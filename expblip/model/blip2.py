@@ -125,6 +125,12 @@ class ModelConfig:
     # initial weights ('' = random init): an HF-format BLIP-2 directory (single or sharded safetensors), an expblip
     # export or run directory, or a LAVIS .pth; a local path or s3://... Streamed into each rank's partitions.
     weights: str = ""
+    # towers from their own sources, replacing model.weights' (which may then be '' or hold the Q-Former): the ViT
+    # from an HF / LAVIS BLIP-2 or EVA's eva_vit_g.pth (its vision_model.* only); the language model from its HF
+    # directory as published (Qwen2.5, Llama-3, OPT; its config.json shapes the LM, its tokenizer is the default
+    # model.tokenizer). A separate LM takes the projection with it: a new one starts (allow language_projection.**)
+    vision_weights: str = ""
+    lm_weights: str = ""
     # parameters meant to start new although model.weights lacks them (globs over the unit's parameter names, '*'
     # within a dotted part, '**' across: e.g. 'itm_head.**'); any other missing tensor is an error
     allow_missing: tuple[str, ...] = ()
@@ -143,7 +149,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"model.preset {self.preset!r} does not exist; choose one of {sorted(PRESETS)}")
-        if self.preset not in TINY_PRESETS and not self.tokenizer and not self.weights:
+        if self.preset not in TINY_PRESETS and not (self.tokenizer or self.weights or self.lm_weights):
             raise ValueError(f"model.preset {self.preset!r} needs model.tokenizer (a local directory holding the "
                              f"{preset_family(self.preset).name} tokenizer)")
         unknown = sorted(set(self.checkpointing) - {"vision", "qformer", "lm"})
@@ -157,6 +163,18 @@ class ModelConfig:
     @property
     def family(self) -> Family:
         return preset_family(self.preset)
+
+    @property
+    def has_weights(self) -> bool:
+        return bool(self.weights or self.vision_weights or self.lm_weights)
+
+    @property
+    def weights_id(self) -> str:
+        """Where the initial weights come from, in one string (checkpoints and exports record it)."""
+        if not (self.vision_weights or self.lm_weights):
+            return self.weights
+        return " + ".join(f"{k}={v}" for k, v in (("weights", self.weights), ("vision_weights", self.vision_weights),
+                                                   ("lm_weights", self.lm_weights)) if v)
 
     @property
     def image_size(self) -> int:
@@ -175,7 +193,7 @@ def blip2_config(cfg: ModelConfig, tokenizer) -> Blip2Config:
         raise ValueError(f"model.preset {cfg.preset} has a {family} language model but the tokenizer follows "
                          f"{family_of_tokenizer(tokenizer).name}'s conventions; give model.tokenizer the LM's own")
     v = _VISION[vision]
-    text = dict(dims)
+    text = _lm_dims(cfg, family, dims)
     text["vocab_size"] = max(text.get("vocab_size", 0), len(tokenizer))
     bos = bos_ids(tokenizer)
     text_config = FAMILIES[family].config_class(**text, pad_token_id=tokenizer.pad_token_id,
@@ -189,6 +207,24 @@ def blip2_config(cfg: ModelConfig, tokenizer) -> Blip2Config:
         num_query_tokens=cfg.query_tokens,
         image_token_index=image_token_id(tokenizer),
     )
+
+
+_NOT_SHAPE = ("architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "pad_token_id",
+              "bos_token_id", "eos_token_id", "use_cache", "auto_map")
+
+
+def _lm_dims(cfg: ModelConfig, family: str, dims: dict) -> dict:
+    """The preset's LM shape, or (model.lm_weights) the one in the LM directory's config.json, which then decides:
+    the family must match the preset's."""
+    if not cfg.lm_weights:
+        return dict(dims)
+    from expblip.model.weights import read_lm_config
+
+    theirs = read_lm_config(cfg.lm_weights)
+    if theirs.get("model_type") != family:
+        raise ValueError(f"model.lm_weights {cfg.lm_weights} holds a {theirs.get('model_type')!r} model but "
+                         f"model.preset {cfg.preset} is a {family} preset; choose a preset of its family")
+    return {k: v for k, v in theirs.items() if k not in _NOT_SHAPE}
 
 
 def build_model(cfg: ModelConfig, tokenizer, init: bool = True,

@@ -479,6 +479,8 @@ def _load_torch_mmap(path: Path, allow_pickle: bool) -> Any:
 def _renamed(entries: dict[str, Entry]) -> dict[str, Entry]:
     """transformers' names: prefixes `module.` / `blip2.` dropped, LAVIS names converted, EVA q/v biases merged."""
     entries = {k.removeprefix("module.").removeprefix(PREFIX): e for k, e in entries.items()}
+    if _is_bare_eva(entries):  # EVA's own eva_vit_g.pth, which LAVIS loads into visual_encoder
+        entries = {f"visual_encoder.{k}": e for k, e in entries.items()}
     if not any(k.startswith(_LAVIS_PREFIXES) for k in entries):
         return entries
     out: dict[str, Entry] = {}
@@ -502,12 +504,110 @@ def _renamed(entries: dict[str, Entry]) -> dict[str, Entry]:
     return out
 
 
+def _is_bare_eva(entries: Mapping[str, Any]) -> bool:
+    return "patch_embed.proj.weight" in entries and any(k.startswith("blocks.") for k in entries)
+
+
 def _qkv_bias(q: Entry, v: Entry) -> Callable[[WeightSource], torch.Tensor]:
     def compose(source: WeightSource) -> torch.Tensor:
         qt, vt = source.entry_tensor(q), source.entry_tensor(v)
         return torch.cat((qt.reshape(-1), torch.zeros(vt.numel(), dtype=vt.dtype), vt.reshape(-1)))
 
     return compose
+
+
+# ---------------------------------------------------------------- towers from separate sources
+
+VISION_PREFIX, LM_PREFIX = "vision_model.", "language_model."
+_LM_PARTS = (LM_PREFIX, "language_projection.")  # what a separate LM replaces: its weights, and the projection into it
+
+
+class TowerSources(WeightSource):
+    """One WeightSource over model.weights with towers taken from their own sources, in transformers' names:
+
+        open_towers("blip2-opt-6.7b", vision="", lm="Qwen2.5-7B-Instruct")
+        # vision_model.*, qformer.*, query_tokens from the BLIP-2 release; language_model.* from Qwen's directory;
+        # no language_projection (it maps into OPT's space): a new one starts (model.allow_missing)
+
+    `vision`: any source holding a BLIP-2 ViT (an HF BLIP-2 directory, a LAVIS .pth, EVA's eva_vit_g.pth); only its
+    vision_model.* are taken. `lm`: a causal LM saved by transformers (`save_pretrained` of Qwen2ForCausalLM,
+    LlamaForCausalLM, OPTForCausalLM; sharded safetensors as published) or a BLIP-2 directory (its language_model.*);
+    its tensors land under language_model.*. What each source holds beyond its tower is left out and listed in
+    `unused`. Reading delegates to the source that holds a tensor (each may be local or s3://)."""
+
+    def __init__(self, base: WeightSource | None, vision: WeightSource | None, lm: WeightSource | None):
+        self.parts: dict[str, tuple[WeightSource, str]] = {}
+        self.unused: dict[str, list[str]] = {}
+        if base is not None:
+            dropped = (VISION_PREFIX,) * (vision is not None) + _LM_PARTS * (lm is not None)
+            self._take(base, {k: k for k in base.entries if not k.startswith(dropped)} if dropped else
+                       {k: k for k in base.entries})
+        if vision is not None:
+            self._take(vision, {k: k for k in vision.entries if k.startswith(VISION_PREFIX)})
+        if lm is not None:
+            self._take(lm, lm_names(lm.entries))
+        self.sources = [s for s in (base, vision, lm) if s is not None]
+        where = " + ".join(f"{label}={s.where}" for label, s in (("weights", base), ("vision_weights", vision),
+                                                                  ("lm_weights", lm)) if s is not None)
+        home = lm or base or vision  # side files (the tokenizer) come from the LM's directory when it has its own
+        super().__init__(where, home.fs, {k: src.entries[sub] for k, (src, sub) in self.parts.items()}, "towers",
+                         home.directory)
+        self._home = home
+
+    def _take(self, source: WeightSource, names: dict[str, str]) -> None:
+        """names: our name -> the source's name."""
+        self.parts.update({ours: (source, theirs) for ours, theirs in names.items()})
+        unused = sorted(set(source.entries) - set(names.values()))
+        if unused:
+            self.unused[source.where] = unused
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        source, theirs = self.parts[name]
+        yield from source.read(theirs, start, stop)
+
+    def entry_tensor(self, entry: Entry) -> torch.Tensor:
+        for source in self.sources:
+            if any(e is entry for e in source.entries.values()):
+                return source.entry_tensor(entry)
+        raise KeyError("the entry belongs to none of the tower sources")
+
+    def side_file(self, name: str) -> bytes | None:
+        return self._home.side_file(name)
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.close()
+
+
+def lm_names(entries: Mapping[str, Any]) -> dict[str, str]:
+    """language_model.* name -> the LM source's name: a BLIP-2 source's language_model.* as they are; a causal LM's
+    own names (`model.*`, `lm_head.*`) under language_model.; a base-model save without the `model.` prefix (OPT's
+    original `decoder.*`) gets it, as transformers does when it loads one."""
+    if any(k.startswith(LM_PREFIX) for k in entries):
+        return {k: k for k in entries if k.startswith(LM_PREFIX)}
+    bare = not any(k.startswith("model.") for k in entries)
+    return {LM_PREFIX + (k if not bare or k.startswith("lm_head.") else f"model.{k}"): k for k in entries}
+
+
+def open_towers(weights: str = "", vision: str = "", lm: str = "", allow_pickle: bool = False) -> WeightSource:
+    """model.weights, or (model.vision_weights / model.lm_weights given) a TowerSources over all of them."""
+    if not vision and not lm:
+        return open_weights(weights, allow_pickle)
+    base, v, m = (open_weights(p, allow_pickle) if p else None for p in (weights, vision, lm))
+    return TowerSources(base, v, m)
+
+
+def read_lm_config(path: str) -> dict:
+    """config.json of a causal-LM directory (local or s3://), or of a BLIP-2 directory's text_config."""
+    from fsspec.core import url_to_fs
+
+    fs, root = url_to_fs(str(path))
+    file = f"{root.rstrip('/')}/config.json"
+    if not fs.isfile(file):
+        raise FileNotFoundError(f"model.lm_weights {path} has no config.json; give the LM's directory as "
+                                "save_pretrained wrote it (config.json + safetensors)")
+    config = json.loads(fs.cat_file(file))
+    return config.get("text_config", config) if config.get("model_type") == "blip-2" else config
 
 
 # ---------------------------------------------------------------- loading with a key report

@@ -36,7 +36,7 @@ from expblip.model.tokenizer import load_tokenizer
 from expblip.model.weights import (
     PREFIX,
     merge_trainable,
-    open_weights,
+    open_towers,
     read_trainable_export,
     save_hf_dir,
     save_trainable_export,
@@ -86,7 +86,8 @@ def run_config(ckpt: Checkpoint) -> tuple[Config, str]:
 
 def find_tokenizer(cfg: Config, ckpt: Checkpoint, override: str = ""):
     """The run's tokenizer, where the training loop found it (train.loop._tokenizer's order)."""
-    candidates = [override, str(ckpt.path / "tokenizer"), cfg.model.tokenizer, str(ckpt.run_dir / "tokenizer")]
+    candidates = [override, str(ckpt.path / "tokenizer"), cfg.model.tokenizer, str(ckpt.run_dir / "tokenizer"),
+                  cfg.model.lm_weights]
     weights = Path(cfg.model.weights) if cfg.model.weights else None
     if weights is not None:
         candidates += [str(weights / "export"), str(weights)]  # model.weights: an export or a run directory
@@ -192,16 +193,17 @@ def with_frozen_towers(state: dict, config, cfg: Config) -> dict:
     """The checkpoint's state, completed with the frozen towers it left out (checkpoint.save does when model.weights
     holds them): read lazily from model.weights, one tensor at a time as they are written or hashed."""
     from expblip.model.lora import base_name, is_adapter
-    from expblip.model.weights import expected_shapes, open_weights
+    from expblip.model.weights import expected_shapes, open_towers
 
     absent = sorted(set(expected_shapes(config)) - {base_name(k) for k in state if not is_adapter(k)})
-    if not absent or not cfg.model.weights:
+    if not absent or not cfg.model.has_weights:
         return state
-    source = open_weights(cfg.model.weights)
+    m = cfg.model
+    source = open_towers(m.weights, m.vision_weights, m.lm_weights)
     lost = [k for k in absent if k not in source]
     if lost:
-        raise FileNotFoundError(f"the checkpoint leaves out {len(absent)} frozen tensors and model.weights "
-                                f"{cfg.model.weights} lacks {lost[:4]}; it must be the run's initial weights")
+        raise FileNotFoundError(f"the checkpoint leaves out {len(absent)} frozen tensors and the initial weights "
+                                f"{m.weights_id} lack {lost[:4]}; they must be the run's initial weights")
     return {**state, **{k: source.lazy(k) for k in absent}}
 
 
@@ -216,17 +218,19 @@ def _check_out(out: str | Path, overwrite: bool) -> None:
 
 
 def merge_export(trainable_dir: str | Path, towers: str | Path, out: str | Path, dtype: str = "float32",
-                 allow_pickle: bool = False, overwrite: bool = False) -> Path:
-    """A full export from a trainable-only export and the frozen towers it was trained on (fingerprints checked)."""
+                 allow_pickle: bool = False, overwrite: bool = False, vision: str = "", lm: str = "") -> Path:
+    """A full export from a trainable-only export and the frozen towers it was trained on (fingerprints checked):
+    `towers` (model.weights), with `vision` / `lm` as the run's model.vision_weights / model.lm_weights."""
     from transformers import Blip2Config
 
     trainable_dir = Path(trainable_dir)
     _, meta = read_trainable_export(trainable_dir)
     _check_out(out, overwrite)
-    state = merge_trainable(trainable_dir, open_weights(towers, allow_pickle))  # towers stream, one tensor at a time
+    source = open_towers(str(towers or ""), vision, lm, allow_pickle)
+    state = merge_trainable(trainable_dir, source)  # the towers stream, one tensor at a time
     config = Blip2Config.from_pretrained(str(trainable_dir), local_files_only=True)
     yaml_file = trainable_dir / "config.yaml"
     yaml_text = yaml_file.read_text() if yaml_file.is_file() else ""
     extra = {"source": meta.get("source", {}), "merged_from": {"trainable": str(trainable_dir.resolve()),
-                                                                "towers": str(towers)}}
+                                                                "towers": source.where}}
     return save_hf_dir(state, config, load_tokenizer(trainable_dir), out, yaml_text, DTYPES[dtype], extra)

@@ -46,7 +46,7 @@ from expblip.model.stage1 import (
     train_qformer_tokenizer,
 )
 from expblip.model.tokenizer import load_tokenizer, train_caption_tokenizer, wrap
-from expblip.model.weights import WeightSource, open_weights, save_hf_dir, save_trainable_export
+from expblip.model.weights import WeightSource, open_towers, save_hf_dir, save_trainable_export
 from expblip.train import checkpoint, heldout
 from expblip.train import engine as ds_engine
 from expblip.train.load import load_fp32_masters, load_initial_weights
@@ -135,7 +135,7 @@ def setup(cfg: Config, report: Reporter | None = None) -> Run:
     tag = _check_run_dir(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    source = open_weights(cfg.model.weights) if cfg.model.weights else None  # headers only, on every rank
+    source = _open_source(cfg, rank)  # headers only, on every rank
     tokenizer = _tokenizer(cfg, rank, run_dir, source)
     qformer_tokenizer = _qformer_tokenizer(cfg, rank, run_dir, source) if cfg.train.stage == "stage1" else None
     model = build_unit(cfg, ds_config, tokenizer, qformer_tokenizer, init=source is None)
@@ -157,7 +157,7 @@ def setup(cfg: Config, report: Reporter | None = None) -> Run:
     _report_resident(engine.module, rank, world)
     random.seed(cfg.train.seed + rank)  # dropout and augmentation differ per rank; a resume restores them below
     torch.manual_seed(cfg.train.seed + rank)
-    step, client, cursor_state = _resume(engine, run_dir, tag, elastic, rank, frozen_from=cfg.model.weights)
+    step, client, cursor_state = _resume(engine, run_dir, tag, elastic, rank, frozen_from=cfg.model.weights_id)
     cursor = Cursor.from_state_dict(cursor_state) if cursor_state else Cursor()
     batches = iter(make_loader(cfg.data.train, rank, world, cursor=cursor, max_outage_s=cfg.data.max_outage_s))
     tracker = make_tracker(cfg.tracking, run_dir, rank, client.get("mlflow_run_id"))
@@ -170,6 +170,20 @@ def setup(cfg: Config, report: Reporter | None = None) -> Run:
     if tag is not None:
         _log_trainable_digest(run, "restored")
     return run
+
+
+def _open_source(cfg: Config, rank: int) -> WeightSource | None:
+    """model.weights (and the towers given on their own), headers only; rank 0 lists what a tower source holds
+    beyond its tower (left out)."""
+    if not cfg.model.has_weights:
+        return None
+    m = cfg.model
+    source = open_towers(m.weights, m.vision_weights, m.lm_weights)
+    for where, names in getattr(source, "unused", {}).items():
+        if rank == 0:
+            log.info(f"{where}: {len(names)} tensors outside the tower taken from it are left out "
+                     f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
+    return source
 
 
 def _attempt_id() -> int:
@@ -309,7 +323,7 @@ def _tokenizer(cfg: Config, rank: int, run_dir: Path, source: WeightSource | Non
     """A given tokenizer, the one saved in the run, the one of the initial weights, or one trained on captions."""
     if cfg.model.tokenizer:
         return load_tokenizer(cfg.model.tokenizer)
-    for candidate in (str(run_dir / "tokenizer"), _weights_dir(cfg.model.weights)):
+    for candidate in (str(run_dir / "tokenizer"), cfg.model.lm_weights, _weights_dir(cfg.model.weights)):
         if candidate and Path(candidate, "tokenizer.json").is_file():
             return load_tokenizer(candidate)
     fetched = _fetch_tokenizer(source)
@@ -522,7 +536,7 @@ def save_checkpoint(run: Run) -> Path:
     files = {"config.yaml": yaml.safe_dump(public_dict(run.cfg), sort_keys=False),
              "ds_config.json": json.dumps(run.ds_config, indent=2)}
     path = checkpoint.save(run.engine, run.cfg.train.run_dir, run.step, client, run.cursor.state_dict(), files,
-                           frozen_source=run.cfg.model.weights)
+                           frozen_source=run.cfg.model.weights_id)
     if run.rank == 0:
         checkpoint.prune(run.cfg.train.run_dir, run.cfg.train.keep_checkpoints, run.step)
     _log_trainable_digest(run, "saved")
@@ -639,7 +653,7 @@ def _export_trainable(run: Run, out: Path) -> None:
     if run.rank == 0:
         save_trainable_export(trained, run.blip2_config, run.tokenizer, out, sorted(trained),
                               yaml.safe_dump(public_dict(run.cfg), sort_keys=False),
-                              {**_export_meta(run), "towers_from": run.cfg.model.weights}, frozen=frozen)
+                              {**_export_meta(run), "towers_from": run.cfg.model.weights_id}, frozen=frozen)
         if run.qformer_tokenizer is not None:
             run.qformer_tokenizer.save_pretrained(out / "qformer_tokenizer")
 

@@ -53,7 +53,8 @@ def absolute_paths(cfg: Config) -> Config:
     data = dataclasses.replace(cfg.data, train=dataclasses.replace(cfg.data.train, shards=fix(cfg.data.train.shards)),
                                eval=dataclasses.replace(cfg.data.eval, shards=fix(cfg.data.eval.shards)))
     train = dataclasses.replace(cfg.train, run_dir=fix(cfg.train.run_dir), ds_config=fix(cfg.train.ds_config))
-    model = dataclasses.replace(cfg.model, weights=fix(cfg.model.weights), tokenizer=fix(cfg.model.tokenizer))
+    model = dataclasses.replace(cfg.model, weights=fix(cfg.model.weights), tokenizer=fix(cfg.model.tokenizer),
+                                vision_weights=fix(cfg.model.vision_weights), lm_weights=fix(cfg.model.lm_weights))
     return dataclasses.replace(cfg, data=data, train=train, model=model)
 
 
