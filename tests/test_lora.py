@@ -373,6 +373,20 @@ def test_lora_run_resumed_at_another_world_size_continues_from_its_adapters(lora
     assert set(a) == set(adapters_of(lora_run)) and all(a[k].abs().max() > 0 for k in a if ".lora_B." in k)
 
 
+@pytest.mark.slow  # ~45 s: two steps under Ray Train
+def test_lora_under_the_ray_launcher_takes_the_same_first_steps(lora_run, tiny_shards, qwen_init, tmp_path):
+    """The other launcher: Ray Train's two workers run the LoRA stage 2 (towers from their own directories) and take
+    the deepspeed launcher's first two steps."""
+    import sys
+
+    proc = run_launcher([sys.executable, "launch/pretrain.py", *lora_args(tiny_shards, qwen_init, tmp_path),
+                         "train.stop_after=2", "ray.num_workers=2"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got, want = read_metrics(tmp_path), read_metrics(lora_run)[:2]
+    assert [m["step"] for m in got] == [1, 2]
+    assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in want], rel=1e-4)
+
+
 @pytest.mark.slow  # ~30 s on top of the run fixture
 def test_merged_lora_export_gives_the_adapter_model_s_greedy_captions_in_stock_transformers(lora_run, qwen_init,
                                                                                             tmp_path, capsys):

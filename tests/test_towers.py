@@ -107,6 +107,10 @@ def test_an_lm_of_another_family_is_refused_naming_the_key(towers):
         build_model(ModelConfig(preset="tiny-qwen2.5", lm_weights=str(opt_lm)), towers["tok"])
     with pytest.raises(FileNotFoundError, match=r"model.lm_weights .*nowhere has no config.json"):
         build_model(ModelConfig(preset="tiny-qwen2.5", lm_weights=str(towers["root"] / "nowhere")), towers["tok"])
+    with pytest.raises(FileNotFoundError, match=r"model.lm_weights .*nowhere does not exist"):
+        open_towers(lm=str(towers["root"] / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=r"model.vision_weights .*eva.pt does not exist"):
+        open_towers(str(towers["root"] / "blip2-opt"), vision=str(towers["root"] / "eva.pt"))
 
 
 def test_lm_names_follow_transformers_prefix_rules():

@@ -402,7 +402,7 @@ WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_mo
 _LAVIS_PREFIXES = ("visual_encoder.", "Qformer.", "opt_model.", "opt_proj.", "t5_model.", "t5_proj.", "ln_vision.")
 
 
-def open_weights(path: str | Path, allow_pickle: bool = False) -> WeightSource:
+def open_weights(path: str | Path, allow_pickle: bool = False, key: str = "model.weights") -> WeightSource:
     """A WeightSource over any accepted `model.weights`: an HF-format directory (single or sharded safetensors, or
     pytorch_model*.bin), an expblip export, a run directory (its export/), a LAVIS .pth/.safetensors file; local
     paths or fsspec URLs (s3://bucket/dir). Only headers are read here."""
@@ -416,7 +416,7 @@ def open_weights(path: str | Path, allow_pickle: bool = False) -> WeightSource:
     if fs.isdir(root):
         return _open_directory(where, fs, root, allow_pickle)
     if not fs.isfile(root):
-        raise FileNotFoundError(f"model.weights {where} does not exist; give an HF-format or export directory, a run "
+        raise FileNotFoundError(f"{key} {where} does not exist; give an HF-format or export directory, a run "
                                 "directory, or a LAVIS .pth file (local or s3://)")
     return _open_file(where, fs, root, allow_pickle)
 
@@ -593,7 +593,8 @@ def open_towers(weights: str = "", vision: str = "", lm: str = "", allow_pickle:
     """model.weights, or (model.vision_weights / model.lm_weights given) a TowerSources over all of them."""
     if not vision and not lm:
         return open_weights(weights, allow_pickle)
-    base, v, m = (open_weights(p, allow_pickle) if p else None for p in (weights, vision, lm))
+    base, v, m = (open_weights(p, allow_pickle, key) if p else None for p, key in (
+        (weights, "model.weights"), (vision, "model.vision_weights"), (lm, "model.lm_weights")))
     return TowerSources(base, v, m)
 
 
