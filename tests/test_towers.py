@@ -134,3 +134,39 @@ def test_the_run_takes_the_tokenizer_from_the_lm_directory(towers, tmp_path):
     assert re.fullmatch(r"weights=.*blip2-opt \+ vision_weights=.*eva_vit_g\.pth \+ lm_weights=.*qwen",
                         cfg.model.weights_id)
     assert Path(cfg.model.lm_weights, "model.safetensors.index.json").is_file()
+
+
+# Qwen/Qwen2.5-7B-Instruct's config.json as published (written by transformers 4.43: rope_theta, torch_dtype)
+QWEN25_7B_INSTRUCT = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
+    "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 18944,
+    "max_position_embeddings": 32768, "max_window_layers": 28, "model_type": "qwen2", "num_attention_heads": 28,
+    "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "sliding_window": 131072, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.1", "use_cache": True, "use_sliding_window": False, "vocab_size": 152064}
+
+
+def test_a_published_lm_config_builds_the_paper_scale_model_at_its_real_shape(tmp_path):
+    """vitg-qwen2.5-7b from Qwen's own config.json, on the meta device (no memory): the LM is 7.6 B parameters with
+    Qwen's rope theta, the projection maps the Q-Former's 768 into Qwen's 3584, and every LM tensor carries the name
+    the published checkpoint gives it under language_model."""
+    import json
+
+    from expblip.train.plan import _VocabOnly
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN25_7B_INSTRUCT))
+    cfg = ModelConfig(preset="vitg-qwen2.5-7b", lm_weights=str(tmp_path))
+    tok = _VocabOnly(151665, "qwen2")
+    with torch.device("meta"):
+        model = build_model(cfg, tok)
+    text = model.config.text_config
+    assert text.rope_parameters["rope_theta"] == 1e6 and not text.tie_word_embeddings
+    assert text.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")  # the tokenizer's ids, not the file's
+    lm = sum(p.numel() for p in model.language_model.parameters())
+    assert lm == pytest.approx(7.616e9, rel=1e-3), lm  # Qwen2.5-7B: 7.61 B
+    assert tuple(model.language_projection.weight.shape) == (3584, 768)
+    names = {k for k in model.state_dict() if k.startswith("language_model.")}
+    published = {"model.embed_tokens.weight", "model.layers.27.self_attn.q_proj.bias", "model.norm.weight",
+                 "lm_head.weight"}
+    assert {f"language_model.{k}" for k in published} <= names
+    assert set(lm_names(dict.fromkeys(published))) <= names
