@@ -538,10 +538,9 @@ class TowerSources(WeightSource):
     def __init__(self, base: WeightSource | None, vision: WeightSource | None, lm: WeightSource | None):
         self.parts: dict[str, tuple[WeightSource, str]] = {}
         self.unused: dict[str, list[str]] = {}
-        if base is not None:
-            dropped = (VISION_PREFIX,) * (vision is not None) + _LM_PARTS * (lm is not None)
-            self._take(base, {k: k for k in base.entries if not k.startswith(dropped)} if dropped else
-                       {k: k for k in base.entries})
+        if base is not None:  # all of it but the towers given on their own
+            replaced = (VISION_PREFIX,) * (vision is not None) + _LM_PARTS * (lm is not None)
+            self._take(base, {k: k for k in base.entries if not k.startswith(replaced)})
         if vision is not None:
             self._take(vision, {k: k for k in vision.entries if k.startswith(VISION_PREFIX)})
         if lm is not None:
