@@ -313,7 +313,12 @@ def public_dict(cfg: Any) -> dict:
     return clean(to_dict(cfg))
 
 
+def config_yaml(cfg: Any) -> str:
+    """The resolved config as YAML (loadable again with load_config; URIs' passwords redacted)."""
+    return yaml.safe_dump(public_dict(cfg), sort_keys=False)
+
+
 def dump_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML (loadable again with load_config; URIs' passwords redacted)."""
+    """Write config_yaml(cfg) to `path`."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(public_dict(cfg), sort_keys=False))
+    Path(path).write_text(config_yaml(cfg))

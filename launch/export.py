@@ -82,7 +82,9 @@ def write_export(args: argparse.Namespace) -> str:
     if args.merge:
         out = merge_export(args.merge, args.towers, args.out, args.dtype, args.allow_pickle, args.overwrite,
                            args.vision_weights, args.lm_weights)
-        towers = " + ".join(p for p in (args.towers, args.vision_weights, args.lm_weights) if p)
+        from expblip.model.weights import towers_label
+
+        towers = towers_label(args.towers, args.vision_weights, args.lm_weights)
         print(f"[expblip] merged {args.merge} onto the towers of {towers}: {out}")
         return args.out
     result = export_checkpoint(args.checkpoint, args.out, args.trainable_only, args.dtype, args.tokenizer,

@@ -55,8 +55,13 @@ def storage_options(url: str) -> dict[str, Any]:
     """
     if url.split("://", 1)[0] not in ("s3", "s3a"):
         return {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = s3_endpoint()
     return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+
+
+def s3_endpoint() -> str:
+    """The S3 endpoint the standard AWS variables name ('' = AWS itself)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
 
 
 def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -51,7 +51,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO
 
 import numpy as np
 import torch
@@ -151,11 +151,6 @@ def plan_finite(shards: list[str], rank: int, world: int, worker: int, workers: 
     by worker (sample-interleaved when there are fewer shards than parts)."""
     mine = split_slices([ShardSlice(u) for u in shards], world, rank)
     return split_slices(mine, workers, worker)
-
-
-def _rng(*parts: Any) -> random.Random:
-    # A string seed goes through sha512: the same in every process and Python run (unlike hash()).
-    return random.Random(":".join(str(p) for p in parts))
 
 
 # ---------------------------------------------------------------- error accounting
@@ -621,10 +616,12 @@ class ShardStream(IterableDataset):
         start: int = 0,
         finite: bool = False,
         max_outage_s: float = DEFAULT_MAX_OUTAGE_S,
+        order: tuple[GlobalOrder, dict] | None = None,
     ) -> None:
         super().__init__()
         self.cfg, self.shards, self.counts, self.start, self.finite = cfg, shards, counts, start, finite
         self.rank, self.world_size, self.max_outage_s = rank, world_size, max_outage_s
+        self.order = order  # training: (the global order, its identity), as make_loader built them
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -641,8 +638,7 @@ class ShardStream(IterableDataset):
     def _walk(self, worker: int, workers: int, errors: ErrorCounter, outage: Outage) -> Iterator[dict]:
         """Batches ``worker``, ``worker + workers``, … of this rank, from global position ``self.start``."""
         cfg = self.cfg
-        order = GlobalOrder(self.shards, self.counts, cfg.seed, cfg.lanes, cfg.batch_size, cfg.resampled)
-        identity = order_identity(cfg, self.counts)
+        order, identity = self.order
         lanes: dict[tuple[int, int], LaneReader] = {}
         last: list[dict] = []  # the latest whole batch's samples: stand-ins when every sample of a batch is bad
         try:
@@ -820,10 +816,16 @@ def sample_counts(shards: list[str], counts: list[int] | None, outage: Outage) -
         shards[0],
     )
     errors = ErrorCounter.unlimited()
-    counted = [sum(1 for _ in shard_slots(url, errors, outage)) for url in shards]
+    counted = count_each(shards, errors, outage)
     if errors.counts:
         log.warning("while counting: %s; those samples are left out of the order", dict(errors.counts))
     return counted
+
+
+def count_each(shards: list[str], errors: ErrorCounter | None = None, outage: Outage | None = None) -> list[int]:
+    """Each shard's readable samples, counted by reading it once (bad ones counted in ``errors``)."""
+    errors = ErrorCounter.unlimited() if errors is None else errors
+    return [sum(1 for _ in read_shard(url, errors, outage)) for url in shards]
 
 
 def make_loader(
@@ -840,10 +842,11 @@ def make_loader(
     if sum(counts) == 0:
         raise StreamError(f"the shards {shards[:4]}… hold no readable samples: they are empty or unreadable")
     order = GlobalOrder(shards, counts, cfg.seed, cfg.lanes, cfg.batch_size, cfg.resampled)
-    start = _as_cursor(cursor).start(order, order_identity(cfg, counts))
-    return _loader(
-        ShardStream(cfg, shards, counts, rank, world_size, start, max_outage_s=max_outage_s), cfg.num_workers
-    )
+    identity = order_identity(cfg, counts)
+    start = _as_cursor(cursor).start(order, identity)
+    stream = ShardStream(cfg, shards, counts, rank, world_size, start, max_outage_s=max_outage_s,
+                         order=(order, identity))
+    return _loader(stream, cfg.num_workers)
 
 
 def iterate_once(
@@ -879,7 +882,4 @@ def read_captions(cfg: StreamConfig) -> list[str]:
 def count_samples(spec: str | list[str]) -> int:
     """Samples in a shard spec: from the manifest when there is one, else by reading every shard."""
     shards, counts = resolve_shards(spec)
-    if counts is not None:
-        return sum(counts)
-    errors = ErrorCounter.unlimited()
-    return sum(1 for url in shards for _ in read_shard(url, errors))
+    return sum(counts if counts is not None else count_each(shards))

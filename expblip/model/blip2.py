@@ -171,10 +171,9 @@ class ModelConfig:
     @property
     def weights_id(self) -> str:
         """Where the initial weights come from, in one string (checkpoints and exports record it)."""
-        if not (self.vision_weights or self.lm_weights):
-            return self.weights
-        return " + ".join(f"{k}={v}" for k, v in (("weights", self.weights), ("vision_weights", self.vision_weights),
-                                                   ("lm_weights", self.lm_weights)) if v)
+        from expblip.model.weights import towers_label
+
+        return towers_label(self.weights, self.vision_weights, self.lm_weights)
 
     @property
     def image_size(self) -> int:

@@ -535,7 +535,7 @@ class TowerSources(WeightSource):
     its tensors land under language_model.*. What each source holds beyond its tower is left out and listed in
     `unused`. Reading delegates to the source that holds a tensor (each may be local or s3://)."""
 
-    def __init__(self, base: WeightSource | None, vision: WeightSource | None, lm: WeightSource | None):
+    def __init__(self, where: str, base: WeightSource | None, vision: WeightSource | None, lm: WeightSource | None):
         self.parts: dict[str, tuple[WeightSource, str]] = {}
         self.unused: dict[str, list[str]] = {}
         if base is not None:  # all of it but the towers given on their own
@@ -546,12 +546,9 @@ class TowerSources(WeightSource):
         if lm is not None:
             self._take(lm, lm_names(lm.entries))
         self.sources = [s for s in (base, vision, lm) if s is not None]
-        where = " + ".join(f"{label}={s.where}" for label, s in (("weights", base), ("vision_weights", vision),
-                                                                  ("lm_weights", lm)) if s is not None)
         home = lm or base or vision  # side files (the tokenizer) come from the LM's directory when it has its own
         super().__init__(where, home.fs, {k: src.entries[sub] for k, (src, sub) in self.parts.items()}, "towers",
                          home.directory)
-        self._home = home
 
     def _take(self, source: WeightSource, names: dict[str, str]) -> None:
         """names: our name -> the source's name."""
@@ -563,15 +560,6 @@ class TowerSources(WeightSource):
     def read(self, name: str, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         source, theirs = self.parts[name]
         yield from source.read(theirs, start, stop)
-
-    def entry_tensor(self, entry: Entry) -> torch.Tensor:
-        for source in self.sources:
-            if any(e is entry for e in source.entries.values()):
-                return source.entry_tensor(entry)
-        raise KeyError("the entry belongs to none of the tower sources")
-
-    def side_file(self, name: str) -> bytes | None:
-        return self._home.side_file(name)
 
     def close(self) -> None:
         for source in self.sources:
@@ -588,13 +576,21 @@ def lm_names(entries: Mapping[str, Any]) -> dict[str, str]:
     return {LM_PREFIX + (k if not bare or k.startswith("lm_head.") else f"model.{k}"): k for k in entries}
 
 
+def towers_label(weights: str = "", vision: str = "", lm: str = "") -> str:
+    """Where the initial weights come from, in one string: model.weights alone, or every source by its key."""
+    if not vision and not lm:
+        return weights
+    return " + ".join(f"{key}={path}" for key, path in (("weights", weights), ("vision_weights", vision),
+                                                       ("lm_weights", lm)) if path)
+
+
 def open_towers(weights: str = "", vision: str = "", lm: str = "", allow_pickle: bool = False) -> WeightSource:
     """model.weights, or (model.vision_weights / model.lm_weights given) a TowerSources over all of them."""
     if not vision and not lm:
         return open_weights(weights, allow_pickle)
     base, v, m = (open_weights(p, allow_pickle, key) if p else None for p, key in (
         (weights, "model.weights"), (vision, "model.vision_weights"), (lm, "model.lm_weights")))
-    return TowerSources(base, v, m)
+    return TowerSources(towers_label(weights, vision, lm), base, v, m)
 
 
 def read_lm_config(path: str) -> dict:

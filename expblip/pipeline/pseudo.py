@@ -49,7 +49,7 @@ from expblip.data.shards import (
     resolve_shards,
     url_to_fs,
 )
-from expblip.data.stream import ErrorCounter, read_shard
+from expblip.data.stream import ErrorCounter, count_each, read_shard
 from expblip.model.blip2 import GenerationConfig
 
 log = logging.getLogger(__name__)
@@ -206,10 +206,7 @@ def _finished(out_url: str, expected: int, entry: dict | None) -> bool:
 
 
 def _input_counts(urls: list[str], counts: list[int] | None) -> list[int]:
-    if counts is not None:
-        return counts
-    errors = ErrorCounter.unlimited()
-    return [sum(1 for _ in read_shard(url, errors)) for url in urls]
+    return counts if counts is not None else count_each(urls)
 
 
 def _check_job(out: str, job: dict) -> None:

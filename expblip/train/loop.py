@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 
-from expblip.config import Config, ConfigError, dump_config, public_dict
+from expblip.config import Config, ConfigError, config_yaml, dump_config, public_dict
 from expblip.data.shards import resolve_shards
 from expblip.data.stream import Cursor, StreamError, make_loader, read_captions, resolve_with_retry
 from expblip.data.tasks import pick_task, task_text, task_vocabulary
@@ -165,11 +164,17 @@ def setup(cfg: Config, report: Reporter | None = None) -> Run:
     run = Run(cfg, rank, world, engine, tokenizer, blip2_cfg, ds_config, batches, cursor, tracker, step=step, end=end,
               report=report, qformer_tokenizer=qformer_tokenizer,
               heldout=heldout.HeldoutState.from_state_dict(client.get("heldout")), attempt=_attempt_id(),
-              resized_from=client.get("world_size", world) if client.get("world_size", world) != world else 0)
+              resized_from=_resized_from(client, world))
     _record_start(run)
     if tag is not None:
         _log_trainable_digest(run, "restored")
     return run
+
+
+def _resized_from(client: dict, world: int) -> int:
+    """The world size of the checkpoint resumed from, when it differs from this one (0 otherwise)."""
+    saved = client.get("world_size", world)
+    return saved if saved != world else 0
 
 
 def _open_source(cfg: Config, rank: int) -> WeightSource | None:
@@ -179,10 +184,9 @@ def _open_source(cfg: Config, rank: int) -> WeightSource | None:
         return None
     m = cfg.model
     source = open_towers(m.weights, m.vision_weights, m.lm_weights)
-    for where, names in getattr(source, "unused", {}).items():
-        if rank == 0:
-            log.info(f"{where}: {len(names)} tensors outside the tower taken from it are left out "
-                     f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
+    for where, names in getattr(source, "unused", {}).items() if rank == 0 else ():
+        log.info(f"{where}: {len(names)} tensors outside the tower taken from it are left out "
+                 f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
     return source
 
 
@@ -533,7 +537,7 @@ def _global_metrics(run: Run) -> dict:
 
 def save_checkpoint(run: Run) -> Path:
     client = {"step": run.step, "mlflow_run_id": run.tracker.run_id, "heldout": run.heldout.state_dict()}
-    files = {"config.yaml": yaml.safe_dump(public_dict(run.cfg), sort_keys=False),
+    files = {"config.yaml": config_yaml(run.cfg),
              "ds_config.json": json.dumps(run.ds_config, indent=2)}
     path = checkpoint.save(run.engine, run.cfg.train.run_dir, run.step, client, run.cursor.state_dict(), files,
                            frozen_source=run.cfg.model.weights_id)
@@ -613,7 +617,7 @@ def _export_full(run: Run, out: Path) -> None:
     transformers loads it as a plain Blip2ForConditionalGeneration."""
     from expblip.model.lora import merge_adapters
 
-    yaml_text = yaml.safe_dump(public_dict(run.cfg), sort_keys=False)
+    yaml_text = config_yaml(run.cfg)
     state = merge_adapters(_export_state(run), run.cfg.model.lora.scale)
     if run.rank == 0:
         save_hf_dir(state, run.blip2_config, run.tokenizer, out, yaml_text, extra_meta=_export_meta(run),
@@ -652,7 +656,7 @@ def _export_trainable(run: Run, out: Path) -> None:
         del tensor
     if run.rank == 0:
         save_trainable_export(trained, run.blip2_config, run.tokenizer, out, sorted(trained),
-                              yaml.safe_dump(public_dict(run.cfg), sort_keys=False),
+                              config_yaml(run.cfg),
                               {**_export_meta(run), "towers_from": run.cfg.model.weights_id}, frozen=frozen)
         if run.qformer_tokenizer is not None:
             run.qformer_tokenizer.save_pretrained(out / "qformer_tokenizer")

@@ -146,15 +146,16 @@ def _restore_from_ray(cfg: Config) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from expblip.train.checkpoint import is_complete
+    from expblip.train.checkpoint import checkpoint_root, is_complete
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None and ray.train.get_context().get_local_rank() == 0:
-        root = Path(cfg.train.run_dir, "checkpoints")
+        root = checkpoint_root(cfg.train.run_dir)
         with checkpoint.as_directory() as src:
             tag = Path(src, "latest").read_text().strip()
             if not is_complete(root / tag):  # absent here, or a partial copy: copy aside, then move into place
-                staging = Path(tempfile.mkdtemp(prefix=f".{tag}-", dir=_mkdir(root)))
+                root.mkdir(parents=True, exist_ok=True)
+                staging = Path(tempfile.mkdtemp(prefix=f".{tag}-", dir=root))
                 shutil.copytree(Path(src, tag), staging / tag)
                 shutil.rmtree(root / tag, ignore_errors=True)
                 try:
@@ -164,11 +165,6 @@ def _restore_from_ray(cfg: Config) -> None:
                 shutil.rmtree(staging, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
-
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 QUIET_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # a print in a worker goes to stdout once, not also via a logger

@@ -30,7 +30,8 @@ import mlflow
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-RUN_FILE = "mlflow_run.json"  # written into the run directory by expblip.train.tracking
+from expblip.train.tracking import RUN_FILE
+
 EXPERIMENT = "expblip-registry"
 REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "pillow", "numpy", "scikit-image", "mlflow")
 SIGNATURE = ModelSignature(

@@ -9,11 +9,10 @@ keys as s3fs does (the process's environment, an instance profile).
 
 from __future__ import annotations
 
-import os
-
 import s3fs
 
 from expblip.credentials import load_credentials
+from expblip.data.shards import s3_endpoint
 
 
 class CredentialedS3(s3fs.S3FileSystem):
@@ -21,7 +20,7 @@ class CredentialedS3(s3fs.S3FileSystem):
 
     def __init__(self, *args, credentials: str = "", **kwargs):
         load_credentials(credentials or None)
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = s3_endpoint()
         if endpoint:
             kwargs.setdefault("client_kwargs", {}).setdefault("endpoint_url", endpoint)
         super().__init__(*args, **kwargs)  # fsspec pickles the arguments given, so `credentials` travels as a path

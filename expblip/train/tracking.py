@@ -20,6 +20,7 @@ from expblip.log import get_logger
 log = get_logger(__name__)
 
 GIT_ENV = "EXPBLIP_GIT_COMMIT"
+RUN_FILE = "mlflow_run.json"  # in the run directory: its MLflow run (eval.report reads it as MLFLOW_RUN_FILE)
 
 
 class NullTracker:
@@ -85,13 +86,13 @@ class MlflowTracker:
             os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.client = MlflowClient(self.uri)
         self.outbox = Outbox(self.client, self.display_uri)
-        id_file = Path(run_dir) / "mlflow_run.json"
+        id_file = Path(run_dir) / RUN_FILE
         run_id = run_id or cfg.run_id or (json.loads(id_file.read_text())["run_id"] if id_file.is_file() else None)
         self.run_id = run_id or create_run(self.client, cfg, run_dir)
         self.outbox.run_id = self.run_id
         if run_id:  # re-attach; when the server is out right now, the status change waits in the outbox
             self.outbox.put("status", {"status": "RUNNING"}, now=True)
-        id_file.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.display_uri}))
+        write_run_file(id_file, self.run_id, self.uri)
         self.system = _system_monitor(self.run_id, self.uri, cfg.system_metrics_every_s)
         self.flush_timeout_s = cfg.flush_timeout_s
 
@@ -269,14 +270,19 @@ def driver_run_id(cfg: TrackingConfig, run_dir: str | Path) -> str:
     uri = tracking_uri(cfg, run_dir)
     if cfg.run_id or not uri.startswith(("http://", "https://")):
         return cfg.run_id
-    id_file = Path(run_dir) / "mlflow_run.json"
+    id_file = Path(run_dir) / RUN_FILE
     if id_file.is_file():
         return json.loads(id_file.read_text())["run_id"]
     _bounded_http_retries()
     run_id = create_run(MlflowClient(uri), cfg, run_dir)
     id_file.parent.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": redact_uri(uri)}))
+    write_run_file(id_file, run_id, uri)
     return run_id
+
+
+def write_run_file(path: Path, run_id: str, uri: str) -> None:
+    """RUN_FILE: the MLflow run of this training run and its server, the URI stored redacted."""
+    path.write_text(json.dumps({"run_id": run_id, "tracking_uri": redact_uri(uri)}))
 
 
 def _experiment_id(client, name: str) -> str:
