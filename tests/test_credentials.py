@@ -110,3 +110,18 @@ def test_an_unreachable_server_is_named_without_its_password():
     with pytest.raises(ConfigError) as err:
         check_reachable(f"http://alice:{SECRET}@127.0.0.1:9", timeout=2)
     assert SECRET not in str(err.value) and "http://***@127.0.0.1:9" in str(err.value)
+
+
+def test_registry_finds_the_training_run_of_a_password_uri(tmp_path, monkeypatch):
+    """mlflow_run.json stores the URI redacted; with the same URI and its password in $MLFLOW_TRACKING_URI the
+    registry must still see the run as the server's, so the registered version is linked to its training run."""
+    from expblip.train.registry import training_run
+    from expblip.train.tracking import RUN_FILE, write_run_file
+
+    uri = "http://alice:s3cret@127.0.0.1:5000"
+    write_run_file(tmp_path / RUN_FILE, "abc123", uri)
+    assert "s3cret" not in (tmp_path / RUN_FILE).read_text()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert training_run(tmp_path / "export") == {"run_id": "abc123", "tracking_uri": uri}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # no password at hand: the URI without user info (MLflow's env auth)
+    assert training_run(tmp_path / "export")["tracking_uri"] == "http://127.0.0.1:5000"

@@ -30,6 +30,7 @@ import mlflow
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
+from expblip.credentials import unredact_uri
 from expblip.train.tracking import RUN_FILE
 
 EXPERIMENT = "expblip-registry"
@@ -98,8 +99,8 @@ def training_run(export: str | Path) -> dict | None:
             candidates.append(Path(source["checkpoint"]).parent.parent / RUN_FILE)
     for candidate in candidates:
         if candidate.is_file():
-            info = json.loads(candidate.read_text())
-            return {"run_id": info["run_id"], "tracking_uri": info["tracking_uri"]}
+            info = json.loads(candidate.read_text())  # the URI is stored redacted: $MLFLOW_TRACKING_URI restores it
+            return {"run_id": info["run_id"], "tracking_uri": unredact_uri(info["tracking_uri"])}
     return None
 
 
