@@ -170,6 +170,8 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace) -> list[str
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from expblip.serve.batching import DEFAULT_MAX_WAIT_MS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=128, help="requests per side and round, all clients together")
@@ -177,7 +179,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--beams", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--max-wait-ms", type=float, default=DEFAULT_MAX_WAIT_MS)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--model", help="an export (RUN_DIR or RUN_DIR/export); default: the demo's trained one, "
                                         "else one trained here first")

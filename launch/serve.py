@@ -27,6 +27,8 @@ import os
 import sys
 from pathlib import Path
 
+from expblip.serve.batching import DEFAULT_MAX_WAIT_MS
+
 API_KEY_ENV = "EXPBLIP_API_KEY"
 
 
@@ -45,8 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--beams", type=int, default=5, help="beam width for beam search (default: 5, as the paper)")
     parser.add_argument("--max-new-tokens", type=int, default=60, help="caption length limit in tokens")
     parser.add_argument("--max-batch", type=int, default=16, help="images captioned together in one generate call")
-    parser.add_argument("--max-wait-ms", type=float, default=10.0,
-                        help="how long the first queued image waits for others to share its batch")
+    parser.add_argument("--max-wait-ms", type=float, default=DEFAULT_MAX_WAIT_MS,
+                        help="how long the first queued image waits for others to share its batch "
+                             f"(default: {DEFAULT_MAX_WAIT_MS:g}; only under load or while requests arrive)")
     parser.add_argument("--max-queue", type=int, default=256,
                         help="images that may wait; beyond that requests get 503 + Retry-After")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds before a request gets 504")

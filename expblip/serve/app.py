@@ -62,7 +62,7 @@ from expblip.infer import video as video_io
 from expblip.infer.captioner import Captioner, ImageError, load_image
 from expblip.infer.parse import parse_caption
 from expblip.model.blip2 import Generated, GenerationConfig
-from expblip.serve.batching import Arrival, Batcher, QueueFull
+from expblip.serve.batching import DEFAULT_MAX_WAIT_MS, Arrival, Batcher, QueueFull
 from expblip.serve.metrics import CONTENT_TYPE, ServeMetrics
 
 MiB = 1024 * 1024
@@ -348,7 +348,7 @@ def request_gen(base: GenerationConfig, beams: int | None, max_new_tokens: int |
 
 def create_app(captioner: Captioner, max_upload_bytes: int = 5 * MiB, crop_face: bool = False,
                gen: GenerationConfig | None = None, max_pixels: int = MAX_PIXELS, *, max_batch: int = 16,
-               max_wait_ms: float = 10.0, max_queue: int = 256, request_timeout_s: float = 120.0,
+               max_wait_ms: float = DEFAULT_MAX_WAIT_MS, max_queue: int = 256, request_timeout_s: float = 120.0,
                api_key: str | None = None, model_name: str = "expblip", max_video_bytes: int = 50 * MiB,
                video_fps: float = 2.0, video_limits: video_io.VideoLimits | None = None) -> FastAPI:
     """The FastAPI app over one loaded captioner: the page, /health, /vocabulary, /metrics, /describe(/video) and the
