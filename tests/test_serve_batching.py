@@ -64,15 +64,17 @@ class HeldCaptioner(Captioner):
     """The tiny export's captioner whose generate calls wait until ``release`` is set (a busy model, on demand)."""
 
     release: threading.Event
+    started: threading.Event
 
     def caption_pixels(self, pixel_values, gen=None, prompt="", with_lengths=False):
+        self.started.set()
         self.release.wait(30)
         return super().caption_pixels(pixel_values, gen, prompt, with_lengths)
 
 
 def held(captioner: Captioner) -> HeldCaptioner:
     copy = HeldCaptioner(**{f.name: getattr(captioner, f.name) for f in fields(Captioner)})
-    copy.release = threading.Event()
+    copy.release, copy.started = threading.Event(), threading.Event()
     return copy
 
 
@@ -173,7 +175,7 @@ def test_full_queue_answers_503_with_retry_after_and_never_hangs(captioner, face
     face = png_bytes(faces[0])
     with background_server(app) as url, ThreadPoolExecutor(3) as pool:
         first = pool.submit(post_file, f"{url}/describe", face)  # runs (held)
-        time.sleep(0.5)
+        assert busy.started.wait(10)
         queued = [pool.submit(post_file, f"{url}/describe", face) for _ in range(2)]  # fill the queue
         deadline = time.monotonic() + 10
         while app.state.service.batcher.queued < 2 and time.monotonic() < deadline:
@@ -195,14 +197,17 @@ def test_retry_after_header_and_timeout_is_504(captioner, faces):
     from urllib.parse import urlsplit
 
     busy = held(captioner)
-    app = create_app(busy, gen=GEN, max_batch=1, max_wait_ms=0, max_queue=1, request_timeout_s=1.0,
+    app = create_app(busy, gen=GEN, max_batch=1, max_wait_ms=0, max_queue=1, request_timeout_s=3.0,
                      video_limits=VideoLimits(max_frames=1))
     face = png_bytes(faces[0])
     with background_server(app) as url, ThreadPoolExecutor(2) as pool:
         first = pool.submit(post_file, f"{url}/describe", face)  # runs, held past its timeout
-        time.sleep(0.3)
+        assert busy.started.wait(10)
         second = pool.submit(post_file, f"{url}/describe", face)  # queued, times out while waiting
-        time.sleep(0.3)
+        deadline = time.monotonic() + 2
+        while app.state.service.batcher.queued < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert app.state.service.batcher.queued == 1  # the queue is full: the next request must get 503
         boundary = uuid.uuid4().hex
         body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="f.png"\r\n'
                 "Content-Type: image/png\r\n\r\n").encode() + face + f"\r\n--{boundary}--\r\n".encode()
