@@ -118,7 +118,7 @@ def test_full_queue_refuses_at_once_and_cancelled_images_leave_it():
         start = time.monotonic()
         with pytest.raises(QueueFull) as full:
             batcher.submit(torch.zeros(2, 3, 8, 8), GEN)  # 3 + 2 > 4: all or nothing
-        assert time.monotonic() - start < 0.5 and full.value.retry_after_s >= 1
+        assert time.monotonic() - start < 5 and full.value.retry_after_s >= 1  # not after the held batch (30 s)
         for future in waiting:
             future.cancel()  # a request that timed out
         assert batcher.queued == 0
@@ -225,11 +225,11 @@ def test_retry_after_header_and_timeout_is_504(captioner, faces):
 
 def test_a_lone_image_runs_at_once_and_a_batch_waits_only_for_announced_arrivals():
     recorder = Recorder()
-    batcher = Batcher(recorder, max_batch=4, max_wait_s=2.0, max_queue=8)
+    batcher = Batcher(recorder, max_batch=4, max_wait_s=10.0, max_queue=8)
     try:
         start = time.monotonic()
-        batcher.submit(torch.zeros(1, 3, 8, 8), GEN)[0].result(10)
-        assert time.monotonic() - start < 1.0  # nothing on its way in: no 2 s wait
+        batcher.submit(torch.zeros(1, 3, 8, 8), GEN)[0].result(20)
+        assert time.monotonic() - start < 5  # nothing on its way in: no 10 s wait
         with batcher.arriving():  # a request being decoded: the queued image waits for it
             first = batcher.submit(torch.zeros(1, 3, 8, 8), GEN)
             time.sleep(0.3)
