@@ -168,3 +168,25 @@ def test_faces_are_cropped_per_frame(scripted, tmp_path):
             container.mux(packet)
     rows = describe_video_file(scripted, path, fps=2, crop_face=True)
     assert len(rows) == 2 and all(r["face"] and 70 < r["face"]["x"] < 110 for r in rows)
+
+
+
+@pytest.mark.parametrize("rotation, size, red, blue", [(-90, (32, 64), (16, 16), (16, 48)),  # clockwise quarter
+                                                       (90, (32, 64), (16, 48), (16, 16)),
+                                                       (180, (64, 32), (48, 16), (16, 16))])
+def test_a_sideways_phone_clip_is_turned_upright_by_its_display_matrix(tmp_path, rotation, size, red, blue):
+    """A 64x32 clip, red left half, blue right half, stored with a display rotation (a portrait phone clip is -90):
+    the frames come out as a player shows them (FFmpeg's autorotate: -90 turns clockwise, its left edge on top)."""
+    stored = Image.new("RGB", (64, 32), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 32, 32))
+    path = tmp_path / "portrait.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=2)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.set_display_rotation(rotation)
+        for packet in [*stream.encode(av.VideoFrame.from_image(stored)), *stream.encode()]:
+            container.mux(packet)
+    (frame,) = sample_frames(path, fps=2)
+    r, _, b = frame.image.getpixel(red)
+    r2, _, b2 = frame.image.getpixel(blue)
+    assert frame.image.size == size and r > 200 > b and b2 > 200 > r2

@@ -4,8 +4,9 @@
     rows = describe_frames(captioner, frames, crop_face=True) # [{"frame", "time", "caption", "aus", "emotions", ...}]
     paths = write_outputs(rows, "clip-expblip/")              # frames.json, frames.csv, timeline.png
 
-Frames are taken at ``fps`` (the first decoded frame at or after each multiple of 1/fps), each optionally cut to its
-largest face, and captioned in batches. Decoding is FFmpeg's, through PyAV; only MP4/MOV, Matroska/WebM and AVI
+Frames are taken at ``fps`` (the first decoded frame at or after each multiple of 1/fps), turned upright by the
+stream's display matrix (phones store portrait clips sideways), each optionally cut to its largest face, and
+captioned in batches. Decoding is FFmpeg's, through PyAV; only MP4/MOV, Matroska/WebM and AVI
 containers are opened, recognised from their first bytes, so FFmpeg's playlist and concat demuxers (which read other
 files and URLs) are never reached. Limits (``VideoLimits``) refuse a clip before decoding when its header says it is
 too long, too large or would give too many frames, and stop decoding when the stream says otherwise.
@@ -160,13 +161,29 @@ def _decode(container, stream, fps: float, limits: VideoLimits, label: str) -> l
         if len(taken) == limits.max_frames:
             raise VideoError(label, f"gives more than {limits.max_frames} frames at {fps:g} frames/s; lower fps",
                              "too_large")
-        taken.append((t, frame.to_image().convert("RGB")))
+        taken.append((t, upright(frame)))
         while next_time <= t + 1e-6:
             next_time += 1.0 / fps
     if not taken:
         raise VideoError(label, "holds no decodable frame", "corrupt")
     ends = [t for t, _ in taken[1:]] + [clip_end]
     return [Frame(i, round(t, 4), round(end, 4), image) for i, ((t, image), end) in enumerate(zip(taken, ends, strict=True))]
+
+
+_TURNS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+
+
+def upright(frame) -> Image.Image:
+    """The frame as a player shows it: turned by its display matrix (a phone's portrait clip is stored sideways).
+
+    PyAV's ``frame.rotation`` is the counter-clockwise angle of the stream's display matrix, FFmpeg's autorotate
+    angle; a quarter turn is exact (a transpose), any other angle is resampled bicubically with the canvas grown. A
+    mirror in the matrix (rare: front cameras set it on some devices) is not applied."""
+    image = frame.to_image().convert("RGB")
+    angle = round(frame.rotation or 0) % 360
+    if angle in _TURNS:
+        return image.transpose(_TURNS[angle])
+    return image.rotate(angle, Image.Resampling.BICUBIC, expand=True) if angle else image
 
 
 # ---------------------------------------------------------------- frames → descriptions
