@@ -25,11 +25,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
+from expblip.serve import API_KEY_ENV
 from expblip.serve.batching import DEFAULT_MAX_WAIT_MS
-
-API_KEY_ENV = "EXPBLIP_API_KEY"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,12 +60,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def model_name(model: str) -> str:
-    """A run directory's name for RUN_DIR or RUN_DIR/export, else the export directory's own name."""
-    path = Path(model).resolve()
-    return path.parent.name if path.name == "export" else path.name
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import uvicorn
@@ -75,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from expblip.infer.captioner import Captioner, resolve_export
     from expblip.infer.video import VideoLimits
     from expblip.model.blip2 import GenerationConfig
-    from expblip.serve.app import MiB, create_app
+    from expblip.serve.app import MiB, create_app, model_name
 
     try:
         captioner = Captioner.from_export(resolve_export(args.model), device=args.device, dtype=args.dtype)

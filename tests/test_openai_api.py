@@ -13,7 +13,7 @@ from test_serve import GEN, png_bytes, post_file
 from expblip.data.synthetic import synthetic_records
 from expblip.infer.captioner import Captioner
 from expblip.infer.parse import parse_caption
-from expblip.serve.app import background_server, create_app
+from expblip.serve.app import background_server, create_app, model_name
 
 KEY = "test-key-123"
 NAME = "expblip-tiny"
@@ -116,4 +116,4 @@ def test_serve_script_takes_the_key_from_the_environment(monkeypatch):
     monkeypatch.setenv("EXPBLIP_API_KEY", "from-env")
     args = serve.parse_args(["--model", "runs/s2/export"])
     assert args.api_key == "from-env" and args.host == "127.0.0.1"
-    assert serve.model_name("runs/s2/export") == "s2" and serve.model_name("exports/small") == "small"
+    assert model_name("runs/s2/export") == "s2" and model_name("exports/small") == "small"

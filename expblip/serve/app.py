@@ -445,6 +445,13 @@ def _install_routes(app: FastAPI, service: Service, max_upload_bytes: int, max_v
         return await service.describe_video(await video.read(), name, fps or service.video_fps)
 
 
+def model_name(model: str | Path) -> str:
+    """The id /v1/models shows for a model path: a run directory's name for RUN_DIR or RUN_DIR/export, else the
+    export directory's own name."""
+    path = Path(model).resolve()
+    return path.parent.name if path.name == "export" else path.name
+
+
 @contextlib.contextmanager
 def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
                       timeout: float = 30.0) -> Iterator[str]:

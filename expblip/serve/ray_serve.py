@@ -1,90 +1,73 @@
-"""The captioner as a Ray Serve deployment, for clusters: replicas (autoscaled), ``@serve.batch``, a GPU per replica.
+"""The captioner as a Ray Serve deployment, for clusters: replicas (autoscaled), a GPU per replica, and the very
+routes of the single-machine server.
 
     serve run cluster/serve.yaml                                  # on this machine (--address local) or RAY_ADDRESS
     serve deploy cluster/serve.yaml --address http://HEAD:8265    # onto a running cluster (the dashboard address)
     curl -F image=@face.jpg http://HOST:8000/describe             # the same JSON as launch/serve.py's /describe
 
 ``build_app`` is the application builder that cluster/serve.yaml names (``import_path``); its ``args`` are
-``CaptionerDeployment``'s (model, device, crop_face, beams, max_new_tokens, max_batch, max_wait_ms, max_upload_mb)
-plus ``gpus_per_replica``. Replica count, autoscaling bounds and actor resources come from the config's
-``deployments`` section. Each replica loads the export once and captions the images of concurrent requests together
-(``@serve.batch``, up to ``max_batch`` images gathered for at most ``max_wait_ms``); uploads are checked and cropped
-exactly as the single-machine app does (expblip.serve.app), so both answer the same caption for the same image.
+``CaptionerReplica``'s (launch/serve.py's options) plus ``gpus_per_replica``. Replica count, autoscaling bounds and actor resources come from
+the config's ``deployments`` section.
 
-Routes: POST /describe (multipart, file field ``image``), GET /health. Ray is imported here only (DESIGN.md, wall 2).
+Each replica loads the export once and serves ``expblip.serve.app.create_app`` over it (``@serve.ingress``): the page,
+/health, /vocabulary, /metrics (that replica's), /describe, /describe/video and the OpenAI-compatible /v1 routes,
+with the app's own batching queue (the images of concurrent requests share one ``generate``), 503 + Retry-After when
+the queue is full and 504 on timeout. Both servers therefore answer the same caption for the same image.
+
+The API key is read from ``$EXPBLIP_API_KEY`` in the replica's environment (export it on each node before
+``ray start``): never put it in serve.yaml or a runtime_env, which the cluster stores and its dashboard shows.
+Ray is imported here only (DESIGN.md, wall 2).
 """
 
 from __future__ import annotations
 
-import asyncio
-from pathlib import Path
+import os
 
 import torch
 from ray import serve
 from ray.serve import Application
-from starlette.requests import Request
-from starlette.responses import JSONResponse
 
 from expblip.infer.captioner import Captioner, resolve_export
+from expblip.infer.video import VideoLimits
 from expblip.model.blip2 import GenerationConfig
-from expblip.serve.app import MiB, UploadRejected, decode_upload, description, prepare_image
+from expblip.serve import API_KEY_ENV
+from expblip.serve import app as http
+from expblip.serve.batching import DEFAULT_MAX_WAIT_MS
 
 DEPLOYMENT = "ExpBlipCaptioner"
 
 
-@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
-class CaptionerDeployment:
-    """One replica: a loaded export, the upload checks, and a batched caption call."""
+class CaptionerReplica:
+    """One replica: a loaded export behind create_app's routes and batching queue (CaptionerDeployment wraps it)."""
 
-    def __init__(self, model: str, device: str = "cpu", crop_face: bool = False, beams: int = 5,
-                 max_new_tokens: int = 60, max_batch: int = 16, max_wait_ms: float = 10.0,
-                 max_upload_mb: float = 5.0):
+    def __init__(self, model: str, device: str = "cpu", dtype: str = "fp32", crop_face: bool = False,
+                 beams: int = 5, max_new_tokens: int = 60, max_batch: int = 16,
+                 max_wait_ms: float = DEFAULT_MAX_WAIT_MS, max_queue: int = 256, request_timeout_s: float = 120.0,
+                 max_upload_mb: float = 5.0, max_video_mb: float = 50.0, video_fps: float = 2.0,
+                 max_frames: int = 240, max_seconds: float = 600.0, model_name: str = ""):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} asked for, but this replica sees no GPU; set "
                                "ray_actor_options.num_gpus (gpus_per_replica) or device: cpu")
-        self.captioner = Captioner.from_export(resolve_export(model), device=device)
-        self.crop_face, self.max_upload_bytes = crop_face, int(max_upload_mb * MiB)
-        self.gen = GenerationConfig(num_beams=beams, max_new_tokens=max_new_tokens)
-        self.caption_batch.set_max_batch_size(max_batch)
-        self.caption_batch.set_batch_wait_timeout_s(max_wait_ms / 1000)
+        captioner = Captioner.from_export(resolve_export(model), device=device, dtype=dtype)
+        self.http_app = http.create_app(
+            captioner, max_upload_bytes=int(max_upload_mb * http.MiB), crop_face=crop_face,
+            gen=GenerationConfig(num_beams=beams, max_new_tokens=max_new_tokens), max_batch=max_batch,
+            max_wait_ms=max_wait_ms, max_queue=max_queue, request_timeout_s=request_timeout_s,
+            api_key=os.environ.get(API_KEY_ENV) or None, model_name=model_name or http.model_name(model),
+            max_video_bytes=int(max_video_mb * http.MiB), video_fps=video_fps,
+            video_limits=VideoLimits(max_frames, max_seconds))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def caption_batch(self, pixels: list[torch.Tensor]) -> list[str]:
-        """Captions of the images of concurrent requests, in one generate call (off the replica's event loop)."""
-        stacked = torch.stack(pixels)  # [B, 3, S, S]
-        return await asyncio.to_thread(self.captioner.caption_pixels, stacked, self.gen)
+    def __serve_build_asgi_app__(self):
+        """The ASGI app this replica serves (Ray calls it once, after __init__)."""
+        return self.http_app
 
-    async def __call__(self, request: Request) -> JSONResponse:
-        path = request.url.path.rstrip("/")
-        if request.method == "GET" and path.endswith("/health"):
-            return JSONResponse({"status": "ok", "image_size": self.captioner.image_size,
-                                 "crop_face": self.crop_face, "device": str(self.captioner.device)})
-        if request.method != "POST" or not path.endswith("/describe"):
-            return JSONResponse({"error": "POST /describe (multipart field 'image') or GET /health"}, 404)
-        try:
-            return JSONResponse(await self.describe(request))
-        except UploadRejected as err:
-            return JSONResponse({"error": err.detail}, err.status_code)
 
-    async def describe(self, request: Request) -> dict:
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_upload_bytes + 16 * 1024:
-            raise UploadRejected(413, f"the upload is larger than the {self.max_upload_bytes / MiB:g} MiB limit")
-        form = await request.form()
-        upload = form.get("image")
-        if upload is None or isinstance(upload, str):
-            raise UploadRejected(400, "send the image as multipart/form-data in the file field 'image'")
-        data = await upload.read()
-        if len(data) > self.max_upload_bytes:
-            raise UploadRejected(413, f"{upload.filename}: above the {self.max_upload_bytes / MiB:g} MiB limit")
-        name = Path(upload.filename or "upload").name
-        prepared = await asyncio.to_thread(
-            lambda: prepare_image(self.captioner, decode_upload(data, name), self.crop_face))
-        return description(await self.caption_batch(prepared.pixels), prepared)
+CaptionerDeployment = serve.deployment(name=DEPLOYMENT, max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})(
+    serve.ingress()(CaptionerReplica))
 
 
 def build_app(args: dict) -> Application:
-    """The application cluster/serve.yaml deploys: ``args`` as CaptionerDeployment's, plus ``gpus_per_replica``
+    """The application cluster/serve.yaml deploys: ``args`` as CaptionerReplica's, plus ``gpus_per_replica``
     (0 by default; the config's ray_actor_options.num_gpus, when given, takes precedence)."""
     args = dict(args)
     gpus = float(args.pop("gpus_per_replica", 0))
