@@ -62,6 +62,9 @@ def test_registered_export_predicts_the_captions(run_dir, mlflow_server, monkeyp
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
     assert [c.type for c in model.metadata.get_input_schema().inputs] == [DataType.binary]
+    flavor = model.metadata.flavors["python_function"]
+    assert flavor.get("model_code_path", "").endswith("registry_model.py")  # logged as code: nothing unpickled
+    assert "python_model" not in flavor, flavor  # no python_model.pkl
     images = [r["image"] for r in synthetic_records(3, seed=4)]
     params = {"num_beams": GEN.num_beams, "max_new_tokens": GEN.max_new_tokens}
     captions = model.predict(pd.DataFrame({"image": [png(i) for i in images]}), params=params)

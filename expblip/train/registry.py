@@ -6,8 +6,9 @@ version of a named model and tagged with the evaluation metrics of the training 
     model.predict([png_bytes, "face.jpg"])                               # ["The person raises ...", ...]
     model.predict(images, params={"num_beams": 1, "max_new_tokens": 30, "crop_face": True})
 
-The model's artefacts are the export directory itself and the expblip package (``code_paths``), so loading needs
-the pinned libraries (torch, transformers, ...) but no checkout. The export's training run is found from
+The model is logged as code (registry_model.py, MLflow's models-from-code: nothing is pickled), its artefacts are
+the export directory itself and the expblip package (``code_paths``), so loading needs the pinned libraries (torch,
+transformers, ...) but no checkout and no particular Python. The export's training run is found from
 ``mlflow_run.json`` beside it (RUN_DIR/export) or in the run directory its ``expblip.json`` names as source; the
 model is logged into that run when it lives on the same tracking server, and its ``eval.*`` metrics (from
 launch/evaluate.py --mlflow) become tags of the model version. Without a training run the model goes into a new run
@@ -34,6 +35,7 @@ from expblip.credentials import unredact_uri
 from expblip.train.tracking import RUN_FILE
 
 EXPERIMENT = "expblip-registry"
+MODEL_CODE = Path(__file__).with_name("registry_model.py")  # models-from-code: the pyfunc is this file, not a pickle
 REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "pillow", "numpy", "scikit-image", "mlflow")
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec(DataType.binary)]),  # encoded image bytes (PNG, JPEG, WebP, BMP): a list, or one column
@@ -153,7 +155,7 @@ def _log_model(export: Path, name: str, run_id: str | None, experiment: str):
     if run_id is None:
         mlflow.set_experiment(experiment)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"register {name}"):
-        return mlflow.pyfunc.log_model(name="model", python_model=CaptionerModel(), artifacts={"export": str(export)},
+        return mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE), artifacts={"export": str(export)},
                                        signature=SIGNATURE, pip_requirements=requirements(),
                                        code_paths=[str(Path(expblip.__file__).parent)],
                                        registered_model_name=name)
