@@ -25,59 +25,63 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import fields
 
 from expblip.serve import API_KEY_ENV
-from expblip.serve.batching import DEFAULT_MAX_WAIT_MS
+from expblip.serve.options import ServeOptions
+
+DEFAULTS = ServeOptions(model="")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    d = DEFAULTS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="export directory, or a run directory holding export/")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     parser.add_argument("--crop-face", action="store_true",
                         help="describe the square around the largest detected face (centre square if none)")
-    parser.add_argument("--max-upload-mb", type=float, default=5.0, help="largest accepted image upload in MiB")
-    parser.add_argument("--max-video-mb", type=float, default=50.0, help="largest accepted video upload in MiB")
-    parser.add_argument("--fps", type=float, default=2.0, help="video frames sampled per second (default: 2)")
-    parser.add_argument("--max-frames", type=int, default=240, help="most frames sampled from one video")
-    parser.add_argument("--max-seconds", type=float, default=600.0, help="longest accepted video, in seconds")
-    parser.add_argument("--beams", type=int, default=5, help="beam width for beam search (default: 5, as the paper)")
-    parser.add_argument("--max-new-tokens", type=int, default=60, help="caption length limit in tokens")
-    parser.add_argument("--max-batch", type=int, default=16, help="images captioned together in one generate call")
-    parser.add_argument("--max-wait-ms", type=float, default=DEFAULT_MAX_WAIT_MS,
+    parser.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb,
+                        help="largest accepted image upload in MiB")
+    parser.add_argument("--max-video-mb", type=float, default=d.max_video_mb, help="largest accepted video upload in MiB")
+    parser.add_argument("--fps", dest="video_fps", type=float, default=d.video_fps,
+                        help=f"video frames sampled per second (default: {d.video_fps:g})")
+    parser.add_argument("--max-frames", type=int, default=d.max_frames, help="most frames sampled from one video")
+    parser.add_argument("--max-seconds", type=float, default=d.max_seconds, help="longest accepted video, in seconds")
+    parser.add_argument("--beams", type=int, default=d.beams,
+                        help=f"beam width for beam search (default: {d.beams}, as the paper)")
+    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="caption length limit in tokens")
+    parser.add_argument("--max-batch", type=int, default=d.max_batch,
+                        help="images captioned together in one generate call")
+    parser.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                         help="how long the first queued image waits for others to share its batch "
-                             f"(default: {DEFAULT_MAX_WAIT_MS:g}; only under load or while requests arrive)")
-    parser.add_argument("--max-queue", type=int, default=256,
+                             f"(default: {d.max_wait_ms:g}; only under load or while requests arrive)")
+    parser.add_argument("--max-queue", type=int, default=d.max_queue,
                         help="images that may wait; beyond that requests get 503 + Retry-After")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds before a request gets 504")
+    parser.add_argument("--timeout", dest="request_timeout_s", type=float, default=d.request_timeout_s,
+                        help="seconds before a request gets 504")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV, ""),
                         help=f"bearer token for /describe*, /v1/* and /metrics (default: ${API_KEY_ENV}; none: open)")
     parser.add_argument("--model-name", default="", help="the model id of /v1/models (default: the directory name)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"],
+    parser.add_argument("--device", default=d.device, help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--dtype", default=d.dtype, choices=["bf16", "fp16", "fp32"],
                         help="weights and compute dtype (bf16 halves memory; the Q-Former stays fp32)")
     return parser.parse_args(argv)
+
+
+def options(args: argparse.Namespace) -> ServeOptions:
+    """The command line as ServeOptions (each option's dest is the field's name)."""
+    return ServeOptions(**{f.name: getattr(args, f.name) for f in fields(ServeOptions)})
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import uvicorn
 
-    from expblip.infer.captioner import Captioner, resolve_export
-    from expblip.infer.video import VideoLimits
-    from expblip.model.blip2 import GenerationConfig
-    from expblip.serve.app import MiB, create_app, model_name
+    from expblip.serve.app import app_for_export
 
     try:
-        captioner = Captioner.from_export(resolve_export(args.model), device=args.device, dtype=args.dtype)
-        gen = GenerationConfig(num_beams=args.beams, max_new_tokens=args.max_new_tokens)
-        app = create_app(captioner, max_upload_bytes=int(args.max_upload_mb * MiB), crop_face=args.crop_face,
-                         gen=gen, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                         request_timeout_s=args.timeout, api_key=args.api_key or None,
-                         model_name=args.model_name or model_name(args.model),
-                         max_video_bytes=int(args.max_video_mb * MiB), video_fps=args.fps,
-                         video_limits=VideoLimits(args.max_frames, args.max_seconds))
+        app = app_for_export(options(args), api_key=args.api_key or None)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -59,11 +59,12 @@ from starlette.exceptions import HTTPException
 from expblip.data.facs import AUS, EMOTIONS
 from expblip.infer import face as face_detection
 from expblip.infer import video as video_io
-from expblip.infer.captioner import Captioner, ImageError, load_image
+from expblip.infer.captioner import Captioner, ImageError, load_image, resolve_export
 from expblip.infer.parse import parse_caption
 from expblip.model.blip2 import Generated, GenerationConfig
 from expblip.serve.batching import DEFAULT_MAX_WAIT_MS, Arrival, Batcher, QueueFull
 from expblip.serve.metrics import CONTENT_TYPE, ServeMetrics
+from expblip.serve.options import ServeOptions
 
 MiB = 1024 * 1024
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # PIL decoders tried; no EPS/PDF/... (EPS would run Ghostscript)
@@ -443,6 +444,19 @@ def _install_routes(app: FastAPI, service: Service, max_upload_bytes: int, max_v
             raise UploadRejected(413, f"{name}: {video.size} bytes is above the {max_video_bytes / MiB:g} MiB "
                                       "video limit; send a shorter clip")
         return await service.describe_video(await video.read(), name, fps or service.video_fps)
+
+
+def app_for_export(opts: ServeOptions, api_key: str | None = None) -> FastAPI:
+    """create_app over the export ``opts.model`` names, loaded once: what launch/serve.py and each Ray Serve replica
+    serve."""
+    captioner = Captioner.from_export(resolve_export(opts.model), device=opts.device, dtype=opts.dtype)
+    return create_app(captioner, max_upload_bytes=int(opts.max_upload_mb * MiB), crop_face=opts.crop_face,
+                      gen=GenerationConfig(num_beams=opts.beams, max_new_tokens=opts.max_new_tokens),
+                      max_batch=opts.max_batch, max_wait_ms=opts.max_wait_ms, max_queue=opts.max_queue,
+                      request_timeout_s=opts.request_timeout_s, api_key=api_key,
+                      model_name=opts.model_name or model_name(opts.model),
+                      max_video_bytes=int(opts.max_video_mb * MiB), video_fps=opts.video_fps,
+                      video_limits=video_io.VideoLimits(opts.max_frames, opts.max_seconds))
 
 
 def model_name(model: str | Path) -> str:

@@ -83,8 +83,8 @@ class Arrival:
 class Batcher:
     """A bounded queue of images and the one thread that captions them in batches."""
 
-    def __init__(self, caption_fn: CaptionFn, max_batch: int = 16, max_wait_s: float = DEFAULT_MAX_WAIT_MS / 1000, max_queue: int = 256,
-                 on_batch: Callable[[BatchStats], None] | None = None):
+    def __init__(self, caption_fn: CaptionFn, max_batch: int = 16, max_wait_s: float = DEFAULT_MAX_WAIT_MS / 1000,
+                 max_queue: int = 256, on_batch: Callable[[BatchStats], None] | None = None):
         if max_batch < 1 or max_queue < max_batch or max_wait_s < 0:
             raise ValueError(f"need max_batch >= 1, max_queue >= max_batch and max_wait_s >= 0; got max_batch "
                              f"{max_batch}, max_queue {max_queue}, max_wait_s {max_wait_s}")

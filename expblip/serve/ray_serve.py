@@ -5,9 +5,9 @@ routes of the single-machine server.
     serve deploy cluster/serve.yaml --address http://HEAD:8265    # onto a running cluster (the dashboard address)
     curl -F image=@face.jpg http://HOST:8000/describe             # the same JSON as launch/serve.py's /describe
 
-``build_app`` is the application builder that cluster/serve.yaml names (``import_path``); its ``args`` are
-``CaptionerReplica``'s (launch/serve.py's options) plus ``gpus_per_replica``. Replica count, autoscaling bounds and actor resources come from
-the config's ``deployments`` section.
+``build_app`` is the application builder that cluster/serve.yaml names (``import_path``); its ``args`` are the
+fields of ``expblip.serve.options.ServeOptions`` (launch/serve.py's options) plus ``gpus_per_replica``. Replica
+count, autoscaling bounds and actor resources come from the config's ``deployments`` section.
 
 Each replica loads the export once and serves ``expblip.serve.app.create_app`` over it (``@serve.ingress``): the page,
 /health, /vocabulary, /metrics (that replica's), /describe, /describe/video and the OpenAI-compatible /v1 routes,
@@ -22,40 +22,29 @@ Ray is imported here only (DESIGN.md, wall 2).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from ray import serve
 from ray.serve import Application
 
-from expblip.infer.captioner import Captioner, resolve_export
-from expblip.infer.video import VideoLimits
-from expblip.model.blip2 import GenerationConfig
 from expblip.serve import API_KEY_ENV
 from expblip.serve import app as http
-from expblip.serve.batching import DEFAULT_MAX_WAIT_MS
+from expblip.serve.options import ServeOptions
 
 DEPLOYMENT = "ExpBlipCaptioner"
 
 
-class CaptionerReplica:
-    """One replica: a loaded export behind create_app's routes and batching queue (CaptionerDeployment wraps it)."""
+@dataclass(eq=False)
+class CaptionerReplica(ServeOptions):
+    """One replica: a loaded export behind create_app's routes and batching queue (CaptionerDeployment wraps it).
+    Its arguments are ServeOptions' (launch/serve.py's options)."""
 
-    def __init__(self, model: str, device: str = "cpu", dtype: str = "fp32", crop_face: bool = False,
-                 beams: int = 5, max_new_tokens: int = 60, max_batch: int = 16,
-                 max_wait_ms: float = DEFAULT_MAX_WAIT_MS, max_queue: int = 256, request_timeout_s: float = 120.0,
-                 max_upload_mb: float = 5.0, max_video_mb: float = 50.0, video_fps: float = 2.0,
-                 max_frames: int = 240, max_seconds: float = 600.0, model_name: str = ""):
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} asked for, but this replica sees no GPU; set "
+    def __post_init__(self):
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"device {self.device!r} asked for, but this replica sees no GPU; set "
                                "ray_actor_options.num_gpus (gpus_per_replica) or device: cpu")
-        captioner = Captioner.from_export(resolve_export(model), device=device, dtype=dtype)
-        self.http_app = http.create_app(
-            captioner, max_upload_bytes=int(max_upload_mb * http.MiB), crop_face=crop_face,
-            gen=GenerationConfig(num_beams=beams, max_new_tokens=max_new_tokens), max_batch=max_batch,
-            max_wait_ms=max_wait_ms, max_queue=max_queue, request_timeout_s=request_timeout_s,
-            api_key=os.environ.get(API_KEY_ENV) or None, model_name=model_name or http.model_name(model),
-            max_video_bytes=int(max_video_mb * http.MiB), video_fps=video_fps,
-            video_limits=VideoLimits(max_frames, max_seconds))
+        self.http_app = http.app_for_export(self, api_key=os.environ.get(API_KEY_ENV) or None)
 
     def __serve_build_asgi_app__(self):
         """The ASGI app this replica serves (Ray calls it once, after __init__)."""
