@@ -68,6 +68,7 @@ def worker(shards: str, steps: int, rounds: int, log_every: int) -> None:
     from expblip.config import load_config
     from expblip.log import setup_logging
     from expblip.model.blip2 import caption_inputs
+    from expblip.pixels import normalise
     from expblip.train.loop import setup, step
 
     run_dir = Path(shards).parent / "run"
@@ -89,7 +90,7 @@ def worker(shards: str, steps: int, rounds: int, log_every: int) -> None:
     def plain() -> None:
         for batch in batches:
             inputs = caption_inputs(run.tokenizer, batch["captions"], queries, max_tokens)
-            inputs["pixel_values"] = batch["pixel_values"]
+            inputs["pixel_values"] = normalise(batch["pixel_values"])  # the loader's uint8, as the loop normalises
             loss = bare(**{k: v.to(bare.device) for k, v in inputs.items()})
             bare.backward(loss)
             bare.step()

@@ -88,6 +88,9 @@ class TrainConfig:
     # frozen ViT / OPT: replicated on every device (ZeRO-2), partitioned (ZeRO-3), auto = replicated when
     # expblip.train.plan says they fit beside everything else (partitioned on CPU ranks), config = the JSON's stage
     placement: Literal["config", "auto", "replicated", "partitioned"] = "config"
+    # activation checkpointing: config = model.checkpointing as given; auto = expblip.train.plan picks the least
+    # recomputation that fits the devices (with placement=auto, both together), decided on rank 0 for every rank
+    activation_checkpointing: Literal["config", "auto"] = "config"
     # what the run writes at its end: the full HF-format export/ (GBs at paper scale), the trainable-only
     # export-trainable/ (Q-Former-sized; merge it onto model.weights with launch/export.py --merge), or both
     export: Literal["full", "trainable", "both"] = "full"

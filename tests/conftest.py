@@ -118,6 +118,29 @@ def run_launcher(args: list[str], timeout: int = 600, env: dict | None = None) -
     return subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+AUDIT_DIR = REPO / "tests" / "audit"
+
+
+def audit_env(directory: Path) -> dict[str, str]:
+    """The environment that installs the collective audit (tests/audit) in every process a launcher starts."""
+    return {"EXPBLIP_AUDIT_COLLECTIVES": str(directory),
+            "PYTHONPATH": os.pathsep.join(p for p in (str(AUDIT_DIR), os.environ.get("PYTHONPATH", "")) if p)}
+
+
+def assert_collectives_suit_nccl(directory: Path, callers: set[str]) -> list[dict]:
+    """The audited run's collectives of expblip's own code: every one fits a CUDA-only (NCCL) default group, and
+    the audit saw calls from each module of `callers` (so it did watch them). Returns the records."""
+    sys.path.insert(0, str(AUDIT_DIR))
+    import collective_audit
+
+    records = collective_audit.read(str(directory))
+    seen = {r["caller"].split(":")[0] for r in records}
+    assert callers <= seen, f"the audit saw no collective of {sorted(callers - seen)} (saw {sorted(seen)})"
+    bad = [r for r in records if r["violation"]]
+    assert not bad, f"{len(bad)} collectives a GPU node's NCCL group would refuse, e.g. {bad[:4]}"
+    return records
+
+
 def deepspeed_cmd(*args: str, ranks: int = 2) -> list[str]:
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
             "--master_port", str(_free_port()), "launch/finetune.py", *args]

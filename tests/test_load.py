@@ -217,11 +217,11 @@ def _measure(weights: str) -> None:
     from expblip.config import load_config
     from expblip.model.tokenizer import load_tokenizer
     from expblip.model.weights import open_weights as open_source
-    from expblip.train import engine
+    from expblip.train import comm, engine
     from expblip.train.load import load_initial_weights
     from expblip.train.loop import build_unit
 
-    rank, world = engine.init_distributed()
+    rank, world = comm.init_distributed()
     cfg = load_config(None, [f"model.preset={MEASURE_PRESET}", f"model.weights={weights}", "model.frozen_dtype=bfloat16",
                              "train.ds_config=ds_configs/zero3_bf16.json", "data.train.shards=unused"])
     ds = engine.resolve_ds_config(cfg, world)

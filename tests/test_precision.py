@@ -79,19 +79,69 @@ def test_fp16_only_with_loss_scaling_and_frozen_towers_in_the_engines_dtype():
         engine.resolve_ds_config(_cfg("model.frozen_dtype=float16"), 2)
 
 
-def test_auto_buckets_come_from_the_hidden_size_and_overlap_needs_a_gpu():
-    paper = engine.resolve_ds_config(_cfg("model.preset=vitg-opt6.7b", "model.tokenizer=x",
-                                          "train.ds_config=ds_configs/zero3_bf16.json"), 8)
-    zero = paper["zero_optimization"]
-    assert zero["reduce_bucket_size"] == 4096**2 and zero["stage3_prefetch_bucket_size"] == int(0.9 * 4096**2)
-    assert zero["stage3_param_persistence_threshold"] == 40960
-    assert zero["overlap_comm"] is torch.cuda.is_available()
-    gpu = {"zero_optimization": {"overlap_comm": "auto", "stage3_max_live_parameters": "auto"}}
-    engine.fill_auto(gpu, 4096, gpu=True)
-    assert gpu["zero_optimization"] == {"overlap_comm": True, "stage3_max_live_parameters": 10**9}
+def test_auto_values_follow_the_device():
+    """GPUs: buckets of at least 5e7, prefetch >= OPT's widest matrix (4h^2: fc1/fc2), norms and biases whole,
+    overlap on. CPU ranks adapt the same JSON: gloo-sized buckets, every parameter partitioned, overlap off."""
+    h = 4096
+    every = {"zero_optimization": {k: "auto" for k in (*engine.AUTO_ZERO, "overlap_comm")}}
+    gpu, cpu = json.loads(json.dumps(every)), json.loads(json.dumps(every))
+    engine.fill_auto(gpu, h, gpu=True)
+    engine.fill_auto(cpu, h, gpu=False)
+    g, c = gpu["zero_optimization"], cpu["zero_optimization"]
+    assert g["reduce_bucket_size"] == g["allgather_bucket_size"] == 5 * 10**7
+    assert g["stage3_prefetch_bucket_size"] >= 4 * h * h  # the next 4h x h matrix is always in flight
+    assert g["stage3_param_persistence_threshold"] == 10 * h and g["overlap_comm"] is True
+    assert g["stage3_max_live_parameters"] == g["stage3_max_reuse_distance"] == 10**9
+    assert c["reduce_bucket_size"] == h * h and c["stage3_prefetch_bucket_size"] == int(0.9 * h * h)
+    assert c["stage3_param_persistence_threshold"] == 0 and c["overlap_comm"] is False
+    assert c["stage3_max_live_parameters"] == 12 * h * h
+    tiny = json.loads(json.dumps(every))
+    engine.fill_auto(tiny, 64, gpu=False)
+    assert tiny["zero_optimization"]["reduce_bucket_size"] == 5 * 10**5  # the tiny CPU runs' proven buckets
     with pytest.raises(ConfigError, match="sub_group_size"):
         engine.fill_auto({"zero_optimization": {"sub_group_size": "auto"}}, 64, gpu=False)
+    paper = engine.resolve_ds_config(_cfg("model.preset=vitg-opt6.7b", "model.tokenizer=x",
+                                          "train.ds_config=ds_configs/zero3_bf16.json"), 8)
     assert engine.precision(paper) == "bf16" and engine.construction_dtype(paper, "float32") == torch.bfloat16
+
+
+def _pretend_cuda(monkeypatch, bf16: bool = True) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+
+
+def test_the_command_users_type_gets_the_gpu_policy_on_cuda_and_fp32_on_cpu(monkeypatch):
+    """`deepspeed launch/finetune.py --deepspeed ds_configs/zero3.json` (train.ds_config's default): bf16, buckets
+    sized from the model and overlap on a GPU; the same file on CPU ranks trains in fp32 with gloo buckets."""
+    cfg = _cfg("model.preset=vitg-opt6.7b", "model.tokenizer=x")
+    assert cfg.train.ds_config == "ds_configs/zero3.json"
+    cpu = engine.resolve_ds_config(cfg, 8)
+    if not torch.cuda.is_available():
+        assert engine.precision(cpu) == "fp32" and cpu["zero_optimization"]["overlap_comm"] is False
+    _pretend_cuda(monkeypatch)
+    for policy in ("ds_configs/zero3.json", "ds_configs/zero2.json"):
+        ds = engine.resolve_ds_config(_cfg("model.preset=vitg-opt6.7b", "model.tokenizer=x",
+                                           f"train.ds_config={policy}"), 8)
+        zero = ds["zero_optimization"]
+        assert engine.precision(ds) == "bf16", policy
+        assert zero["overlap_comm"] is True and zero["reduce_bucket_size"] >= 4096**2, policy
+    assert zero["stage"] == 2 and "stage3_param_persistence_threshold" not in zero
+    _pretend_cuda(monkeypatch, bf16=False)  # a V100: no bf16 compute
+    assert engine.precision(engine.resolve_ds_config(cfg, 8)) == "fp32"
+
+
+def test_a_bf16_run_of_a_small_trained_part_reduces_gradients_in_fp32():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    model[0].requires_grad_(False)
+    bf16 = {"bf16": {"enabled": True}}
+    engine.communication_dtype(bf16, model)
+    assert bf16["communication_data_type"] == "fp32"
+    kept = {"bf16": {"enabled": True}, "communication_data_type": "bf16"}
+    engine.communication_dtype(kept, model)
+    assert kept["communication_data_type"] == "bf16"  # the JSON's own choice stands
+    fp32 = {}
+    engine.communication_dtype(fp32, model)
+    assert "communication_data_type" not in fp32
 
 
 def test_placement_sets_the_zero_stage_and_auto_partitions_on_cpu_ranks():
@@ -119,7 +169,7 @@ def test_paper_recipes_run_the_bf16_policy_and_say_where_the_towers_go():
         cfg = load_config(ROOT / "recipes" / f"{name}.yaml")
         ds = engine.load_ds_config(cfg.train.ds_config)
         assert engine.precision(ds) == "bf16" and cfg.model.frozen_dtype == "bfloat16"
-        assert cfg.train.placement == "auto" and cfg.model.checkpointing
+        assert cfg.train.placement == "auto" and cfg.train.activation_checkpointing == "auto"
     assert load_config(ROOT / "recipes" / "paper_stage1.yaml").stage1.qformer_tokenizer  # BERT's, read from a path
     table = recipe_table()
     rows = [line for line in table[1:] if line.startswith("paper_stage")]

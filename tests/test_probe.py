@@ -120,6 +120,7 @@ def _train_vision(model, shards: str, steps: int) -> None:
     the tiny ViT learns to see the world's AUs."""
     from expblip.data.stream import StreamConfig, make_loader
     from expblip.model.blip2 import VisionPretrainModel, au_targets
+    from expblip.pixels import normalise
 
     aus = DATASET_AUS["synthetic"]
     unit = VisionPretrainModel(model, len(aus))
@@ -128,7 +129,7 @@ def _train_vision(model, shards: str, steps: int) -> None:
     batches = iter(make_loader(cfg, rank=0, world_size=1))
     for _ in range(steps):
         batch = next(batches)
-        loss = unit(batch["pixel_values"], **au_targets(batch["labels"], aus))
+        loss = unit(normalise(batch["pixel_values"]), **au_targets(batch["labels"], aus))
         opt.zero_grad()
         loss.backward()
         opt.step()

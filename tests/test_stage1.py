@@ -184,3 +184,15 @@ def test_stage1_trains_the_same_qformer_that_stage2_uses(toks):
         assert stage2(pixel_values=pixels, **captions).item() != stage2_before  # stage 2 sees the update
     stage2_keys = set(CaptionModel(blip2).state_dict())
     assert stage2_keys <= set(model.state_dict())  # one checkpoint carries both stages
+
+
+def test_a_bf16_unit_computes_its_stage1_losses_in_fp32(toks):
+    """Under a bf16 engine every weight and activation is bf16; ITC's logits (similarity / 0.07) reach ~14, where
+    bf16's step is 0.0625, so the three cross-entropies run in fp32 (as LAVIS's under autocast)."""
+    model = tiny_stage1(toks).to(torch.bfloat16)
+    batch = batch_of(toks, 4)
+    out = model(**{**batch, "pixel_values": batch["pixel_values"].to(torch.bfloat16)})
+    assert {k: v.dtype for k, v in out.items()} == dict.fromkeys(("loss", "loss_itc", "loss_itm", "loss_itg"),
+                                                                   torch.float32)
+    out["loss"].backward()  # the gradient flows back into the bf16 weights
+    assert model.blip2.query_tokens.grad is not None and model.blip2.query_tokens.grad.dtype == torch.bfloat16

@@ -90,7 +90,8 @@ def test_the_order_is_the_same_at_any_world_size_and_number_of_workers(shards):
     assert [b["cursor"]["position"] for b in batches] == [8, 16, 24]  # every rank's batch of that index consumed
     assert [b["cursor"]["worker"] for b in batches] == [0, 1, 0]
     b = batches[0]
-    assert b["pixel_values"].shape == (4, 3, 8, 8) and b["pixel_values"].dtype == torch.float32
+    # training batches carry uint8 pixels (a quarter of fp32's bytes to the device), normalised there by the loop
+    assert b["pixel_values"].shape == (4, 3, 8, 8) and b["pixel_values"].dtype == torch.uint8
     assert all(c == c.lower() and c.startswith("sample") for c in b["captions"]) and b["errors"] == {}
     again = _take(make_loader(_cfg(shards, num_workers=0), rank=1, world_size=2), 1)[0]
     assert again["keys"] == b["keys"] and torch.equal(again["pixel_values"], b["pixel_values"])  # same augmentation
@@ -367,7 +368,8 @@ def test_flip_swaps_left_and_right_in_the_caption(tmp_path):
     write_shards(records, str(tmp_path), progress=False)
     cfg = StreamConfig(shards=str(tmp_path), batch_size=16, image_size=8, shuffle_buffer=0)
     batch = _take(make_loader(cfg, 0, 1), 1)[0]
-    red_minus_blue = (batch["pixel_values"][:, 0] - batch["pixel_values"][:, 2])[:, :, :2].mean(dim=(1, 2))
+    pixels = batch["pixel_values"].float()
+    red_minus_blue = (pixels[:, 0] - pixels[:, 2])[:, :, :2].mean(dim=(1, 2))
     red_left = [bool(x > 0) for x in red_minus_blue]
     assert red_left == [c == "red on the left" for c in batch["captions"]]
     assert 0 < sum(red_left) < 16  # both flipped and unflipped samples occur
@@ -407,3 +409,52 @@ def test_read_captions_gives_every_caption_of_every_readable_sample_without_deco
     # held and a missing one nothing
     keys = ["ok0", "corrupt", "bomb", "noimage", "ok1", "cut0", "cut1", "tail0", "tail1", "tail2"]
     assert read_captions(StreamConfig(shards=_bad_data_shards(tmp_path))) == [f"good {k}" for k in keys]
+
+
+def test_training_pixels_normalised_by_the_loop_equal_the_eval_pass_bit_for_bit(tmp_path):
+    """uint8 through the loader, normalised where the model runs (expblip.pixels.normalise): the same numbers as
+    the CPU normalisation of the finite pass, for any dtype the engine asks."""
+    from expblip.pixels import normalise
+
+    rng = np.random.default_rng(0)
+    records = [{"key": f"r{i}", "image": Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)),
+                "labels": {}, "captions": ["x"]} for i in range(4)]
+    write_shards(records, str(tmp_path), progress=False)
+    cfg = StreamConfig(shards=str(tmp_path), batch_size=4, image_size=8, shuffle_buffer=0, train=False)
+    trained = _take(make_loader(cfg, 0, 1), 1)[0]
+    evaluated = next(iterate_once(cfg))
+    order = [evaluated["keys"].index(k) for k in trained["keys"]]
+    assert torch.equal(normalise(trained["pixel_values"]), evaluated["pixel_values"][order])
+    assert normalise(trained["pixel_values"], torch.bfloat16).dtype == torch.bfloat16
+
+
+def _jpeg(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_dct_scale_no_smaller_than_the_model_needs():
+    from expblip.data.stream import load_image
+
+    raw = {"jpg": _jpeg(640, 480)}
+    assert load_image(raw, 10**8, 224).size == (320, 240)  # libjpeg's 1/2 scale: 240 >= 224 on the short side
+    assert load_image(raw, 10**8, 241).size == (640, 480)  # half would fall short of 241
+    assert load_image(raw, 10**8, 0).size == (640, 480)  # no draft asked: full size
+    assert load_image(raw, 10**8, 100).size == (160, 120)  # 1/4 keeps >= 100
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, "PNG")
+    assert load_image({"png": buf.getvalue()}, 10**8, 16).size == (64, 64)  # only JPEG has DCT scales
+
+
+def test_shards_written_with_resize_hold_images_at_that_short_side(tmp_path):
+    from expblip.data.shards import JPEG_QUALITY, read_manifest
+
+    records = [{"key": "big", "image": _jpeg(640, 480), "labels": {}, "captions": ["x"]},
+               {"key": "small", "image": _jpeg(100, 80), "labels": {}, "captions": ["x"]},
+               {"key": "png", "image": Image.new("RGB", (300, 600)), "labels": {}, "captions": ["x"]}]
+    write_shards(records, str(tmp_path), progress=False, resize=224)
+    sizes = {s["__key__"]: Image.open(io.BytesIO(s.get("jpg") or s["png"])).size
+             for s in wds.WebDataset(str(tmp_path / "shard-000000.tar"), shardshuffle=False)}
+    assert sizes == {"big": (299, 224), "small": (100, 80), "png": (224, 448)}  # never enlarged; PNG stays PNG
+    assert read_manifest(str(tmp_path))["meta"] == {"resize": 224, "jpeg_quality": JPEG_QUALITY}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import deepspeed_cmd, read_metrics, run_launcher
+from conftest import assert_collectives_suit_nccl, audit_env, deepspeed_cmd, read_metrics, run_launcher
 
 from expblip.model.weights import read_state
 
@@ -83,9 +83,19 @@ def full_run(tiny_shards, init_export, uneven_eval, tmp_path_factory, stale_exte
     run_dir = tmp_path_factory.mktemp("full")
     proc = run_launcher(deepspeed_cmd("--deepspeed", "ds_configs/zero3.json", *common(tiny_shards, init_export, uneven_eval),
                                       f"train.run_dir={run_dir}"),
-                        env={"TORCH_EXTENSIONS_DIR": str(stale_extension_lock)}, timeout=300)
+                        env={"TORCH_EXTENSIONS_DIR": str(stale_extension_lock), **audit_env(run_dir / "audit")},
+                        timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir
+
+
+def test_the_loops_collectives_would_run_on_a_gpu_nodes_nccl_group(full_run):
+    """The 2-rank run above ran under the collective audit (tests/audit): every collective of the loop, the held-out
+    evaluation and the checkpoints either takes a CUDA tensor on the default group or goes through the gloo host
+    group, as NCCL requires (a CPU tensor on NCCL raises "No backend type associated with device type cpu")."""
+    records = assert_collectives_suit_nccl(full_run / "audit", {"expblip.train.loop", "expblip.train.heldout",
+                                                                "expblip.train.checkpoint"})
+    assert {r["op"] for r in records} >= {"all_reduce", "all_gather_object", "broadcast_object_list", "barrier"}
 
 
 def test_cpu_training_builds_no_shm_op_and_leaves_no_shm_buffers(full_run, stale_extension_lock, shm_before):
@@ -185,8 +195,10 @@ def test_ray_train_path_gives_the_same_first_losses(full_run, tiny_shards, init_
     # Ray workers read the shards from s3:// (credentials reach them from the driver's AWS_* environment)
     proc = run_launcher([sys.executable, "launch/pretrain.py", *common(tiny_shards, init_export, uneven_eval),
                          f"data.train.shards={s3_shards}", f"train.run_dir={tmp_path}", "train.stop_after=3",
-                         "ray.num_workers=2"], env=s3_server.env())
+                         "ray.num_workers=2"], env={**s3_server.env(), **audit_env(tmp_path / "audit")})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Ray's workers bind their device and exchange through the host group too (ray_job: the placement gather)
+    assert_collectives_suit_nccl(tmp_path / "audit", {"expblip.train.ray_job", "expblip.train.loop"})
     ray_losses = [m["loss"] for m in read_metrics(tmp_path)]
     ds_losses = [m["loss"] for m in read_metrics(full_run)][:3]
     assert ray_losses == pytest.approx(ds_losses, rel=1e-4)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import deepspeed_cmd, read_keys, read_metrics, run_launcher
+from conftest import assert_collectives_suit_nccl, audit_env, deepspeed_cmd, read_keys, read_metrics, run_launcher
 from test_train import init_export  # noqa: F401 - the module-scoped fixture of the initial weights
 
 from expblip.model.weights import read_state
@@ -29,17 +29,27 @@ def _args(tiny_shards, weights, run_dir) -> list[str]:
     return [f"data.train.shards={tiny_shards['train']}/shard-{{000000..000001}}.tar", "data.train.batch_size=8",
             f"model.weights={weights}", "model.dropout=0.0", "optim.lr=3e-3", "optim.min_lr=1e-4",
             "optim.warmup_steps=2", f"train.max_steps={MAX_STEPS}", "train.log_every=1",
-            f"train.ckpt_every={STOPPED_AT}", "tracking.enabled=false", f"train.run_dir={run_dir}", "train.log_keys=true"]
+            f"train.ckpt_every={STOPPED_AT}", "tracking.enabled=false", f"train.run_dir={run_dir}", "train.log_keys=true",
+            "train.placement=auto", "train.activation_checkpointing=auto"]
 
 
 @pytest.fixture(scope="module")
 def stopped(tiny_shards, init_export, tmp_path_factory):  # noqa: F811
-    """2 ranks trained to a checkpoint at step 4 of 6: (run dir, launcher stdout)."""
-    run_dir = tmp_path_factory.mktemp("two-ranks")
+    """2 ranks trained to a checkpoint at step 7 of 9: (run dir, launcher stdout, collective audit directory)."""
+    run_dir, audit = tmp_path_factory.mktemp("two-ranks"), tmp_path_factory.mktemp("two-ranks-audit")
     proc = run_launcher(deepspeed_cmd("--deepspeed", ZERO3, *_args(tiny_shards, init_export, run_dir),
-                                      f"train.stop_after={STOPPED_AT}", ranks=2))
+                                      f"train.stop_after={STOPPED_AT}", ranks=2), env=audit_env(audit))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return run_dir, proc.stdout
+    return run_dir, proc.stdout, audit
+
+
+def test_placement_and_checkpointing_are_decided_once_and_every_collective_suits_nccl(stopped):
+    """train.placement=auto and train.activation_checkpointing=auto: rank 0 decides (CPU ranks: partitioned, and no
+    checkpointing for the tiny model in the host's memory) and logs it once; every rank builds that engine. The run
+    ran under the collective audit (tests/audit)."""
+    decided = [ln for ln in stopped[1].splitlines() if "activation checkpointing none" in ln]
+    assert len(decided) == 1 and "frozen towers partitioned" in decided[0], decided
+    assert_collectives_suit_nccl(stopped[2], {"expblip.train.loop", "expblip.train.checkpoint"})
 
 
 def test_each_rank_holds_half_the_parameters(stopped):
@@ -65,8 +75,12 @@ def test_two_rank_checkpoint_resumes_on_another_world_size(stopped, world, tiny_
     run_dir = tmp_path / "run"
     shutil.copytree(stopped[0], run_dir)
     args = _args(tiny_shards, init_export, run_dir)
-    proc = run_launcher(_resume_cmd(*args, f"--dump={tmp_path / 'restored'}", ranks=world))
+    proc = run_launcher(_resume_cmd(*args, f"--dump={tmp_path / 'restored'}", ranks=world),
+                        env=audit_env(tmp_path / "audit"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the elastic restore's broadcasts (rank 0's elastic.pt to every rank) would run on a GPU node's NCCL group
+    restore = assert_collectives_suit_nccl(tmp_path / "audit", {"expblip.train.checkpoint"})
+    assert any(r["op"] == "broadcast" and r["caller"].startswith("expblip.train.checkpoint") for r in restore)
     assert f"start step {STOPPED_AT}" in proc.stdout and f"written by 2 ranks and this run has {world}" in proc.stdout
     assert "the data continues at its global position 112 (epoch 0, sample 112 of it)" in proc.stdout
 

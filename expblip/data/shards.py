@@ -145,14 +145,43 @@ def _image_bytes(image: Image.Image | bytes, key: str) -> tuple[str, bytes]:
     raise ValueError(f"record {key!r}: 'image' must be a PIL image or PNG/JPEG bytes, got {type(image).__name__}")
 
 
-def encode_record(record: dict) -> dict[str, Any]:
-    """A record → a WebDataset sample ``{"__key__", "png"|"jpg", "json", "txt"}`` of bytes."""
+JPEG_QUALITY = 95  # of images re-encoded by write_shards(resize=...): JPEG sources stay JPEG at this quality
+
+
+def resized(image: Image.Image | bytes, side: int, key: str) -> Image.Image | bytes:
+    """``image`` with its short side brought down to ``side`` pixels (bicubic; never enlarged): JPEG sources come
+    back as JPEG bytes at JPEG_QUALITY (decoded with PIL's draft first), others as a PIL image (written as PNG)."""
+    jpeg = isinstance(image, bytes | bytearray) and image[:3] == b"\xff\xd8\xff"
+    img = Image.open(io.BytesIO(image)) if isinstance(image, bytes | bytearray) else image
+    if min(img.size) <= side:
+        return image
+    scale = side / min(img.size)
+    size = (max(side, round(img.width * scale)), max(side, round(img.height * scale)))
+    if jpeg:
+        img.draft("RGB", size)  # libjpeg's DCT scaling down to no less than the target, then bicubic
+    try:
+        small = img.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    except Exception as err:
+        raise ValueError(f"record {key!r}: its image cannot be decoded for --resize ({err})") from err
+    if not jpeg:
+        return small
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+def encode_record(record: dict, resize: int = 0) -> dict[str, Any]:
+    """A record → a WebDataset sample ``{"__key__", "png"|"jpg", "json", "txt"}`` of bytes; ``resize`` > 0 writes
+    the image with its short side at most that many pixels (see ``resized``)."""
     key = record.get("key")
     # webdataset splits member names at the first dot of the basename: a dotted key would corrupt its sample.
     if not isinstance(key, str) or not key or "." in key:
         raise ValueError(f"record key {key!r} must be a non-empty string without '.'")
     captions = [str(c) for c in record.get("captions") or []]
-    ext, image = _image_bytes(record.get("image"), key)
+    image = record.get("image")
+    if resize and isinstance(image, Image.Image | bytes | bytearray):
+        image = resized(image, resize, key)
+    ext, image = _image_bytes(image, key)
     labels = dict(record.get("labels") or {}, captions=captions)
     sample = {"__key__": key, ext: image, "json": json.dumps(labels, sort_keys=True, ensure_ascii=False).encode()}
     if captions:
@@ -294,22 +323,27 @@ def write_shards(
     max_shard_bytes: int = 256 << 20,
     meta: dict | None = None,
     progress: bool = True,
+    resize: int = 0,
 ) -> dict:
     """Writes ``records`` as ``out/shard-000000.tar``… plus ``out/manifest.json``; returns the manifest.
 
     A shard closes at ``samples_per_shard`` samples or before exceeding ``max_shard_bytes``. Re-running into the same
     ``out`` with the same records and settings skips the shards listed in the partial manifest and continues.
+    ``resize`` > 0: images are written with their short side at most that many pixels (JPEG at JPEG_QUALITY), so
+    training decodes less; the manifest's meta records it.
     """
     if samples_per_shard < 1 or max_shard_bytes < 1:
         raise ValueError("samples_per_shard and max_shard_bytes must be positive")
     fs, root = url_to_fs(out)
     if isinstance(fs, LocalFileSystem):
         fs.makedirs(root, exist_ok=True)  # object stores have no directories (and makedirs could create a bucket)
+    if resize:
+        meta = {**(meta or {}), "resize": resize, "jpeg_quality": JPEG_QUALITY}
     manifest = _resume_state(out, _new_manifest(samples_per_shard, max_shard_bytes, meta))
     records = iter(records)
     with tqdm(desc=f"shards → {out}", unit="sample", disable=not progress, mininterval=2.0) as bar:
         _skip_written(records, manifest["shards"], out, bar)
-        samples = (encode_record(r) for r in records)
+        samples = (encode_record(r, resize) for r in records)
         pending = next(samples, None)
         while pending is not None:
             shard_url = join_url(out, SHARD_NAME.format(len(manifest["shards"])))

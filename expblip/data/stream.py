@@ -14,9 +14,12 @@ The stages of each reader (rank r, data worker w; reader q = r + W·w of R = W �
                                 skipped and counted by kind (its slot takes a copy of another sample of the batch,
                                 so batches stay whole), and too much of it raises StreamError
     transform                   train: random resized crop + flip (swapping "left"/"right" in the caption);
-                                eval: bicubic resize; then CLIP normalisation. Randomness per (seed, epoch, key)
+                                eval: bicubic resize. Randomness per (seed, epoch, key)
     batch                       B samples → one batch with its cursor: the global position once every rank has
-                                taken its batch of the same index
+                                taken its batch of the same index. Training batches keep uint8 pixels (a quarter
+                                of fp32's bytes through worker queues, pinned memory and the copy to a GPU); the
+                                loop normalises them on its device (expblip.pixels.normalise). ``iterate_once``'s
+                                batches are CLIP-normalised fp32, for evaluators on the CPU.
 
 Storage that stops answering (connection refused, reset, timeouts) is retried with exponential back-off, resuming
 at the sample where the read stopped, for up to ``max_outage_s``; past that the stream raises StorageOutage. Data
@@ -30,7 +33,7 @@ shards in order, no shuffling.
     loader = make_loader(cfg, rank, world_size, cursor=state.get("data_cursor"))
     cursor = Cursor()
     for batch in loader:
-        ...  # train on batch["pixel_values"] (B,3,S,S) and batch["captions"]
+        ...  # train on normalise(batch["pixel_values"]) (B,3,S,S uint8) and batch["captions"]
         cursor.update(batch["cursor"])      # after the batch is consumed (by every rank)
         state["data_cursor"] = cursor.state_dict()   # saved with the checkpoint; the same on every rank
 """
@@ -60,7 +63,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from expblip.data.order import GlobalOrder, batch_start, position_after, window_permutation
 from expblip.data.shards import resolve_shards, url_to_fs
-from expblip.pixels import CLIP_MEAN, CLIP_STD
+from expblip.pixels import normalise as normalise_pixels
 
 log = logging.getLogger(__name__)
 
@@ -431,8 +434,12 @@ def sample_captions(labels: dict, raw: dict) -> list[str]:
     return captions
 
 
-def load_image(raw: dict, max_pixels: int) -> Image.Image:
-    """The RGB image; the pixel count is checked from the header before any pixel is decoded."""
+def load_image(raw: dict, max_pixels: int, draft_side: int = 0) -> Image.Image:
+    """The RGB image; the pixel count is checked from the header before any pixel is decoded. ``draft_side``: a
+    JPEG is decoded at the smallest of libjpeg's DCT scales (1/2, 1/4, 1/8) that keeps its short side at least this
+    long (PIL's ``draft``): a 640x480 face for a 224-px model decodes at 320x240, a quarter of the work. The stream
+    asks for image_size: a random crop of area crop_scale is then enlarged by at most 1/sqrt(crop_scale) (12 % at
+    0.8), as it would be from any image that size."""
     ext = next((e for e in IMAGE_EXTS if e in raw), None)
     if ext is None:
         raise _Skip("missing_image", f"no member among {IMAGE_EXTS}")
@@ -446,17 +453,21 @@ def load_image(raw: dict, max_pixels: int) -> Image.Image:
         raise _Skip("bad_image", repr(exn)) from None
     if img.width * img.height > max_pixels:
         raise _Skip("too_many_pixels", f"{img.width}x{img.height} > max_pixels={max_pixels}")
+    if draft_side and img.format == "JPEG" and min(img.size) >= 2 * draft_side:
+        scale = min(img.size) / draft_side  # draft keeps both sides >= the requested box
+        img.draft("RGB", (math.ceil(img.width / scale), math.ceil(img.height / scale)))
     try:
         return img.convert("RGB")  # decodes now; a corrupt or truncated body fails here
     except Exception as exn:
         raise _Skip("bad_image", repr(exn)) from None
 
 
-def decode_sample(raw: dict, max_pixels: int) -> tuple[dict, list[str], Image.Image]:
+def decode_sample(raw: dict, max_pixels: int, draft_side: int = 0) -> tuple[dict, list[str], Image.Image]:
     """(labels, captions, image) with the cheap checks first; raises _Skip for bad data."""
     labels = parse_labels(raw)
     captions = sample_captions(labels, raw)
-    return labels, captions, load_image(raw, max_pixels)
+    return labels, captions, load_image(raw, max_pixels, draft_side)
+
 
 
 # ---------------------------------------------------------------- transforms (PIL + numpy; no torchvision here)
@@ -498,18 +509,14 @@ def random_resized_crop(
     return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
 
 
-_MEAN = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255.0
-_INV_STD = 1.0 / (torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255.0)
-
-
 def to_uint8(img: Image.Image) -> torch.Tensor:
     """RGB PIL image → ByteTensor[3, H, W] (one copy of the pixels)."""
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 
 def normalise(pixels: torch.Tensor) -> torch.Tensor:
-    """ByteTensor[B, 3, H, W] → FloatTensor, CLIP-normalised: ((x / 255) - mean) / std, once per batch."""
-    return (pixels.float() - _MEAN) * _INV_STD
+    """ByteTensor[B, 3, H, W] → FloatTensor, CLIP-normalised (expblip.pixels.normalise), once per batch."""
+    return normalise_pixels(pixels)
 
 
 def _sample_rng(seed: int, epoch: int, key: str) -> random.Random:
@@ -665,7 +672,7 @@ class ShardStream(IterableDataset):
                     "world_size": self.world_size,
                     "order": identity,
                 }
-                yield _collate(samples, cursor, errors)
+                yield _collate(samples, cursor, errors, normalised=False)
         finally:
             for reader in lanes.values():
                 reader.close()
@@ -692,7 +699,7 @@ class ShardStream(IterableDataset):
     def _decode(self, raw: dict, epoch: int, errors: ErrorCounter) -> dict | None:
         errors.sample()
         try:
-            labels, captions, image = decode_sample(raw, self.cfg.max_pixels)
+            labels, captions, image = decode_sample(raw, self.cfg.max_pixels, self.cfg.image_size)
             pixels, caption = transform(image, captions, self.cfg, epoch, raw["__key__"])
         except _Skip as bad:
             errors.add(bad.kind, raw["__url__"], f"{raw['__key__']}: {bad}")
@@ -709,10 +716,10 @@ class ShardStream(IterableDataset):
             if sample is not None:
                 items.append(sample)
             if len(items) == self.cfg.batch_size:
-                yield _collate(items, {"worker": worker, "epoch": 0, "index": index + 1}, errors)
+                yield _collate(items, {"worker": worker, "epoch": 0, "index": index + 1}, errors, normalised=True)
                 items = []
         if items:
-            yield _collate(items, {"worker": worker, "epoch": 0, "index": index + 1}, errors)
+            yield _collate(items, {"worker": worker, "epoch": 0, "index": index + 1}, errors, normalised=True)
 
 
 def _whole(samples: list[dict], size: int) -> list[dict]:
@@ -721,9 +728,10 @@ def _whole(samples: list[dict], size: int) -> list[dict]:
     return [samples[i % len(samples)] for i in range(size)]
 
 
-def _collate(samples: list[dict], cursor: dict, errors: ErrorCounter) -> dict:
+def _collate(samples: list[dict], cursor: dict, errors: ErrorCounter, normalised: bool) -> dict:
+    pixels = torch.stack([s["pixel_values"] for s in samples])  # [B, 3, S, S] uint8
     return {
-        "pixel_values": normalise(torch.stack([s["pixel_values"] for s in samples])),  # [B, 3, S, S] float
+        "pixel_values": normalise(pixels) if normalised else pixels,
         "captions": [s["caption"] for s in samples],
         "labels": [s["labels"] for s in samples],
         "keys": [s["key"] for s in samples],
@@ -777,13 +785,16 @@ def _as_cursor(cursor: Cursor | dict | None) -> Cursor:
     return cursor if isinstance(cursor, Cursor) else Cursor.from_state_dict(cursor)
 
 
-def _loader(dataset: ShardStream, num_workers: int) -> BatchLoader:
+def _loader(dataset: ShardStream, num_workers: int, pin: bool = False) -> BatchLoader:
     # batch_size=None: batches are collated inside the worker, so a batch never mixes workers. No persistent
     # workers: the loader is iterated once (epochs roll over inside the workers), and a persistent DataLoader would
     # keep its iterator (and worker processes) alive after an error.
     # collate_fn: batches arrive collated; the default conversion would walk every batch's nested labels again.
+    # pin: page-locked batches (on the current CUDA device's context), so that `.to(device, non_blocking=True)` is
+    # an asynchronous DMA that overlaps the step instead of a blocking copy through a staging buffer.
     return BatchLoader(
-        DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False, collate_fn=_as_is)
+        DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False, collate_fn=_as_is,
+                   pin_memory=pin)
     )
 
 
@@ -846,7 +857,7 @@ def make_loader(
     start = _as_cursor(cursor).start(order, identity)
     stream = ShardStream(cfg, shards, counts, rank, world_size, start, max_outage_s=max_outage_s,
                          order=(order, identity))
-    return _loader(stream, cfg.num_workers)
+    return _loader(stream, cfg.num_workers, pin=torch.cuda.is_available())
 
 
 def iterate_once(

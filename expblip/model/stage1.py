@@ -306,8 +306,10 @@ class Stage1Model(nn.Module):
         image_all, text_all = gather(image_feats), gather(text_feat)  # [N,Q,E], [N,E]
         # similarity of an image and a text = the best of its Q query features (BLIP-2); .max routes the gradient
         # to the chosen query only (amax would split it over ties, keeping identical queries identical).
-        sim_i2t = torch.einsum("bqe,ne->bnq", image_feats, text_all).max(-1).values / self.temp  # [B,N]
-        sim_t2i = torch.einsum("be,nqe->bnq", text_feat, image_all).max(-1).values / self.temp  # [B,N]
+        # fp32 from here on, as LAVIS computes these losses under autocast: at temperature 0.07 the logits reach
+        # ~14, where bf16's step is 0.0625 (a bf16 engine hands every activation over in bf16)
+        sim_i2t = torch.einsum("bqe,ne->bnq", image_feats.float(), text_all.float()).max(-1).values / self.temp  # [B,N]
+        sim_t2i = torch.einsum("be,nqe->bnq", text_feat.float(), image_all.float()).max(-1).values / self.temp  # [B,N]
         targets = torch.arange(batch, device=text_feat.device) + rank * batch
         loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=self.label_smoothing)
                 + F.cross_entropy(sim_t2i, targets, label_smoothing=self.label_smoothing)) / 2
@@ -324,7 +326,7 @@ class Stage1Model(nn.Module):
         mask3 = torch.cat([text_mask, mask_all[neg_text], text_mask])
         image3 = torch.cat([image_embeds, image_embeds, image_all[neg_image]])  # [3B,P,Dv]: pos, pos image, neg
         hidden = self.joint(image3, ids3, mask3)  # [3B,Q+T,H], bidirectional
-        logits = self.itm_head(hidden[:, : self.num_query].mean(1))  # [3B,2]
+        logits = self.itm_head(hidden[:, : self.num_query].mean(1)).float()  # [3B,2], the loss in fp32
         labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(logits.device)
         return F.cross_entropy(logits, labels)
 
@@ -379,5 +381,5 @@ class Stage1Model(nn.Module):
         """Next-token loss on the text (padding -100): logits at t predict token t+1; [DEC] itself is never a target."""
         logits, _ = self.itg_logits(image_embeds, text_ids, text_mask)  # [B,T,V]
         labels = text_ids.masked_fill(text_mask == 0, -100)[:, 1:]
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100,
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                                label_smoothing=self.label_smoothing)

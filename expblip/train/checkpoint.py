@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from expblip.train import comm
 from expblip.train.engine import gathered
 
 
@@ -61,8 +62,20 @@ def tag_for(step: int) -> str:
 
 
 def rank_state(cursor_state: dict) -> dict:
-    """What each rank saves besides DeepSpeed's shards: its loader position and RNG."""
-    return {"cursor": cursor_state, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    """What each rank saves besides DeepSpeed's shards: its loader position and RNG (the CUDA generator of its
+    device too, where there is one: dropout on a GPU draws from it)."""
+    state = {"cursor": cursor_state, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state()  # the current device's, bound by comm.bind_device
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """The RNG states rank_state saved (a checkpoint written without CUDA restores the CPU ones)."""
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(_as_tuple(state["python_rng"]))
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
 
 
 def save(engine, run_dir: str | Path, step: int, client_state: dict, cursor_state: dict, extra_files: dict,
@@ -78,7 +91,7 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict, cursor_stat
     client_state = {**client_state, "world_size": world, "frozen_from": frozen_source}
     if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0 and (root / tag).exists():  # a killed attempt's leftovers
         shutil.rmtree(root / tag, ignore_errors=True)
-    dist.barrier()
+    comm.barrier()
     save_elastic(engine, root / tag, rank, client_state, frozen_source)
     # frozen towers that model.weights holds are not written again (at paper scale 14 GiB per checkpoint): a resume
     # and an export re-read them there
@@ -88,12 +101,12 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict, cursor_stat
     if rank == 0:
         for name, text in extra_files.items():
             (root / tag / name).write_text(text)
-    dist.barrier()  # every rank's files are written
+    comm.barrier()  # every rank's files are written
     if rank == 0:
         _write_atomic(root / tag / COMPLETE, json.dumps({"step": step, "world_size": world,
                                                          "data": cursor_state}, indent=2))
         _write_atomic(root / "latest", tag)
-    dist.barrier()
+    comm.barrier()
     return root / tag
 
 
@@ -125,8 +138,7 @@ def load(engine, run_dir: str | Path, tag: str, frozen_from: str = "") -> tuple[
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}; delete it to resume from an older one")
     state_file = root / tag / f"rank{dist.get_rank()}.pt"
     state = torch.load(state_file, weights_only=True)
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate(_as_tuple(state["python_rng"]))
+    restore_rng(state)
     return client_state, state["cursor"]
 
 
@@ -178,9 +190,7 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], rank: in
     broadcast (replicated parameters). Returns the key report, correct on rank 0 (empty lists elsewhere).
     """
     own = dict(model.named_parameters())
-    names = [sorted(state) if rank == 0 else None]
-    dist.broadcast_object_list(names, src=0)
-    given = set(names[0])
+    given = set(comm.broadcast_object(sorted(state) if rank == 0 else None))
     report = {"missing": sorted(set(own) - given), "unexpected": sorted(given - set(own))} if rank == 0 else \
         {"missing": [], "unexpected": []}
     for name, param in own.items():
@@ -190,7 +200,7 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], rank: in
             if rank == 0:
                 param.copy_(state[name].to(param.dtype))
             if not hasattr(param, "ds_id"):  # replicated: every rank needs the values
-                dist.broadcast(param.data, src=0)
+                comm.broadcast(param.data, src=0)  # on the group of its device (the host group before initialize)
     return report
 
 
@@ -300,9 +310,8 @@ def restore_elastic(engine, elastic: dict, rank: int) -> dict:
 
     The module weights must already hold elastic_weights() (load_weights_into before deepspeed.initialize).
     """
-    meta = [{k: v for k, v in elastic.items() if k not in ("weights", "fp32", *_MOMENTS)} if rank == 0 else None]
-    dist.broadcast_object_list(meta, src=0)
-    meta = meta[0]
+    meta = comm.broadcast_object({k: v for k, v in elastic.items() if k not in ("weights", "fp32", *_MOMENTS)}
+                                 if rank == 0 else None)
     trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     differ = sorted({n for n, _ in trainable} ^ set(meta["trainable"]))
     if differ:
@@ -314,7 +323,7 @@ def restore_elastic(engine, elastic: dict, rank: int) -> dict:
         shape = _full_shape(param)
         for key in ("fp32", *_MOMENTS):
             value = elastic[key][name].contiguous() if rank == 0 else torch.empty(shape, dtype=torch.float32)
-            dist.broadcast(value, src=0)  # every rank keeps only its own slice of it
+            comm.broadcast(value, src=0)  # read from rank 0's file: a host-side exchange; each rank keeps its slice
             _set_fp32_state(param, value, None if key == "fp32" else key)
     _restore_schedule(engine, meta)
     return meta["client_state"]

@@ -1,4 +1,4 @@
-"""DeepSpeed: process group, config resolution, partitioned construction, deepspeed.initialize.
+"""DeepSpeed: config resolution (the GPU policy, adapted on CPU ranks), partitioned construction, deepspeed.initialize.
 
 The shipped ds_configs/*.json hold ZeRO and precision policy only; every number that our config owns
 (micro-batch, accumulation, clipping) is written into the DeepSpeed config here, at start-up.
@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import socket
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from expblip.config import COLLECTIVE_TIMEOUT_S, Config, ConfigError
+from expblip.config import Config, ConfigError
 from expblip.log import get_logger
 from expblip.model.blip2 import preset_hidden_size
 
@@ -29,39 +26,7 @@ _FILLED_BY_US = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient
                  "gradient_clipping", "optimizer", "scheduler")
 
 
-_OWN_GROUP = False  # this process created the process group (deepspeed launcher, torchrun, lone python), not Ray
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join (or create) the process group: deepspeed launcher, torchrun, Ray Train, or a lone `python` process."""
-    import deepspeed
-
-    global _OWN_GROUP
-    _OWN_GROUP = not torch.distributed.is_initialized()
-    if "RANK" not in os.environ:  # a plain `python launch/finetune.py`: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "gloo":
-        _skip_cpu_shm_all_reduce()
-        return_freed_memory()
-    # explicit: a rank whose storage is out makes the others wait in a collective for up to data.max_outage_s
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
-def close_distributed() -> None:
-    """Destroy the process group this process created, after a run that ended well (torchtitan's rule: never after
-    an error, where peers may still sit in a collective). Left to interpreter exit, gloo's worker threads can abort
-    the process with "terminate called without an active exception" (pytorch #190489). Ray Train closes its own."""
-    global _OWN_GROUP
-    if _OWN_GROUP and torch.distributed.is_initialized():
-        torch.distributed.barrier()  # no rank tears its transport down while a peer still uses it
-        torch.distributed.destroy_process_group()
-    _OWN_GROUP = False
-
-
-def _skip_cpu_shm_all_reduce() -> None:
+def skip_cpu_shm_all_reduce() -> None:
     """On the CPU accelerator DeepSpeed 0.19 JIT-builds a shared-memory all-reduce op in init_distributed.
 
     Only tensor-parallel inference (inference_all_reduce) uses it; training collectives go through gloo. Building it
@@ -91,12 +56,6 @@ def return_freed_memory(threshold: int = 64 * 2**10) -> None:
         pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def load_ds_config(path: str) -> dict:
     """Read a policy JSON; numbers that our config owns must not be set there (one source of truth)."""
     file = Path(path)
@@ -116,20 +75,52 @@ def load_ds_config(path: str) -> dict:
     return policy
 
 
+def on_gpu() -> bool:
+    """Whether this process trains on CUDA devices (the policies' "auto" values resolve for GPUs then)."""
+    return torch.cuda.is_available()
+
+
 def resolve_ds_config(cfg: Config, world_size: int) -> dict:
     """The policy JSON completed from our config: batch sizes and clipping, the frozen-tower placement
-    (train.placement), "auto" bucket sizes from the model's hidden size; precision checked against model.frozen_dtype."""
+    (train.placement), "auto" precision and bucket sizes for the devices it runs on; precision checked against
+    model.frozen_dtype. The shipped policies are written for GPUs: CPU ranks adapt them here (fp32 where bf16 is
+    "auto", gloo-sized buckets, no offload), never the other way round."""
     ds = load_ds_config(cfg.train.ds_config)
-    micro = cfg.data.train.batch_size
+    micro, gpu = cfg.data.train.batch_size, on_gpu()
     ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=cfg.optim.grad_accum,
               train_batch_size=micro * cfg.optim.grad_accum * world_size, gradient_clipping=cfg.optim.grad_clip)
-    if not torch.cuda.is_available():
+    if not gpu:
         ds.get("zero_optimization", {}).pop("offload_param", None)  # pinned CPU offload needs a GPU
         ds.get("zero_optimization", {}).pop("offload_optimizer", None)
+    resolve_precision(ds, gpu, cfg.train.ds_config)
     check_precision(ds, cfg.model.frozen_dtype, cfg.train.ds_config)
     apply_placement(ds, cfg, world_size)
-    fill_auto(ds, preset_hidden_size(cfg.model.preset), gpu=torch.cuda.is_available(), where=cfg.train.ds_config)
+    fill_auto(ds, preset_hidden_size(cfg.model.preset), gpu=gpu, where=cfg.train.ds_config)
     return ds
+
+
+def resolve_precision(ds_config: dict, gpu: bool, where: str = "") -> None:
+    """``"bf16": {"enabled": "auto"}``: bf16 on GPUs that compute in it (Ampere and later), fp32 on CPU ranks, where
+    bf16 matmuls are emulated and the tiny models train and compare exactly in fp32."""
+    section = ds_config.get("bf16", {})
+    if section.get("enabled") == "auto":
+        section["enabled"] = bool(gpu and torch.cuda.is_bf16_supported())
+    if ds_config.get("fp16", {}).get("enabled") == "auto":
+        raise ConfigError(f"DeepSpeed config {where}: fp16.enabled \"auto\" is not supported; use bf16 \"auto\"")
+
+
+FP32_COMMUNICATION_MAX = 2 * 10**9  # trainable parameters up to which a bf16 run reduces its gradients in fp32
+
+
+def communication_dtype(ds_config: dict, model: nn.Module) -> None:
+    """A bf16 run whose trained part is small (BLIP-2's Q-Former: ~110 M parameters) reduces gradients in fp32
+    (``communication_data_type``): summing bf16 gradients over 8+ ranks loses their low bits, and the traffic is
+    small next to ZeRO's all-gathers of the frozen towers. A value in the policy JSON is kept."""
+    if precision(ds_config) != "bf16" or "communication_data_type" in ds_config:
+        return
+    trained = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    if trained <= FP32_COMMUNICATION_MAX:
+        ds_config["communication_data_type"] = "fp32"
 
 
 def precision(ds_config: dict) -> str:
@@ -165,23 +156,26 @@ def construction_dtype(ds_config: dict, frozen_dtype: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(ds_config), getattr(torch, frozen_dtype))
 
 
-# "auto" in a policy JSON: sized from the model's largest hidden size h (as DeepSpeed's HF integration does) and
-# from where it runs: (GPU, CPU ranks). Gathered-parameter limits: DeepSpeed's 1e9 elements (2 GB in 16-bit) on a
-# GPU; CPU ranks share one host's memory, so there about one transformer layer of the widest tower (12 h^2).
+# "auto" in a policy JSON, from the model's largest hidden size h and where it runs: (GPU, CPU ranks).
+# GPUs: buckets of h^2 (transformers' DeepSpeed rule) but at least 5e7 elements (DeepSpeed's own prefetch default),
+# prefetch 4 h^2 (OPT's widest matrix, fc1/fc2 at 4h x h: the next one is always in flight; 0.9 h^2 was smaller than
+# one 16.8 M projection of OPT-6.7B), biases and norms whole (10 h), DeepSpeed's 1e9 live-parameter limits.
+# CPU ranks share one host and gloo runs on the cores that compute: buckets as for GPUs but at least 5e5 elements
+# (what the tiny CPU runs were tuned on), every parameter partitioned (persistence 0: each rank holds 1/world),
+# and about one transformer layer (12 h^2, at least 1e8) gathered at a time.
 AUTO_ZERO = {
-    "reduce_bucket_size": lambda h, gpu: h * h,
-    "allgather_bucket_size": lambda h, gpu: h * h,
-    "stage3_prefetch_bucket_size": lambda h, gpu: int(0.9 * h * h),
-    "stage3_param_persistence_threshold": lambda h, gpu: 10 * h,  # biases and norms stay whole: no tiny all-gathers
-    "stage3_max_live_parameters": lambda h, gpu: 10**9 if gpu else 12 * h * h,
-    "stage3_max_reuse_distance": lambda h, gpu: 10**9 if gpu else 12 * h * h,
+    "reduce_bucket_size": lambda h, gpu: max(h * h, 5 * 10**7 if gpu else 5 * 10**5),
+    "allgather_bucket_size": lambda h, gpu: max(h * h, 5 * 10**7 if gpu else 5 * 10**5),
+    "stage3_prefetch_bucket_size": lambda h, gpu: max(4 * h * h, 5 * 10**7) if gpu else max(int(0.9 * h * h), 5 * 10**5),
+    "stage3_param_persistence_threshold": lambda h, gpu: 10 * h if gpu else 0,
+    "stage3_max_live_parameters": lambda h, gpu: 10**9 if gpu else max(12 * h * h, 10**8),
+    "stage3_max_reuse_distance": lambda h, gpu: 10**9 if gpu else max(12 * h * h, 10**8),
 }
 
 
 def fill_auto(ds_config: dict, hidden: int, gpu: bool, where: str = "") -> None:
-    """Replace "auto" values: buckets from the hidden size (16.8 M elements for OPT-6.7B's 4096), overlap of
-    communication with computation on GPUs (NCCL runs beside the kernels; gloo on CPU ranks would only compete
-    for the same cores)."""
+    """Replace "auto" values: buckets from the hidden size and the device (AUTO_ZERO), overlap of communication with
+    computation on GPUs (NCCL runs beside the kernels; gloo on CPU ranks would only compete for the same cores)."""
     zero = ds_config.get("zero_optimization", {})
     for key, value in list(zero.items()):
         if value != "auto":
@@ -206,9 +200,10 @@ def apply_placement(ds_config: dict, cfg: Config, world_size: int) -> str:
         return ""
     choice, reason = cfg.train.placement, "train.placement"
     if choice == "auto":
-        from expblip.train.plan import placement_for_run
+        from expblip.train.plan import policy_for_run
 
-        choice, reason = placement_for_run(cfg, world_size)
+        decided = policy_for_run(cfg, world_size)
+        choice, reason = decided.placement, decided.why
     zero = ds_config.setdefault("zero_optimization", {})
     zero["stage"] = 2 if choice == "replicated" else 3
     log.info(f"frozen towers {choice} (ZeRO-{zero['stage']}): {reason}")

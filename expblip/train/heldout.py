@@ -20,10 +20,11 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from expblip.data.stream import make_loader
 from expblip.log import get_logger
+from expblip.pixels import normalise
+from expblip.train import comm
 
 log = get_logger(__name__)
 TRAINING_LABELS_READ = 20_000  # training samples the constant baselines are chosen on (labels only, no images)
@@ -54,13 +55,15 @@ def _eval_stream(run):
 @torch.no_grad()
 def heldout_loss(run, model_inputs) -> float:
     """Collective: the mean loss over ``eval_batches`` held-out batches of every rank."""
-    batches, total = _eval_stream(run), torch.zeros(2, dtype=torch.float64)
+    # summed on the engine's device (no host sync per batch), reduced there: NCCL on GPUs, gloo on CPU ranks
+    batches, total = _eval_stream(run), torch.zeros(2, dtype=torch.float64, device=run.engine.device)
     for _ in range(run.cfg.train.eval_batches):
         batch = next(batches)
         out = run.engine(**model_inputs(run, batch, task_step=-1))
         loss = out["loss"] if isinstance(out, dict) else out
-        total += torch.tensor([float(loss) * len(batch["keys"]), len(batch["keys"])], dtype=torch.float64)
-    dist.all_reduce(total)
+        total[0] += loss.detach().double() * len(batch["keys"])
+        total[1] += len(batch["keys"])
+    comm.all_reduce(total)
     return (total[0] / total[1]).item()
 
 
@@ -79,13 +82,12 @@ def heldout_captions(run, prompt: str = "") -> tuple[list[str], list[dict]]:
     dtype = torch.bfloat16 if run.engine.bfloat16_enabled() else torch.float32  # as the loop feeds the engine
     while len(captions) < per_rank:
         batch = next(batches)
-        pixels = batch["pixel_values"].to(run.engine.device, dtype)
+        pixels = normalise(batch["pixel_values"].to(run.engine.device, non_blocking=True), dtype)
         with gathered([blip2.query_tokens]):  # read outside forward: ZeRO-3 must gather it explicitly
             captions += generate_captions(blip2, run.tokenizer, pixels, gen, prompt,
                                           synced_gpus=partitioned and run.world > 1)
         labels += batch["labels"]
-    gathered_all = [None] * run.world
-    dist.all_gather_object(gathered_all, (captions[:per_rank], labels[:per_rank]))
+    gathered_all = comm.all_gather_object((captions[:per_rank], labels[:per_rank]))
     return [c for part in gathered_all for c in part[0]], [lab for part in gathered_all for lab in part[1]]
 
 

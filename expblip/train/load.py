@@ -198,8 +198,9 @@ def _agree(error: str, rank: int) -> None:
     """Collective: every rank learns every rank's error; all raise together when any has one."""
     errors = [error]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        errors = [""] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
+        from expblip.train import comm
+
+        errors = comm.all_gather_object(error)
     failed = [r for r, e in enumerate(errors) if e]
     if failed:
         first = errors[failed[0]]

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from expblip.config import Config, ConfigError, config_yaml, dump_config, public_dict
 from expblip.data.shards import resolve_shards
@@ -46,7 +45,8 @@ from expblip.model.stage1 import (
 )
 from expblip.model.tokenizer import load_tokenizer, train_caption_tokenizer, wrap
 from expblip.model.weights import WeightSource, open_towers, save_hf_dir, save_trainable_export
-from expblip.train import checkpoint, heldout
+from expblip.pixels import normalise
+from expblip.train import checkpoint, comm, heldout
 from expblip.train import engine as ds_engine
 from expblip.train.load import load_fp32_masters, load_initial_weights
 from expblip.train.optim import build_optimizer, build_scheduler
@@ -76,7 +76,7 @@ class Run:
     errors: dict = field(default_factory=dict)  # worker -> {kind: count}, cumulative
     history: list = field(default_factory=list)  # (step, loss) on rank 0
     window: Window = field(default_factory=lambda: Window())  # what the next log line averages
-    tokens: int = 0  # text tokens (attention mask ones) this rank has trained on since the last log
+    tokens: torch.Tensor | int = 0  # text tokens (attention mask ones) since the last log, summed on the device
     qformer_tokenizer: object = None
     report: Reporter | None = None
     heldout: heldout.HeldoutState = field(default_factory=heldout.HeldoutState)
@@ -88,14 +88,15 @@ class Run:
 class Window:
     """The steps since the last log line: their losses (and stage 1's parts) are averaged, their time measured."""
 
-    losses: list = field(default_factory=list)  # this rank's mean loss of each step
+    losses: list = field(default_factory=list)  # this rank's mean loss of each step (0-d tensors on the device)
     parts: dict = field(default_factory=dict)  # name -> list of this rank's values (stage 1: loss_itc, ...)
     start: float = field(default_factory=time.perf_counter)
 
-    def add(self, loss: torch.Tensor, parts: dict[str, float]) -> None:
-        self.losses.append(float(loss))
+    def add(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        """Kept as device tensors: read once at log time, not synchronised with the host at every step."""
+        self.losses.append(loss.detach())
         for name, value in parts.items():
-            self.parts.setdefault(name, []).append(value)
+            self.parts.setdefault(name, []).append(value.detach())
 
 
 # ---------------------------------------------------------------- setup
@@ -128,7 +129,8 @@ def _quiet_libraries() -> None:
 def setup(cfg: Config, report: Reporter | None = None) -> Run:
     preflight(cfg)
     _quiet_libraries()
-    rank, world = ds_engine.init_distributed()
+    rank, world = comm.init_distributed()  # binds this rank's device first
+    cfg = _decide_policy(cfg, rank, world)
     ds_config = ds_engine.resolve_ds_config(cfg, world)
     run_dir = Path(cfg.train.run_dir)
     tag = _check_run_dir(cfg, run_dir)
@@ -145,6 +147,7 @@ def setup(cfg: Config, report: Reporter | None = None) -> Run:
         loaded = load_initial_weights(model, source, cfg.model.allow_missing, rank)
     if elastic is not None:  # another world size: the weights go in before DeepSpeed builds its fp32 partitions
         checkpoint.load_weights_into(model, checkpoint.elastic_weights(elastic), rank)
+    ds_engine.communication_dtype(ds_config, model)
     optimizer = build_optimizer(model, cfg.optim)
     # the schedule is built on DeepSpeed's wrapped optimiser, whose param groups differ from ours under ZeRO
     engine = ds_engine.initialize(model, optimizer, lambda opt: build_scheduler(opt, cfg.optim, cfg.train.max_steps),
@@ -171,6 +174,25 @@ def setup(cfg: Config, report: Reporter | None = None) -> Run:
     return run
 
 
+def _decide_policy(cfg: Config, rank: int, world: int) -> Config:
+    """Collective: train.placement=auto and train.activation_checkpointing=auto decided once, by rank 0 on its
+    devices (expblip.train.plan.policy_for_run), and the same answer on every rank: ranks that chose apart (nodes
+    with other GPUs) would build different engines and hang in their first collective. The returned config says
+    what was decided, so the run's config.yaml, checkpoints and export carry it."""
+    import dataclasses
+
+    from expblip.train.plan import policy_for_run
+
+    if cfg.train.placement != "auto" and cfg.train.activation_checkpointing != "auto":
+        return cfg
+    policy = comm.broadcast_object(policy_for_run(cfg, world) if rank == 0 else None)
+    log.info(f"frozen towers {policy.placement or 'as the DeepSpeed config says'}, activation checkpointing "
+             f"{'+'.join(policy.checkpointing) or 'none'}: {policy.why}")
+    train = dataclasses.replace(cfg.train, placement=policy.placement or "config", activation_checkpointing="config")
+    model = dataclasses.replace(cfg.model, checkpointing=tuple(policy.checkpointing))
+    return dataclasses.replace(cfg, train=train, model=model)
+
+
 def _resized_from(client: dict, world: int) -> int:
     """The world size of the checkpoint resumed from, when it differs from this one (0 otherwise)."""
     saved = client.get("world_size", world)
@@ -192,9 +214,7 @@ def _open_source(cfg: Config, rank: int) -> WeightSource | None:
 
 def _attempt_id() -> int:
     """Collective: rank 0's clock at start-up, the same on every rank (the key log tells attempts apart by it)."""
-    stamp = [time.time_ns()]
-    dist.broadcast_object_list(stamp, src=0)
-    return stamp[0]
+    return comm.broadcast_object(time.time_ns())
 
 
 def build_unit(cfg: Config, ds_config: dict, tokenizer, qformer_tokenizer, init: bool) -> torch.nn.Module:
@@ -249,8 +269,7 @@ def _report_resident(module: torch.nn.Module, rank: int, world: int) -> None:
     """Collective; rank 0 logs the parameter bytes each rank holds (about 1/world of the model under ZeRO-3's
     partitioned construction) and each rank's host memory after building and loading (resident now, peak so far)."""
     held, total = ds_engine.resident_parameter_bytes(module)
-    shares = [None] * world
-    dist.all_gather_object(shares, (held, *_host_memory()))
+    shares = comm.all_gather_object((held, *_host_memory()))
     mib, gib = 2**20, 2**30
     log.info(f"resident parameters per rank (MiB of {total / mib:.3f}): "
              + ", ".join(f"rank {r} {h / mib:.3f} (share {h / total:.4f})" for r, (h, _, _) in enumerate(shares))
@@ -297,9 +316,9 @@ def _qformer_tokenizer(cfg: Config, rank: int, run_dir: Path, source: WeightSour
     if cfg.model.preset != "tiny":  # a real Q-Former reads BERT's vocabulary: no whole-dataset scan for a new one
         raise ConfigError(f"model.preset {cfg.model.preset} in stage 1 needs stage1.qformer_tokenizer: a local "
                           "directory holding BERT's tokenizer (a copy of bert-base-uncased's), as BLIP-2 uses")
-    captions = [read_captions(cfg.data.train) if rank == 0 else None]
-    dist.broadcast_object_list(captions, src=0)  # the trainer is deterministic: every rank builds the same vocabulary
-    tokenizer = train_qformer_tokenizer(captions[0], cfg.stage1.qformer_vocab)
+    # the trainer is deterministic: every rank builds the same vocabulary
+    captions = comm.broadcast_object(read_captions(cfg.data.train) if rank == 0 else None)
+    tokenizer = train_qformer_tokenizer(captions, cfg.stage1.qformer_vocab)
     if rank == 0:
         tokenizer.save_pretrained(run_dir / "qformer_tokenizer")
     return tokenizer
@@ -308,9 +327,8 @@ def _qformer_tokenizer(cfg: Config, rank: int, run_dir: Path, source: WeightSour
 def _check_run_dir(cfg: Config, run_dir: Path) -> str | None:
     """Collective: the checkpoint tag to resume from (rank 0's newest complete one), or None; refuses to write over
     another run."""
-    tag = [checkpoint.latest_tag(run_dir)]
-    dist.broadcast_object_list(tag, src=0)  # one choice for every rank, also where nodes see different directories
-    tag = tag[0]
+    # one choice for every rank, also where nodes see different directories
+    tag = comm.broadcast_object(checkpoint.latest_tag(run_dir))
     if tag is not None and cfg.train.resume and not (checkpoint.checkpoint_root(run_dir) / tag).is_dir():
         raise ConfigError(f"checkpoint {tag}, which rank 0 resumes from, is not in {run_dir} on this node: "
                           "give every node the same train.run_dir (a shared volume) or Ray storage to restore from")
@@ -319,7 +337,7 @@ def _check_run_dir(cfg: Config, run_dir: Path) -> str | None:
                           "to continue it, another train.run_dir, or train.overwrite=true to start over")
     if tag is not None and not cfg.train.resume:
         tag = None  # overwrite: start fresh, new checkpoints replace the old ones as they are written
-    dist.barrier()
+    comm.barrier()
     return tag
 
 
@@ -335,15 +353,14 @@ def _tokenizer(cfg: Config, rank: int, run_dir: Path, source: WeightSource | Non
         return load_tokenizer(fetched)
     if cfg.model.preset not in TINY_PRESETS:
         raise ConfigError(f"model.preset {cfg.model.preset} needs model.tokenizer (a local tokenizer directory)")
-    text = [None]
+    text = None
     if rank == 0:  # train once and broadcast: every rank must hold the identical vocabulary
         captions = read_captions(cfg.data.train) + task_vocabulary(cfg.tasks)
-        text[0] = train_caption_tokenizer(captions, cfg.model.tokenizer_vocab,
-                                          cfg.model.family).backend_tokenizer.to_str()
-    dist.broadcast_object_list(text, src=0)
+        text = train_caption_tokenizer(captions, cfg.model.tokenizer_vocab, cfg.model.family).backend_tokenizer.to_str()
+    text = comm.broadcast_object(text)
     from tokenizers import Tokenizer
 
-    tokenizer = wrap(Tokenizer.from_str(text[0]))
+    tokenizer = wrap(Tokenizer.from_str(text))
     if rank == 0:
         tokenizer.save_pretrained(run_dir / "tokenizer")
     return tokenizer
@@ -404,12 +421,11 @@ def model_inputs(run: Run, batch: dict, task_step: int | None = None) -> dict:
     `tasks`), each sample gets the prompt and answer of a task drawn for (sample, step); `task_step` replaces the
     step (held-out batches use -1: the same draw at every evaluation)."""
     if run.cfg.train.stage == "vision":
-        inputs = {"pixel_values": _pixels(run, batch), **au_targets(batch["labels"], run.cfg.train.vision_aus)}
-        return {k: v.to(run.engine.device) for k, v in inputs.items()}
+        return {"pixel_values": _pixels(run, batch),
+                **_on_device(run, au_targets(batch["labels"], run.cfg.train.vision_aus))}
     if run.cfg.train.stage == "stage1":
         text = qformer_text_inputs(run.qformer_tokenizer, batch["captions"], run.cfg.stage1.max_text_tokens)
-        inputs = {"pixel_values": _pixels(run, batch), **text}
-        return {**{k: v.to(run.engine.device) for k, v in inputs.items()}, "gather": all_gather_with_grad}
+        return {"pixel_values": _pixels(run, batch), **_on_device(run, text), "gather": all_gather_with_grad}
     lm_only = run.cfg.train.stage == "lm"
     captions, prompts = batch["captions"], None
     if run.cfg.tasks.multi:
@@ -419,16 +435,22 @@ def model_inputs(run: Run, batch: dict, task_step: int | None = None) -> dict:
         prompts, captions = [p for p, _ in picked], [a for _, a in picked]
     # the 'lm' stage keeps the captioning layout (<image> placeholders, then BOS, the prompt and the caption) so
     # that the frozen LM later meets the query outputs at positions it was trained on
-    inputs = caption_inputs(run.tokenizer, captions, run.blip2_config.num_query_tokens, run.cfg.data.max_text_tokens,
-                            prompts)
+    inputs = _on_device(run, caption_inputs(run.tokenizer, captions, run.blip2_config.num_query_tokens,
+                                            run.cfg.data.max_text_tokens, prompts))
     if not lm_only:
         inputs["pixel_values"] = _pixels(run, batch)
-    return {k: v.to(run.engine.device) for k, v in inputs.items()}
+    return inputs
+
+
+def _on_device(run: Run, tensors: dict) -> dict:
+    """Host tensors → the engine's device; asynchronous from pinned memory (the loader pins on CUDA)."""
+    return {k: v.to(run.engine.device, non_blocking=True) for k, v in tensors.items()}
 
 
 def _pixels(run: Run, batch: dict) -> torch.Tensor:
-    pixels = batch["pixel_values"]
-    return pixels.to(torch.bfloat16) if run.engine.bfloat16_enabled() else pixels
+    """The batch's uint8 pixels, copied to the engine's device and CLIP-normalised there, in the engine's dtype."""
+    dtype = torch.bfloat16 if run.engine.bfloat16_enabled() else torch.float32
+    return normalise(batch["pixel_values"].to(run.engine.device, non_blocking=True), dtype)
 
 
 def train_step(run: Run) -> torch.Tensor:
@@ -442,14 +464,14 @@ def train_step(run: Run) -> torch.Tensor:
         run.errors[batch["cursor"]["worker"]] = batch["errors"]
         inputs = model_inputs(run, batch)
         if "attention_mask" in inputs:
-            run.tokens += int(inputs["attention_mask"].sum())
+            run.tokens = run.tokens + inputs["attention_mask"].sum()  # on the device: no host sync per micro-batch
         out = run.engine(**inputs)
         loss = out["loss"] if isinstance(out, dict) else out  # stage 1 also returns its three parts
         run.engine.backward(loss)
         run.engine.step()
         losses.append(loss.detach().float())
         if isinstance(out, dict):
-            parts = {k: v.detach().float().item() for k, v in out.items() if k != "loss"}
+            parts = {k: v.detach().float() for k, v in out.items() if k != "loss"}
     run.step += 1
     loss = torch.stack(losses).mean()
     run.window.add(loss, parts)
@@ -465,11 +487,10 @@ def next_batch(run: Run) -> dict:
     except StreamError as exn:
         batch, error = None, f"{type(exn).__name__}: {exn}"
     failed = torch.tensor([1.0 if error else 0.0])
-    dist.all_reduce(failed)
+    comm.all_reduce(failed)  # a host-side flag: the host group, no GPU stream involved
     if failed.item() == 0:
         return batch
-    errors = [None] * run.world
-    dist.all_gather_object(errors, error)
+    errors = comm.all_gather_object(error)
     named = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e)
     message = f"the data stream failed at step {run.step + 1}, so every rank stops ({named})"
     log.error(message)  # rank 0 says it; the driver (and Ray) also get it raised
@@ -513,9 +534,12 @@ def _global_metrics(run: Run) -> dict:
     kinds = sorted({k for counts in run.errors.values() for k in counts} | {"total"})
     skipped = [sum(c.get(k, 0) for c in run.errors.values()) for k in kinds[:-1]]
     names = sorted(window.parts)
-    means = [sum(window.losses) / steps, *(sum(window.parts[n]) / len(window.parts[n]) for n in names)]
-    t = torch.tensor([*means, run.tokens, *skipped, sum(skipped)], dtype=torch.float64)
-    dist.all_reduce(t)
+    # the window's device values, read with one copy to the host
+    means = torch.stack([torch.stack(window.losses).double().mean(),
+                         *(torch.stack(window.parts[n]).double().mean() for n in names),
+                         torch.as_tensor(run.tokens, device=window.losses[0].device).double()]).cpu()
+    t = torch.cat([means, torch.tensor([*skipped, sum(skipped)], dtype=torch.float64)])
+    comm.all_reduce(t)
     run.tokens = 0
     samples = steps * run.cfg.data.train.batch_size * run.cfg.optim.grad_accum * run.world
     metrics = {"loss": t[0].item() / run.world, "lr": run.engine.get_lr()[0], "samples_per_s": samples / seconds,
@@ -555,9 +579,7 @@ def _log_trainable_digest(run: Run, what: str) -> None:
 
 def report_peak_rss(run: Run) -> list[float]:
     """Collective: every rank's peak resident memory so far (GiB, getrusage), logged by rank 0 and returned."""
-    peak = _host_memory()[1] / 2**30
-    peaks = [0.0] * run.world
-    dist.all_gather_object(peaks, peak)
+    peaks = comm.all_gather_object(_host_memory()[1] / 2**30)
     log.info("peak host RSS per rank (GiB): " + ", ".join(f"rank {r} {p:.2f}" for r, p in enumerate(peaks)))
     return peaks
 
@@ -577,7 +599,7 @@ def export(run: Run) -> Path:
         _export_full(run, run_dir / "export")
     if small:
         _export_trainable(run, run_dir / TRAINABLE_EXPORT)
-    dist.barrier()
+    comm.barrier()
     return run_dir / ("export" if kind in ("full", "both") else TRAINABLE_EXPORT)
 
 
@@ -675,7 +697,7 @@ def train(cfg: Config, report: Reporter | None = None) -> dict:
         run.tracker.close("FAILED")
         raise
     _finish(run)
-    ds_engine.close_distributed()
+    comm.close_distributed()
     return metrics
 
 

@@ -355,27 +355,94 @@ def placement(plan: Plan) -> tuple[str, str]:
                            f"{budget / GiB:.1f} GiB{ckpt}; ZeRO-3 needs {z3.total_cfg_gpu / GiB:.1f} GiB")
 
 
-def plan_for_run(cfg, gpus_per_node: int, nodes: int, gpu_gib: float) -> PlanConfig:
-    """The PlanConfig of a run's config (expblip.config.Config) on these GPUs."""
+def plan_for_run(cfg, gpus_per_node: int, nodes: int, gpu_gib: float,
+                 checkpointing: tuple[str, ...] | None = None) -> PlanConfig:
+    """The PlanConfig of a run's config (expblip.config.Config) on these GPUs (`checkpointing`: instead of the
+    config's model.checkpointing)."""
     stage1 = cfg.train.stage == "stage1"
     return PlanConfig(preset=cfg.model.preset, gpus_per_node=gpus_per_node, nodes=nodes,
                       micro_batch=cfg.data.train.batch_size, gpu_gib=gpu_gib,
                       trainable="qformer" if cfg.model.freeze_vision else "qformer+vit",
                       text_tokens=cfg.stage1.max_text_tokens if stage1 else cfg.data.max_text_tokens,
-                      checkpointing=tuple(cfg.model.checkpointing), stage="stage1" if stage1 else "stage2",
+                      checkpointing=tuple(cfg.model.checkpointing if checkpointing is None else checkpointing),
+                      stage="stage1" if stage1 else "stage2",
                       lora_r=cfg.model.lora.r if cfg.model.lora.enabled else 0,
                       lora_towers=tuple(cfg.model.lora.towers) or ("lm",))
 
 
-def placement_for_run(cfg, world: int) -> tuple[str, str]:
-    """train.placement=auto: the placement for this run's GPUs (partitioned on CPU ranks)."""
+# activation checkpointing, least recomputation first: each step adds a tower whose recompute costs more
+CHECKPOINTING_LEVELS: tuple[tuple[str, ...], ...] = ((), ("qformer",), ("lm",), ("qformer", "lm"),
+                                                    ("vision", "qformer", "lm"))
+
+
+@dataclass
+class RunPolicy:
+    """What train.placement=auto and train.activation_checkpointing=auto resolve to, decided once (rank 0)."""
+
+    placement: str  # "replicated" | "partitioned" | "" (train.placement=config: the JSON's stage)
+    checkpointing: tuple[str, ...]  # towers with activation checkpointing
+    why: str
+
+
+def policy_for_run(cfg, world: int) -> RunPolicy:
+    """Rank 0: the frozen towers' placement and the activation checkpointing of this run on this machine's devices
+    (its GPUs, or the host's memory for CPU ranks). Fixed choices stay as configured; "auto" ones are searched
+    together: the first (placement, checkpointing) that fits, replicated before partitioned (no per-step
+    all-gather of the frozen towers) and less recomputation before more. The caller broadcasts it: every rank
+    builds the same engine, also where nodes differ."""
+    placements, levels = _choices(cfg)
+    if not torch.cuda.is_available():
+        return _cpu_policy(cfg, world, placements, levels)
     import os
 
-    if not torch.cuda.is_available():
-        return "partitioned", "no GPU: CPU ranks share one host's memory, and ZeRO-3 keeps one copy of the towers"
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    gib = torch.cuda.get_device_properties(0).total_memory / GiB
-    return placement(make_plan(plan_for_run(cfg, local, max(1, world // local), gib)))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or min(world, torch.cuda.device_count())
+    gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GiB
+    return choose_policy(cfg, local, max(1, world // local), gib, placements, levels)
+
+
+def choose_policy(cfg, gpus_per_node: int, nodes: int, gpu_gib: float, placements: list[str] | None = None,
+                  levels: list[tuple[str, ...]] | None = None) -> RunPolicy:
+    """The first (placement, checkpointing) whose per-GPU memory fits `gpu_gib` less the headroom (see
+    policy_for_run); the most frugal one, said so, when none fits."""
+    placements = placements or ["replicated", "partitioned"]
+    levels = levels or _levels(cfg)
+    counts, tried = None, []
+    for where in placements:
+        for level in levels:
+            plan = make_plan(plan_for_run(cfg, gpus_per_node, nodes, gpu_gib, level), counts)
+            counts = plan.counts
+            need = plan.row("zero3" if where == "partitioned" else "zero2").total_cfg_gpu
+            tried.append(f"{where or 'config'} + checkpointing {'+'.join(level) or 'none'}: {need / GiB:.1f} GiB "
+                         "per GPU")
+            if need <= gpu_gib * GiB * (1 - plan.config.headroom):
+                return RunPolicy(where, level, f"fits {gpus_per_node} x {gpu_gib:g} GiB GPUs per node: {tried[-1]}")
+    return RunPolicy(placements[-1], levels[-1], f"nothing fits {gpu_gib:g} GiB GPUs ({'; '.join(tried)}): the "
+                                                 "most frugal choice; lower data.train.batch_size")
+
+
+def _levels(cfg) -> list[tuple[str, ...]]:
+    """Checkpointing levels worth trying: a frozen ViT stores nothing for backward, so checkpointing it is moot."""
+    return [lv for lv in CHECKPOINTING_LEVELS if not (cfg.model.freeze_vision and "vision" in lv)]
+
+
+def _cpu_policy(cfg, world: int, placements: list[str], levels: list) -> RunPolicy:
+    """CPU ranks share one host: the towers are partitioned (one copy among the ranks), and the least checkpointing
+    whose predicted peak per rank (host_rank_bytes) fits in the host's memory shared by the ranks."""
+    import os
+
+    placement = "partitioned" if placements == ["replicated", "partitioned"] else placements[0]
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or world
+    budget, counts = 0.9 * host / ranks, None
+    for level in levels:
+        plan_cfg = plan_for_run(cfg, world, 1, 0.0, level)
+        counts = counts or count_params(plan_cfg.preset, plan_cfg.lora_r, plan_cfg.lora_towers)
+        need = sum(host_rank_bytes(counts, world, plan_cfg).values())
+        if need <= budget:
+            break
+    return RunPolicy(placement, level, f"no GPU: CPU ranks share one host's memory ({ranks} ranks, "
+                                       f"{budget / GiB:.1f} GiB each): checkpointing {'+'.join(level) or 'none'} "
+                                       f"needs {need / GiB:.1f} GiB per rank")
 
 
 PAPER_RECIPES = ("recipes/paper_stage1.yaml", "recipes/paper_stage2.yaml")
@@ -384,31 +451,38 @@ GPU_SIZES = (24.0, 40.0, 80.0)
 
 def recipe_table(recipes: tuple[str, ...] = PAPER_RECIPES, sizes: tuple[float, ...] = GPU_SIZES,
                  gpus: int = 8) -> list[str]:
-    """The policy each recipe gets on `gpus` GPUs of each size: bf16 (its DeepSpeed config), frozen-tower placement
-    (train.placement=auto) with its activation checkpointing, and what the placement would be without checkpointing."""
-    from dataclasses import replace
-
+    """The policy each recipe gets on `gpus` GPUs of each size: bf16 (its DeepSpeed config), and the frozen-tower
+    placement and activation checkpointing that train.placement=auto / train.activation_checkpointing=auto pick
+    (choose_policy), with the memory per GPU they need."""
     from expblip.config import load_config
     from expblip.train.engine import REPO_ROOT, load_ds_config, precision
 
     lines = [f"{'recipe':<18} {'GPUs':<10} {'precision':<9} {'checkpointing':<13} {'placement':<12} {'GiB/GPU':>7}"
-             f"  {'without checkpointing':<28} why"]
+             "  why"]
     for recipe in recipes:
         cfg = load_config(REPO_ROOT / recipe, ["model.tokenizer=(plan)"])
         bits = precision(load_ds_config(cfg.train.ds_config))
         for size in sizes:
-            plan_cfg = plan_for_run(cfg, gpus, 1, size)
-            plan = make_plan(plan_cfg)
-            choice, why = placement(plan)
-            row = plan.row("zero2" if choice == "replicated" else "zero3")
-            bare = make_plan(replace(plan_cfg, checkpointing=()), plan.counts)
-            bare_choice = placement(bare)[0]
-            bare_row = bare.row("zero2" if bare_choice == "replicated" else "zero3")
-            bare_text = f"{bare_choice} {bare_row.total_cfg_gpu / GiB:.1f} GiB"
+            policy = policy_on(cfg, gpus, size)
+            plan = make_plan(plan_for_run(cfg, gpus, 1, size, policy.checkpointing))
+            row = plan.row("zero2" if policy.placement == "replicated" else "zero3")
             lines.append(f"{recipe.split('/')[-1]:<18} {f'{gpus} x {size:g} GB':<10} {bits:<9} "
-                         f"{'+'.join(cfg.model.checkpointing) or 'none':<13} {choice:<12} "
-                         f"{row.total_cfg_gpu / GiB:>7.1f}  {bare_text:<28} {why.split(';')[0]}")
+                         f"{'+'.join(policy.checkpointing) or 'none':<13} {policy.placement or 'config':<12} "
+                         f"{row.total_cfg_gpu / GiB:>7.1f}  {policy.why.split(':')[0]}")
     return lines
+
+
+def policy_on(cfg, gpus: int, gpu_gib: float) -> RunPolicy:
+    """The policy a run's config gets on `gpus` GPUs of `gpu_gib` on one node (fixed choices stay fixed)."""
+    return choose_policy(cfg, gpus, 1, gpu_gib, *_choices(cfg))
+
+
+def _choices(cfg) -> tuple[list[str], list[tuple[str, ...]]]:
+    """(placements, checkpointing levels) to search: every one for "auto", else the configured one."""
+    placements = ["replicated", "partitioned"] if cfg.train.placement == "auto" else [
+        {"config": "", "replicated": "replicated", "partitioned": "partitioned"}[cfg.train.placement]]
+    levels = _levels(cfg) if cfg.train.activation_checkpointing == "auto" else [tuple(cfg.model.checkpointing)]
+    return placements, levels
 
 
 # ---------------------------------------------------------------- host memory of CPU ranks

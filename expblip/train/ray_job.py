@@ -1,7 +1,8 @@
 """Ray Train wiring: the same loop (expblip.train.loop.train) on a TorchTrainer's workers.
 
-Ray creates the process group (gloo on CPU, NCCL on GPU) and sets RANK/WORLD_SIZE; the loop's
-deepspeed.init_distributed wraps it. Checks that can fail fast run on the driver, before any worker starts.
+Ray creates the process group (gloo on CPU, NCCL on GPU) and sets RANK/WORLD_SIZE; each worker binds the device
+Ray gave it and adds the host group (expblip.train.comm) before its first collective; deepspeed.init_distributed
+wraps Ray's group. Checks that can fail fast run on the driver, before any worker starts.
 
 The console: by default the driver shows expblip's own lines only, each once, and one progress line (a bar on a
 terminal) per stage. Workers log through ``expblip.log`` into a relay (a small Ray actor) that the driver drains;
@@ -93,6 +94,7 @@ def _worker(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     relay = config.get("console")
     setup_logging(rank, RelayHandler(relay) if relay is not None else None)
+    _bind_ray_device()  # before the first collective (_log_placement's)
     _log_placement(rank)
     _restore_from_ray(cfg)
 
@@ -110,16 +112,27 @@ def _worker(config: dict) -> None:
     train(cfg, report=report)
 
 
+def _bind_ray_device() -> None:
+    """This worker computes on the device Ray assigned it (a node's workers share CUDA_VISIBLE_DEVICES, so it need
+    not be cuda:LOCAL_RANK); comm.bind_device points LOCAL_RANK at it, which DeepSpeed's engine binds again. Then
+    the host group, on which every exchange of ours travels."""
+    import ray.train.torch
+
+    from expblip.train import comm
+
+    device = comm.bind_device(ray.train.torch.get_device())
+    comm.init_distributed()
+    log.debug(f"worker bound to {device}")
+
+
 def _log_placement(rank: int) -> None:
     """Collective: rank 0 says which Ray node each rank runs on."""
     import ray
-    import torch.distributed as dist
+
+    from expblip.train import comm
 
     here = f"{ray.get_runtime_context().get_node_id()[:12]} ({ray.util.get_node_ip_address()})"
-    nodes = [here]
-    if dist.is_initialized():
-        nodes = [None] * dist.get_world_size()
-        dist.all_gather_object(nodes, here)
+    nodes = comm.all_gather_object(here)
     log.info("ranks on Ray nodes: " + ", ".join(f"rank {r} {n}" for r, n in enumerate(nodes)))
 
 
@@ -144,8 +157,8 @@ def _restore_from_ray(cfg: Config) -> None:
     """A restarted or re-submitted run on a machine whose run_dir lacks the newest checkpoint fetches it from
     Ray's storage (checkpoints are then found where the loop always looks: run_dir/checkpoints)."""
     import ray.train
-    import torch.distributed as dist
 
+    from expblip.train import comm
     from expblip.train.checkpoint import checkpoint_root, is_complete
 
     checkpoint = ray.train.get_checkpoint()
@@ -163,8 +176,7 @@ def _restore_from_ray(cfg: Config) -> None:
                 except OSError:  # another node's worker did the same on a shared volume first
                     pass
                 shutil.rmtree(staging, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
+    comm.barrier()
 
 
 QUIET_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # a print in a worker goes to stdout once, not also via a logger
