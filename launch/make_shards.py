@@ -10,11 +10,14 @@ Public datasets (layouts, layout variants and split rules: docs/datasets.md):
     python launch/make_shards.py bp4d --root data/BP4D --out shards/bp4d/train --split train
     # the field's protocol: subject-exclusive fold K of 3 (JAA-Net / ME-GraphAU lists); fold 1 = the paper's test
     python launch/make_shards.py bp4d --root data/BP4D --out shards/bp4d/fold1/train --split train --fold 1 --folds 3
-    python launch/make_shards.py bp4d --root data/BP4D --out shards/bp4d/fold1/test --split test --fold 1 --folds 3 \\
-        --no-subsample
+    python launch/make_shards.py bp4d --root data/BP4D --out shards/bp4d/fold1/test --split test --fold 1 --folds 3
     # frames extracted counting from 0 (ME-GraphAU, JAA-Net): detected per folder; --frame-base 0 forces it
     python launch/make_shards.py disfa --root data/DISFA --out shards/disfa/fold2/test --split test --fold 2 \\
-        --folds 3 --no-subsample --frame-base 0
+        --folds 3 --frame-base 0
+
+A video dataset's train split is subsampled (every 10th frame plus label changes) and its test split keeps every
+frame, unless --subsample / --no-subsample says otherwise; the manifest records which (evaluate.py --protocol refuses
+subsampled test shards).
 
 A conversion that keeps no sample, or skips more than --max-skipped (default 1%) of its rows as bad data (missing
 images, ...), prints the first skipped rows and exits 2 without a complete manifest. Rows a label rule leaves out
@@ -47,9 +50,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=64, help="synthetic: image side in pixels")
     p.add_argument("--caption-style", default="auto", choices=["auto", "au", "emotion", "concat"],
                    help="auto: au for AU datasets (and synthetic), emotion for emotion datasets")
-    p.add_argument("--subsample", action=argparse.BooleanOptionalAction, default=True,
-                   help="video datasets: every 10th frame plus label changes (the paper's train sets); "
-                   "--no-subsample keeps every frame (the paper's and the protocol's test sets)")
+    p.add_argument("--subsample", action=argparse.BooleanOptionalAction, default=None,
+                   help="video datasets: every 10th frame plus label changes (the paper's train sets; default for "
+                   "--split train and all); --no-subsample keeps every frame (the paper's and the protocol's test "
+                   "sets; default for --split test). The manifest records which")
     p.add_argument("--test-fraction", type=float, default=None,
                    help="datasets without an official split: fraction of subjects/images held out "
                    "(default per dataset, see docs/datasets.md)")

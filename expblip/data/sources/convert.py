@@ -41,7 +41,7 @@ class ConvertRequest:
     samples: int = 1000  # synthetic: number of faces
     seed: int = 0  # synthetic: the faces drawn
     image_size: int = 64  # synthetic: image side in pixels
-    subsample: bool = True  # video datasets: every 10th frame plus label changes
+    subsample: bool | None = None  # video datasets: every 10th frame plus label changes (None: train and all only)
     test_fraction: float | None = None  # datasets without an official split (None: the dataset's default)
     split_seed: int = 0  # seed of the subject/image split rule and of non-published folds
     test_subjects: str | None = None  # video datasets: comma-separated ids or a file with one per line
@@ -75,6 +75,8 @@ class ConvertRequest:
             raise ValueError(f"--frame-base must be 0 or 1 (or auto), got {self.frame_base}")
         if not 0.0 <= self.max_skipped < 1.0:
             raise ValueError(f"--max-skipped must be in [0, 1), got {self.max_skipped}")
+        if self.subsample is None:  # a test split keeps every frame: the paper's and the protocol's test sets do
+            self.subsample = self.split != "test"
 
     @property
     def style(self) -> str:
