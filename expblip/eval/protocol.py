@@ -11,8 +11,10 @@ one export (expblip.eval.job.evaluate), on the dataset's AU subset (BP4D 12 AUs,
 learned score keeps its strongest free baseline: the best constant caption (or chance) for the text-parsed AUs,
 the all-positive prediction for a linear probe. F1 is printed in per cent, as the field reports it.
 
-The reference rows are published numbers on the real datasets (ME-GraphAU; the paper's linear-probe table,
-EXPBLIP.md): they compare with these only when the shards were made from the real dataset with the same folds.
+The reference rows are published numbers on the real datasets, each with its backbone and what it averages: the
+mean over the 3 folds (ME-GraphAU, both backbones it reports) or one split (the paper's linear-probe table,
+EXPBLIP.md: fold 1's 13 BP4D test subjects, printed under fold 1). They compare with these only when the shards were
+made from the real dataset with the same folds.
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ FOLD = "{fold}"  # the placeholder in paths
 
 
 @dataclass(frozen=True)
+class Reference:
+    """One published mean F1 (%): who, on which backbone, over which fold(s)."""
+
+    who: str
+    backbone: str
+    score: float
+    fold: int | None = None  # None: the mean over the protocol's folds; K: that fold's test subjects alone
+
+
+@dataclass(frozen=True)
 class Protocol:
     """One dataset's cross-validation protocol and the published numbers to print beside it."""
 
@@ -36,19 +48,27 @@ class Protocol:
     dataset: str  # the make_shards source the folds come from
     aus: str  # the key of expblip.data.facs.DATASET_AUS scored
     folds: int
-    references: tuple[tuple[str, float], ...]  # (who, mean F1 %) of specialised AU detectors
-    probe_references: tuple[tuple[str, float], ...] = ()  # (features, mean F1 %) of the paper's linear probes
+    references: tuple[Reference, ...]  # specialised AU detectors
+    probe_references: tuple[Reference, ...] = ()  # the paper's linear probes
 
+
+ME_GRAPHAU = "ME-GraphAU (Luo et al., IJCAI 2022)"  # numbers: its paper's tables, as its README (CVI-SZU/ME-GraphAU) lists
+PAPER_BACKBONE = "EVA-CLIP ViT-g/14"  # the paper's image encoder (EXPBLIP.md, Model)
 
 PROTOCOLS: dict[str, Protocol] = {
     "bp4d-3fold": Protocol(
         "bp4d-3fold", "bp4d", "bp4d", 3,
-        references=(("ME-GraphAU (Luo et al., IJCAI 2022), real BP4D", 65.5),),
-        probe_references=(("ViT-G of the original BLIP-2 (paper)", 59.5), ("Q-Former of AU-BLIP (paper)", 66.6),
-                          ("Q-Former of Emot-BLIP (paper)", 58.3), ("Q-Former of Exp-BLIP (paper)", 66.2))),
+        references=(Reference(f"{ME_GRAPHAU}, real BP4D", "ResNet-50", 64.7),
+                    Reference(f"{ME_GRAPHAU}, real BP4D", "Swin-B", 65.5)),
+        # the paper's BP4D test set is one split, fold 1's 13 subjects (docs/datasets.md, "The paper's splits")
+        probe_references=(Reference("ViT-G of the original BLIP-2 (paper)", PAPER_BACKBONE, 59.5, fold=1),
+                          Reference("Q-Former of AU-BLIP (paper)", PAPER_BACKBONE, 66.6, fold=1),
+                          Reference("Q-Former of Emot-BLIP (paper)", PAPER_BACKBONE, 58.3, fold=1),
+                          Reference("Q-Former of Exp-BLIP (paper)", PAPER_BACKBONE, 66.2, fold=1))),
     "disfa-3fold": Protocol(
         "disfa-3fold", "disfa", "disfa8", 3,
-        references=(("ME-GraphAU (Luo et al., IJCAI 2022), real DISFA", 63.1),)),
+        references=(Reference(f"{ME_GRAPHAU}, real DISFA", "ResNet-50", 63.1),
+                    Reference(f"{ME_GRAPHAU}, real DISFA", "Swin-B", 62.4))),
 }
 
 
@@ -169,12 +189,18 @@ def summary_table(summary: dict) -> str:
                     + f" | **{_pct(mean['probes'][name]['mean'])}** | {_pct(mean['probes'][name]['baseline']['mean'])}"
                       " (all-positive) |")
     protocol = summary["protocol"]
-    empty = " | ".join("" for _ in range(n))
-    for who, score in protocol["references"]:
-        rows.append(f"| reference: {who} | {empty} | {score:.1f} | |")
-    for who, score in protocol["probe_references"]:
-        rows.append(f"| reference linear probe: {who} | {empty} | {score:.1f} | |")
+    rows += [reference_row("reference", ref, n) for ref in protocol["references"]]
+    rows += [reference_row("reference linear probe", ref, n) for ref in protocol["probe_references"]]
     return "\n".join(rows)
+
+
+def reference_row(kind: str, ref: dict, folds: int) -> str:
+    """A published number in its own column: a fold's (one split) or the mean over folds, never one for the other."""
+    fold = ref.get("fold")
+    over = f"one split: fold {fold}'s test subjects" if fold else f"mean over {folds} folds"
+    cells = [f"{ref['score']:.1f}" if k == fold else "" for k in range(1, folds + 1)]
+    cells += ["" if fold else f"{ref['score']:.1f}", ""]
+    return f"| {kind}: {ref['who']}; backbone {ref['backbone']}; {over} | " + " | ".join(cells) + " |"
 
 
 def verdict(summary: dict) -> str:
@@ -188,8 +214,10 @@ def protocol_markdown(summary: dict) -> str:
     protocol = summary["protocol"]
     lines = [f"# {protocol['name']}: subject-exclusive {protocol['folds']}-fold AU detection", "",
              f"AUs scored: {', '.join(map(str, summary['aus']))}. F1 in per cent, per AU and fold, then the mean over "
-             "folds (the field's convention). Reference rows are published numbers on the real dataset; they "
-             "compare with these only when the shards come from the real dataset with the same folds.", "",
+             "folds (the field's convention). Reference rows are published numbers on the real dataset, each with "
+             "its backbone, in the column of what it averages: the mean over folds, or one fold for a single split "
+             "(the paper's probes: fold 1's test subjects); they compare with these only when the shards come from "
+             "the real dataset with the same folds.", "",
              "## Summary", "", summary_table(summary), "", "## Per AU and fold", "", per_au_table(summary), "",
              verdict(summary), ""]
     return "\n".join(lines)
