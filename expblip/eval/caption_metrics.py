@@ -20,7 +20,8 @@ Two families of numbers, both from pycocoevalcap's own scorers (STYLE.md rule 3:
 All scores are fractions (the paper prints the embedding similarity in per cent). METEOR and the PTB tokenizer run
 Java: METEOR is optional (``meteor=False``; its JVM start costs ~7 s, paid once per process) and without ``java``
 it is skipped with the reason recorded under ``skipped``; the tokenizer then falls back to a regex approximation
-named under ``tokenizer``.
+named under ``tokenizer`` (``regex (why)``), whose scores are not comparable to the COCO tokeniser's: reports name it
+at the top (``tokenizer_fallback``).
 
 Nothing here imports Ray or DeepSpeed (DESIGN.md, wall 2); sentence-transformers loads only when needed.
 """
@@ -44,6 +45,9 @@ COCO_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "ci
 BEST_METRICS = ("meteor_best", "rouge_l_best", "embedding_similarity")
 _REGEX_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|n't|[^\sa-z0-9]")
 
+REGEX_FALLBACK = "regex"  # the tokenizer name's prefix when the PTB tokenizer could not run
+NOT_COMPARABLE = "not comparable to the COCO tokeniser"  # what a report says of scores on the regex fallback
+
 Key = Hashable
 Tokenized = dict[Key, list[str]]
 
@@ -61,6 +65,12 @@ def regex_tokenize(text: str) -> str:
     return " ".join(t for t in _REGEX_TOKEN.findall(text.lower().replace("\n", " ")) if t not in PUNCTUATIONS)
 
 
+def tokenizer_fallback(scores: Mapping) -> str | None:
+    """The fallback tokenizer ``caption_scores`` used ("regex (why)"), or None when the COCO (PTB) one ran."""
+    name = str(scores.get("tokenizer") or "")
+    return name if name.startswith(REGEX_FALLBACK) else None
+
+
 def tokenize(captions: Mapping[Key, Sequence[str]]) -> tuple[Tokenized, str]:
     """({key: [tokenized captions]}, tokenizer name): pycocoevalcap's PTB tokenizer, or the regex stand-in.
 
@@ -73,7 +83,7 @@ def tokenize(captions: Mapping[Key, Sequence[str]]) -> tuple[Tokenized, str]:
             return PTBTokenizer().tokenize(coco), "ptb"
         except OSError as err:
             reason = f"PTB tokenizer failed: {err}"
-    return {k: [regex_tokenize(c) for c in caps] for k, caps in captions.items()}, f"regex ({reason})"
+    return {k: [regex_tokenize(c) for c in caps] for k, caps in captions.items()}, f"{REGEX_FALLBACK} ({reason})"
 
 
 # ---------------------------------------------------------------- scorers

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from expblip.credentials import unredact_uri
-from expblip.eval.caption_metrics import BEST_METRICS, COCO_METRICS
+from expblip.eval.caption_metrics import BEST_METRICS, COCO_METRICS, NOT_COMPARABLE, tokenizer_fallback
 
 MLFLOW_RUN_FILE = "mlflow_run.json"  # written into the run directory by expblip.train.tracking
 ARTIFACT_DIR = "eval"  # artefact folder of the report inside the MLflow run
@@ -82,6 +82,24 @@ def task_table(results: dict[str, dict]) -> str:
         rows.append(f"| {task} | {_cell(prompt)} | {_fmt(model['mean_au_f1'])} | {_fmt(model['emotion_accuracy'])} "
                     f"| {base[0]} | {base[1]} |")
     return "\n".join(rows)
+
+
+def header_notes(result: dict) -> list[str]:
+    """What a reader must know before any number: a held-out subset instead of the whole split, where the scored
+    AU set came from, and a caption tokeniser that is not the COCO one."""
+    settings, notes = result.get("settings", {}), []
+    subset = settings.get("subset")
+    if subset:
+        notes.append(f"**Quick look, not the whole test split:** a seeded random {subset['samples']} of the "
+                     f"{subset['of']} held-out samples (seed {subset['seed']}), drawn across the split (--limit); "
+                     "not comparable with numbers on the whole split.")
+    if settings.get("aus_set"):
+        notes.append(f"AUs scored: {settings['aus_set']} ({settings.get('aus_source', '?')}).")
+    fallback = tokenizer_fallback((result.get("captions") or {}).get("model") or {})
+    if fallback:
+        notes.append(f"**Caption tokenisation: the regex fallback** ({fallback}), {NOT_COMPARABLE} (PTB, run by "
+                     "Java): its BLEU, ROUGE-L and CIDEr differ from published ones; install a JRE to compare.")
+    return notes
 
 
 def summary_lines(result: dict) -> list[str]:
@@ -168,6 +186,7 @@ def report_markdown(result: dict, plots: dict[str, str] | None = None) -> str:
     plots = plots or {}
     settings = result.get("settings", {})
     lines = [f"# Held-out evaluation of {settings.get('export', 'an export')}", ""]
+    lines += [line for note in header_notes(result) for line in (note, "")]
     if "model" in result:
         lines += _label_sections(result, plots)
     if result.get("captions"):
