@@ -1,17 +1,19 @@
 """Evaluate an exported Exp-BLIP model on held-out shards: captions → parsed AUs/emotions → F1 and accuracy beside
 every baseline that costs nothing, caption text metrics, optional linear probes, a report, and MLflow.
 
-    # CPU, 200 held-out synthetic faces, baselines chosen on the training shards, no METEOR JVM
+    # CPU, a quick look at a seeded random 200 held-out synthetic faces, baselines chosen on the training shards,
+    # no METEOR JVM
     python launch/evaluate.py --model runs/stage2 --shards demo/shards/test --train-shards demo/shards/train \
         --out runs/stage2/eval --limit 200 --no-meteor
     # + linear probes on the Q-Former and the ViT features, report attached to the training run's MLflow run
     python launch/evaluate.py --model runs/stage2 --shards demo/shards/test --train-shards demo/shards/train \
         --out runs/stage2/eval --probe qformer --probe vit --probe-train-shards demo/shards/train --mlflow
-    # GPU, the whole split, BP4D's 12 AUs
-    python launch/evaluate.py --model runs/au_blip/export --shards s3://bucket/bp4d/test --aus bp4d \
+    # GPU, the whole split, BP4D's 12 AUs (the manifest's dataset: no --aus needed; a contradicting one is refused)
+    python launch/evaluate.py --model runs/au_blip/export --shards s3://bucket/bp4d/test \
         --device cuda --batch-size 64 --out runs/au_blip/eval
     # the field's protocol: one export per subject-exclusive fold ({fold} = 1, 2, 3; shards from
-    # make_shards.py bp4d ... --fold K --folds 3), per-AU F1 per fold and the mean, beside ME-GraphAU and the paper
+    # make_shards.py bp4d ... --fold K --folds 3), per-AU F1 per fold and the mean, beside ME-GraphAU and the paper;
+    # each fold's manifests are checked first (dataset, split, fold, every test frame), the test split is never cut
     python launch/evaluate.py --protocol bp4d-3fold --model runs/bp4d_fold{fold} \
         --shards shards/bp4d/fold{fold}/test --train-shards shards/bp4d/fold{fold}/train \
         --probe qformer --probe-train-shards shards/bp4d/fold{fold}/train --out runs/bp4d_protocol
@@ -43,8 +45,12 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--train-shards", default="", help="training shards, on whose labels and captions the "
                         "baselines are chosen (default: the held-out ones, an optimistic choice)")
     parser.add_argument("--out", default="", help="directory for metrics.json, report.md and the plots")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N held-out samples")
-    parser.add_argument("--aus", default="synthetic", choices=sorted(DATASET_AUS), help="which dataset's AUs to score")
+    parser.add_argument("--limit", type=int, help="a quick look: caption a seeded random N of the held-out samples, "
+                        "drawn across the whole split (never the first N, which are whole subjects), as the report "
+                        "says at its top; refused with --protocol, which scores the whole test split")
+    parser.add_argument("--aus", default="", choices=sorted(DATASET_AUS),
+                        help="which dataset's AUs to score (default: the held-out shards' dataset, from their "
+                        "manifest; synthetic when it names none); refused when it contradicts the manifest")
     parser.add_argument("--beams", type=int, default=5, help="beam width (default: 5, as the paper)")
     parser.add_argument("--max-new-tokens", type=int, default=60, help="caption length limit in tokens")
     parser.add_argument("--batch-size", type=int, default=16, help="images captioned together")
@@ -71,7 +77,8 @@ def parse_args(argv: list[str] | None):
                        help="what the probes predict")
     probe.add_argument("--probe-pooling", default="mean", choices=["mean", "concat"],
                        help="Q-Former query outputs: mean over the queries or concatenated")
-    probe.add_argument("--probe-limit", type=int, help="use only the first N samples of each probe split")
+    probe.add_argument("--probe-limit", type=int, help="train the probes on only the first N samples of "
+                       "--probe-train-shards; the test split is always whole")
     track = parser.add_argument_group("MLflow")
     track.add_argument("--mlflow", action="store_true", help="log eval.* metrics and the report to MLflow: into the "
                                                              "training run of --model when it has mlflow_run.json")

@@ -24,6 +24,7 @@ from expblip.eval.evaluate import (
     evaluate_captions,
     evaluate_export,
     strongest,
+    subset_positions,
     training_text,
 )
 from expblip.eval.report import summary_line, write_report
@@ -185,8 +186,12 @@ def test_evaluate_export_on_shards_and_report(run_dir, records, tmp_path):
     result = evaluate_export(run_dir, str(tmp_path / "test"), AUS, GEN, limit=5, train=train, batch_size=4,
                              progress=False)
     assert result["model"]["counts"]["samples"] == 5
-    assert [s["key"] for s in result["samples"]] == [r["key"] for r in records[:5]]
-    assert result["samples"][0]["truth"]["aus"] == records[0]["labels"]["aus"]
+    # limit draws a seeded random 5 of the 8 held-out samples, in shard order, never the first 5 (issue 21: on a
+    # video dataset the first N are whole subjects); the settings say so
+    picked = [records[i] for i in sorted(subset_positions(len(records), 5))]
+    assert [s["key"] for s in result["samples"]] == [r["key"] for r in picked] != [r["key"] for r in records[:5]]
+    assert result["settings"]["subset"] == {"samples": 5, "of": 8, "seed": 0}
+    assert result["samples"][0]["truth"]["aus"] == picked[0]["labels"]["aus"]
     keys = [b["key"] for b in result["baselines"]]
     assert keys == ["most_frequent", "all_aus", "majority_emotion", "chance"] and result["baseline_source"] == "train"
     assert result["baselines"][0]["caption"] == "it is a people who drops jaw."

@@ -31,6 +31,7 @@ Nothing here imports Ray or DeepSpeed (DESIGN.md, wall 2).
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -210,7 +211,8 @@ def renormalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float
 
 
 def eval_batches(shards: str, image_size: int, batch_size: int, limit: int | None) -> Iterator[dict]:
-    """Eval-transform batches of the shards, cut to ``limit`` samples in all."""
+    """Eval-transform batches of the shards, cut to their first ``limit`` samples in all (shard order: whole
+    subjects of a video dataset; for training data only, see heldout_batches)."""
     cfg = stream.StreamConfig(shards=shards, train=False, batch_size=batch_size, image_size=image_size, shuffle_buffer=0)
     seen = 0
     for batch in stream.iterate_once(cfg):
@@ -221,6 +223,53 @@ def eval_batches(shards: str, image_size: int, batch_size: int, limit: int | Non
         seen += take
         if limit is not None and seen >= limit:
             return
+
+
+SUBSET_SEED = 0  # the held-out subset a limit draws
+_ROW_KEYS = ("captions", "labels", "keys")  # the per-sample lists of a batch, beside pixel_values
+
+
+def subset_positions(total: int, limit: int, seed: int = SUBSET_SEED) -> set[int]:
+    """``limit`` of the ``total`` sample positions, drawn uniformly with a seeded generator: every subject has its
+    chance, unlike the first N in shard order, which are whole subjects."""
+    return set(random.Random(seed).sample(range(total), min(limit, total)))
+
+
+def _rows(batch: dict, rows: Sequence[int]) -> dict:
+    return {"pixel_values": batch["pixel_values"][list(rows)], "errors": batch.get("errors", {}),
+            **{k: [batch[k][i] for i in rows] for k in _ROW_KEYS}}
+
+
+def _concat(parts: Sequence[dict]) -> dict:
+    return {"pixel_values": torch.cat([p["pixel_values"] for p in parts]), "errors": parts[-1]["errors"],
+            **{k: [x for p in parts for x in p[k]] for k in _ROW_KEYS}}
+
+
+def heldout_batches(shards: str, image_size: int, batch_size: int, limit: int | None,
+                    seed: int = SUBSET_SEED) -> Iterator[dict]:
+    """Eval-transform batches of the whole held-out split or, with ``limit``, of a seeded random ``limit`` of its
+    samples drawn across the split (subset_positions), never the first N. The stream decodes every sample (the
+    eval transforms stay the stream's own); only the drawn ones are yielded, ``batch_size`` at a time."""
+    total = stream.count_samples(shards) if limit is not None else 0
+    if limit is None or limit >= total:
+        yield from eval_batches(shards, image_size, batch_size, None)
+        return
+    keep, seen, held = subset_positions(total, limit, seed), 0, None
+    for batch in eval_batches(shards, image_size, batch_size, None):
+        picked = _rows(batch, [i for i in range(len(batch["keys"])) if seen + i in keep])
+        seen += len(batch["keys"])
+        held = picked if held is None else _concat([held, picked])
+        while len(held["keys"]) >= batch_size:
+            yield _rows(held, range(batch_size))
+            held = _rows(held, range(batch_size, len(held["keys"])))
+    if held is not None and held["keys"]:
+        yield held
+
+
+def subset_note(shards: str, limit: int | None, seed: int = SUBSET_SEED) -> dict | None:
+    """{"samples", "of", "seed"} when ``limit`` draws a subset of the held-out split (None when it is whole)."""
+    total = stream.count_samples(shards) if limit is not None else None
+    return {"samples": limit, "of": total, "seed": seed} if total is not None and limit < total else None
 
 
 def _expected_samples(shards: str, limit: int | None) -> int | None:
@@ -242,7 +291,7 @@ def generate_for_shards(captioner: Captioner, shards: str, gen: GenerationConfig
     out: dict = {"keys": [], "captions": [], "references": [], "all_references": [], "labels": [], "skipped": {}}
     bar = tqdm(total=_expected_samples(shards, limit), unit="img", desc="captioning", disable=not progress, mininterval=2.0)
     with bar:
-        for batch in eval_batches(shards, captioner.image_size, batch_size, limit):
+        for batch in heldout_batches(shards, captioner.image_size, batch_size, limit):
             pixels = renormalise(batch["pixel_values"], captioner.mean, captioner.std)
             out["captions"].extend(captioner.caption_pixels(pixels, gen, prompt))
             for name, key in (("keys", "keys"), ("references", "captions"), ("labels", "labels")):
@@ -283,6 +332,8 @@ def evaluate_export(export_dir: str | Path, shards: str, aus: Sequence[int] = DA
     and, with ``caption_metrics``, "captions": {"model", "baseline"} text scores (``meteor=False`` skips METEOR).
     ``task``: which of the export's tasks is asked (its prompt, unless ``prompt`` is given); the model is scored
     on that task's metrics only (TASK_METRICS: both for describe, AU F1 for aus, emotion accuracy for emotion).
+    ``limit``: a quick look at a seeded random N of the held-out samples (heldout_batches), recorded in
+    ``settings["subset"]`` and named at the top of the report; the whole split otherwise.
     """
     resolve_shards(shards)  # a wrong shard URL fails before the model loads
     captioner = captioner or Captioner.from_export(resolve_export(export_dir), device=device, dtype=dtype)
@@ -301,6 +352,7 @@ def evaluate_export(export_dir: str | Path, shards: str, aus: Sequence[int] = DA
     samples = [{"key": k, "caption": c, "truth": {"caption": r, **lab}}
                for k, c, r, lab in zip(run["keys"], run["captions"], run["references"], labels, strict=True)]
     settings = {"export": str(export_dir), "shards": shards, "aus": list(aus), "limit": limit,
+                "subset": subset_note(shards, limit),
                 "generation": dataclasses.asdict(gen or GenerationConfig()), "task": task, "prompt": prompt}
     result = {"model": model, "baselines": baselines, "best": strongest(baselines), "baseline_source": train.source,
               "samples": samples[:SAMPLES_KEPT], "settings": settings}

@@ -26,8 +26,8 @@ class EvalJob:
     shards: str  # held-out shards
     train_shards: str = ""  # what the baselines are chosen on ('' = the held-out text: optimistic)
     out: str = ""  # directory for metrics.json, report.md and the plots ('' = none)
-    limit: int | None = None  # only the first N held-out samples
-    aus: str = "synthetic"  # which dataset's AUs to score (expblip.data.facs.DATASET_AUS)
+    limit: int | None = None  # a quick look: a seeded random N of the held-out samples (refused with protocol)
+    aus: str = ""  # DATASET_AUS key to score; '' = the held-out shards' dataset (expblip.eval.provenance)
     beams: int = 5
     max_new_tokens: int = 60
     batch_size: int = 16
@@ -40,7 +40,7 @@ class EvalJob:
     probe_train_shards: str = ""
     probe_task: str = "both"  # "au", "emotion" or "both"
     probe_pooling: str = "mean"
-    probe_limit: int | None = None
+    probe_limit: int | None = None  # the probes train on the first N training samples (the test split is whole)
     mlflow: bool = False  # into the training run of `model` when it recorded one, else a new run at mlflow_uri
     mlflow_uri: str = ""
     mlflow_experiment: str = "expblip-eval"
@@ -57,16 +57,20 @@ def evaluate(job: EvalJob) -> dict:
     from expblip.data.facs import DATASET_AUS
     from expblip.eval.evaluate import evaluate_tasks, training_text
     from expblip.eval.probe import run_probes
+    from expblip.eval.provenance import resolve_aus
     from expblip.infer.captioner import resolve_export
     from expblip.model.blip2 import GenerationConfig
 
-    aus = DATASET_AUS[job.aus]
+    export = resolve_export(job.model)  # the path only: a missing model is named first
+    aus_key, aus_source = resolve_aus(job.aus, job.shards)  # before the model loads: a contradiction fails fast
+    aus = DATASET_AUS[aus_key]
     gen = GenerationConfig(num_beams=job.beams, max_new_tokens=job.max_new_tokens)
-    export = resolve_export(job.model)
     train = training_text(job.train_shards) if job.train_shards else None
     results = evaluate_tasks(export, job.shards, [job.task] if job.task else None, job.device, job.dtype, aus=aus,
                              gen=gen, limit=job.limit, train=train, batch_size=job.batch_size, progress=job.progress,
                              caption_metrics=job.caption_metrics, meteor=job.meteor)
+    for one in results.values():
+        one["settings"].update(aus_set=aus_key, aus_source=aus_source)
     result = dict(results.get("describe") or next(iter(results.values())))  # the report's and MLflow's
     if len(results) > 1:  # a task-prompted model: every task's scores beside the baselines
         result["tasks"] = results
@@ -100,6 +104,7 @@ def report(job: EvalJob, result: dict) -> list[str]:
         au_table,
         baseline_table,
         caption_table,
+        header_notes,
         probe_table,
         summary_lines,
         write_report,
@@ -114,6 +119,7 @@ def report(job: EvalJob, result: dict) -> list[str]:
                 lines.append(f"report: {path / 'report.md'}")
         if job.mlflow:
             lines.append(f"mlflow run: {log_mlflow(job, result, out)}")
+    lines += [line for note in header_notes(result) for line in (note, "")]
     lines += [baseline_table(result), "", au_table(result)]
     if result.get("tasks"):
         from expblip.eval.report import task_table

@@ -261,16 +261,17 @@ def run_probes(export: str | Path, train_shards: str, test_shards: str, features
                limit: int | None = None, device: str = "cpu", progress: bool = False,
                skip_unlabelled: bool = False, dtype: str = "fp32") -> list[dict]:
     """Extract features once, then one probe per task; with ``skip_unlabelled`` a task without labels is reported
-    as {"task", "features", "skipped_reason"} instead of raising."""
+    as {"task", "features", "skipped_reason"} instead of raising. ``limit`` cuts only the training split (its first
+    N samples); the test split is always scored whole."""
     cap = Captioner.from_export(resolve_export(export), device=device, dtype=dtype)
     train_x, train_labels = extract_features(export, train_shards, features, pooling, batch_size, limit, device,
                                              progress, cap)
-    test_x, test_labels = extract_features(export, test_shards, features, pooling, batch_size, limit, device,
+    test_x, test_labels = extract_features(export, test_shards, features, pooling, batch_size, None, device,
                                            progress, cap)
     pooled = "patch mean" if features == "vit" else f"query {pooling}"
     meta = {"features": features, "pooling": pooled, "dim": int(train_x.shape[1]),
             "settings": {"export": str(export), "train_shards": train_shards, "test_shards": test_shards,
-                         "limit": limit, "probe": dataclasses.asdict(cfg or ProbeConfig())}}
+                         "train_limit": limit, "probe": dataclasses.asdict(cfg or ProbeConfig())}}
     results = []
     for task in tasks:
         try:
@@ -290,7 +291,8 @@ def run_probe(export: str | Path, train_shards: str, test_shards: str, features:
 
     Returns {"task", "features", "pooling", "dim", "metric" ("mean_au_f1" | "accuracy"), "score", "baseline"
     {"name", "score", ...}, "train_samples", "test_samples", "skipped", "train_loss", "settings"} plus
-    "per_au_f1" (au) or "classes" and "chance" (emotion). ``limit`` cuts each split to its first N samples.
+    "per_au_f1" (au) or "classes" and "chance" (emotion). ``limit`` cuts the training split to its first N samples;
+    the test split is always whole.
     """
     return run_probes(export, train_shards, test_shards, features, (task,), aus, pooling, cfg, batch_size, limit,
                       device, progress)[0]

@@ -11,6 +11,11 @@ one export (expblip.eval.job.evaluate), on the dataset's AU subset (BP4D 12 AUs,
 learned score keeps its strongest free baseline: the best constant caption (or chance) for the text-parsed AUs,
 the all-positive prediction for a linear probe. F1 is printed in per cent, as the field reports it.
 
+Before any fold runs, each fold's shards are checked against their manifest (expblip.eval.provenance): the test
+shards must hold that fold's whole test split of the protocol's dataset, every frame (``--no-subsample``), and the
+training shards that fold's training split; ``--limit`` is refused (the test split is never cut) and ``--aus`` may
+only name the protocol's AU set.
+
 The reference rows are published numbers on the real datasets, each with its backbone and what it averages: the
 mean over the 3 folds (ME-GraphAU, both backbones it reports) or one split (the paper's linear-probe table,
 EXPBLIP.md: fold 1's 13 BP4D test subjects, printed under fold 1). They compare with these only when the shards were
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from expblip.eval.job import EvalJob, evaluate
+from expblip.eval.provenance import check_fold_shards
 
 FOLD = "{fold}"  # the placeholder in paths
 
@@ -86,11 +92,27 @@ def check_job(job: EvalJob) -> Protocol:
                          f" (e.g. --shards shards/{protocol.dataset}/fold{FOLD}/test)")
     if job.train_shards and FOLD not in job.train_shards:
         raise ValueError(f"--train-shards must name each fold's training shards with {FOLD}")
-    if job.aus not in ("synthetic", protocol.aus):
-        raise ValueError(f"--protocol {job.protocol} scores the {protocol.aus} AUs; drop --aus {job.aus}")
+    if job.aus and job.aus != protocol.aus:
+        raise ValueError(f"--protocol {job.protocol} scores the {protocol.aus} AUs (those {protocol.dataset} labels, "
+                         f"as the field reports them); drop --aus {job.aus}")
+    if job.limit is not None:
+        raise ValueError(f"--protocol {job.protocol} scores each fold's whole test split: drop --limit (outside "
+                         "--protocol it evaluates a seeded random subset, for quick looks); --probe-limit cuts only "
+                         "the probes' training part")
     if job.mlflow:
         raise ValueError("--mlflow is not supported with --protocol yet; each fold's report is written under --out")
     return protocol
+
+
+def check_shards(job: EvalJob, protocol: Protocol) -> None:
+    """ValueError naming the manifest and the fix unless every fold's shards are that fold's splits (before any
+    fold runs: a wrong fold 3 must not surface after hours of folds 1 and 2)."""
+    for fold in range(1, protocol.folds + 1):
+        one = fold_job(job, protocol, fold)
+        check_fold_shards(one.shards, "test", protocol.dataset, fold, protocol.folds)
+        for role, spec in (("--train-shards", one.train_shards), ("--probe-train-shards", one.probe_train_shards)):
+            if spec:
+                check_fold_shards(spec, "train", protocol.dataset, fold, protocol.folds, role)
 
 
 def fold_job(job: EvalJob, protocol: Protocol, fold: int) -> EvalJob:
@@ -232,6 +254,7 @@ def run_protocol(job: EvalJob) -> dict:
     from expblip.eval.report import write_report
 
     protocol = check_job(job)
+    check_shards(job, protocol)
     results = []
     for fold in range(1, protocol.folds + 1):
         one = fold_job(job, protocol, fold)
