@@ -15,6 +15,8 @@
                       {"frames": [{"frame", "time", "caption", "aus", "emotions", "face"?}], "timeline": {...},
                        "timeline_png": "data:image/png;base64,...", "video": {"frames", "fps"}}
     POST /v1/chat/completions, GET /v1/models   OpenAI-compatible (expblip.serve.openai_api)
+    GET  /openapi.json  the contract: every route's parameters with their bounds, its answer, and each status it
+                      can answer with its error body (expblip.serve.schemas; tests/test_api_contract.py fuzzes it)
 
 Requests are batched (expblip.serve.batching): concurrent images with the same decoding settings share one
 ``generate`` call on the one model copy. The queue is bounded: when full the answer is 503 with Retry-After; a request
@@ -23,8 +25,8 @@ every API route (/describe*, /v1/*, /metrics) needs ``Authorization: Bearer KEY`
 
 ``face`` is in the uploaded (EXIF-upright) image's pixels; with ``crop_face`` the model sees the square around it,
 or the centre square when no face was found (``crop: "centre"``, ``face: null``). Every error is JSON
-``{"error": "..."}`` (OpenAI's ``{"error": {"message", "type", "code"}}`` under /v1): 400 no or empty file, 401 no or
-wrong key, 413 upload above its limit (refused while the body is read, before any decoding) or image above
+``{"error": "..."}`` (OpenAI's ``{"error": {"message", "type", "param", "code"}}`` under /v1): 400 no or empty file or
+a parameter out of bounds, 401 no or wrong key, 413 upload above its limit (refused while the body is read, before any decoding) or image above
 ``max_pixels`` (read from the header, nothing allocated) or video too long, 415 not a PNG, JPEG, WebP or BMP (sniffed
 from the bytes; the declared content type is ignored) or not a video, 422 a truncated or corrupt file, 503 queue
 full, 504 timed out. Weights come from the export's safetensors (Captioner); nothing here unpickles, and nothing
@@ -44,7 +46,7 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from fastapi import FastAPI, File, Query, Request, UploadFile
@@ -53,7 +55,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, ImageOps
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from expblip.data.facs import AUS, EMOTIONS
@@ -65,12 +66,22 @@ from expblip.model.blip2 import Generated, GenerationConfig
 from expblip.serve.batching import DEFAULT_MAX_WAIT_MS, Arrival, Batcher, QueueFull
 from expblip.serve.metrics import CONTENT_TYPE, ServeMetrics
 from expblip.serve.options import ServeOptions
+from expblip.serve.schemas import (
+    PROTECTED,
+    Description,
+    Health,
+    VideoDescription,
+    Vocabulary,
+    error_body,
+    error_responses,
+)
 
 MiB = 1024 * 1024
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # PIL decoders tried; no EPS/PDF/... (EPS would run Ghostscript)
 MAX_PIXELS = 40_000_000  # an 8K photo; decoding it takes ~120 MB of RGB
 MULTIPART_OVERHEAD = 16 * 1024  # boundaries and part headers around the file, allowed on top of max_upload_bytes
-MAX_BEAMS = 8
+MAX_BEAMS = 8  # a request's beam width: 1..MAX_BEAMS
+MAX_FPS = 30.0  # video frames sampled per second, a request's fps and the server's default: above 0, at most this
 STATIC = Path(__file__).with_name("static")
 SECURITY_HEADERS = {  # the page loads only its own files: no CDN, no inline script
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob:; "
@@ -80,7 +91,7 @@ SECURITY_HEADERS = {  # the page loads only its own files: no CDN, no inline scr
 }
 IMAGE_ERROR_STATUS = {"not_image": 415, "too_large": 413, "corrupt": 422}
 VIDEO_ERROR_STATUS = {"not_video": 415, "too_large": 413, "corrupt": 422}
-PROTECTED = ("/describe", "/v1/", "/metrics")  # path prefixes that need the API key when one is set
+PROMETHEUS_TEXT = {200: {"description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}}}
 CAPTIONING = ("/describe", "/describe/video", "/v1/chat/completions")  # POST routes whose images go through the queue
 # The request's announcement to the batcher (made by the middleware as the request starts, before its body is read),
 # ended once its images are queued: a batch that is forming waits for requests already on their way in.
@@ -91,32 +102,6 @@ def _arrived() -> None:
     arrival = ARRIVAL.get()
     if arrival is not None:
         arrival.done()
-
-
-class AUChip(BaseModel):
-    au: int  # FACS number
-    name: str  # FACS name
-
-
-class FaceBox(BaseModel):
-    x: int
-    y: int
-    width: int
-    height: int
-
-
-class ImageSize(BaseModel):
-    width: int
-    height: int
-
-
-class Description(BaseModel):
-    caption: str
-    aus: list[AUChip]  # parsed from the caption, ascending
-    emotions: list[str]  # parsed from the caption, sorted
-    face: FaceBox | None  # the face the model saw, in the uploaded image's pixels; None: none found or not cropping
-    crop: Literal["face", "centre", "none"]  # what the model saw: face square, centre square (no face), whole image
-    image: ImageSize  # the uploaded image, EXIF-upright
 
 
 class UploadRejected(HTTPException):
@@ -179,14 +164,12 @@ def _too_large(max_upload_bytes: int, what: str = "image") -> str:
 
 
 def error_response(path: str, status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    """{"error": message}, or OpenAI's {"error": {"message", "type", "param", "code"}} under /v1/."""
-    if not path.startswith("/v1/"):
-        return JSONResponse({"error": message}, status_code=status, headers=headers)
-    kind, code = {401: ("invalid_request_error", "invalid_api_key"), 404: ("invalid_request_error", "model_not_found"),
-                  503: ("server_error", "overloaded"), 504: ("server_error", "timeout")}.get(
-        status, ("invalid_request_error" if status < 500 else "server_error", None))
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}},
-                        status_code=status, headers=headers)
+    """{"error": message}, or OpenAI's {"error": {"message", "type", "param", "code"}} under /v1/ (schemas)."""
+    return JSONResponse(error_body(path, status, message), status_code=status, headers=headers)
+
+
+QUEUE_ERRORS = {503: "the queue is full: retry after Retry-After seconds",
+                504: "no caption within the request timeout"}  # every captioning route's (Service.submit, .wait)
 
 
 @dataclass
@@ -263,13 +246,19 @@ def _install_error_handlers(app: FastAPI, max_upload_bytes: int) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        if request.url.path.startswith("/v1/"):
-            first = exc.errors()[0] if exc.errors() else {}
-            where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-            return error_response(request.url.path, 400, f"invalid request: {where} {first.get('msg', '')}".strip())
+        return error_response(request.url.path, 400, _invalid_request(request, exc))
+
+
+def _invalid_request(request: Request, exc: RequestValidationError) -> str:
+    """The 400 message of a request FastAPI refused: the field and pydantic's reason; how to upload, for a form."""
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = first.get("loc", ())
+    if loc[:1] == ("body",) and not request.url.path.startswith("/v1/"):  # the multipart form: no or wrong field
         field = "video" if request.url.path == "/describe/video" else "image"
-        return error_response(request.url.path, 400, f"send the {field} as multipart/form-data in the file field "
-                                                     f"'{field}' (e.g. curl -F {field}=@FILE {request.url})")
+        return (f"send the {field} as multipart/form-data in the file field '{field}' "
+                f"(e.g. curl -F {field}=@FILE {request.url})")
+    where = ".".join(str(p) for p in loc if p != "body")
+    return f"invalid request: {where} {first.get('msg', '')}".strip()
 
 
 def _body_limits(max_upload_bytes: int, max_video_bytes: int) -> dict[str, int]:
@@ -290,8 +279,8 @@ def _install_middleware(app: FastAPI, metrics: ServeMetrics, limits: dict[str, i
         # An honest Content-Length above the limit is refused here, before the body is read: starlette's own
         # refusal for that case (the route's max_body_size) is plain text. The route's limit counts chunked bodies.
         declared = request.headers.get("content-length", "")
-        limit = limits.get(path, limits["/describe"])
-        if declared.isdigit() and int(declared) > limit:
+        limit = limits.get(path)  # only the routes that read a body have a limit (and document 413)
+        if limit is not None and declared.isdigit() and int(declared) > limit:
             what = "video" if path == "/describe/video" else "image"
             response: Response = error_response(path, 413, _too_large(limit - MULTIPART_OVERHEAD, what),
                                                 {"Connection": "close"})
@@ -358,6 +347,8 @@ def create_app(captioner: Captioner, max_upload_bytes: int = 5 * MiB, crop_face:
     if max_upload_bytes < 1 or max_video_bytes < 1:
         raise ValueError(f"max_upload_bytes and max_video_bytes must be >= 1, got {max_upload_bytes}, "
                          f"{max_video_bytes}")
+    if not 0 < video_fps <= MAX_FPS:
+        raise ValueError(f"video_fps must be above 0 and at most {MAX_FPS:g} (a request's own limit), got {video_fps}")
     video_limits = video_limits or video_io.VideoLimits()
     if max_queue < video_limits.max_frames:
         raise ValueError(f"max_queue ({max_queue} images) must hold a whole video (video_limits.max_frames = "
@@ -386,20 +377,47 @@ def create_app(captioner: Captioner, max_upload_bytes: int = 5 * MiB, crop_face:
 
     from expblip.serve.openai_api import install_openai_routes
 
-    install_openai_routes(app, service, model_name, limits["/v1/chat/completions"])
+    install_openai_routes(app, service, model_name, limits["/v1/chat/completions"], bool(api_key))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.openapi = lambda: _openapi(app, bool(api_key))  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI, auth: bool) -> dict[str, Any]:
+    """FastAPI's schema, made true: it lists 422 HTTPValidationError on every route with parameters, but this server
+    answers an invalid request 400 with its own error (documented per route); with a key, the bearer scheme."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)  # builds and caches app.openapi_schema
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
+                responses = operation["responses"]
+                if "HTTPValidationError" in str(responses.get("422", "")):
+                    del responses["422"]
+                if auth and path.startswith(PROTECTED):
+                    operation["security"] = [{"bearer": []}]
+        components = schema.setdefault("components", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.get("schemas", {}).pop(name, None)
+        if auth:
+            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    return app.openapi_schema
 
 
 def _install_routes(app: FastAPI, service: Service, max_upload_bytes: int, max_video_bytes: int,
                     limits: dict[str, int], auth: bool, model_name: str) -> None:
+    _install_info_routes(app, service, max_upload_bytes, max_video_bytes, auth, model_name)
+    _install_describe_routes(app, service, max_upload_bytes, max_video_bytes, limits, auth)
+
+
+def _install_info_routes(app: FastAPI, service: Service, max_upload_bytes: int, max_video_bytes: int, auth: bool,
+                         model_name: str) -> None:
     captioner, batcher = service.captioner, service.batcher
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health)
     def health() -> dict:
         limits_ = service.video_limits
         return {"status": "ok", "model": model_name, "image_size": captioner.image_size, "tasks": captioner.tasks,
@@ -411,22 +429,39 @@ def _install_routes(app: FastAPI, service: Service, max_upload_bytes: int, max_v
                 "batching": {"max_batch": batcher.max_batch, "max_wait_ms": batcher.max_wait_s * 1000,
                              "max_queue": batcher.max_queue, "queued": batcher.queued}}
 
-    @app.get("/vocabulary")
+    @app.get("/vocabulary", response_model=Vocabulary)
     def vocabulary() -> dict:
         return {"aus": au_chips(sorted(AUS)), "emotions": list(EMOTIONS)}
 
-    @app.get("/metrics", include_in_schema=False)
+    # response_class Response (no media type of its own): the errors are documented as JSON, the 200 as text
+    @app.get("/metrics", response_class=Response, responses={**PROMETHEUS_TEXT, **error_responses("/metrics", {}, auth)})
     def metrics() -> Response:
+        """Prometheus text: requests by route and status, latency and batch-size histograms, queue depth."""
         return Response(app.state.metrics.render(), media_type=CONTENT_TYPE)
 
+
+def _upload(what: str, max_bytes: int) -> Any:
+    """The file field of an upload route: non-empty and at most ``max_bytes`` (the server's 400 and 413)."""
+    return File(description=what, json_schema_extra={"minLength": 1, "maxLength": max_bytes})
+
+
+def _install_describe_routes(app: FastAPI, service: Service, max_upload_bytes: int, max_video_bytes: int,
+                             limits: dict[str, int], auth: bool) -> None:
+    captioner = service.captioner
+    image_field = _upload("a face photo (PNG, JPEG, WebP or BMP)", max_upload_bytes)
+    video_field = _upload("a clip (MP4/MOV, MKV/WebM or AVI)", max_video_bytes)
+
     @app.post("/describe", response_model=Description, max_body_size=limits["/describe"],
-              responses={code: {"description": why} for code, why in [
-                  (400, "no or empty file"), (413, "upload or image too large"), (415, "not a PNG/JPEG/WebP/BMP"),
-                  (422, "corrupt image"), (503, "queue full"), (504, "timed out")]})
-    async def describe(image: Annotated[UploadFile, File(description="a face photo (PNG, JPEG, WebP or BMP)")],
+              responses=error_responses("/describe", {
+                  400: "no or empty file, a bad parameter, task and prompt together, or an unknown task",
+                  413: "the file above the upload limit, or the image above max_pixels",
+                  415: "not a PNG, JPEG, WebP or BMP (sniffed from the bytes)",
+                  422: "a truncated or corrupt image", **QUEUE_ERRORS}, auth))
+    async def describe(image: UploadFile = image_field,
                        beams: Annotated[int | None, Query(ge=1, le=MAX_BEAMS)] = None,
                        max_new_tokens: Annotated[int | None, Query(ge=1)] = None,
-                       task: Annotated[str | None, Query(description="one of the model's tasks (GET /health)")] = None,
+                       task: str | None = Query(None, description="one of the model's tasks (GET /health)",
+                                                json_schema_extra={"enum": sorted(captioner.tasks)}),
                        prompt: Annotated[str | None, Query(max_length=MAX_PROMPT_CHARS,
                                                            description="an instruction of your own")] = None):
         name = Path(image.filename or "upload").name
@@ -436,9 +471,15 @@ def _install_routes(app: FastAPI, service: Service, max_upload_bytes: int, max_v
         gen = request_gen(service.gen, beams, max_new_tokens)
         return (await service.describe(await image.read(), name, gen, request_prompt(captioner, task, prompt)))[0]
 
-    @app.post("/describe/video", max_body_size=limits["/describe/video"])
-    async def describe_video(video: Annotated[UploadFile, File(description="a clip (MP4/MOV, MKV/WebM or AVI)")],
-                             fps: Annotated[float | None, Query(gt=0, le=30)] = None):
+    # face is absent from the frames unless the server crops faces: exclude_unset keeps it so
+    @app.post("/describe/video", response_model=VideoDescription, response_model_exclude_unset=True,
+              max_body_size=limits["/describe/video"], responses=error_responses("/describe/video", {
+                  400: "no or empty file, or a bad parameter",
+                  413: "the file above the video limit, or the clip too long, too large or too many frames at fps",
+                  415: "not an MP4/MOV, MKV/WebM or AVI video", 422: "a truncated or corrupt video",
+                  **QUEUE_ERRORS}, auth))
+    async def describe_video(video: UploadFile = video_field,
+                             fps: Annotated[float | None, Query(gt=0, le=MAX_FPS)] = None):
         name = Path(video.filename or "upload").name
         if video.size is not None and video.size > max_video_bytes:
             raise UploadRejected(413, f"{name}: {video.size} bytes is above the {max_video_bytes / MiB:g} MiB "

@@ -27,27 +27,89 @@ import binascii
 import time
 import uuid
 from dataclasses import replace
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import Body, FastAPI
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import Body, FastAPI, Path
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from expblip.model.blip2 import Generated, GenerationConfig
-from expblip.serve.app import MiB, Service, UploadRejected
+from expblip.serve.app import QUEUE_ERRORS, MiB, Service, UploadRejected
+from expblip.serve.schemas import Parse, error_responses
+
+# JSON Schema for "at least one message is the user's" (user_turn refuses a request without one)
+HAS_USER_MESSAGE = {"contains": {"type": "object", "properties": {"role": {"const": "user"}}, "required": ["role"]}}
 
 
 class ChatCompletionRequest(BaseModel):
     """The fields of OpenAI's chat completion request that expblip reads; others are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
-    model: str
-    messages: list[dict[str, Any]] = Field(min_length=1)
+    model: str  # the served model's id (GET /v1/models); any other is 404
+    messages: list[dict[str, Any]] = Field(min_length=1, json_schema_extra=HAS_USER_MESSAGE)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = 1
-    stream: bool | None = False
+    n: Literal[1] | None = 1  # one caption per request
+    stream: Literal[False] | None = False  # no streaming
+
+    @field_validator("n", mode="before")
+    @classmethod
+    def _one_choice(cls, n: Any) -> Any:
+        if isinstance(n, int) and not isinstance(n, bool) and n != 1:  # the message the client shows; else pydantic's
+            raise ValueError(f"n={n}: one caption per request; send n: 1")
+        return n
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _no_streaming(cls, stream: Any) -> Any:
+        if stream is True:
+            raise ValueError("streaming is not supported; send stream: false")
+        return stream
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str  # the caption
+    refusal: None
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    """OpenAI's chat.completion, with expblip's parse of the caption in the extra field ``expblip``."""
+
+    id: str = Field(pattern="^chatcmpl-")
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[Choice]
+    usage: Usage
+    expblip: Parse
 
 
 def user_turn(messages: list[dict[str, Any]]) -> tuple[str, str]:
@@ -115,34 +177,48 @@ def completion(model: str, described: dict, generated: Generated, prompt_tokens:
             "expblip": {k: described[k] for k in ("aus", "emotions", "face", "crop", "image")}}
 
 
-def install_openai_routes(app: FastAPI, service: Service, model_name: str, max_body_bytes: int) -> None:
-    """GET /v1/models, GET /v1/models/{id} and POST /v1/chat/completions on ``app``."""
+CHAT_ERRORS = {400: "a malformed request: no user message, not exactly one data: image URL, bad base64, n or stream",
+               404: "no such model (GET /v1/models)", 413: "the image above the upload limit",
+               415: "not a PNG, JPEG, WebP or BMP", 422: "a truncated or corrupt image", **QUEUE_ERRORS}
+
+
+def install_openai_routes(app: FastAPI, service: Service, model_name: str, max_body_bytes: int,
+                          auth: bool = False) -> None:
+    """GET /v1/models, GET /v1/models/{id} and POST /v1/chat/completions on ``app`` (``auth``: behind the API key,
+    which the app's middleware checks)."""
     created = int(time.time())
     card = {"id": model_name, "object": "model", "created": created, "owned_by": "expblip"}
     max_image_bytes = int((max_body_bytes - 64 * 1024) * 3 / 4)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=error_responses("/v1/models", {}, auth))
     def models() -> dict:
         return {"object": "list", "data": [card]}
 
-    @app.get("/v1/models/{model_id:path}")
-    def model(model_id: str) -> dict:
+    served = {"enum": [model_name]}  # the schema's model ids: the one model (any other is 404)
+    model_field = Path(description="the served model's id", json_schema_extra=served)
+    request_model = create_model("ChatCompletionRequest", __base__=ChatCompletionRequest,
+                                 model=(str, Field(description="the served model's id", json_schema_extra=served)))
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard,
+             responses=error_responses("/v1/models/{model_id}", {404: "no such model"}, auth))
+    def model(model_id: str = model_field) -> dict:
         if model_id != model_name:
             raise UploadRejected(404, f"the model {model_id!r} does not exist; this server serves {model_name!r}")
         return card
 
-    @app.post("/v1/chat/completions", max_body_size=max_body_bytes)
-    async def chat_completions(request: Annotated[ChatCompletionRequest, Body()]) -> dict:
+    async def chat_completions(request: ChatCompletionRequest) -> dict:
         if request.model != model_name:
             raise UploadRejected(404, f"the model {request.model!r} does not exist; this server serves "
                                       f"{model_name!r} (GET /v1/models)")
-        if request.stream:
-            raise UploadRejected(400, "streaming is not supported; send stream: false")
-        if request.n not in (None, 1):
-            raise UploadRejected(400, f"n={request.n}: one caption per request; send n: 1")
         url, prompt = user_turn(request.messages)
         data = data_url_bytes(url, max_image_bytes)
         gen = chat_gen(service.gen, request)
         described, generated = await service.describe(data, "image_url", gen, prompt)
         prompt_tokens = service.captioner.prompt_length(prompt)
         return completion(model_name, described, generated, prompt_tokens)
+
+    # FastAPI reads the body's model from the annotation, and this one is made here: set it as an object (a string
+    # annotation would be looked up among the module's names)
+    chat_completions.__annotations__["request"] = Annotated[request_model, Body()]
+    app.post("/v1/chat/completions", response_model=ChatCompletion, max_body_size=max_body_bytes,
+             responses=error_responses("/v1/chat/completions", CHAT_ERRORS, auth))(chat_completions)
