@@ -58,8 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ---------------------------------------------------------------- step 1 and 5, each in a process of its own
 
 
-def write_weights(preset: str, out: Path, max_shard_size: str = "5GB") -> None:
-    """A random BLIP-2 of the preset, built on the meta device, materialised in bf16, saved by transformers."""
+def write_weights(preset: str, out: Path, max_shard_size: str = "5GB", device: str = "cpu") -> None:
+    """A random BLIP-2 of the preset, built on the meta device, materialised in bf16 on `device` (a GPU draws 7.75 B
+    normals in seconds), saved by transformers."""
     import torch
 
     from expblip.data.synthetic import synthetic_records
@@ -72,9 +73,9 @@ def write_weights(preset: str, out: Path, max_shard_size: str = "5GB") -> None:
     start = time.perf_counter()
     with torch.device("meta"):  # no memory, no initialisation; then bf16 storage, never an fp32 copy
         model = construct(config, init=False, dtype=torch.bfloat16)
-    model = model.to_empty(device="cpu")
+    model = model.to_empty(device=device)
     model.tie_weights()  # to_empty gives every module a new Parameter: OPT's head and embedding are one again
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name.lower() and name.endswith("weight"):

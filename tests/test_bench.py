@@ -6,6 +6,7 @@ No speed is asserted (these run on shared CPUs).
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 import sys
@@ -94,3 +95,23 @@ def test_serve_load_batches_concurrent_clients_and_prints_a_ratio(tiny_run_dir, 
     rates = {side: float(re.search(rf"{side}: +(\d+\.\d+) req/s", out).group(1))
              for side in ("batching", "one-at-a-time")}
     assert _ratio(out) == pytest.approx(rates["batching"] / rates["one-at-a-time"], rel=0.01)  # what the line says
+
+
+@pytest.mark.slow
+def test_gpu_smoke_dry_run_walks_every_part_through_the_real_entry_points(tmp_path, capsys):
+    """bench/gpu_smoke.py --dry-run: the deepspeed launcher's stop and exact resume, the paper recipe through
+    loop.setup / loop.step (tiny preset, gloo), and the loader on 640x480 JPEGs, with every figure labelled as a CPU
+    one. On a GPU machine the same script measures MFU, idle share and memory instead."""
+    smoke = _bench("gpu_smoke")
+    assert smoke.main(["--dry-run", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    tiny = results["tiny"]
+    assert tiny["ok"] and tiny["resumed_at"] == 10 and tiny["digest_saved"] == tiny["digest_restored"]
+    assert sorted(int(step) for step in tiny["eval_loss"]) == [10, 20]  # held-out at the stop and at the end
+    full = results["full"]
+    assert full["preset"] == "tiny" and full["samples_per_s"] > 0 and full["model_flop_per_step"] > 0
+    assert full["precision"] == "fp32" and "mfu" not in full  # never a GPU figure from a CPU
+    assert results["loader"]["samples_per_s_per_worker"] > 0 and "workers_per_gpu" in results["loader"]
+    assert "CPU dry run (tiny, gloo): not GPU figures" in out and "not measured (no GPU)" in out
+    print(out)  # shown by pytest -rP

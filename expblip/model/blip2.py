@@ -236,6 +236,9 @@ def build_model(cfg: ModelConfig, tokenizer, init: bool = True,
     return model
 
 
+ATTENTION = "sdpa"  # the attention implementation every model expblip builds uses (construct)
+
+
 def construct(config: Blip2Config, init: bool = True, dtype: torch.dtype | None = None) -> Blip2ForConditionalGeneration:
     """Blip2ForConditionalGeneration._from_config, optionally without initialisation and in `dtype`.
 
@@ -245,7 +248,9 @@ def construct(config: Blip2Config, init: bool = True, dtype: torch.dtype | None 
     """
     from transformers.initialization import no_init_weights
 
-    kwargs = {"dtype": dtype} if dtype is not None else {}
+    # attention pinned, not left to the library's default of the day: PyTorch's fused SDPA kernels (flash /
+    # memory-efficient on GPUs), in every tower
+    kwargs = {"attn_implementation": ATTENTION, **({"dtype": dtype} if dtype is not None else {})}
     if init:
         return Blip2ForConditionalGeneration._from_config(config, **kwargs)
     with no_init_weights():

@@ -57,6 +57,8 @@ def bind_device(device: torch.device | str | None = None) -> torch.device:
                               "visible (CUDA_VISIBLE_DEVICES); start at most that many ranks per node")
         torch.cuda.set_device(index)
         os.environ["LOCAL_RANK"] = str(index)  # DeepSpeed's engine binds LOCAL_RANK's device again: the same one
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (an fp32 policy, fp32 losses) on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
         device = torch.device("cuda", index)
     _DEVICE = device
     return device

@@ -157,6 +157,8 @@ def setup(cfg: Config, report: Reporter | None = None) -> Run:
     if source is not None:
         source.close()
     _report_resident(engine.module, rank, world)
+    log.info(f"attention {engine.module.blip2.config._attn_implementation} on {engine.device}; "
+             f"{ds_engine.precision(ds_config)} engine, ZeRO-{ds_engine.zero_stage(ds_config)}")
     random.seed(cfg.train.seed + rank)  # dropout and augmentation differ per rank; a resume restores them below
     torch.manual_seed(cfg.train.seed + rank)
     step, client, cursor_state = _resume(engine, run_dir, tag, elastic, rank, frozen_from=cfg.model.weights_id)
