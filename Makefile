@@ -8,7 +8,10 @@ STAMP := $(VENV)/.installed
 
 export OMP_NUM_THREADS ?= 1
 export PYTHONWARNINGS ?= ignore::FutureWarning,ignore::DeprecationWarning
+# DeepSpeed's CPU accelerator only where there is no NVIDIA GPU: training refuses DS_ACCELERATOR=cpu beside CUDA
+ifeq ($(shell command -v nvidia-smi 2>/dev/null),)
 export DS_ACCELERATOR ?= cpu
+endif
 export RAY_AUTH_MODE ?= disabled
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false

@@ -71,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-skipped", type=float, default=0.01,
                    help="fail when more than this fraction of rows is skipped as bad data (default 0.01)")
     p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--resize", type=int, default=0, metavar="S",
+                   help="write images with their short side at most S pixels (bicubic; JPEG sources stay JPEG at "
+                   "quality 95), so training decodes less: e.g. 256 for a 224-px model; 0 (default) keeps them")
     return p
 
 

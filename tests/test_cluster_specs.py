@@ -85,7 +85,7 @@ def test_every_repository_path_named_exists():
     named = set()
     for path in CLUSTER.iterdir():
         named |= {(path.name, m) for m in REPO_PATH.findall(path.read_text())}
-    assert {m for _, m in named} >= {"launch/pretrain.py", "recipes/tiny_stage2.yaml", "recipes/tiny_vision.yaml",
+    assert {m for _, m in named} >= {"launch/pretrain.py", "recipes/paper_stage2.yaml", "recipes/tiny_vision.yaml",
                                      "ds_configs/zero3.json"}
     missing = [(name, m) for name, m in sorted(named) if not (REPO / m).is_file()]
     assert not missing, f"paths named in cluster/ that do not exist: {missing}"
@@ -243,3 +243,14 @@ def test_runtime_env_job_trains_on_a_ray_head(tmp_path, tiny_shards, mlflow_serv
     (run,) = client.search_runs([client.get_experiment_by_name("cluster-e2e").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["ray.address"] == "auto"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+
+
+def test_the_clusters_gpu_job_runs_the_gpu_policy():
+    """The RayJob trains with the paper recipe's policy (bf16 frozen towers and compute, placement and activation
+    checkpointing decided by plan.py), not a tiny CPU recipe's fp32."""
+    from expblip.train.engine import load_ds_config, precision
+
+    cfg = _config_of(shlex.split(_load("kuberay-rayjob.yaml")["spec"]["entrypoint"]))
+    assert cfg.model.preset == "vitg-opt2.7b" and cfg.model.frozen_dtype == "bfloat16" and cfg.ray.use_gpu
+    assert cfg.train.placement == "auto" and cfg.train.activation_checkpointing == "auto"
+    assert precision(load_ds_config(cfg.train.ds_config)) == "bf16"

@@ -151,3 +151,20 @@ def test_s3_round_trip_and_stream(s3_bucket):
     # Forked DataLoader workers open S3 too (fsspec drops its cached clients after a fork).
     batches = list(iterate_once(StreamConfig(shards=out, batch_size=3, image_size=8, num_workers=2)))
     assert sorted(k for b in batches for k in b["keys"]) == [r["key"] for r in records]
+
+
+def test_make_shards_resize_writes_smaller_images_and_records_it(tmp_path):
+    """launch/make_shards.py --resize S: the images at S px on their short side, the manifest says so."""
+    from conftest import launch_module
+
+    from expblip.data.shards import read_manifest
+
+    out = tmp_path / "small"
+    assert launch_module("make_shards").main(["synthetic", "--out", str(out), "--samples", "4", "--image-size", "96",
+                                              "--resize", "48"]) == 0
+    sizes = {Image.open(io.BytesIO(s["png"])).size for s in wds.WebDataset(str(out / "shard-000000.tar"),
+                                                                           shardshuffle=False)}
+    assert sizes == {(48, 48)}
+    assert read_manifest(str(out))["meta"]["resize"] == 48
+    with pytest.raises(SystemExit):
+        launch_module("make_shards").parser().parse_args(["synthetic", "--out", "x", "--resize", "big"])

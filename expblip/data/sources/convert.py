@@ -51,6 +51,7 @@ class ConvertRequest:
     frame_base: int | None = None  # video datasets: 1 or 0 forces the image numbering; None detects it
     max_skipped: float = MAX_SKIPPED  # the fraction of bad rows beyond which the conversion fails
     samples_per_shard: int = 1000
+    resize: int = 0  # > 0: images written with their short side at most this many pixels (JPEG stays JPEG, q 95)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -73,6 +74,8 @@ class ConvertRequest:
                              f"--folds {self.folds}")
         if self.frame_base not in (None, 0, 1):
             raise ValueError(f"--frame-base must be 0 or 1 (or auto), got {self.frame_base}")
+        if self.resize < 0:
+            raise ValueError(f"--resize must be >= 0 (0 keeps the images as they are), got {self.resize}")
         if not 0.0 <= self.max_skipped < 1.0:
             raise ValueError(f"--max-skipped must be in [0, 1), got {self.max_skipped}")
         if self.subsample is None:  # a test split keeps every frame: the paper's and the protocol's test sets do
@@ -128,7 +131,7 @@ def convert(req: ConvertRequest) -> dict:
     source = records(req.source, caption=CaptionConfig(style=req.style), max_skipped=req.max_skipped, **opts)
     try:
         return write_shards(source, req.out, samples_per_shard=req.samples_per_shard, meta=meta,
-                            progress=req.progress)
+                            progress=req.progress, resize=req.resize)
     except (ConversionError, FrameNumberingError):  # refused, not interrupted: the re-run (e.g. with --frame-base)
         _discard_partial(req.out)                   # must not be told that it differs from these shards
         raise
