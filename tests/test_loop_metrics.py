@@ -40,7 +40,7 @@ def _run(**cfg) -> SimpleNamespace:
 def test_the_logged_loss_is_the_mean_of_the_window_and_the_window_restarts(world_of_one):
     run = _run(**{"data.train.batch_size": 4})
     for loss, itc in ((4.0, 1.0), (3.0, 0.5), (2.0, 0.0), (1.0, 0.5)):
-        run.window.add(torch.tensor(loss), {"loss_itc": itc})
+        run.window.add(torch.tensor(loss), {"loss_itc": torch.tensor(itc)})  # device tensors, read at log time
     metrics = _global_metrics(run)
     assert metrics["loss"] == pytest.approx(2.5)  # not 1.0, the last step's
     assert metrics["loss_itc"] == pytest.approx(0.5)
