@@ -2,6 +2,7 @@
 
     python launch/make_shards.py synthetic --out demo/shards/train --samples 4000 --seed 0
     python launch/make_shards.py synthetic --out demo/shards/test --samples 300 --split test
+    python launch/make_shards.py synthetic --out demo/shards/val --samples 300 --split val   # apart from both
     python launch/make_shards.py synthetic --out s3://bucket/synthetic/train --samples 100000
 
 Public datasets (layouts, layout variants and split rules: docs/datasets.md):
@@ -44,9 +45,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="", help="dataset root directory (real datasets)")
     p.add_argument("--samples", type=int, default=1000, help="synthetic: number of faces")
     p.add_argument("--seed", type=int, default=0, help="synthetic: the faces drawn")
-    p.add_argument("--split", default="train", choices=["train", "test", "all"],
-                   help="synthetic: different faces per split; real datasets: the official split where one "
-                   "exists, else the fold / documented subject or image rule")
+    p.add_argument("--split", default="train", choices=["train", "val", "test", "all"],
+                   help="synthetic: different faces per split (the split's name seeds every face: val, test and "
+                   "train are drawn apart); real datasets: the official split where one exists, else the fold / "
+                   "documented subject or image rule (no val: see --split val's error)")
     p.add_argument("--image-size", type=int, default=64, help="synthetic: image side in pixels")
     p.add_argument("--caption-style", default="auto", choices=["auto", "au", "emotion", "concat"],
                    help="auto: au for AU datasets (and synthetic), emotion for emotion datasets")
@@ -80,6 +82,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = vars(p.parse_args(argv))
+    if args["split"] == "val" and args["source"] != "synthetic":
+        p.error(f"--split val is drawn by the synthetic world only; {args['source']} has no validation split yet: "
+                "convert --split train and carve validation subjects out of it (a later step)")
     from expblip.data.sources.convert import ConvertRequest, convert, summary_line
 
     try:

@@ -4,9 +4,11 @@ import random
 
 import numpy as np
 import pytest
+from conftest import launch_module
 from PIL import Image
 
 from expblip.data.captions import NO_AU_CAPTION, CaptionConfig, au_caption
+from expblip.data.shards import read_manifest
 from expblip.data.synthetic import (
     EXCLUSIVE_PAIRS,
     SYNTHETIC_AUS,
@@ -178,3 +180,25 @@ def test_each_au_is_learnable_from_pixels():
 def test_unknown_sampling_mode_is_rejected():
     with pytest.raises(ValueError, match="'uniform'"):
         sample_labels(random.Random(0), "uniform")  # type: ignore[arg-type]
+
+
+def test_val_split_is_drawn_apart_from_train_and_test(tmp_path):
+    """The split's name seeds every face, so a validation set chosen on val shares no face with test or train."""
+    drawn = {split: list(synthetic_records(12, seed=0, split=split)) for split in ("train", "val", "test")}
+    keys = {split: {r["key"] for r in recs} for split, recs in drawn.items()}
+    pixels = {split: {r["image"].tobytes() for r in recs} for split, recs in drawn.items()}
+    for other in ("train", "test"):
+        assert not keys["val"] & keys[other] and not pixels["val"] & pixels[other], other
+    assert len(pixels["val"]) == 12
+
+    main = launch_module("make_shards").main
+    assert main(["synthetic", "--out", str(tmp_path / "val"), "--samples", "3", "--split", "val"]) == 0
+    manifest = read_manifest(str(tmp_path / "val"))
+    assert manifest["meta"]["split"] == "val" and manifest["total_samples"] == 3
+
+
+def test_real_datasets_refuse_split_val_naming_the_fix(capsys):
+    with pytest.raises(SystemExit) as exited:
+        launch_module("make_shards").main(["bp4d", "--root", "x", "--out", "y", "--split", "val"])
+    assert exited.value.code == 2
+    assert "synthetic world only" in capsys.readouterr().err

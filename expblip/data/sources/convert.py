@@ -36,7 +36,7 @@ class ConvertRequest:
     source: str  # a key of expblip.data.sources.SOURCES
     out: str  # output directory or URL (file://, s3://)
     root: str = ""  # dataset root (real datasets)
-    split: Literal["train", "test", "all"] = "train"
+    split: Literal["train", "val", "test", "all"] = "train"  # val: synthetic only (make_shards)
     caption_style: CaptionStyle = "auto"  # auto: au for AU datasets, emotion for emotion datasets
     samples: int = 1000  # synthetic: number of faces
     seed: int = 0  # synthetic: the faces drawn
