@@ -11,8 +11,9 @@ Real datasets take ``root``, ``split`` ("train" | "test" | "all"), ``caption``, 
 ``max_skipped`` (set by conversions: fail when nothing, or too much, is skipped), plus ``test_fraction`` /
 ``split_seed`` / ``test_subjects`` where the dataset has no official split, and ``fold`` / ``folds`` /
 ``frame_base`` for the video datasets (expblip.data.sources.folds, _video). Layouts (each variant with the public
-reader it comes from), label formats and split rules: docs/datasets.md and each module's docstring. A whole
-conversion (options, metadata, the failure rule) is expblip.data.sources.convert.
+reader it comes from), label formats and split rules: docs/datasets.md and each module's docstring. ``table`` reads
+your own label table (CSV, TSV, XLSX, JSONL, parquet; expblip.data.sources.table). A whole conversion (options,
+metadata, the failure rule) is expblip.data.sources.convert; a dry run of one is expblip.data.sources.check.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from expblip.data.captions import CaptionConfig
-from expblip.data.sources import affectnet, bp4d, disfa, emotionet, faceme, gft, raf_au, rafdb
+from expblip.data.sources import affectnet, bp4d, disfa, emotionet, faceme, gft, raf_au, rafdb, table
 from expblip.data.sources._common import image_in_test, subject_split
 from expblip.data.sources._video import subsample_mask
 from expblip.data.synthetic import synthetic_records
@@ -46,12 +47,14 @@ SOURCES: dict[str, Callable[..., Iterator[dict]]] = {
     "rafdb": rafdb.records,  # the basic part (7 classes)
     "rafdb_compound": rafdb.compound_records,
     "faceme": faceme.records,
+    "table": table.records,  # your own faces: a label table (docs/datasets.md, "Your own table")
 }
 
 # The caption style a source's own labels support: AU datasets describe AUs, emotion datasets emotions.
 CAPTION_STYLES: dict[str, str] = {
     "synthetic": "au", "bp4d": "au", "disfa": "au", "gft": "au", "raf_au": "au", "emotionet": "au",
     "affectnet": "emotion", "rafdb": "emotion", "rafdb_compound": "emotion", "faceme": "emotion",
+    "table": "concat",  # a row's AU sentence, emotion sentence, or both: whichever its labels carry
 }
 
 

@@ -21,6 +21,8 @@ import re
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from expblip.data.captions import CaptionConfig, captions_for
@@ -306,6 +308,17 @@ class Skips:
         self.dataset, self.counts, self.dropped = dataset, Counter(), Counter()
         self.max_skipped = max_skipped
         self.examples: list[str] = []  # the first EXAMPLES bad rows, "detail (reason)"
+        self.errors: Counter = Counter()  # rows a conversion refuses, counted by a check instead (see ``fail``)
+        self.error_examples: list[str] = []  # the first EXAMPLES of them, each a full error message
+        watching = _WATCHERS.get()
+        if watching is not None:
+            watching.append(self)
+
+    def fail(self, reason: str, message: str) -> None:
+        """Count a row a conversion would stop at (an unknown AU, ...): how ``make_shards --check`` reads on."""
+        self.errors[reason] += 1
+        if len(self.error_examples) < EXAMPLES:
+            self.error_examples.append(message)
 
     def add(self, reason: str, detail: str) -> None:
         self.counts[reason] += 1
@@ -346,6 +359,21 @@ class Skips:
                 f"{self.dataset}: {bad} of {rows} rows skipped ({bad / rows:.1%}), more than the allowed "
                 f"{self.max_skipped:.1%} ({self.summary()}); first skipped rows: {first}. Fix the layout "
                 f"(docs/datasets.md) or, if your copy really lacks these files, pass --max-skipped {bad / rows:.2f}")
+
+
+_WATCHERS: ContextVar[list[Skips] | None] = ContextVar("expblip_skips_watchers", default=None)
+
+
+@contextmanager
+def watch_skips() -> Iterator[list[Skips]]:
+    """Collect every :class:`Skips` made while the block runs (sources make theirs inside), so that a check can read
+    their counts part-way through a source (``make_shards --check``)."""
+    found: list[Skips] = []
+    token = _WATCHERS.set(found)
+    try:
+        yield found
+    finally:
+        _WATCHERS.reset(token)
 
 
 def image_bytes(path: Path, skips: Skips) -> bytes | None:

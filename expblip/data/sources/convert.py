@@ -14,7 +14,7 @@ leaves out (a BP4D AU coded 9, AffectNet codes 8-10) never count against the thr
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 from expblip.data.captions import CaptionConfig
@@ -22,6 +22,7 @@ from expblip.data.sources import SOURCES, default_caption_style, records
 from expblip.data.sources._common import MAX_SKIPPED, ConversionError
 from expblip.data.sources._video import FrameNumberingError
 from expblip.data.sources.folds import paper_test_subjects
+from expblip.data.sources.table import TableOptions
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class ConvertRequest:
     samples_per_shard: int = 1000
     resize: int = 0  # > 0: images written with their short side at most this many pixels (JPEG stays JPEG, q 95)
     progress: bool = True
+    table_options: TableOptions | None = None  # the table source: the table and its columns (--table, ...)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -78,8 +80,18 @@ class ConvertRequest:
             raise ValueError(f"--resize must be >= 0 (0 keeps the images as they are), got {self.resize}")
         if not 0.0 <= self.max_skipped < 1.0:
             raise ValueError(f"--max-skipped must be in [0, 1), got {self.max_skipped}")
+        self._check_table()
         if self.subsample is None:  # a test split keeps every frame: the paper's and the protocol's test sets do
             self.subsample = self.split != "test"
+
+    def _check_table(self) -> None:
+        if self.source != "table":
+            if self.table_options is not None:
+                raise ValueError(f"--table and its column options apply only to the table source, not {self.source!r}")
+            return
+        if self.table_options is None or not self.table_options.table:
+            raise ValueError("the table source needs --table FILE (a CSV, TSV, XLSX, JSONL or parquet label table; "
+                             "docs/datasets.md, 'Your own table')")
 
     @property
     def style(self) -> str:
@@ -90,6 +102,9 @@ def source_options(req: ConvertRequest) -> dict:
     """The keyword arguments of the source's ``records`` (without the caption config)."""
     if req.source == "synthetic":
         return {"split": req.split, "samples": req.samples, "seed": req.seed, "image_size": req.image_size}
+    if req.source == "table":
+        opts = {"split": req.split, "root": req.root, "split_seed": req.split_seed, **asdict(req.table_options)}
+        return opts if req.test_fraction is None else {**opts, "test_fraction": req.test_fraction}
     opts: dict = {"split": req.split, "root": req.root, "subsample": req.subsample, "split_seed": req.split_seed}
     if req.test_fraction is not None:
         opts["test_fraction"] = req.test_fraction
