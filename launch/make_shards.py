@@ -23,12 +23,29 @@ subsampled test shards).
 A conversion that keeps no sample, or skips more than --max-skipped (default 1%) of its rows as bad data (missing
 images, ...), prints the first skipped rows and exits 2 without a complete manifest. Rows a label rule leaves out
 (a BP4D AU coded 9, AffectNet codes 8-10) never count against it.
+
+Your own faces: a label table (CSV, TSV, XLSX, JSONL or parquet) with one row per image; its columns are found by
+their names (image, aus or AU01..., emotion, caption, subject, frame, split) or named by the --*-column options
+(docs/datasets.md, "Your own table"):
+
+    python launch/make_shards.py table --table faces.csv --root faces/ --check 100   # reads, counts, writes nothing
+    python launch/make_shards.py table --table faces.csv --root faces/ --out shards/faces/train
+    python launch/make_shards.py table --table openface.csv --root frames/ --au-threshold 2 --ignore-columns AU45_r \\
+        --out shards/mine/train
+    python launch/make_shards.py table --table fer.parquet --emotion-map affectnet --out s3://bucket/fer/train
+
+--check [N] works for every source: it reads the first N rows (all without N), writes nothing, prints the usable
+rows, each kind of skipped row and three example records, and exits 2 when the conversion would fail.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from expblip.data.sources.convert import ConvertRequest
 
 
 def _frame_base(text: str) -> int | None:
@@ -40,8 +57,11 @@ def _frame_base(text: str) -> int | None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="synthetic, bp4d, disfa, gft, raf_au, emotionet, affectnet, rafdb, "
-                   "rafdb_compound or faceme")
-    p.add_argument("--out", required=True, help="output directory or URL (file://, s3://)")
+                   "rafdb_compound, faceme or table (your own label table)")
+    p.add_argument("--out", default="", help="output directory or URL (file://, s3://); required unless --check")
+    p.add_argument("--check", type=int, nargs="?", const=0, default=None, metavar="N",
+                   help="read the first N rows (all without N), write nothing, report usable and skipped rows and "
+                   "three example records; exit 2 when the conversion would fail")
     p.add_argument("--root", default="", help="dataset root directory (real datasets)")
     p.add_argument("--samples", type=int, default=1000, help="synthetic: number of faces")
     p.add_argument("--seed", type=int, default=0, help="synthetic: the faces drawn")
@@ -76,7 +96,45 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", type=int, default=0, metavar="S",
                    help="write images with their short side at most S pixels (bicubic; JPEG sources stay JPEG at "
                    "quality 95), so training decodes less: e.g. 256 for a 224-px model; 0 (default) keeps them")
+    _table_options(p.add_argument_group("table source (your own label table; columns found by name unless given)"))
     return p
+
+
+# make_shards option → TableOptions field; every default None (= found by name, or the TableOptions default)
+TABLE_OPTIONS = ("table", "image_column", "aus_column", "emotion_column", "caption_column", "subject_column",
+                 "frame_column", "split_column", "au_threshold", "emotion_map", "ignore_columns", "name")
+
+
+def _table_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--table", metavar="FILE", help="the label table: .csv, .tsv, .xlsx, .jsonl or .parquet (local or s3://); image "
+                   "paths in it are relative to --root (default: the table's folder)")
+    g.add_argument("--image-column", metavar="COL", help="image paths (default: image, path, file, filename, img or url)")
+    g.add_argument("--aus-column", metavar="COL", help="AU lists like '1,2,12' (default: aus, au or action_units); without one, "
+                   "one column per AU (AU01, AU1, au_1, AU01_c) is read")
+    g.add_argument("--emotion-column", metavar="COL", help="emotion names or codes (default: emotion, emotions or expression)")
+    g.add_argument("--caption-column", metavar="COL", help="given captions, several comma-separated (default: caption, captions, "
+                   "text or description); rows without one get captions from their labels")
+    g.add_argument("--subject-column", metavar="COL", help="subject ids (default: subject, subject_id, participant or person)")
+    g.add_argument("--frame-column", metavar="COL", help="frame numbers (default: frame, frame_id or frame_number)")
+    g.add_argument("--split-column", metavar="COL", help="train/test per row (default: split, partition or subset); without one, "
+                   "--test-fraction splits by subject (or image)")
+    g.add_argument("--au-threshold", type=float, metavar="T", help="per-AU columns hold intensities: an AU is present when >= "
+                   "this (DISFA: 2); without it they must be 0 or 1")
+    g.add_argument("--emotion-map", metavar="FILE", help="emotion codes to names: a file of 'code,name' lines or a JSON object, or "
+                   "affectnet / rafdb_basic")
+    g.add_argument("--ignore-columns", metavar="COLS", help="comma-separated columns never read as labels (e.g. AU45_c)")
+    g.add_argument("--name", help="the dataset name in labels and record keys (default: table)")
+
+
+def _check(request: ConvertRequest, rows: int) -> int:
+    from expblip.data.sources.check import check
+
+    report = check(request, rows)
+    print("\n".join(report.lines()), flush=True)
+    if report.error:
+        print(f"error: {report.error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,11 +144,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--split val is drawn by the synthetic world only; {args['source']} has no validation split yet: "
                 "convert --split train and carve validation subjects out of it (a later step)")
     from expblip.data.sources.convert import ConvertRequest, convert, summary_line
+    from expblip.data.sources.table import TableOptions
 
+    rows = args.pop("check")
+    given = {k: v for k in TABLE_OPTIONS if (v := args.pop(k)) is not None}
+    if rows is None and not args["out"]:
+        p.error("--out is required (or --check to read the source without writing)")
     try:
-        request = ConvertRequest(**args)
+        table = TableOptions(**given) if given or args["source"] == "table" else None
+        request = ConvertRequest(**args, table_options=table)
     except ValueError as err:
         p.error(str(err))
+    if rows is not None:
+        return _check(request, rows)
     try:
         manifest = convert(request)
     except (OSError, ValueError) as err:  # a missing file, a malformed label, a refused layout, a failed conversion
