@@ -226,7 +226,7 @@ def _measure(spec: dict) -> int:
 
     from expblip.config import load_config
     from expblip.log import setup_logging
-    from expblip.train import loop
+    from expblip.train import comm, loop
 
     setup_logging(0)
     root, dry = Path(spec["root"]), spec["dry"]
@@ -255,6 +255,7 @@ def _measure(spec: dict) -> int:
     seconds = (time.perf_counter() - start) / spec["steps"]
     idle = _idle_share(run, sync) if cuda else None
     print("MEASURED " + json.dumps(_figures(run, spec, seconds, idle, cuda)), flush=True)
+    comm.close_distributed()
     return 0
 
 

@@ -231,6 +231,7 @@ def _measure(weights: str) -> None:
     load_initial_weights(unit, open_source(weights), (), rank)
     held = engine.resident_parameter_bytes(unit)[0]
     print(json.dumps({"rank": rank, "before": before, "peak": _status("VmHWM"), "held": held}), flush=True)
+    comm.close_distributed()  # left to interpreter exit, gloo's threads may abort the rank (comm.close_distributed)
 
 
 def _status(field: str) -> int:
