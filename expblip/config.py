@@ -102,11 +102,19 @@ class TrainConfig:
     eval_generate: int = 0  # held-out images captioned (greedy) and scored by the evaluator per evaluation; 0 = off
     eval_max_new_tokens: int = 40  # caption length limit of those captions
     eval_aus: tuple[int, ...] = ()  # AUs scored by eval/mean_au_f1; () = every AU of the training labels
+    # what the held-out evaluation selects: eval.best_step (lowest eval/loss), and with keep=best the export. So
+    # data.eval must be validation shards: shards whose manifest says test, all or train are refused unless
+    # eval_on_test=true, which tags the run's selection as made on those faces (expblip.train.heldout)
+    keep: Literal["last", "best"] = "last"  # the export: the last step, or the step selected on data.eval
+    eval_on_test: bool = False
     log_keys: bool = False  # every rank appends the sample keys of each step to run_dir/keys/rank{r}.jsonl (audit)
 
     def __post_init__(self) -> None:
         if self.eval_every < 0 or self.eval_batches < 1 or self.eval_generate < 0:
             raise ConfigError("train.eval_every and train.eval_generate must be >= 0 and train.eval_batches >= 1")
+        if self.keep == "best" and not self.eval_every:
+            raise ConfigError("train.keep=best exports the step with the lowest held-out loss: set train.eval_every "
+                              "(and data.eval.shards to validation shards), or train.keep=last")
 
 
 @dataclass

@@ -37,8 +37,9 @@ def uneven_eval(tmp_path_factory) -> Path:
     from expblip.data.shards import write_shards
     from expblip.data.synthetic import synthetic_records
 
-    out = tmp_path_factory.mktemp("eval") / "test"
-    write_shards(synthetic_records(40, seed=5, split="test"), str(out), samples_per_shard=16, progress=False)
+    out = tmp_path_factory.mktemp("eval") / "val"
+    write_shards(synthetic_records(40, seed=5, split="val"), str(out), samples_per_shard=16, progress=False,
+                 meta={"source": "synthetic", "split": "val"})
     return out
 
 
@@ -121,6 +122,9 @@ def test_heldout_evaluation_every_12_steps_on_both_ranks_with_the_best_step(full
     run = client.search_runs([client.get_experiment_by_name("spine").experiment_id])[0]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/loss")] == [12, 24]
     assert run.data.tags["eval.best_step"] == "24"
+    assert run.data.tags["eval.split"] == "val" and run.data.tags["train.keep"] == "last"  # selected on validation
+    selection = json.loads((full_run / "export" / "expblip.json").read_text())["selection"]
+    assert selection["split"] == "val" and selection["best_step"] == 24 and selection["keep"] == "last"
 
 
 def test_loss_falls_frozen_towers_identical_trainable_changed(full_run, init_export):
@@ -229,3 +233,28 @@ def test_stage1_two_ranks_each_loss_falls_and_the_checkpoint_exports_its_blip2(t
     meta = json.loads((tmp_path / "export" / "expblip.json").read_text())
     assert meta["source"]["stage"] == "stage1" and meta["source"]["heads_not_exported"] == result.heads
     assert (tmp_path / "export" / "qformer_tokenizer" / "tokenizer.json").is_file()
+
+
+def test_keep_best_exports_the_step_selected_on_validation_and_keeps_its_checkpoint(tiny_shards, init_export,
+                                                                                    uneven_eval, tmp_path):
+    """train.keep=best: a learning rate that overshoots makes the held-out loss best before the last step; that
+    step is checkpointed when found, its checkpoint outlives pruning (keep_checkpoints=1), and the export holds its
+    weights: the digest restored for the export is the one saved at that step, not the last step's."""
+    import re
+
+    run_dir = tmp_path / "best"
+    args = [*common(tiny_shards, init_export, uneven_eval), "train.max_steps=8", "train.ckpt_every=0",
+            "train.eval_every=2", "train.eval_generate=0", "train.keep_checkpoints=1", "train.keep=best",
+            "optim.lr=0.3", "optim.min_lr=0.3", "optim.warmup_steps=0", f"train.run_dir={run_dir}"]
+    proc = run_launcher(deepspeed_cmd("--deepspeed", "ds_configs/zero3.json", *args, ranks=1), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    evals = {m["step"]: m["eval/loss"] for m in read_metrics(run_dir) if "eval/loss" in m}
+    best = min(evals, key=evals.get)
+    assert sorted(evals) == [2, 4, 6, 8] and best < 8, evals  # the precondition: the best step is not the last
+    saved = dict(re.findall(r"trainable weights saved at step (\d+): sha256 (\w+)", out))
+    restored = re.findall(rf"trainable weights of step {best} restored for the export at step 8: sha256 (\w+)", out)
+    assert restored == [saved[str(best)]] and saved["8"] != saved[str(best)], (saved, restored)
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step*")) == [f"step{best:08d}", "step00000008"]
+    meta = json.loads((run_dir / "export" / "expblip.json").read_text())
+    assert meta["step"] == best and meta["selection"]["keep"] == "best" and meta["selection"]["split"] == "val"

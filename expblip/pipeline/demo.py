@@ -1,8 +1,11 @@
 """The embedded demo: the synthetic-face world, end to end on 2 CPU workers, in about twelve minutes.
 
-    shards (train + held-out) -> 'vision' stage (the tiny ViT learns to see AUs) -> 'lm' stage (the tiny OPT learns
+    shards (train, val, test) -> 'vision' stage (the tiny ViT learns to see AUs) -> 'lm' stage (the tiny OPT learns
       the caption language) -> stage 2 (Q-Former + projection + ViT learn to describe faces; OPT frozen)
-      -> evaluate -> describe
+      -> evaluate on test, once -> describe
+
+Held-out evaluation during stage 2 (eval.best_step, MLflow's eval/* curves) reads the validation faces; the test
+faces are scored once, by the evaluator at the end, and the report says so.
 
 Every training stage runs through Ray Train driving DeepSpeed ZeRO-3 (recipes/tiny_{vision,lm,stage2}.yaml).
 Stages whose outputs exist are skipped, so an interrupted demo continues where it stopped.
@@ -27,6 +30,7 @@ class DemoConfig:
     out: str = "demo"
     train_samples: int = 6000
     test_samples: int = 300
+    val_samples: int = 300  # what held-out evaluation during training sees (never the test faces)
     vision_steps: int = 1000
     lm_steps: int = 300
     stage2_steps: int = 900
@@ -42,7 +46,7 @@ def make_shards(demo: DemoConfig) -> dict[str, str]:
     from expblip.data.synthetic import synthetic_records
 
     out = {}
-    for split, n in (("train", demo.train_samples), ("test", demo.test_samples)):
+    for split, n in (("train", demo.train_samples), ("val", demo.val_samples), ("test", demo.test_samples)):
         path = Path(demo.out, "shards", split)
         if not (path / MANIFEST).is_file():
             write_shards(synthetic_records(n, seed=0, split=split), str(path), samples_per_shard=500,
@@ -130,8 +134,9 @@ def run_demo(demo: DemoConfig | None = None) -> dict:
     shards = make_shards(demo)
     vision = train_stage(stage_config("tiny_vision", demo, shards["train"], demo.vision_steps))
     lm = train_stage(stage_config("tiny_lm", demo, shards["train"], demo.lm_steps, weights=vision))
-    heldout = [f"data.eval.shards={Path(shards['test']).resolve()}", f"train.eval_every={max(1, demo.stage2_steps // 3)}",
-               "train.eval_generate=64"]  # MLflow's eval/* curves: held-out loss and strict scores while it trains
+    # MLflow's eval/* curves: validation loss and strict scores while it trains; the test faces are scored once, below
+    heldout = [f"data.eval.shards={Path(shards['val']).resolve()}", f"train.eval_every={max(1, demo.stage2_steps // 3)}",
+               "train.eval_generate=64"]
     stage2 = train_stage(stage_config("tiny_stage2", demo, shards["train"], demo.stage2_steps, weights=lm,
                                       extra=heldout))
     result = evaluate(demo, stage2, shards)

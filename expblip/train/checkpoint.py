@@ -146,11 +146,12 @@ def _as_tuple(obj):
     return tuple(_as_tuple(x) for x in obj) if isinstance(obj, (list, tuple)) else obj
 
 
-def prune(run_dir: str | Path, keep: int, step: int) -> None:
-    """Rank 0: delete all but the newest `keep` complete checkpoints (0 keeps all), and incomplete ones older than
-    `step` (left by killed attempts; newer ones are cleared when their step is saved again)."""
+def prune(run_dir: str | Path, keep: int, step: int, protect: int = -1) -> None:
+    """Rank 0: delete all but the newest `keep` complete checkpoints (0 keeps all) and the one of step `protect`
+    (train.keep=best: the selected step), and incomplete ones older than `step` (left by killed attempts; newer
+    ones are cleared when their step is saved again)."""
     tags = sorted(p for p in checkpoint_root(run_dir).glob("step*") if p.is_dir())
-    complete = [p for p in tags if is_complete(p)]
+    complete = [p for p in tags if is_complete(p) and (protect < 0 or p.name != tag_for(protect))]
     stale = [p for p in tags if not is_complete(p) and p.name < tag_for(step)]
     for old in (complete[:-keep] if keep > 0 else []) + stale:
         shutil.rmtree(old, ignore_errors=True)

@@ -10,7 +10,11 @@
   0 gathers them and scores them with the evaluator (strict emotion rule), beside the best constant caption chosen
   on the training labels (``eval/best_constant.*``, logged once).
 - **Best step**: the step with the lowest held-out loss so far (``eval/best_loss``, ``eval/best_step``); kept in the
-  checkpoint, so a resumed run continues the comparison.
+  checkpoint, so a resumed run continues the comparison. With ``train.keep=best`` that step is checkpointed when it
+  is found, its checkpoint outlives pruning, and the export holds its weights (the default exports the last step).
+- **Validation only**: what selects must not be what is reported. ``data.eval`` shards whose manifest says
+  ``test``, ``all`` or ``train`` are refused before the run starts (:func:`selection_split`) unless
+  ``train.eval_on_test=true``; the split is tagged (``eval.split``) and recorded in the export's ``selection``.
 The same fixed held-out batches are used at every evaluation (eval transforms, no shuffling): curves are comparable.
 """
 
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from expblip.config import ConfigError
 from expblip.data.stream import make_loader
 from expblip.log import get_logger
 from expblip.pixels import normalise
@@ -31,6 +36,27 @@ TRAINING_LABELS_READ = 20_000  # training samples the constant baselines are cho
 CAPTION_STAGES = ("stage2",)
 
 
+SELECTABLE = ("val", "unknown")  # manifest splits held-out evaluation may select on (unknown: no manifest)
+
+
+def selection_split(cfg) -> str:
+    """The split ``data.eval``'s manifest names (``val``, ``test``, ...; ``unknown`` when the shards have none).
+    Raises ConfigError for test, all or train shards unless ``train.eval_on_test``: the step they select (and, with
+    train.keep=best, the export) would be chosen on the faces that are reported, or on the faces trained on."""
+    from expblip.eval.provenance import shard_info
+
+    info = shard_info(cfg.data.eval.shards)
+    split = str((info.meta if info else {}).get("split") or "unknown")
+    if split in SELECTABLE or cfg.train.eval_on_test:
+        return split
+    raise ConfigError(
+        f"data.eval.shards={cfg.data.eval.shards} are {split!r} shards (their manifest says split={split}): held-out "
+        "evaluation during training selects eval.best_step (and the export with train.keep=best), so it must not "
+        "see the faces a number is reported on. Write validation shards (make_shards synthetic --split val, or "
+        "--split val --val-fraction F for a dataset: validation subjects carved from the training part) and point "
+        "data.eval.shards at them, or set train.eval_on_test=true to tag this run as selected on those faces")
+
+
 @dataclass
 class HeldoutState:
     """What outlives one evaluation: the best step so far and (rank 0) the baselines to print beside the scores."""
@@ -38,6 +64,13 @@ class HeldoutState:
     best_step: int = -1
     best_loss: float = float("inf")
     baselines: dict = field(default_factory=dict)  # metric -> {"score", "name"}, filled at the first evaluation
+    split: str = ""  # what data.eval's manifest says it is (selection_split), set at setup
+    restored_step: int = -1  # train.keep=best: the step whose weights the engine holds again at the end
+
+    def selection(self, cfg) -> dict:
+        """What the export records about how its step was chosen."""
+        return {"split": self.split, "shards": cfg.data.eval.shards, "metric": "eval/loss", "best_step":
+                self.best_step, "best_loss": self.best_loss, "keep": cfg.train.keep}
 
     def state_dict(self) -> dict:
         return {"best_step": self.best_step, "best_loss": self.best_loss}

@@ -111,6 +111,8 @@ def preflight(cfg: Config, wait_for_storage: bool = True) -> None:
     else:
         resolve_shards(cfg.data.train.shards)
     ds_engine.load_ds_config(cfg.train.ds_config)
+    if cfg.train.eval_every:
+        heldout.selection_split(cfg)  # never select on test faces
 
 
 def _quiet_libraries() -> None:
@@ -170,6 +172,8 @@ def setup(cfg: Config, report: Reporter | None = None) -> Run:
               report=report, qformer_tokenizer=qformer_tokenizer,
               heldout=heldout.HeldoutState.from_state_dict(client.get("heldout")), attempt=_attempt_id(),
               resized_from=_resized_from(client, world))
+    if cfg.train.eval_every:
+        run.heldout.split = heldout.selection_split(cfg)
     _record_start(run)
     if tag is not None:
         _log_trainable_digest(run, "restored")
@@ -407,6 +411,8 @@ def _record_start(run: Run) -> None:
                           "recipe": run.cfg.tracking.recipe or "(none)", "git_commit": commit,
                           "mlflow.source.git.commit": commit})
     run.tracker.log_metrics({"world_size": run.world}, step=run.step)  # on the step axis: every (re)start and resize
+    if run.heldout.split:
+        run.tracker.set_tags({"eval.split": run.heldout.split, "train.keep": run.cfg.train.keep})
     if run.resized_from:
         run.tracker.set_tags({f"resize.step{run.step:08d}": f"{run.resized_from}->{run.world}"})
         log.info(f"resized from {run.resized_from} to {run.world} ranks at step {run.step}")
@@ -521,7 +527,8 @@ def step(run: Run) -> dict:
         if evaluate:
             metrics.update(heldout.evaluate(run, run.heldout, model_inputs))
         _log(run, metrics)
-    if (cfg.ckpt_every and run.step % cfg.ckpt_every == 0) or last:
+    new_best = evaluate and cfg.keep == "best" and run.heldout.best_step == run.step  # its checkpoint is the export
+    if (cfg.ckpt_every and run.step % cfg.ckpt_every == 0) or last or new_best:
         path = save_checkpoint(run)
         if run.report:
             run.report(metrics, run.step, path)
@@ -568,7 +575,8 @@ def save_checkpoint(run: Run) -> Path:
     path = checkpoint.save(run.engine, run.cfg.train.run_dir, run.step, client, run.cursor.state_dict(), files,
                            frozen_source=run.cfg.model.weights_id)
     if run.rank == 0:
-        checkpoint.prune(run.cfg.train.run_dir, run.cfg.train.keep_checkpoints, run.step)
+        best = run.heldout.best_step if run.cfg.train.keep == "best" else -1
+        checkpoint.prune(run.cfg.train.run_dir, run.cfg.train.keep_checkpoints, run.step, protect=best)
     _log_trainable_digest(run, "saved")
     return path
 
@@ -657,7 +665,10 @@ def _export_meta(run: Run) -> dict:
     """What an export records about training besides the config: the step, the task prompts, the LoRA settings."""
     from dataclasses import asdict
 
-    meta: dict = {"step": run.step, "tasks": heldout.evaluation_tasks(run.cfg)}
+    kept = run.heldout.restored_step
+    meta: dict = {"step": kept if kept >= 0 else run.step, "tasks": heldout.evaluation_tasks(run.cfg)}
+    if run.heldout.split:
+        meta["selection"] = run.heldout.selection(run.cfg)
     if run.cfg.model.lora.enabled:
         meta["lora"] = {**asdict(run.cfg.model.lora), "scale": run.cfg.model.lora.scale}
     return meta
@@ -693,6 +704,7 @@ def train(cfg: Config, report: Reporter | None = None) -> dict:
     try:
         while run.step < run.end:
             metrics = step(run) or metrics
+        restore_best(run)
         metrics["export"] = str(export(run))
         report_peak_rss(run)
     except BaseException:
@@ -701,6 +713,21 @@ def train(cfg: Config, report: Reporter | None = None) -> dict:
     _finish(run)
     comm.close_distributed()
     return metrics
+
+
+def restore_best(run: Run) -> None:
+    """Collective: with train.keep=best, the weights of the step selected on data.eval back in the engine (from
+    its checkpoint, which pruning kept), so the export holds them; the last step's otherwise."""
+    best = run.heldout.best_step
+    if run.cfg.train.keep != "best" or best < 0 or best == run.step:
+        return
+    run_dir, tag = Path(run.cfg.train.run_dir), checkpoint.tag_for(best)
+    elastic = _elastic_resume(run_dir, tag, run.rank, run.world)
+    _resume(run.engine, run_dir, tag, elastic, run.rank, frozen_from=run.cfg.model.weights_id)
+    run.heldout.restored_step = best
+    log.info(f"train.keep=best: exporting step {best} (lowest eval/loss {run.heldout.best_loss:.4f} on the "
+             f"{run.heldout.split} shards), not the last step {run.step}")
+    _log_trainable_digest(run, f"of step {best} restored for the export")
 
 
 def _eta(run: Run, seconds_per_step: float) -> str:
