@@ -34,6 +34,13 @@ their names (image, aus or AU01..., emotion, caption, subject, frame, split) or 
         --out shards/mine/train
     python launch/make_shards.py table --table fer.parquet --emotion-map affectnet --out s3://bucket/fer/train
 
+A video run through OpenFace 2.0 or py-feat: its per-frame CSV plus the video (or its frames); the tool's AUs (and
+py-feat's emotions with --emotions) become pseudo-labels, marked so in the manifest (docs/datasets.md):
+
+    python launch/make_shards.py openface --csv processed/clip.csv --frames processed/clip_aligned --out shards/clip
+    python launch/make_shards.py pyfeat --csv clip_fex.csv --video clip.mp4 --fps 2 --sample label-change --emotions \\
+        --out shards/clip
+
 --check [N] works for every source: it reads the first N rows (all without N), writes nothing, prints the usable
 rows, each kind of skipped row and three example records, and exits 2 when the conversion would fail.
 """
@@ -57,7 +64,8 @@ def _frame_base(text: str) -> int | None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="synthetic, bp4d, disfa, gft, raf_au, emotionet, affectnet, rafdb, "
-                   "rafdb_compound, faceme or table (your own label table)")
+                   "rafdb_compound, faceme, table (your own label table), openface or pyfeat (a video's per-frame "
+                   "CSV from the tool)")
     p.add_argument("--out", default="", help="output directory or URL (file://, s3://); required unless --check")
     p.add_argument("--check", type=int, nargs="?", const=0, default=None, metavar="N",
                    help="read the first N rows (all without N), write nothing, report usable and skipped rows and "
@@ -97,6 +105,8 @@ def parser() -> argparse.ArgumentParser:
                    help="write images with their short side at most S pixels (bicubic; JPEG sources stay JPEG at "
                    "quality 95), so training decodes less: e.g. 256 for a 224-px model; 0 (default) keeps them")
     _table_options(p.add_argument_group("table source (your own label table; columns found by name unless given)"))
+    _tool_options(p.add_argument_group("openface and pyfeat sources (a video's per-frame CSV from the tool; "
+                                       "--au-threshold and --name serve them too)"))
     return p
 
 
@@ -126,6 +136,28 @@ def _table_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--name", help="the dataset name in labels and record keys (default: table)")
 
 
+# make_shards option → ToolOptions field (with au_threshold and name, shared with the table source)
+TOOL_OPTIONS = ("csv", "video", "frames", "fps", "sample", "min_confidence", "emotions", "video_fps")
+
+
+def _tool_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--csv", metavar="FILE", help="the CSV OpenFace's FeatureExtraction or py-feat's detector wrote for "
+                   "one video (docs/datasets.md, 'OpenFace and py-feat CSVs')")
+    g.add_argument("--video", metavar="FILE", help="the video it describes: frames decoded with PyAV")
+    g.add_argument("--frames", metavar="DIR", help="or its frames: OpenFace's <video>_aligned folder "
+                   "(frame_det_00_000001.bmp) or numbered images (frame_000001.jpg)")
+    g.add_argument("--fps", type=float, metavar="F", help="keep the first usable frame at or after each multiple of "
+                   "1/F seconds (default: every usable frame)")
+    g.add_argument("--sample", choices=["all", "label-change"], help="label-change: keep the first frame and each "
+                   "whose labels differ from the previous one's (with --fps: either rule keeps a frame)")
+    g.add_argument("--min-confidence", type=float, metavar="S", help="frames the tool is less sure of are skipped "
+                   "and counted: OpenFace confidence (default 0.8; success 0 always), py-feat FaceScore (default 0.5)")
+    g.add_argument("--emotions", action="store_true", default=None, help="pyfeat: label each frame with its most "
+                   "probable emotion (anger ... neutral) too")
+    g.add_argument("--video-fps", type=float, metavar="R", help="pyfeat with --frames and --fps: the video's frame "
+                   "rate (read from --video otherwise)")
+
+
 def _check(request: ConvertRequest, rows: int) -> int:
     from expblip.data.sources.check import check
 
@@ -144,15 +176,20 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--split val is drawn by the synthetic world only; {args['source']} has no validation split yet: "
                 "convert --split train and carve validation subjects out of it (a later step)")
     from expblip.data.sources.convert import ConvertRequest, convert, summary_line
+    from expblip.data.sources.facetools import TOOL_SOURCES, ToolOptions
     from expblip.data.sources.table import TableOptions
 
     rows = args.pop("check")
     given = {k: v for k in TABLE_OPTIONS if (v := args.pop(k)) is not None}
+    tools = {k: v for k in TOOL_OPTIONS if (v := args.pop(k)) is not None}
+    if args["source"] in TOOL_SOURCES:  # --au-threshold and --name are theirs too
+        tools.update({k: given.pop(k) for k in ("au_threshold", "name") if k in given})
     if rows is None and not args["out"]:
         p.error("--out is required (or --check to read the source without writing)")
     try:
         table = TableOptions(**given) if given or args["source"] == "table" else None
-        request = ConvertRequest(**args, table_options=table)
+        tool = ToolOptions(**tools) if tools or args["source"] in TOOL_SOURCES else None
+        request = ConvertRequest(**args, table_options=table, tool_options=tool)
     except ValueError as err:
         p.error(str(err))
     if rows is not None:

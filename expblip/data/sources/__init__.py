@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from expblip.data.captions import CaptionConfig
-from expblip.data.sources import affectnet, bp4d, disfa, emotionet, faceme, gft, raf_au, rafdb, table
+from expblip.data.sources import affectnet, bp4d, disfa, emotionet, faceme, facetools, gft, raf_au, rafdb, table
 from expblip.data.sources._common import image_in_test, subject_split
 from expblip.data.sources._video import subsample_mask
 from expblip.data.synthetic import synthetic_records
@@ -48,6 +48,8 @@ SOURCES: dict[str, Callable[..., Iterator[dict]]] = {
     "rafdb_compound": rafdb.compound_records,
     "faceme": faceme.records,
     "table": table.records,  # your own faces: a label table (docs/datasets.md, "Your own table")
+    "openface": facetools.openface_records,  # a video's OpenFace 2.0 CSV: pseudo-labels (docs/datasets.md)
+    "pyfeat": facetools.pyfeat_records,  # a video's py-feat CSV: pseudo-labels
 }
 
 # The caption style a source's own labels support: AU datasets describe AUs, emotion datasets emotions.
@@ -55,6 +57,7 @@ CAPTION_STYLES: dict[str, str] = {
     "synthetic": "au", "bp4d": "au", "disfa": "au", "gft": "au", "raf_au": "au", "emotionet": "au",
     "affectnet": "emotion", "rafdb": "emotion", "rafdb_compound": "emotion", "faceme": "emotion",
     "table": "concat",  # a row's AU sentence, emotion sentence, or both: whichever its labels carry
+    "openface": "au", "pyfeat": "concat",  # py-feat with --emotions labels emotions too
 }
 
 

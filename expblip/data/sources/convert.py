@@ -21,6 +21,7 @@ from expblip.data.captions import CaptionConfig
 from expblip.data.sources import SOURCES, default_caption_style, records
 from expblip.data.sources._common import MAX_SKIPPED, ConversionError
 from expblip.data.sources._video import FrameNumberingError
+from expblip.data.sources.facetools import TOOL_SOURCES, ToolOptions, check_request, manifest_fields
 from expblip.data.sources.folds import paper_test_subjects
 from expblip.data.sources.table import TableOptions
 
@@ -55,6 +56,7 @@ class ConvertRequest:
     resize: int = 0  # > 0: images written with their short side at most this many pixels (JPEG stays JPEG, q 95)
     progress: bool = True
     table_options: TableOptions | None = None  # the table source: the table and its columns (--table, ...)
+    tool_options: ToolOptions | None = None  # openface / pyfeat: the CSV, the video or frames (--csv, ...)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -81,6 +83,7 @@ class ConvertRequest:
         if not 0.0 <= self.max_skipped < 1.0:
             raise ValueError(f"--max-skipped must be in [0, 1), got {self.max_skipped}")
         self._check_table()
+        check_request(self.source, self.tool_options)
         if self.subsample is None:  # a test split keeps every frame: the paper's and the protocol's test sets do
             self.subsample = self.split != "test"
 
@@ -102,6 +105,8 @@ def source_options(req: ConvertRequest) -> dict:
     """The keyword arguments of the source's ``records`` (without the caption config)."""
     if req.source == "synthetic":
         return {"split": req.split, "samples": req.samples, "seed": req.seed, "image_size": req.image_size}
+    if req.source in TOOL_SOURCES:
+        return {"split": req.split, "root": req.root, **asdict(req.tool_options)}
     if req.source == "table":
         opts = {"split": req.split, "root": req.root, "split_seed": req.split_seed, **asdict(req.table_options)}
         return opts if req.test_fraction is None else {**opts, "test_fraction": req.test_fraction}
@@ -124,6 +129,7 @@ def manifest_meta(req: ConvertRequest, opts: dict) -> dict:
     meta = {"source": req.source, **{k: v for k, v in opts.items() if v is not None}, "caption_style": req.style}
     if req.paper_split:
         meta["paper_split"] = True
+    meta.update(manifest_fields(req.source))  # pseudo-labels say so
     return meta
 
 
