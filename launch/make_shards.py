@@ -41,6 +41,13 @@ py-feat's emotions with --emotions) become pseudo-labels, marked so in the manif
     python launch/make_shards.py pyfeat --csv clip_fex.csv --video clip.mp4 --fps 2 --sample label-change --emotions \\
         --out shards/clip
 
+Instruction data (LLaVA or ShareGPT JSON: each human/gpt exchange becomes a prompt + answer sample) and Hugging Face
+`datasets` folders (save_to_disk, imagefolder, parquet; columns as for a table), docs/datasets.md:
+
+    python launch/make_shards.py llava --json faces_instruct.json --root images/ --out shards/instruct/train
+    python launch/make_shards.py llava --json chats.jsonl --multi-turn refuse --check 100
+    python launch/make_shards.py hf --dataset my_faces_saved/ --emotion-column label --out shards/hf/train
+
 --check [N] works for every source: it reads the first N rows (all without N), writes nothing, prints the usable
 rows, each kind of skipped row and three example records, and exits 2 when the conversion would fail.
 """
@@ -65,7 +72,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="synthetic, bp4d, disfa, gft, raf_au, emotionet, affectnet, rafdb, "
                    "rafdb_compound, faceme, table (your own label table), openface or pyfeat (a video's per-frame "
-                   "CSV from the tool)")
+                   "CSV from the tool), llava (LLaVA / ShareGPT instruction JSON) or hf (a Hugging Face datasets "
+                   "folder or parquet)")
     p.add_argument("--out", default="", help="output directory or URL (file://, s3://); required unless --check")
     p.add_argument("--check", type=int, nargs="?", const=0, default=None, metavar="N",
                    help="read the first N rows (all without N), write nothing, report usable and skipped rows and "
@@ -107,6 +115,8 @@ def parser() -> argparse.ArgumentParser:
     _table_options(p.add_argument_group("table source (your own label table; columns found by name unless given)"))
     _tool_options(p.add_argument_group("openface and pyfeat sources (a video's per-frame CSV from the tool; "
                                        "--au-threshold and --name serve them too)"))
+    _instruct_options(p.add_argument_group("llava and hf sources (instruction JSON; a Hugging Face datasets folder, "
+                                           "read with the table source's column options)"))
     return p
 
 
@@ -158,6 +168,19 @@ def _tool_options(g: argparse._ArgumentGroup) -> None:
                    "rate (read from --video otherwise)")
 
 
+# make_shards option → LlavaOptions field (--name too)
+LLAVA_OPTIONS = ("json", "multi_turn")
+
+
+def _instruct_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--json", metavar="FILE", help="llava: a LLaVA (conversations from human/gpt) or ShareGPT "
+                   "(messages + images) file, a .json array (streamed) or .jsonl; images relative to --root")
+    g.add_argument("--multi-turn", choices=["split", "refuse"], help="llava: a record of several exchanges becomes "
+                   "one sample per exchange on the same image (split, default) or stops the conversion (refuse)")
+    g.add_argument("--dataset", metavar="PATH", help="hf: a datasets save_to_disk folder, an imagefolder with "
+                   "metadata.jsonl, or parquet files with an image column (local; never the hub)")
+
+
 def _check(request: ConvertRequest, rows: int) -> int:
     from expblip.data.sources.check import check
 
@@ -177,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 "convert --split train and carve validation subjects out of it (a later step)")
     from expblip.data.sources.convert import ConvertRequest, convert, summary_line
     from expblip.data.sources.facetools import TOOL_SOURCES, ToolOptions
+    from expblip.data.sources.llava import LlavaOptions
     from expblip.data.sources.table import TableOptions
 
     rows = args.pop("check")
@@ -184,12 +208,20 @@ def main(argv: list[str] | None = None) -> int:
     tools = {k: v for k in TOOL_OPTIONS if (v := args.pop(k)) is not None}
     if args["source"] in TOOL_SOURCES:  # --au-threshold and --name are theirs too
         tools.update({k: given.pop(k) for k in ("au_threshold", "name") if k in given})
+    llava = {k: v for k in LLAVA_OPTIONS if (v := args.pop(k)) is not None}
+    dataset = args.pop("dataset") or ""
+    if args["source"] == "llava":  # --name is its own too
+        llava.update({"name": given.pop("name")} if "name" in given else {})
+    elif args["source"] == "hf":
+        given.setdefault("name", "hf")
     if rows is None and not args["out"]:
         p.error("--out is required (or --check to read the source without writing)")
     try:
         table = TableOptions(**given) if given or args["source"] == "table" else None
         tool = ToolOptions(**tools) if tools or args["source"] in TOOL_SOURCES else None
-        request = ConvertRequest(**args, table_options=table, tool_options=tool)
+        llava_options = LlavaOptions(**llava) if llava or args["source"] == "llava" else None
+        request = ConvertRequest(**args, table_options=table, tool_options=tool, llava_options=llava_options,
+                                 hf_dataset=dataset)
     except ValueError as err:
         p.error(str(err))
     if rows is not None:

@@ -876,17 +876,21 @@ def iterate_once(
 
 def read_captions(cfg: StreamConfig) -> list[str]:
     """Every caption of every readable sample, in shard order, as training sees them (lower-cased when
-    ``cfg.lowercase``); images are not decoded, bad samples are left out. For building a tokenizer."""
+    ``cfg.lowercase``), and the instruction of each sample that carries one (instruction data); images are not
+    decoded, bad samples are left out. For building a tokenizer."""
     shards, _ = resolve_shards(cfg.shards)
     errors = ErrorCounter.unlimited()
     captions: list[str] = []
     for url in shards:
         for raw in read_shard(url, errors):
             try:
-                found = sample_captions(parse_labels(raw), raw)
+                labels = parse_labels(raw)
+                found = sample_captions(labels, raw)
             except _Skip:
                 continue
             captions.extend(c.lower() if cfg.lowercase else c for c in found)
+            if isinstance(labels.get("prompt"), str) and labels["prompt"]:
+                captions.append(labels["prompt"])
     return captions
 
 

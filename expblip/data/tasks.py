@@ -12,7 +12,8 @@ Tasks and their answers (the evaluator parses each back into labels, expblip.inf
 A task applies only to samples that carry its labels (aus: labels["aus"] is a list; emotion: a non-empty
 labels["emotions"]); each sample draws one applicable task with the mixture's weights, from a hash of (seed, sample
 key, step): the same draw on every rank, after a resume and at any world size. The prompt text is the instruction;
-the LM family's turn layout around it is the model's (expblip.model.family).
+the LM family's turn layout around it is the model's (expblip.model.family). A sample from instruction data carries
+its own instruction (labels["prompt"], its caption the answer; ``sample_text``) and draws no task.
 """
 
 from __future__ import annotations
@@ -110,6 +111,14 @@ def task_text(tasks: TasksConfig, name: str, labels: dict, caption: str) -> tupl
     answer = {"describe": lambda: caption, "aus": lambda: au_answer(labels["aus"]),
               "emotion": lambda: emotion_answer(labels["emotions"])}[name]()
     return tasks.spec(name).prompt, answer
+
+
+def sample_text(tasks: TasksConfig, labels: dict, key: str, seed: int, step: int, caption: str) -> tuple[str, str]:
+    """(prompt, answer) a sample trains on: its own instruction where it carries one (labels["prompt"]: instruction
+    data, expblip.data.sources.llava; its caption is the answer), else the task drawn for (seed, key, step)."""
+    if labels.get("prompt") is not None:
+        return labels["prompt"], caption
+    return task_text(tasks, pick_task(tasks, labels, key, seed, step), labels, caption)
 
 
 def task_vocabulary(tasks: TasksConfig) -> list[str]:

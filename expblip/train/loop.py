@@ -24,7 +24,7 @@ import torch
 from expblip.config import Config, ConfigError, config_yaml, dump_config, public_dict
 from expblip.data.shards import resolve_shards
 from expblip.data.stream import Cursor, StreamError, make_loader, read_captions, resolve_with_retry
-from expblip.data.tasks import pick_task, task_text, task_vocabulary
+from expblip.data.tasks import sample_text, task_vocabulary
 from expblip.log import get_logger
 from expblip.model.blip2 import (
     TINY_PRESETS,
@@ -436,9 +436,9 @@ def model_inputs(run: Run, batch: dict, task_step: int | None = None) -> dict:
         return {"pixel_values": _pixels(run, batch), **_on_device(run, text), "gather": all_gather_with_grad}
     lm_only = run.cfg.train.stage == "lm"
     captions, prompts = batch["captions"], None
-    if run.cfg.tasks.multi:
+    if run.cfg.tasks.multi or any(lab.get("prompt") is not None for lab in batch["labels"]):  # instruction data
         step = run.step if task_step is None else task_step
-        picked = [task_text(run.cfg.tasks, pick_task(run.cfg.tasks, lab, key, run.cfg.train.seed, step), lab, cap)
+        picked = [sample_text(run.cfg.tasks, lab, key, run.cfg.train.seed, step, cap)
                   for lab, key, cap in zip(batch["labels"], batch["keys"], batch["captions"], strict=True)]
         prompts, captions = [p for p, _ in picked], [a for _, a in picked]
     # the 'lm' stage keeps the captioning layout (<image> placeholders, then BOS, the prompt and the caption) so

@@ -21,7 +21,20 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from expblip.data.captions import CaptionConfig
-from expblip.data.sources import affectnet, bp4d, disfa, emotionet, faceme, facetools, gft, raf_au, rafdb, table
+from expblip.data.sources import (
+    affectnet,
+    bp4d,
+    disfa,
+    emotionet,
+    faceme,
+    facetools,
+    gft,
+    hf,
+    llava,
+    raf_au,
+    rafdb,
+    table,
+)
 from expblip.data.sources._common import image_in_test, subject_split
 from expblip.data.sources._video import subsample_mask
 from expblip.data.synthetic import synthetic_records
@@ -50,6 +63,8 @@ SOURCES: dict[str, Callable[..., Iterator[dict]]] = {
     "table": table.records,  # your own faces: a label table (docs/datasets.md, "Your own table")
     "openface": facetools.openface_records,  # a video's OpenFace 2.0 CSV: pseudo-labels (docs/datasets.md)
     "pyfeat": facetools.pyfeat_records,  # a video's py-feat CSV: pseudo-labels
+    "llava": llava.records,  # LLaVA / ShareGPT instruction JSON: task-prompt records (prompt + answer)
+    "hf": hf.records,  # a Hugging Face datasets folder (save_to_disk, imagefolder, parquet), read as a table
 }
 
 # The caption style a source's own labels support: AU datasets describe AUs, emotion datasets emotions.
@@ -58,6 +73,7 @@ CAPTION_STYLES: dict[str, str] = {
     "affectnet": "emotion", "rafdb": "emotion", "rafdb_compound": "emotion", "faceme": "emotion",
     "table": "concat",  # a row's AU sentence, emotion sentence, or both: whichever its labels carry
     "openface": "au", "pyfeat": "concat",  # py-feat with --emotions labels emotions too
+    "llava": "concat", "hf": "concat",  # llava: the answers are the captions (no caption is made)
 }
 
 

@@ -23,6 +23,9 @@ from expblip.data.sources._common import MAX_SKIPPED, ConversionError
 from expblip.data.sources._video import FrameNumberingError
 from expblip.data.sources.facetools import TOOL_SOURCES, ToolOptions, check_request, manifest_fields
 from expblip.data.sources.folds import paper_test_subjects
+from expblip.data.sources.hf import check_request as check_hf
+from expblip.data.sources.llava import LlavaOptions
+from expblip.data.sources.llava import check_request as check_llava
 from expblip.data.sources.table import TableOptions
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,8 @@ class ConvertRequest:
     progress: bool = True
     table_options: TableOptions | None = None  # the table source: the table and its columns (--table, ...)
     tool_options: ToolOptions | None = None  # openface / pyfeat: the CSV, the video or frames (--csv, ...)
+    llava_options: LlavaOptions | None = None  # llava: the LLaVA / ShareGPT file, --multi-turn (--json, ...)
+    hf_dataset: str = ""  # hf: a save_to_disk folder, an imagefolder or parquet files (--dataset; columns: table_options)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -88,6 +93,10 @@ class ConvertRequest:
             self.subsample = self.split != "test"
 
     def _check_table(self) -> None:
+        check_llava(self.source, self.llava_options)
+        check_hf(self.source, self.hf_dataset)
+        if self.source == "hf":
+            return  # its columns are the table source's options
         if self.source != "table":
             if self.table_options is not None:
                 raise ValueError(f"--table and its column options apply only to the table source, not {self.source!r}")
@@ -107,6 +116,11 @@ def source_options(req: ConvertRequest) -> dict:
         return {"split": req.split, "samples": req.samples, "seed": req.seed, "image_size": req.image_size}
     if req.source in TOOL_SOURCES:
         return {"split": req.split, "root": req.root, **asdict(req.tool_options)}
+    if req.source in ("llava", "hf"):
+        given = asdict(req.llava_options) if req.source == "llava" else {
+            "dataset": req.hf_dataset, **asdict(req.table_options or TableOptions(name="hf"))}
+        opts = {"split": req.split, "root": req.root, "split_seed": req.split_seed, **given}
+        return opts if req.test_fraction is None else {**opts, "test_fraction": req.test_fraction}
     if req.source == "table":
         opts = {"split": req.split, "root": req.root, "split_seed": req.split_seed, **asdict(req.table_options)}
         return opts if req.test_fraction is None else {**opts, "test_fraction": req.test_fraction}

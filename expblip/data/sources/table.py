@@ -352,6 +352,11 @@ def read_image(location: str, skips: Skips, where: str = "") -> bytes | Image.Im
     except (OSError, ValueError) as exn:
         skips.add("unreadable image", f"{detail} ({exn})")
         return None
+    return decode_image(data, skips, detail)
+
+
+def decode_image(data: bytes, skips: Skips, detail: str) -> bytes | Image.Image | None:
+    """PNG/JPEG ``data`` as it is, other formats as an RGB image; None (counted) for a truncated or corrupt one."""
     try:
         image = Image.open(io.BytesIO(data))
         image.load()  # raises on a truncated or corrupt file
@@ -418,10 +423,14 @@ class TableReader:
             self.skips.add("duplicate entry", f"{where}: {ref}")
             return None
         seen.add(key)
-        image = read_image(image_location(self.root, ref), self.skips, where)
+        image = self.image(where, row, ref)
         if image is None:
             return None
         return {"key": key, "image": image, "labels": labels, "captions": given or captions_for(labels, self.caption)}
+
+    def image(self, where: str, row: dict, ref: str) -> bytes | Image.Image | None:
+        """The row's image (None: skipped and counted); a reader of rows that carry their images overrides it."""
+        return read_image(image_location(self.root, ref), self.skips, where)
 
     def labels(self, where: str, row: dict, ref: str | None) -> dict:
         cols = self.columns
