@@ -153,6 +153,24 @@ def test_sharegpt_json_and_jsonl_give_the_same_records(images):
     assert from_array[1]["captions"] == ["No, they look sad."]
 
 
+def test_sharegpt_variants_read_alike(images):
+    """LLaMA-Factory's default sharegpt tags (conversations from human/gpt + images, a system turn) and OpenAI-style
+    content parts give the same exchange."""
+    variants = [
+        {"conversations": [{"from": "system", "value": "You are a FACS coder."},
+                           {"from": "human", "value": "<image>Name the emotion."},
+                           {"from": "gpt", "value": "Happiness."}], "images": ["mllm_demo_data/1.jpg"]},
+        {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Name the emotion."}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "Happiness."}]}],
+         "images": ["mllm_demo_data/1.jpg"]},
+    ]
+    for i, item in enumerate(variants):
+        path = write_text(images / f"v{i}.json", json.dumps([item]))
+        (rec,) = records("llava", json=str(path), max_skipped=0.0)
+        assert (rec["labels"]["prompt"], rec["captions"], rec["labels"]["image"]) == (
+            "Name the emotion.", ["Happiness."], "mllm_demo_data/1.jpg")
+
+
 def test_a_large_json_array_is_streamed_not_loaded(tmp_path):
     """A 5 MB array is read record by record: the peak of Python allocations stays far below the file's size."""
     import tracemalloc
@@ -353,6 +371,15 @@ def test_hf_imagefolder_and_parquet(tmp_path, monkeypatch):
         str(folder / "labels.parquet"))
     recs = list(records("hf", dataset=str(folder / "labels.parquet"), max_skipped=0.0))
     assert [(r["key"], r["labels"]["aus"]) for r in recs] == [("hf-train_a", [1, 2]), ("hf-train_b", [12])]
+    # parquet with the images inside, as the hub's parquet files hold an Image column ({"bytes", "path"} structs)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cells = [{"bytes": (folder / "train" / f"{n}.jpg").read_bytes(), "path": f"{n}.jpg"} for n in "ab"]
+    pq.write_table(pa.table({"image": cells, "emotion": ["happy", "sad"]}), tmp_path / "embedded.parquet")
+    recs = list(records("hf", dataset=str(tmp_path / "embedded.parquet"), max_skipped=0.0))
+    assert [(r["key"], r["labels"]["emotions"], r["image"]) for r in recs] == [
+        ("hf-a", ["happiness"], cells[0]["bytes"]), ("hf-b", ["sadness"], cells[1]["bytes"])]
 
 
 def test_hf_check_counts_and_writes_nothing(tmp_path, capsys):
