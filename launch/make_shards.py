@@ -33,6 +33,8 @@ their names (image, aus or AU01..., emotion, caption, subject, frame, split) or 
     python launch/make_shards.py table --table openface.csv --root frames/ --au-threshold 2 --ignore-columns AU45_r \\
         --out shards/mine/train
     python launch/make_shards.py table --table fer.parquet --emotion-map affectnet --out s3://bucket/fer/train
+    # 8 processes read, check, resize and encode: the same shards and manifest as one process
+    python launch/make_shards.py table --table faces.csv --root faces/ --resize 256 --workers 8 --out shards/faces/train
 
 A video run through OpenFace 2.0 or py-feat: its per-frame CSV plus the video (or its frames); the tool's AUs (and
 py-feat's emotions with --emotions) become pseudo-labels, marked so in the manifest (docs/datasets.md):
@@ -112,6 +114,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", type=int, default=0, metavar="S",
                    help="write images with their short side at most S pixels (bicubic; JPEG sources stay JPEG at "
                    "quality 95), so training decodes less: e.g. 256 for a 224-px model; 0 (default) keeps them")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes that read, check, resize and encode the images (e.g. the machine's cores); the "
+                   "same shards and manifest as one process, memory bounded (default 1: this process alone)")
     _table_options(p.add_argument_group("table source (your own label table; columns found by name unless given)"))
     _tool_options(p.add_argument_group("openface and pyfeat sources (a video's per-frame CSV from the tool; "
                                        "--au-threshold and --name serve them too)"))

@@ -115,3 +115,31 @@ def test_gpu_smoke_dry_run_walks_every_part_through_the_real_entry_points(tmp_pa
     assert results["loader"]["samples_per_s_per_worker"] > 0 and "workers_per_gpu" in results["loader"]
     assert "CPU dry run (tiny, gloo): not GPU figures" in out and "not measured (no GPU)" in out
     print(out)  # shown by pytest -rP
+
+
+
+def test_convert_times_two_workers_against_one_process(capsys):
+    """bench/convert.py at toy sizes: both sides convert the same table to the same bytes (the script checks and
+    exits otherwise), and the last line is the median of the rounds' ratios."""
+    code = _bench("convert").main(["--rows", "40", "--size", "32", "--resize", "16", "--faces", "4", "--rounds", "3",
+                                   "--rss-rows", "0"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert re.search(r"one process: \d+ samples/s   workers 2: \d+ samples/s   \(medians of 3 alternating rounds of "
+                     r"40 rows, 32-px JPEG, --resize 16", out), out
+    assert "CPU seconds per 1000 rows" in out and "peak RSS" not in out
+    rounds = _rounds(out)
+    assert len(rounds) == 3 and _ratio(out) == pytest.approx(statistics.median(rounds), abs=1e-3)
+
+
+def test_convert_measures_peak_memory_of_a_small_and_a_large_table(capsys):
+    """The memory part: one child conversion per table size and worker count, each reporting its peak RSS and its
+    workers' (polled from /proc)."""
+    code = _bench("convert").main(["--rows", "20", "--size", "32", "--resize", "16", "--faces", "4", "--rounds", "1",
+                                   "--rss-rows", "30,60", "--rss-workers", "1,2", "--rss-size", "16",
+                                   "--rss-resize", "8"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert re.search(r"peak RSS, 60 rows, workers 2: main \d+ MiB, workers [1-9]\d* MiB", out), out
+    assert re.search(r"rss ratio, workers 2: 60 rows / 30 rows: main \d+\.\d+, workers \d+\.\d+", out), out
+    _ratio(out)

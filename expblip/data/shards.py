@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import posixpath
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 import fsspec
@@ -275,7 +275,7 @@ def _skip_written(records: Iterator[dict], shards: list[dict], out: str, bar: tq
             record = next(records, None)
             if record is None:
                 raise ValueError(f"{out} already holds more samples than these records; write to a new directory")
-            keys.append(record.get("key"))
+            keys.append(record.get("key", record.get("__key__")))  # a record, or a sample from an encoder
         if [keys[0], keys[-1]] != [entry["first_key"], entry["last_key"]]:
             raise ValueError(
                 f"records differ from those already written to {out} ({entry['url']} starts with "
@@ -324,13 +324,16 @@ def write_shards(
     meta: dict | None = None,
     progress: bool = True,
     resize: int = 0,
+    encoder: Callable[[Iterator[dict]], Iterator[dict]] | None = None,
 ) -> dict:
     """Writes ``records`` as ``out/shard-000000.tar``… plus ``out/manifest.json``; returns the manifest.
 
     A shard closes at ``samples_per_shard`` samples or before exceeding ``max_shard_bytes``. Re-running into the same
     ``out`` with the same records and settings skips the shards listed in the partial manifest and continues.
     ``resize`` > 0: images are written with their short side at most that many pixels (JPEG at JPEG_QUALITY), so
-    training decodes less; the manifest's meta records it.
+    training decodes less; the manifest's meta records it. ``encoder`` turns the records into samples in their order
+    (default: ``encode_record`` here, one at a time; expblip.data.sources.parallel's encodes on several processes, and
+    a resumed run through it encodes the records already written too, to count their skips).
     """
     if samples_per_shard < 1 or max_shard_bytes < 1:
         raise ValueError("samples_per_shard and max_shard_bytes must be positive")
@@ -342,8 +345,12 @@ def write_shards(
     manifest = _resume_state(out, _new_manifest(samples_per_shard, max_shard_bytes, meta))
     records = iter(records)
     with tqdm(desc=f"shards → {out}", unit="sample", disable=not progress, mininterval=2.0) as bar:
-        _skip_written(records, manifest["shards"], out, bar)
-        samples = (encode_record(r, resize) for r in records)
+        if encoder is None:
+            _skip_written(records, manifest["shards"], out, bar)
+            samples = (encode_record(r, resize) for r in records)
+        else:
+            samples = encoder(records)
+            _skip_written(samples, manifest["shards"], out, bar)
         pending = next(samples, None)
         while pending is not None:
             shard_url = join_url(out, SHARD_NAME.format(len(manifest["shards"])))

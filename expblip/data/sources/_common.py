@@ -23,7 +23,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from expblip.data.captions import CaptionConfig, captions_for
 from expblip.data.facs import DATASET_AUS
@@ -310,6 +312,8 @@ class Skips:
         self.examples: list[str] = []  # the first EXAMPLES bad rows, "detail (reason)"
         self.errors: Counter = Counter()  # rows a conversion refuses, counted by a check instead (see ``fail``)
         self.error_examples: list[str] = []  # the first EXAMPLES of them, each a full error message
+        # a parallel conversion's: add/drop/finish are queued there and replayed in record order (see Deferral)
+        self.deferral: Deferral | None = _DEFERRAL.get()
         watching = _WATCHERS.get()
         if watching is not None:
             watching.append(self)
@@ -321,6 +325,9 @@ class Skips:
             self.error_examples.append(message)
 
     def add(self, reason: str, detail: str) -> None:
+        if self.deferral is not None:
+            self.deferral.queue(self, "add", reason, detail)
+            return
         self.counts[reason] += 1
         if len(self.examples) < EXAMPLES:
             self.examples.append(f"{detail} ({reason})")
@@ -328,6 +335,9 @@ class Skips:
             log.warning("%s: skipping %s (%s)", self.dataset, detail, reason)
 
     def drop(self, reason: str, detail: str) -> None:
+        if self.deferral is not None:
+            self.deferral.queue(self, "drop", reason, detail)
+            return
         self.dropped[reason] += 1
         if self.dropped[reason] <= _WARN_FIRST:
             log.info("%s: leaving out %s (%s)", self.dataset, detail, reason)
@@ -346,6 +356,9 @@ class Skips:
 
     def finish(self, kept: int) -> None:
         """Log the summary; in a conversion (``max_skipped`` set) raise when nothing or too much survived."""
+        if self.deferral is not None:
+            self.deferral.queue(self, "finish", kept)
+            return
         self.report(kept)
         if self.max_skipped is None:
             return
@@ -362,6 +375,84 @@ class Skips:
 
 
 _WATCHERS: ContextVar[list[Skips] | None] = ContextVar("expblip_skips_watchers", default=None)
+
+
+class Deferral:
+    """The skips of a parallel conversion's sources, queued in record order (expblip.data.sources.parallel).
+
+    A source streams records whose images a worker reads later (:class:`DeferredImage`), so a worker may still skip a
+    row the source already yielded. Its own ``add``/``drop``/``finish`` therefore wait in ``events`` between the
+    records, and the writer replays them, with the workers' skips, in the order one process counts them: the same
+    counts, examples, log lines and final judgement. Once a reason's details can no longer be logged or named
+    (EXAMPLES and _WARN_FIRST reached), its further skips are kept as counts only: a long run of bad rows between
+    two records holds one event, not one per row.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []  # (skips, kind, *args), taken by the writer before each record
+        self._queued: Counter = Counter()  # (id(skips), kind, reason) and (id(skips), "examples") ever queued
+
+    def queue(self, skips: Skips, kind: str, *args: object) -> None:
+        if kind == "finish":
+            self.events.append((skips, kind, *args))
+            return
+        reason, ident = args[0], id(skips)
+        self._queued[ident, kind, reason] += 1
+        self._queued[ident, "examples"] += kind == "add"
+        named = self._queued[ident, kind, reason] <= _WARN_FIRST or (
+            kind == "add" and self._queued[ident, "examples"] <= EXAMPLES)
+        if named:
+            self.events.append((skips, kind, *args))
+        elif self.events and self.events[-1][:2] == (skips, "counts"):
+            self.events[-1][2][kind, reason] += 1
+        else:
+            self.events.append((skips, "counts", Counter({(kind, reason): 1})))
+
+    def take(self) -> list[tuple]:
+        events, self.events = self.events, []
+        return events
+
+    @staticmethod
+    def replay(event: tuple, failed: int = 0) -> None:
+        """Apply one queued event; ``failed``: the records of its skips' source that a worker skipped after all (a
+        finish counts them out of ``kept``)."""
+        skips, kind, *args = event
+        deferral, skips.deferral = skips.deferral, None
+        try:
+            if kind == "counts":
+                for (which, reason), n in args[0].items():
+                    (skips.counts if which == "add" else skips.dropped)[reason] += n
+            elif kind == "finish":
+                skips.finish(args[0] - failed)
+            else:
+                getattr(skips, kind)(*args)
+        finally:
+            skips.deferral = deferral
+
+
+_DEFERRAL: ContextVar[Deferral | None] = ContextVar("expblip_skips_deferral", default=None)
+
+
+@contextmanager
+def deferred_skips() -> Iterator[Deferral]:
+    """Every :class:`Skips` made while the block runs queues its counting in the yielded :class:`Deferral`, and the
+    table source hands its images to the workers as :class:`DeferredImage` (a parallel conversion)."""
+    deferral = Deferral()
+    token = _DEFERRAL.set(deferral)
+    try:
+        yield deferral
+    finally:
+        _DEFERRAL.reset(token)
+
+
+@dataclass
+class DeferredImage:
+    """An image a parallel conversion's worker reads and checks instead of the source, which streams only labels and
+    the image's reference: ``read(skips)`` returns the image, or None after counting why with ``skips.add`` (in the
+    worker a recorder, replayed here into ``skips`` in record order)."""
+
+    read: Callable[[Any], Any]  # picklable: a module-level function, or a functools.partial of one
+    skips: Skips  # the source's; stays in this process
 
 
 @contextmanager

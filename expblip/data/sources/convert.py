@@ -57,6 +57,7 @@ class ConvertRequest:
     max_skipped: float = MAX_SKIPPED  # the fraction of bad rows beyond which the conversion fails
     samples_per_shard: int = 1000
     resize: int = 0  # > 0: images written with their short side at most this many pixels (JPEG stays JPEG, q 95)
+    workers: int = 1  # processes reading, checking, resizing and encoding images; the same shards as one (parallel.py)
     progress: bool = True
     table_options: TableOptions | None = None  # the table source: the table and its columns (--table, ...)
     tool_options: ToolOptions | None = None  # openface / pyfeat: the CSV, the video or frames (--csv, ...)
@@ -85,6 +86,8 @@ class ConvertRequest:
             raise ValueError(f"--frame-base must be 0 or 1 (or auto), got {self.frame_base}")
         if self.resize < 0:
             raise ValueError(f"--resize must be >= 0 (0 keeps the images as they are), got {self.resize}")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1 (1: this process alone), got {self.workers}")
         if not 0.0 <= self.max_skipped < 1.0:
             raise ValueError(f"--max-skipped must be in [0, 1), got {self.max_skipped}")
         self._check_table()
@@ -160,16 +163,18 @@ def convert(req: ConvertRequest) -> dict:
     """Write the shards and the manifest; returns the manifest. ConversionError (no manifest.json) when the source
     keeps no record or skips more than ``req.max_skipped`` of its rows."""
     from expblip.data.shards import write_shards
+    from expblip.data.sources.parallel import parallel_encoder
 
     opts = source_options(req)
     meta = manifest_meta(req, opts)
-    source = records(req.source, caption=CaptionConfig(style=req.style), max_skipped=req.max_skipped, **opts)
-    try:
-        return write_shards(source, req.out, samples_per_shard=req.samples_per_shard, meta=meta,
-                            progress=req.progress, resize=req.resize)
-    except (ConversionError, FrameNumberingError):  # refused, not interrupted: the re-run (e.g. with --frame-base)
-        _discard_partial(req.out)                   # must not be told that it differs from these shards
-        raise
+    with parallel_encoder(req.workers, req.resize) as encoder:  # None for one process; the source is made inside
+        source = records(req.source, caption=CaptionConfig(style=req.style), max_skipped=req.max_skipped, **opts)
+        try:
+            return write_shards(source, req.out, samples_per_shard=req.samples_per_shard, meta=meta,
+                                progress=req.progress, resize=req.resize, encoder=encoder)
+        except (ConversionError, FrameNumberingError):  # refused, not interrupted: the re-run (e.g. --frame-base)
+            _discard_partial(req.out)                   # must not be told that it differs from these shards
+            raise
 
 
 def summary_line(manifest: dict, out: str) -> str:

@@ -33,6 +33,7 @@ Labels: ``aus``, ``emotions``, ``subject``, ``frame``, ``image`` (the row's refe
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -47,7 +48,7 @@ from PIL import Image
 
 from expblip.data.captions import CaptionConfig, captions_for
 from expblip.data.facs import AUS, DATASET_CODE_BASE, DATASET_EMOTIONS, EMOTIONS
-from expblip.data.sources._common import ConversionError, Skips, check_split, image_in_test, record_key
+from expblip.data.sources._common import ConversionError, DeferredImage, Skips, check_split, image_in_test, record_key
 from expblip.data.sources._rows import Table, TableError, open_table
 
 DATASET = "table"
@@ -339,8 +340,11 @@ def image_location(root: str, ref: str) -> str:
 def read_image(location: str, skips: Skips, where: str = "") -> bytes | Image.Image | None:
     """PNG/JPEG bytes as stored, other formats PIL can read as an RGB image (written as PNG); None (counted) for
     a missing, unreadable or truncated file. Every image is decoded once here, so a broken one never reaches a
-    shard."""
+    shard. In a parallel conversion (``skips`` deferring) a worker does all this: a DeferredImage is returned."""
     from expblip.data.shards import url_to_fs
+
+    if skips.deferral is not None:  # expblip.data.sources.parallel: the worker reads, checks and counts in order
+        return DeferredImage(functools.partial(read_image, location, where=where), skips)
 
     detail = f"{where}: {location}" if where else location
     try:
