@@ -281,6 +281,17 @@ def test_check_reads_llava_and_shows_prompts(images, capsys):
     assert not (images / "out").exists()
 
 
+def test_two_workers_write_the_same_shards(images, tmp_path):
+    saved = hf_faces(tmp_path / "hf")
+    path = write_text(images / "faces.json", LLAVA_JSON)
+    for source, given in (("llava", ["--json", str(path)]), ("hf", ["--dataset", str(saved)])):
+        outs = [images / f"{source}{n}" for n in (1, 2)]
+        for n, out in zip((1, 2), outs, strict=True):
+            assert make_shards([source, *given, "--out", str(out), "--workers", str(n)]) == 0
+        one, two = ((out / "shard-000000.tar").read_bytes() for out in outs)
+        assert one == two, source
+
+
 # ---------------------------------------------------------------- llava: refusals
 
 
