@@ -42,14 +42,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps-scale", type=float, default=None, help="multiply every stage's training steps")
     parser.add_argument("--init", choices=["au_blip", "emot_blip", "lm"], help="what Exp-, Cat- and Mix-BLIP start from")
     parser.add_argument("--verbose", action="store_true", help="show Ray's own console output of every stage")
+    parser.add_argument("--seeds", type=int, default=1, metavar="N",
+                        help="pipeline recipes: run training seeds 0..N-1 (OUT/seedK each; the same world) and "
+                        "report mean ± SD and each comparison's interval per seed (OUT/seeds.md)")
     parser.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. world.au_samples=500 init=lm")
     args = parser.parse_args(argv)
     if args.register and args.recipe != "demo":
         parser.error("--register applies to the demo; register a pipeline's export with launch/export.py --export "
                      "RUN_DIR --register NAME")
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.recipe == "demo":
-        if args.overrides or args.llm_url or args.steps_scale is not None or args.init:
-            parser.error("--llm-url, --steps-scale, --init and overrides apply to the pipeline recipes, not to demo")
+        if args.overrides or args.llm_url or args.steps_scale is not None or args.init or args.seeds != 1:
+            parser.error("--llm-url, --steps-scale, --init, --seeds and overrides apply to the pipeline recipes, "
+                         "not to demo (the demo is one seed)")
         return run_main(lambda: _demo(args))
     return run_main(lambda: _pipeline(args))
 
@@ -75,7 +81,27 @@ def _pipeline(args: argparse.Namespace) -> None:
         flags.append(f"init={args.init}")
     if args.verbose:
         flags.append("verbose=true")
-    run_pipeline(load_recipe(args.recipe, [*flags, *args.overrides]))
+    recipe = load_recipe(args.recipe, [*flags, *args.overrides])
+    if args.seeds == 1:
+        run_pipeline(recipe)
+        return
+    _seeds(args, recipe, [*flags, *args.overrides])
+
+
+def _seeds(args: argparse.Namespace, recipe, overrides: list[str]) -> None:
+    from pathlib import Path
+
+    from expblip.pipeline.chain import run_pipeline, say
+    from expblip.pipeline.recipe import load_recipe
+    from expblip.pipeline.seeds import summarise
+
+    base = Path(recipe.out)
+    results = [run_pipeline(load_recipe(args.recipe, [*overrides, f"out={base / f'seed{k}'}", f"train.seed={k}"]))
+               for k in range(args.seeds)]
+    summary = summarise(results)
+    (base / "seeds.md").write_text(summary["table"] + "\n")
+    print("\n" + summary["table"] + "\n", flush=True)
+    say(f"seeds: {base / 'seeds.md'}")
 
 
 if __name__ == "__main__":

@@ -125,13 +125,33 @@ def _one_au_each() -> tuple[list[str], list[dict]]:
     return captions, labels
 
 
+def test_emotions_named_where_none_is_right_are_false_positives_and_both_counts_only_both_labelled_faces():
+    """Issue 21: a face the labels mark ``no_emotion`` is not an emotion face; a caption naming an emotion there is
+    a false positive (not silently ignored), and "names AUs and an emotion" is a share of the faces labelled with
+    both, not of every face. Accuracy per AU pattern shows which patterns a score rests on."""
+    labels = [{"aus": [6, 12], "emotions": ["happiness"]}, {"aus": [6, 12], "emotions": ["happiness"]},
+              {"aus": [1, 4, 15], "emotions": ["sadness"]}, {"aus": [2], "emotions": None, "no_emotion": True},
+              {"aus": [9], "emotions": None, "no_emotion": True}, {"aus": [4], "emotions": None}]
+    captions = ["cheek raiser, lip corner puller. The face shows happiness.", "lip corner puller.",
+                "The face shows happiness.", "outer brow raiser. The face shows surprise.", "nose wrinkler.",
+                "brow lowerer. The face shows anger."]  # the last face is not labelled: not a false positive
+    scores = evaluate_captions(captions, labels, AUS)
+    assert scores["emotion_false_positive_rate"] == pytest.approx(1 / 2)
+    counts = scores["counts"]
+    assert (counts["both_labelled"], counts["names_both"], counts["no_emotion"]) == (3, 1, 2)
+    assert scores["emotion_by_pattern"] == {"1+4+15": {"emotion": "sadness", "n": 1, "right": 0},
+                                            "6+12": {"emotion": "happiness", "n": 2, "right": 1}}
+
+
 def test_perfect_captions_score_one_and_every_baseline_less():
     captions, labels = _one_au_each()
     perfect = evaluate_captions(captions, labels, AUS)
     assert perfect["mean_au_f1"] == pytest.approx(1.0)
     assert perfect["emotion_accuracy"] == pytest.approx(1.0)
-    assert perfect["counts"] == {"samples": 12, "au_labelled": 12, "emotion_labelled": 4, "nothing_parsed": 0,
-                                 "names_aus": 12, "names_emotion": 4, "names_both": 4}
+    assert perfect["counts"] == {"samples": 12, "au_labelled": 12, "emotion_labelled": 4, "both_labelled": 4,
+                                 "no_emotion": 0, "nothing_parsed": 0, "names_aus": 12, "names_emotion": 4,
+                                 "names_both": 4, "names_emotion_where_none": 0}
+    assert perfect["emotion_false_positive_rate"] is None and sum(p["n"] for p in perfect["emotion_by_pattern"].values()) == 4
     smile = "It is a people who pulls lip corner."
     rows = {b["key"]: b for b in baseline_rows(TrainingText([smile, smile, captions[0]], labels), labels, AUS)}
     assert list(rows) == ["most_frequent", "all_aus", "majority_emotion", "chance"]

@@ -21,6 +21,7 @@ rotation (+-8 degrees), Gaussian pixel noise. Faces are drawn 4x larger and LANC
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -143,6 +144,14 @@ def sample_style(rng: random.Random) -> FaceStyle:
         angle=rng.uniform(-8.0, 8.0),
         shift=(rng.uniform(-3.0, 3.0), rng.uniform(-3.0, 3.0)),
     )
+
+
+def subject_style(subject: str, rng: random.Random) -> FaceStyle:
+    """A face of one identity: skin, hair, iris and face shape fixed by the subject's id (the same in every
+    process), background and pose (size, rotation, offset) drawn per face from ``rng``."""
+    identity = sample_style(random.Random(f"expblip-subject/{subject}"))
+    return dataclasses.replace(identity, background=_background(rng, identity.skin), scale=rng.uniform(0.9, 1.1),
+                               angle=rng.uniform(-8.0, 8.0), shift=(rng.uniform(-3.0, 3.0), rng.uniform(-3.0, 3.0)))
 
 
 # ---------------------------------------------------------------- pen: 64-px face units -> canvas
@@ -348,13 +357,14 @@ def _add_noise(img: Image.Image, rng: random.Random) -> Image.Image:
     return Image.fromarray(np.clip(arr + noise, 0, 255).round().astype(np.uint8), "RGB")
 
 
-def draw_face(aus: Iterable[int], rng: random.Random, size: int = 64) -> Image.Image:
-    """Draw one RGB face of ``size`` px showing exactly ``aus`` (a subset of ``SYNTHETIC_AUS``)."""
+def draw_face(aus: Iterable[int], rng: random.Random, size: int = 64, style: FaceStyle | None = None) -> Image.Image:
+    """Draw one RGB face of ``size`` px showing exactly ``aus`` (a subset of ``SYNTHETIC_AUS``), in ``style`` (a
+    subject's, :func:`subject_style`) or a style of its own drawn from ``rng``."""
     active = set(validate_aus(aus))
     undrawable = sorted(active - set(SYNTHETIC_AUS))
     if undrawable:
         raise ValueError(f"the synthetic world cannot draw AU(s) {undrawable}; it draws {list(SYNTHETIC_AUS)}")
-    style = sample_style(rng)
+    style = style or sample_style(rng)
     canvas = Image.new("RGB", (size * SUPERSAMPLE, size * SUPERSAMPLE), style.background)
     pen = _Pen(ImageDraw.Draw(canvas), style, unit=size / 64 * SUPERSAMPLE)
     _draw_head(pen, active)

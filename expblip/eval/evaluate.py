@@ -60,8 +60,14 @@ SAMPLES_KEPT = 20  # examples stored in the result and the report
 def evaluate_captions(captions: Sequence[str], labels: Sequence[dict], aus: Sequence[int]) -> dict:
     """Score captions against per-sample labels ``{"aus": list | None, "emotions": list | None}``.
 
-    Returns {"mean_au_f1", "per_au_f1" {au: f1}, "emotion_accuracy", "counts"}; a score is None when no sample
-    carries that kind of label.
+    Returns {"mean_au_f1", "per_au_f1" {au: f1}, "emotion_accuracy", "emotion_false_positive_rate",
+    "emotion_by_pattern", "counts"}; a score is None when no sample carries that kind of label.
+
+    ``labels[i]["no_emotion"]`` marks a face on which no emotion is right (the synthetic world's faces outside every
+    emotion family; ``emotions=None`` alone means *not labelled*): the share of those whose caption names an emotion
+    is the false-positive rate. ``names_both`` counts captions naming AUs and an emotion among the faces labelled
+    with both (``both_labelled``). ``emotion_by_pattern``: emotion accuracy per AU pattern of the emotion faces
+    that carry AU labels ({"1+2+5": {"emotion", "n", "right"}}), so a score resting on few patterns shows it.
     """
     if len(captions) != len(labels):
         raise ValueError(f"{len(captions)} captions but {len(labels)} label sets; pass one caption per sample")
@@ -75,12 +81,30 @@ def evaluate_captions(captions: Sequence[str], labels: Sequence[dict], aus: Sequ
     if emo_rows:
         truth, pred = [set(labels[i]["emotions"]) for i in emo_rows], [set(parsed[i]["emotions"]) for i in emo_rows]
         accuracy, confusion = emotion_accuracy(truth, pred), confusion_of(truth, pred)
+    both_rows = [i for i in emo_rows if labels[i].get("aus") is not None]
+    none_rows = [i for i, lab in enumerate(labels) if lab.get("no_emotion")]
+    false_pos = sum(bool(parsed[i]["emotions"]) for i in none_rows)
     counts = {"samples": len(captions), "au_labelled": len(au_rows), "emotion_labelled": len(emo_rows),
+              "both_labelled": len(both_rows), "no_emotion": len(none_rows),
               "nothing_parsed": sum(not p["aus"] and not p["emotions"] for p in parsed),
               "names_aus": sum(bool(p["aus"]) for p in parsed), "names_emotion": sum(bool(p["emotions"]) for p in parsed),
-              "names_both": sum(bool(p["aus"] and p["emotions"]) for p in parsed)}
+              "names_both": sum(bool(parsed[i]["aus"] and parsed[i]["emotions"]) for i in both_rows),
+              "names_emotion_where_none": false_pos}
     return {"mean_au_f1": f1["mean"] if f1 else None, "per_au_f1": f1["per_au"] if f1 else {},
-            "emotion_accuracy": accuracy, "emotion_confusion": confusion, "counts": counts}
+            "emotion_accuracy": accuracy, "emotion_confusion": confusion,
+            "emotion_false_positive_rate": false_pos / len(none_rows) if none_rows else None,
+            "emotion_by_pattern": _by_pattern(both_rows, labels, parsed), "counts": counts}
+
+
+def _by_pattern(rows: Sequence[int], labels: Sequence[dict], parsed: Sequence[dict]) -> dict:
+    """{"1+2+5": {"emotion", "n", "right"}} over the emotion faces with AU labels, patterns in sorted order."""
+    out: dict[str, dict] = {}
+    for i in rows:
+        key = "+".join(str(au) for au in sorted(labels[i]["aus"])) or "none"
+        entry = out.setdefault(key, {"emotion": ",".join(sorted(labels[i]["emotions"])), "n": 0, "right": 0})
+        entry["n"] += 1
+        entry["right"] += set(parsed[i]["emotions"]) == set(labels[i]["emotions"])
+    return dict(sorted(out.items()))
 
 
 def confusion_of(truth: Sequence[set[str]], pred: Sequence[set[str]]) -> dict | None:
@@ -328,7 +352,8 @@ def evaluate_export(export_dir: str | Path, shards: str, aus: Sequence[int] = DA
     """Caption the held-out shards with the export; score the model and every baseline.
 
     ``export_dir`` may also be a run directory (its export/ is used). Returns {"model": scores, "baselines": [rows],
-    "best": strongest(baselines), "baseline_source", "samples": the first 20 {key, caption, truth}, "settings"}
+    "best": strongest(baselines), "baseline_source", "samples": the first 20 {key, caption, truth}, "settings",
+    "items": every face's {keys, captions, labels}}
     and, with ``caption_metrics``, "captions": {"model", "baseline"} text scores (``meteor=False`` skips METEOR).
     ``task``: which of the export's tasks is asked (its prompt, unless ``prompt`` is given); the model is scored
     on that task's metrics only (TASK_METRICS: both for describe, AU F1 for aus, emotion accuracy for emotion).
@@ -355,15 +380,19 @@ def evaluate_export(export_dir: str | Path, shards: str, aus: Sequence[int] = DA
                 "subset": subset_note(shards, limit),
                 "generation": dataclasses.asdict(gen or GenerationConfig()), "task": task, "prompt": prompt}
     result = {"model": model, "baselines": baselines, "best": strongest(baselines), "baseline_source": train.source,
-              "samples": samples[:SAMPLES_KEPT], "settings": settings}
+              "samples": samples[:SAMPLES_KEPT], "settings": settings,
+              # every face's caption and scored labels, for paired intervals between results (expblip.eval.paired)
+              "items": {"keys": run["keys"], "captions": run["captions"], "labels": labels}}
     if caption_metrics:
         result["captions"] = caption_text_scores(run, baselines[0]["caption"], meteor, device)
     return result
 
 
 def _label_fields(labels: dict) -> dict:
-    """The scored part of a sample's labels: {"aus", "emotions"} (None where the dataset does not label it)."""
-    return {"aus": labels.get("aus"), "emotions": labels.get("emotions")}
+    """The scored part of a sample's labels: {"aus", "emotions"} (None where the dataset does not label it), and
+    "no_emotion" where the labels say no emotion is right (evaluate_captions)."""
+    fields = {"aus": labels.get("aus"), "emotions": labels.get("emotions")}
+    return {**fields, "no_emotion": True} if labels.get("no_emotion") else fields
 
 
 def evaluate_tasks(export_dir: str | Path, shards: str, tasks: Sequence[str] | None = None, device: str = "cpu",

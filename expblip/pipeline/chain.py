@@ -38,6 +38,7 @@ import yaml
 
 from expblip.config import Config, ConfigError, flatten, load_config, to_dict
 from expblip.data.shards import MANIFEST, PARTIAL_MANIFEST, read_manifest, resolve_shards, write_shards
+from expblip.eval.paired import comparison_table, comparisons
 from expblip.log import get_logger
 from expblip.pipeline.recipe import PipelineConfig, StageConfig, stage_recipe
 
@@ -214,7 +215,8 @@ def stage_config(chain: Chain, name: str, kind: StageConfig, shards: str, weight
             f"tracking.parent_run_id={chain.parent.run_id if chain.parent else ''}",
             f"ray.num_workers={p.train.num_workers}", f"ray.cpus_per_worker={p.train.cpus_per_worker}",
             f"ray.use_gpu={str(p.train.use_gpu).lower()}", f"ray.verbose={str(p.verbose).lower()}",
-            f"model.weights={weights}"]  # always, even '': a stage recipe's own default names the demo's run dirs
+            f"model.weights={weights}",  # always, even '': a stage recipe's own default names the demo's run dirs
+            f"train.seed={p.train.seed}", f"data.train.seed={p.train.seed}"]
     user = [*p.train.overrides, *kind.overrides]
     recipe = stage_recipe(kind.recipe)
     plain = load_config(recipe, base + user)
@@ -418,7 +420,9 @@ def _fmt(value: float | None) -> str:
 
 def _share(counts: dict, name: str) -> float | None:
     """counts[name] as a share of the scored samples (None for results written before the count existed)."""
-    return counts[name] / counts["samples"] if name in counts and counts.get("samples") else None
+    # names_both is counted among the faces labelled with both aspects
+    total = counts.get("both_labelled") if name == "names_both" else counts.get("samples")
+    return counts[name] / total if name in counts and total else None
 
 
 def _short(caption: str | None) -> str:
@@ -433,15 +437,36 @@ def results_table(rows: list[dict], baselines: list[dict], test: dict) -> str:
     lines = [f"Held-out test set: {test['samples']} faces ({test['au_labelled']} AU-labelled, "
              f"{test['emotion_labelled']} emotion-labelled), AU combinations unseen in training; scores parsed from "
              "the generated text; emotion accuracy counts a caption right only when the emotions it names equal the "
-             "true set.", "",
-             "| model | trained on | mean AU F1 | emotion accuracy | captions naming AUs and an emotion |",
-             "|---|---|---:|---:|---:|"]
+             f"true set. Naming AUs and an emotion: among the {test.get('both_labelled', '?')} faces labelled with "
+             f"both; an emotion where none is right: among the {test.get('no_emotion', '?')} faces outside every "
+             "emotion family.", "",
+             "| model | trained on | mean AU F1 | emotion accuracy | names AUs and an emotion | names an emotion "
+             "where none is right |",
+             "|---|---|---:|---:|---:|---:|"]
     for row in rows:
         lines.append(f"| {row['model']} | {row['trained_on']} | {_fmt(row['mean_au_f1'])} | "
-                     f"{_fmt(row['emotion_accuracy'])} | {_fmt(row.get('names_both'))} |")
+                     f"{_fmt(row['emotion_accuracy'])} | {_fmt(row.get('names_both'))} | "
+                     f"{_fmt(row.get('emotion_false_positive_rate'))} |")
     for base in baselines:
         lines.append(f"| baseline: {base['name']} | {_short(base['caption'])} | {_fmt(base['mean_au_f1'])} | "
-                     f"{_fmt(base['emotion_accuracy'])} | {_fmt(base.get('names_both'))} |")
+                     f"{_fmt(base['emotion_accuracy'])} | {_fmt(base.get('names_both'))} | "
+                     f"{_fmt(base.get('emotion_false_positive_rate'))} |")
+    return "\n".join(lines)
+
+
+def pattern_table(results: dict, order: list[str]) -> str:
+    """Emotion accuracy per held-out AU pattern, one column per model: which patterns a score rests on."""
+    patterns = results[order[0]]["model"].get("emotion_by_pattern") or {}
+    if not patterns:
+        return ""
+    lines = ["| pattern (AUs) | emotion | faces | " + " | ".join(MODEL_NAMES[k] for k in order) + " |",
+             "|---|---|---:|" + "---:|" * len(order)]
+    for key, entry in patterns.items():
+        cells = []
+        for k in order:
+            got = (results[k]["model"].get("emotion_by_pattern") or {}).get(key)
+            cells.append(f"{got['right']}/{got['n']}" if got else "-")
+        lines.append(f"| {key} | {entry['emotion']} | {entry['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -509,7 +534,9 @@ def evaluate_models(chain: Chain, models: dict[str, Model], test: str) -> dict:
     rows = [{"key": k, "model": MODEL_NAMES[k], "trained_on": models[k].trained_on, "run_dir": models[k].run_dir,
              "mean_au_f1": results[k]["model"]["mean_au_f1"],
              "emotion_accuracy": results[k]["model"]["emotion_accuracy"],
-             "names_both": _share(results[k]["model"]["counts"], "names_both")} for k in order if k in models]
+             "names_both": _share(results[k]["model"]["counts"], "names_both"),
+             "emotion_false_positive_rate": results[k]["model"].get("emotion_false_positive_rate")}
+            for k in order if k in models]
     target = results[chain.p.target]
     baselines = [{**b, "names_both": _share(b.get("counts", {}), "names_both")} for b in target["baselines"]]
     best = target["best"]
@@ -518,9 +545,15 @@ def evaluate_models(chain: Chain, models: dict[str, Model], test: str) -> dict:
     metrics.update({f"best_baseline.{n}": best[n]["score"] for n in ("mean_au_f1", "emotion_accuracy") if best[n]})
     if chain.parent:
         chain.parent.log_metrics({k: v for k, v in metrics.items() if v is not None})
-    kept = ("key", "name", "caption", "mean_au_f1", "emotion_accuracy", "names_both")
+    kept = ("key", "name", "caption", "mean_au_f1", "emotion_accuracy", "names_both", "emotion_false_positive_rate")
+    patterns = pattern_table(results, [k for k in order if k in models])
+    # one comparison per distinct model: Cat-BLIP without an LLM endpoint is the target's own run
+    distinct = {k: r for k, r in results.items() if k == chain.p.target or models[k].run_dir != models[
+        chain.p.target].run_dir}
+    paired = comparisons(distinct, chain.p.target, MODEL_NAMES) if all("items" in r for r in distinct.values()) else []
     return {"rows": rows, "baselines": [{k: b.get(k) for k in kept} for b in baselines], "best": best,
-            "margin": margins(rows[0], best), "table": results_table(rows, baselines, target["model"]["counts"])}
+            "margin": margins(rows[0], best), "patterns": patterns, "comparisons": paired,
+            "table": results_table(rows, baselines, target["model"]["counts"])}
 
 
 def _log_recipe(chain: Chain) -> None:
@@ -561,8 +594,14 @@ def run_pipeline(p: PipelineConfig) -> dict:
     chain.parent.finish()
     result.update(status=chain.status, notes=chain.notes, parent_run_id=chain.parent.run_id,
                   seconds=round(time.perf_counter() - start, 1))
-    (out / "results.md").write_text(result["table"] + "\n")
+    patterns = ""
+    if result.get("comparisons"):
+        patterns += ("\n\nPaired 95 % bootstrap intervals on the same test faces, whole AU patterns resampled "
+                     f"(expblip.eval.paired):\n\n{comparison_table(result['comparisons'])}")
+    if result.get("patterns"):
+        patterns += f"\n\nEmotion accuracy per held-out AU pattern (right/faces):\n\n{result['patterns']}"
+    (out / "results.md").write_text(result["table"] + patterns + "\n")
     (out / "results.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    print("\n" + result["table"] + "\n", flush=True)
+    print("\n" + result["table"] + patterns + "\n", flush=True)
     say(f"results: {out / 'results.md'}; browse runs with: .venv/bin/mlflow ui --backend-store-uri {chain.parent.uri}")
     return result

@@ -80,6 +80,9 @@ class TrainingConfig:
     # ray: Ray Train (num_workers workers, DeepSpeed ZeRO-3); local: one process per stage, a world of one as
     # `python launch/finetune.py` (quick debugging and tests; pseudo-captioning still runs on Ray)
     launcher: Literal["ray", "local"] = "ray"
+    # every stage's train.seed and data.train.seed: a seed varies the initialisation and the data order, never the
+    # world (launch/pipeline.py --seeds N runs seeds 0..N-1 and reports mean ± SD; expblip.pipeline.seeds)
+    seed: int = 0
     num_workers: int = 2  # Ray Train workers per stage
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
