@@ -67,8 +67,20 @@ def test_world_parts_label_only_their_aspect_and_test_combinations_are_unseen():
     assert not test_combos & train_combos
     assert all(world.is_held_out(c) for c in test_combos)
     assert len(test_combos) > 20 and len(train_combos) > 300
-    assert set(world.held_out_family_members()) == {"happiness", "sadness", "surprise", "fear", "disgust", "anger",
-                                                   "contempt"}
+    # emotion accuracy rests on 3 held-out patterns of each of the 8 emotions, neutral included (issue 21)
+    held = world.held_out_family_members()
+    assert set(held) == set(SYNTHETIC_PROTOTYPES) and all(len(c) == 3 for c in held.values())
+    assert len(world.emotion_patterns()) == 24
+    drawn_tests = [world.test_labels(random.Random(f"p{i}")) for i in range(2000)]
+    assert {tuple(t["aus"]) for t in drawn_tests if t["emotions"]} == set(world.emotion_patterns())
+    assert all(t["no_emotion"] == (t["emotions"] is None) for t in drawn_tests)
+    # subjects: every face has one; training, validation and test identities are apart
+    subjects = {part: {r["labels"]["subject"] for r in world.part_records(part, 60)}
+                for part in ("au", "emotion", "val", "test")}
+    assert all(subjects.values()) and len(subjects["test"]) > 30
+    for part in ("au", "emotion", "val"):
+        assert not subjects[part] & subjects["test"], part
+    assert not (subjects["au"] | subjects["emotion"]) & subjects["val"]
     # no emotion face shows another emotion's whole prototype beyond what its own prototype holds
     protos = {e: set(p) for e, p in SYNTHETIC_PROTOTYPES.items() if p}
     for combo, emotion in world.emotion_families().items():
@@ -218,7 +230,10 @@ def test_exp_blip_chain_learns_both_aspects_rerun_skips_interrupt_redoes_only_th
     assert "eval.au_f1" in au_run.data.metrics  # the evaluation is attached to the model's own run too
 
 
-AU_MARGIN, EMOTION_MARGIN = 0.1, 0.3  # over the strongest baseline of each metric (chosen on the training labels)
+# over the strongest baseline of each metric (chosen on the training labels), with room for another CPU's rounding:
+# measured on the world of issue 21 (subjects, 24 emotion patterns), 2026-12-04: AU F1 +0.132 [+0.072, +0.175],
+# emotion accuracy +0.427 [+0.275, +0.575] (paired 95 % intervals, whole AU patterns resampled)
+AU_MARGIN, EMOTION_MARGIN = 0.05, 0.2
 
 
 def _assert_learnt_both_aspects(result: dict) -> None:
@@ -226,7 +241,11 @@ def _assert_learnt_both_aspects(result: dict) -> None:
     best_au, best_emotion = best["mean_au_f1"]["score"], best["emotion_accuracy"]["score"]
     assert best_au > 0.3 and best["mean_au_f1"]["key"] == "all_aus"  # naming every AU is the constant to beat
     exp, au, emot = rows["exp_blip"], rows["au_blip"], rows["emot_blip"]
-    assert exp["names_both"] >= 0.8
+    assert exp["names_both"] >= 0.8  # of the faces labelled with both (measured 0.970)
+    paired = {(c["comparison"], c["metric"]): c for c in result["comparisons"]}
+    vs_best = paired[("Exp-BLIP − strongest baseline (every AU of the training labels)", "mean_au_f1")]
+    assert vs_best["interval"]["resampled"] == "groups" and vs_best["interval"]["low"] > 0, vs_best
+    assert not [k for k in paired if "Cat-BLIP" in k[0]]  # Cat-BLIP is Exp-BLIP's own run here: not compared
     assert exp["mean_au_f1"] >= best_au + AU_MARGIN and exp["emotion_accuracy"] >= best_emotion + EMOTION_MARGIN
     assert result["margin"] == {"mean_au_f1": pytest.approx(exp["mean_au_f1"] - best_au),
                                 "emotion_accuracy": pytest.approx(exp["emotion_accuracy"] - best_emotion)}
