@@ -86,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", choices=["train", "val", "test", "all"],
                    help="synthetic: different faces per split (the split's name seeds every face: val, test and "
                    "train are drawn apart); real datasets: the official split where one exists, else the fold / "
-                   "documented subject or image rule (no val: see --split val's error)")
+                   "documented subject or image rule; val (with --val-fraction) is carved out of the training part")
     p.add_argument("--image-size", type=int, default=64, help="synthetic: image side in pixels")
     p.add_argument("--caption-style", default="auto", choices=["auto", "au", "emotion", "concat"],
                    help="auto: au for AU datasets (and synthetic), emotion for emotion datasets")
@@ -98,6 +98,10 @@ def parser() -> argparse.ArgumentParser:
                    help="datasets without an official split: fraction of subjects/images held out "
                    "(default per dataset, see docs/datasets.md)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the subject/image split rule")
+    p.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                   help="real datasets: this share of the training part's subjects (images where there are none) "
+                   "is the validation split: --split val writes them, --split train (same F and --split-seed) "
+                   "leaves them out; the manifest records the rule")
     p.add_argument("--test-subjects", default=None,
                    help="video datasets: test subject ids, comma-separated or a file with one per line")
     p.add_argument("--fold", type=int, default=None, help="video datasets: this fold's subjects are the test split")
@@ -200,9 +204,6 @@ def _check(request: ConvertRequest, rows: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = vars(p.parse_args(argv))
-    if args["split"] == "val" and args["source"] != "synthetic":
-        p.error(f"--split val is drawn by the synthetic world only; {args['source']} has no validation split yet: "
-                "convert --split train and carve validation subjects out of it (a later step)")
     from expblip.data.sources.convert import ConvertRequest, convert, summary_line
     from expblip.data.sources.facetools import TOOL_SOURCES, ToolOptions
     from expblip.data.sources.llava import LlavaOptions

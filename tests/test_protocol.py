@@ -83,6 +83,27 @@ def test_make_shards_folds_are_subject_exclusive_and_cover_bp4d(bp4d_standin, tm
     assert _subjects(tmp_path / "paper") == tests[0]
 
 
+def test_validation_subjects_are_carved_out_of_a_folds_training_part_seeded_and_recorded(bp4d_standin, tmp_path):
+    """--split val --val-fraction F: a seeded share of fold 1's training subjects; --split train with the same F
+    leaves exactly them out, so train, val and test are subject-exclusive and together the whole dataset."""
+    main = launch_module("make_shards").main
+    common = ["bp4d", "--root", str(bp4d_standin), "--fold", "1", "--folds", "3", "--no-subsample"]
+    got = {}
+    for split, extra in (("train", ["--val-fraction", "0.2"]), ("val", ["--val-fraction", "0.2"]), ("test", []),
+                         ("whole", [])):
+        out = tmp_path / split
+        assert main([*common, "--out", str(out), "--split", "train" if split == "whole" else split, *extra]) == 0
+        got[split] = _subjects(out)
+    assert got["val"] and not got["val"] & got["train"] and not got["val"] & got["test"]
+    assert got["val"] | got["train"] == got["whole"] and not got["whole"] & got["test"]
+    assert 0.05 < len(got["val"]) / len(got["whole"]) < 0.4  # about 0.2 of 28 subjects, by a seeded hash
+    meta = read_manifest(str(tmp_path / "val"))["meta"]
+    assert meta["split"] == "val" and meta["fold"] == 1 and meta["validation"]["fraction"] == 0.2
+    assert main([*common, "--out", str(tmp_path / "val7"), "--split", "val", "--val-fraction", "0.2",
+                 "--split-seed", "7"]) == 0
+    assert _subjects(tmp_path / "val7") != got["val"]  # another seed, other subjects
+
+
 def test_disfa_paper_split_is_refused_with_the_reason(tmp_path):
     with pytest.raises(ValueError, match=r"14,535 images = 3 subjects x 4,845 frames\) names no subjects"):
         from expblip.data.sources.convert import ConvertRequest, source_options

@@ -197,8 +197,12 @@ def test_val_split_is_drawn_apart_from_train_and_test(tmp_path):
     assert manifest["meta"]["split"] == "val" and manifest["total_samples"] == 3
 
 
-def test_real_datasets_refuse_split_val_naming_the_fix(capsys):
+def test_real_datasets_need_a_val_fraction_for_split_val_naming_the_fix(capsys):
     with pytest.raises(SystemExit) as exited:
         launch_module("make_shards").main(["bp4d", "--root", "x", "--out", "y", "--split", "val"])
     assert exited.value.code == 2
-    assert "synthetic world only" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--val-fraction F" in err and "--split train with the same --val-fraction" in err
+    with pytest.raises(SystemExit):  # the synthetic world draws its own validation faces
+        launch_module("make_shards").main(["synthetic", "--out", "y", "--split", "val", "--val-fraction", "0.2"])
+    assert "draws its own validation faces" in capsys.readouterr().err

@@ -16,10 +16,8 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 
-from expblip.data.captions import CaptionConfig
-from expblip.data.sources import records
 from expblip.data.sources._common import Skips, watch_skips
-from expblip.data.sources.convert import ConvertRequest, source_options
+from expblip.data.sources.convert import ConvertRequest, source_records
 
 EXAMPLES = 3  # records shown as they would be written
 FIRST_BAD = 5  # bad rows named
@@ -68,8 +66,8 @@ def _example(record: dict) -> dict:
 
 def _read(req: ConvertRequest, report: CheckReport, found: list[Skips]) -> None:
     """Read up to ``report.limit`` rows into ``report``; a source's own error propagates."""
-    source = records(req.source, caption=CaptionConfig(style=req.style), max_skipped=None, limit=report.limit,
-                     lenient=True, **source_options(req))  # sources that read no table ignore limit and lenient
+    # sources that read no table ignore limit and lenient
+    source = source_records(req, max_skipped=None, limit=report.limit, lenient=True)
     for record in source:
         report.usable += 1
         if len(report.examples) < EXAMPLES:

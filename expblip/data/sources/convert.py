@@ -13,13 +13,15 @@ leaves out (a BP4D AU coded 9, AffectNet codes 8-10) never count against the thr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 from expblip.data.captions import CaptionConfig
 from expblip.data.sources import SOURCES, default_caption_style, records
-from expblip.data.sources._common import MAX_SKIPPED, ConversionError
+from expblip.data.sources._common import MAX_SKIPPED, ConversionError, image_in_test
 from expblip.data.sources._video import FrameNumberingError
 from expblip.data.sources.facetools import TOOL_SOURCES, ToolOptions, check_request, manifest_fields
 from expblip.data.sources.folds import paper_test_subjects
@@ -41,7 +43,7 @@ class ConvertRequest:
     source: str  # a key of expblip.data.sources.SOURCES
     out: str  # output directory or URL (file://, s3://)
     root: str = ""  # dataset root (real datasets)
-    split: Literal["train", "val", "test", "all"] = "train"  # val: synthetic only (make_shards)
+    split: Literal["train", "val", "test", "all"] = "train"  # val: drawn (synthetic) or carved with val_fraction
     caption_style: CaptionStyle = "auto"  # auto: au for AU datasets, emotion for emotion datasets
     samples: int = 1000  # synthetic: number of faces
     seed: int = 0  # synthetic: the faces drawn
@@ -49,6 +51,9 @@ class ConvertRequest:
     subsample: bool | None = None  # video datasets: every 10th frame plus label changes (None: train and all only)
     test_fraction: float | None = None  # datasets without an official split (None: the dataset's default)
     split_seed: int = 0  # seed of the subject/image split rule and of non-published folds
+    # real datasets: the share of the training part's subjects (images, where there are none) that form the
+    # validation split; --split val writes them, --split train leaves them out (carve_validation)
+    val_fraction: float = 0.0
     test_subjects: str | None = None  # video datasets: comma-separated ids or a file with one per line
     fold: int | None = None  # video datasets: the fold whose subjects are the test split (1..folds)
     folds: int | None = None  # with fold: the number of folds (3 = the field's published lists for BP4D/DISFA)
@@ -92,8 +97,23 @@ class ConvertRequest:
             raise ValueError(f"--max-skipped must be in [0, 1), got {self.max_skipped}")
         self._check_table()
         check_request(self.source, self.tool_options)
+        self._check_validation()
         if self.subsample is None:  # a test split keeps every frame: the paper's and the protocol's test sets do
             self.subsample = self.split != "test"
+
+    def _check_validation(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.source == "synthetic":
+            if self.val_fraction:
+                raise ValueError("--val-fraction carves validation out of a dataset's training part; the synthetic "
+                                 "world draws its own validation faces (--split val)")
+        elif self.split == "val" and not self.val_fraction:
+            raise ValueError(f"--split val carves validation subjects out of {self.source}'s training part: give "
+                             "--val-fraction F (e.g. 0.15), and convert --split train with the same --val-fraction "
+                             "and --split-seed so the two are subject-exclusive")
+        elif self.val_fraction and self.split not in ("train", "val"):
+            raise ValueError(f"--val-fraction applies to --split train and --split val, not --split {self.split}")
 
     def _check_table(self) -> None:
         check_llava(self.source, self.llava_options)
@@ -113,8 +133,33 @@ class ConvertRequest:
         return default_caption_style(self.source) if self.caption_style == "auto" else self.caption_style
 
 
+def in_validation(record: dict, fraction: float, seed: int) -> bool:
+    """Whether a training-part record belongs to the carved validation split: its subject (else its image, so the
+    exchanges of one instruction record stay together; else its key) ranked by sha256(f"{seed}:val:{subject}") below
+    ``fraction``. Subject-exclusive, seeded, the same in the train and val conversions, and independent of the test
+    split's own rule (another name is hashed)."""
+    labels = record["labels"]
+    subject = labels.get("subject") or labels.get("image") or record["key"]
+    return image_in_test(f"val:{subject}", fraction, seed)
+
+
+def carve_validation(source: Iterator[dict], req: ConvertRequest) -> Iterator[dict]:
+    """The records of ``req.split`` (train or val) out of the source's training part (carved by in_validation)."""
+    want = req.split == "val"
+    return (r for r in source if in_validation(r, req.val_fraction, req.split_seed) == want)
+
+
+def source_records(req: ConvertRequest, **extra) -> Iterator[dict]:
+    """The records the request converts: the source's, with a carved validation split applied."""
+    opts = {**source_options(req), "split": "train" if req.val_fraction else req.split}
+    source = records(req.source, caption=CaptionConfig(style=req.style), **extra, **opts)
+    return carve_validation(source, req) if req.val_fraction else source
+
+
 def source_options(req: ConvertRequest) -> dict:
     """The keyword arguments of the source's ``records`` (without the caption config)."""
+    if req.val_fraction:  # validation is carved out of the training part
+        return {**source_options(dataclasses.replace(req, split="train", val_fraction=0.0)), "split": req.split}
     if req.source == "synthetic":
         return {"split": req.split, "samples": req.samples, "seed": req.seed, "image_size": req.image_size}
     if req.source in TOOL_SOURCES:
@@ -144,6 +189,9 @@ def source_options(req: ConvertRequest) -> dict:
 def manifest_meta(req: ConvertRequest, opts: dict) -> dict:
     """What the manifest records about the conversion (compared on resume: the same request resumes)."""
     meta = {"source": req.source, **{k: v for k, v in opts.items() if v is not None}, "caption_style": req.style}
+    if req.val_fraction:
+        meta["validation"] = {"fraction": req.val_fraction, "seed": req.split_seed, "unit": "subject, else image, else key",
+                              "rule": 'sha256(f"{seed}:val:{subject}") < fraction, within the training part'}
     if req.paper_split:
         meta["paper_split"] = True
     meta.update(manifest_fields(req.source))  # pseudo-labels say so
@@ -168,7 +216,7 @@ def convert(req: ConvertRequest) -> dict:
     opts = source_options(req)
     meta = manifest_meta(req, opts)
     with parallel_encoder(req.workers, req.resize) as encoder:  # None for one process; the source is made inside
-        source = records(req.source, caption=CaptionConfig(style=req.style), max_skipped=req.max_skipped, **opts)
+        source = source_records(req, max_skipped=req.max_skipped)
         try:
             return write_shards(source, req.out, samples_per_shard=req.samples_per_shard, meta=meta,
                                 progress=req.progress, resize=req.resize, encoder=encoder)
