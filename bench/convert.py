@@ -20,7 +20,9 @@ and the records are written as 1000-sample shards:
 Rounds alternate their order (bench/rounds.py) after one untimed warm-up of each on 200 rows, and every round's
 output is checked to be the same bytes on both sides (a mismatch makes the timing meaningless). The speed-up is the
 median of the rounds' one-process/workers-2 time ratios, which is also the ratio of samples/s: target >= 1.7 on
-2 cores.
+2 cores. Other jobs on a shared machine take cores from the two workers but rarely from the lone process, so the
+script also prints each side's CPU seconds per 1000 rows (this process plus its workers, polled from /proc) and
+2 x one / two, the speed-up two otherwise idle cores could give at most, with the load average.
 
 Memory: for each of ``--rss-rows`` (small ``--rss-size`` px faces, so the large table converts in about a minute)
 and ``--rss-workers``, one conversion runs in a child process (this script with ``--rss-child``), which reports its
@@ -217,13 +219,14 @@ def memory(tmp: Path, args: argparse.Namespace) -> dict[tuple[int, int], dict]:
 
 def report_memory(figures: dict[tuple[int, int], dict], rows: list[int], workers: list[int]) -> None:
     for (n, w), fig in sorted(figures.items()):
-        print(f"peak RSS, {n} rows, workers {w}: main {fig['main_mib']:.0f} MiB, workers {fig['worker_mib']:.0f} MiB "
-              f"each at most ({n / fig['seconds']:.0f} samples/s)")
+        pool = f"workers {fig['worker_mib']:.0f} MiB each at most" if w > 1 else "no workers"
+        print(f"peak RSS, {n} rows, workers {w}: main {fig['main_mib']:.0f} MiB, {pool} "
+              f"({n / fig['seconds']:.0f} samples/s)")
     small, large = min(rows), max(rows)
     for w in workers:
         a, b = figures[small, w], figures[large, w]
-        print(f"rss ratio, workers {w}: {large} rows / {small} rows: main {b['main_mib'] / a['main_mib']:.3f}, "
-              f"workers {b['worker_mib'] / max(a['worker_mib'], 1e-9):.3f}")
+        pool = f", workers {b['worker_mib'] / a['worker_mib']:.3f}" if w > 1 and a["worker_mib"] else ""
+        print(f"rss ratio, workers {w}: {large} rows / {small} rows: main {b['main_mib'] / a['main_mib']:.3f}{pool}")
 
 
 def _ints(text: str) -> list[int]:
@@ -262,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     rates = {name: [args.rows / s for s in values] for name, values in seconds.items()}
     per_k = {name: median(values) / args.rows * 1000 for name, values in cpu.items()}
     print(f"CPU seconds per 1000 rows (process + workers, median): one process {per_k['one']:.2f}, workers 2 "
-          f"{per_k['two']:.2f}; the speed-up 2 free cores would allow: {2 * per_k['one'] / per_k['two']:.2f}x "
+          f"{per_k['two']:.2f}; 2 idle cores could give at most {2 * per_k['one'] / per_k['two']:.2f}x "
           f"(load average {os.getloadavg()[0]:.1f} after the runs)")
     print(f"one process: {median(rates['one']):.0f} samples/s   workers 2: {median(rates['two']):.0f} samples/s   "
           f"(medians of {args.rounds} alternating rounds of {args.rows} rows, {args.size}-px JPEG, --resize "
