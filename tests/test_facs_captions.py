@@ -91,7 +91,8 @@ def test_unknown_emotion_code_names_dataset_and_code():
 
 
 def test_dataset_au_subsets():
-    sizes = {"bp4d": 12, "disfa": 12, "disfa8": 8, "gft": 10, "raf_au": 13, "emotionet": 11, "synthetic": 12}
+    sizes = {"bp4d": 12, "disfa": 12, "disfa8": 8, "gft": 10, "raf_au": 13, "emotionet": 11, "synthetic": 12,
+             "openface": 17, "pyfeat": 20}
     assert {k: len(v) for k, v in DATASET_AUS.items()} == sizes
     for aus in DATASET_AUS.values():
         assert list(aus) == validate_aus(aus)

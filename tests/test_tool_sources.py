@@ -285,6 +285,41 @@ def test_check_counts_the_tools_failed_frames(tmp_path, capsys):
     assert '"label_source": "openface"' in out
 
 
+# ---------------------------------------------------------------- evaluation: the tool's AU set, from the manifest
+
+
+@pytest.mark.parametrize("tool", ["openface", "pyfeat"])
+def test_evaluation_scores_the_tools_au_set_named_by_the_manifest(tmp_path, tiny_run_dir, tool):
+    """Frames where the tool saw every AU it writes are labelled with exactly DATASET_AUS[tool]; evaluating their
+    shards scores that set, read from the manifest, and an --aus of another set is refused naming the fix."""
+    from expblip.data.facs import DATASET_AUS
+    from expblip.eval.job import EvalJob, evaluate
+    from expblip.eval.provenance import resolve_aus
+
+    if tool == "openface":
+        csv_path, frames = write_openface(tmp_path, [openface_line(f, f / 30, 0.98, 1, set(OPENFACE_CLASS))
+                                                     for f in (1, 2)])
+    else:
+        frames = tmp_path / "frames"
+        frames.mkdir()
+        for f in range(2):
+            Image.new("RGB", (8, 8), (f * 50, 0, 0)).save(frames / f"{f:04d}.png")
+        csv_path = write_pyfeat(tmp_path / "clip.csv", [pyfeat_row(f, 0.9, dict.fromkeys(PYFEAT_AUS, 0.9))
+                                                        for f in range(2)])
+    out = tmp_path / "shards"
+    assert make_shards([tool, "--csv", str(csv_path), "--frames", str(frames), "--out", str(out)]) == 0
+    assert [labels["aus"] for _, labels, _ in shard_samples(out)] == [list(DATASET_AUS[tool])] * 2
+
+    key, why = resolve_aus("", str(out))
+    assert key == tool and str(out / MANIFEST) in why
+    with pytest.raises(ValueError, match=rf"--aus synthetic contradicts .*{tool}.*--aus {tool}"):
+        resolve_aus("synthetic", str(out))
+    result = evaluate(EvalJob(model=str(tiny_run_dir), shards=str(out), beams=1, max_new_tokens=3, progress=False,
+                              caption_metrics=False))
+    assert result["settings"]["aus"] == list(DATASET_AUS[tool]) and result["settings"]["aus_set"] == tool
+    assert sorted(result["model"]["per_au_f1"]) == sorted(DATASET_AUS[tool])
+
+
 # ---------------------------------------------------------------- refusals: one line, exit 2, nothing written
 
 

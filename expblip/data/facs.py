@@ -110,6 +110,10 @@ DATASET_AUS: dict[str, tuple[int, ...]] = {
     "raf_au": (1, 2, 4, 5, 6, 9, 10, 12, 16, 17, 25, 26, 27),  # the 13 evaluated; L/R/T/B prefixes dropped
     "emotionet": (1, 2, 4, 5, 6, 9, 12, 17, 20, 25, 26),  # manual labels only
     "synthetic": (1, 2, 4, 5, 6, 9, 12, 15, 20, 25, 26, 43),  # what expblip.data.synthetic draws
+    # The face tools' pseudo-labels (expblip.data.sources.facetools): OpenFace 2.0's AU occurrence (_c) columns less
+    # AU45 (blink, not in AUS), and py-feat's 20 AU probability columns.
+    "openface": (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17, 20, 23, 25, 26, 28),
+    "pyfeat": (1, 2, 4, 5, 6, 7, 9, 10, 11, 12, 14, 15, 17, 20, 23, 24, 25, 26, 28, 43),
 }
 
 # Each dataset's class names in its official code order; the code of a name is its index plus

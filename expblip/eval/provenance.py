@@ -19,12 +19,14 @@ from expblip.data.shards import MANIFEST, absolute_url, join_url, parent_url, re
 from expblip.data.sources import SOURCES
 
 # The AU sets (keys of expblip.data.facs.DATASET_AUS) that score a source's labels, the default first; each names
-# only AUs the source labels. DISFA defaults to the field's usual 8 (as --protocol disfa-3fold). Emotion datasets
-# label no AU, so no AU set contradicts them.
+# only AUs the source labels. DISFA defaults to the field's usual 8 (as --protocol disfa-3fold); OpenFace and py-feat
+# shards are scored on the AUs their tool writes. Emotion datasets label no AU, so no AU set contradicts them.
 SOURCE_AU_SETS: dict[str, tuple[str, ...]] = {
     "synthetic": ("synthetic",), "bp4d": ("bp4d",), "disfa": ("disfa8", "disfa"), "gft": ("gft",),
-    "raf_au": ("raf_au",), "emotionet": ("emotionet",),
+    "raf_au": ("raf_au",), "emotionet": ("emotionet",), "openface": ("openface",), "pyfeat": ("pyfeat",),
 }
+# Your own labels (a table, a datasets folder) name AUs of no fixed set: any --aus fits them.
+OWN_LABEL_SOURCES = ("table", "hf")
 DEFAULT_AUS = "synthetic"  # shards that name no dataset: the embedded synthetic world
 
 
@@ -77,6 +79,10 @@ def resolve_aus(aus: str, spec: str) -> tuple[str, str]:
     if dataset is None:
         return (aus, "--aus") if aus else (DEFAULT_AUS, f"{DEFAULT_AUS} (the shards' manifest names no dataset; "
                                                          "pass --aus to choose)")
+    if dataset in OWN_LABEL_SOURCES:
+        if aus:
+            return aus, f"--aus ({info.manifest} says {dataset}: your own labels)"
+        return DEFAULT_AUS, f"{info.manifest} says {dataset}: your own labels, of no fixed AU set; pass --aus to choose"
     allowed = SOURCE_AU_SETS.get(dataset)
     if allowed is None:  # an emotion dataset: no AU is labelled, none is scored
         return aus or DEFAULT_AUS, f"none scored ({info.manifest} says {dataset}, which labels no AU)"
