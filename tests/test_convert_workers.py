@@ -245,3 +245,14 @@ def test_llava_turns_sharing_one_missing_image_count_one_skip(tmp_path, caplog):
         got[workers] = ([(s.counts, s.examples) for s in found], [r.getMessage() for r in caplog.records], files(out))
     assert got["1"][0][0][0] == {"missing image": 3}
     assert got["2"] == got["1"]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_carved_validation_split_counts_the_other_parts_bad_images_too(table, tmp_path, caplog, split):
+    """--val-fraction drops the other part's records after the source, which in one process has already read
+    (and counted) their images: with workers the dropped records' images are still read, so the counts agree."""
+    got = {w: converted(table_request(table, tmp_path / f"w{w}", w, split=split, val_fraction=0.3), caplog)
+           for w in (1, 2)}
+    assert got[1][1][0][0]["missing image"] == 5  # both parts' missing images, whichever part is written
+    assert got[2][1:] == got[1][1:]
+    assert files(tmp_path / "w2") == files(tmp_path / "w1")

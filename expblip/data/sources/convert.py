@@ -21,7 +21,7 @@ from typing import Literal
 
 from expblip.data.captions import CaptionConfig
 from expblip.data.sources import SOURCES, default_caption_style, records
-from expblip.data.sources._common import MAX_SKIPPED, ConversionError, image_in_test
+from expblip.data.sources._common import MAX_SKIPPED, ConversionError, DeferredImage, image_in_test
 from expblip.data.sources._video import FrameNumberingError
 from expblip.data.sources.facetools import TOOL_SOURCES, ToolOptions, check_request, manifest_fields
 from expblip.data.sources.folds import paper_test_subjects
@@ -145,8 +145,14 @@ def in_validation(record: dict, fraction: float, seed: int) -> bool:
 
 def carve_validation(source: Iterator[dict], req: ConvertRequest) -> Iterator[dict]:
     """The records of ``req.split`` (train or val) out of the source's training part (carved by in_validation)."""
+    from expblip.data.sources.parallel import check_only
+
     want = req.split == "val"
-    return (r for r in source if in_validation(r, req.val_fraction, req.split_seed) == want)
+    for record in source:
+        if in_validation(record, req.val_fraction, req.split_seed) == want:
+            yield record
+        elif isinstance(record.get("image"), DeferredImage):  # --workers: its image is still read, its skip counted
+            yield check_only(record)
 
 
 def source_records(req: ConvertRequest, **extra) -> Iterator[dict]:

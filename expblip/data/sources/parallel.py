@@ -38,6 +38,7 @@ from expblip.data.sources._common import ConversionError, Deferral, DeferredImag
 
 CHUNK = 16  # records per task: enough to amortise the round trip, few enough to keep the workers even
 IN_FLIGHT = 2  # chunks out per worker: one being encoded, one waiting, so no worker idles between chunks
+CHECK_ONLY = "check_only"  # a record key: read the deferred image (counting a bad one), write nothing
 Encoder = Callable[[Iterator[dict]], Iterator[dict]]
 
 
@@ -63,9 +64,16 @@ def _portable(exn: Exception) -> Exception:
         return ConversionError(str(exn))
 
 
+def check_only(record: dict) -> dict:
+    """A record that a filter after the source leaves out (convert.carve_validation), kept in the stream when its
+    image is deferred: one process read that image in the source and counted it if bad, so a worker reads it too;
+    it is never written."""
+    return {**record, CHECK_ONLY: True}
+
+
 def encode_chunk(records: list[dict], resize: int) -> list[tuple[str, object]]:
-    """In a worker: each record → ("sample", sample) | ("skipped", [(reason, detail)]) | ("error", exception),
-    stopping at the first error (the records after it are never written)."""
+    """In a worker: each record → ("sample", sample) | ("skipped", [(reason, detail)]) | ("checked", None) |
+    ("error", exception), stopping at the first error (the records after it are never written)."""
     out: list[tuple[str, object]] = []
     for record in records:
         try:
@@ -77,6 +85,9 @@ def encode_chunk(records: list[dict], resize: int) -> list[tuple[str, object]]:
                     out.append(("skipped", recorder.added))
                     continue
                 record = {**record, "image": image}
+            if record.get(CHECK_ONLY):
+                out.append(("checked", None))
+                continue
             out.append(("sample", encode_record(record, resize)))
         except Exception as exn:  # raised by the writer at this record, as one process would
             out.append(("error", _portable(exn)))
@@ -137,6 +148,8 @@ def _merge(chunk: _Chunk, results: list[tuple[str, object]], failed: Counter) ->
                 raise payload
             if outcome == "sample":
                 yield payload
+                continue
+            if outcome == "checked":
                 continue
             skips, repeat = value
             failed[id(skips)] += 1  # its source counted it kept
