@@ -372,7 +372,17 @@ class RayCluster:
     temp_dirs: list[Path] = field(default_factory=list)
 
     def start_worker(self, index: int, num_cpus: int = 1, timeout_s: float = 60.0) -> None:
-        """(Re)start worker node ``index`` (>= 1) with its own ports and temp dir; returns once it has joined."""
+        """(Re)start worker node ``index`` (>= 1) with its own ports and temp dir; returns once it has joined. A node
+        whose `ray start` gives up on its own GCS deadline ("timed out during startup", seen once in a full suite on
+        2 loaded cores) is started once more; any other failure raises at once."""
+        try:
+            self._start_worker(index, num_cpus, timeout_s)
+        except ServiceError as err:
+            if "timed out during startup" not in str(err):
+                raise
+            self._start_worker(index, num_cpus, timeout_s)
+
+    def _start_worker(self, index: int, num_cpus: int, timeout_s: float) -> None:
         ports = free_ports(6)
         temp = _short_dir(f"ray{index}-")
         self.temp_dirs.append(temp)
