@@ -102,17 +102,17 @@ class Window:
 # ---------------------------------------------------------------- setup
 
 
-def preflight(cfg: Config, wait_for_storage: bool = True) -> None:
-    """Checks that fail fast, before any process group, worker or file: shards and the DeepSpeed policy. With
-    ``wait_for_storage``, storage that does not answer is waited for up to data.max_outage_s (a restarted attempt
-    after an outage); a Ray driver checks at once."""
+def preflight(cfg: Config, wait_for_storage: bool = True) -> str:
+    """Checks that fail fast, before any process group, worker or file: shards, the DeepSpeed policy and the split
+    held-out evaluation selects on. With ``wait_for_storage``, storage that does not answer is waited for up to
+    data.max_outage_s (a restarted attempt after an outage); a Ray driver checks at once. Returns that split
+    (heldout.selection_split; "" without held-out evaluation)."""
     if wait_for_storage:
         resolve_with_retry(cfg.data.train.shards, cfg.data.max_outage_s)
     else:
         resolve_shards(cfg.data.train.shards)
     ds_engine.load_ds_config(cfg.train.ds_config)
-    if cfg.train.eval_every:
-        heldout.selection_split(cfg)  # never select on test faces
+    return heldout.selection_split(cfg) if cfg.train.eval_every else ""  # never select on test faces
 
 
 def _quiet_libraries() -> None:
@@ -129,7 +129,7 @@ def _quiet_libraries() -> None:
 
 
 def setup(cfg: Config, report: Reporter | None = None) -> Run:
-    preflight(cfg)
+    eval_split = preflight(cfg)
     _quiet_libraries()
     rank, world = comm.init_distributed()  # binds this rank's device first
     cfg = _decide_policy(cfg, rank, world)
@@ -172,8 +172,7 @@ def setup(cfg: Config, report: Reporter | None = None) -> Run:
               report=report, qformer_tokenizer=qformer_tokenizer,
               heldout=heldout.HeldoutState.from_state_dict(client.get("heldout")), attempt=_attempt_id(),
               resized_from=_resized_from(client, world))
-    if cfg.train.eval_every:
-        run.heldout.split = heldout.selection_split(cfg)
+    run.heldout.split = eval_split
     _record_start(run)
     if tag is not None:
         _log_trainable_digest(run, "restored")
