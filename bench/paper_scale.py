@@ -282,7 +282,7 @@ def _seconds_per_step(run_dir: Path) -> list[float]:
 
 
 def _summary(a: argparse.Namespace, v: dict) -> None:
-    """The figures, in the order the README quotes them."""
+    """The figures, in the order docs/paper-scale.md quotes them."""
     print("\n=== paper_scale summary ===")
     print(f"preset {a.preset}; random bf16 checkpoint {du(v['weights']):.2f} GiB written by save_pretrained in "
           f"{v['t_write']:.0f} s ({len(list(v['weights'].glob('*.safetensors')))} shards + index), peak RSS "

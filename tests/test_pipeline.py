@@ -153,7 +153,7 @@ def test_pseudo_captions_carry_provenance_and_resume_per_shard(tiny_export, tmp_
 # The chain must *learn*, not only run, and a re-run must skip what is finished and redo only what was lost. Each
 # stage on Ray Train costs about a minute of worker start-up on a loaded 2-core machine, so this test trains each stage
 # in one local process (train.launcher=local; pseudo-captioning still runs on Ray), BLIP-2 stage 2 only, on a smaller
-# world with shorter stages than the recipe (which reaches the README's table in ~45 min). Exp-BLIP's captions of
+# world with shorter stages than the recipe (which reaches docs/pipeline.md's table in ~45 min). Exp-BLIP's captions of
 # held-out faces (AU combinations unseen in training) must name AUs *and* an emotion and beat the constant caption
 # clearly on both.
 LEARNING_CHAIN = ["train.launcher=local", "train.blip_stages=[stage2]", "world.au_samples=1200",
