@@ -101,6 +101,10 @@ class TrainConfig:
     eval_batches: int = 4  # held-out batches per rank for eval/loss (the same fixed batches every time)
     eval_generate: int = 0  # held-out images captioned (greedy) and scored by the evaluator per evaluation; 0 = off
     eval_max_new_tokens: int = 40  # caption length limit of those captions
+    # under ZeRO-3, those captions' weights: "auto" gathers the whole model once per evaluation where every rank's
+    # free memory holds it (expblip.train.engine.whole_model_fits), "always", or "never": ZeRO-3 all-gathers each
+    # layer at every generated token and every rank steps generate together (synced_gpus)
+    eval_gather: Literal["auto", "always", "never"] = "auto"
     eval_aus: tuple[int, ...] = ()  # AUs scored by eval/mean_au_f1; () = every AU of the training labels
     # what the held-out evaluation selects: eval.best_step (lowest eval/loss), and with keep=best the export. So
     # data.eval must be validation shards: shards whose manifest says test, all or train are refused unless

@@ -281,6 +281,42 @@ def gathered(params) -> object:
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None) if params else nullcontext()
 
 
+def whole_model_fits(model: nn.Module, device: torch.device) -> bool:
+    """Collective: whether every rank has the free memory to hold the whole of a ZeRO-3 `model` beside what it holds
+    now (the bytes it lacks, +20 % and 256 MiB of room): free memory on its GPU, or on CPU ranks the host's available
+    memory shared by the ranks on that host. The same answer on every rank."""
+    import socket
+
+    import psutil
+
+    from expblip.train import comm
+
+    held, total = resident_parameter_bytes(model)
+    need = int((total - held) * 1.2) + (256 << 20)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    facts = comm.all_gather_object((socket.gethostname(), need, free))
+    if device.type == "cuda":  # a GPU per rank
+        return all(n <= f for _, n, f in facts)
+    per_host: dict[str, list[tuple[int, int]]] = {}  # CPU ranks share their host's memory
+    for host, rank_need, rank_free in facts:
+        per_host.setdefault(host, []).append((rank_need, rank_free))
+    return all(sum(n for n, _ in ranks) <= min(f for _, f in ranks) for ranks in per_host.values())
+
+
+@contextmanager
+def whole_model(engine, enabled: bool):
+    """Collective: with `enabled` and a ZeRO-3 engine, its model's parameters gathered whole on every rank and
+    ZeRO-3's per-module fetch hooks off (DeepSpeed's `unwrap_model_for_generation`, as TRL generates), so a forward
+    issues no collective; hooks and partitions are restored on exit. Yields whether it gathered."""
+    if not enabled or not any(hasattr(p, "ds_id") for p in engine.module.parameters()):
+        yield False
+        return
+    import deepspeed
+
+    with deepspeed.zero.unwrap_model_for_generation(engine):
+        yield True
+
+
 def register_external(module: nn.Module, param: nn.Parameter) -> None:
     """Tell ZeRO-3 that `module`'s forward reads `param`, which another module owns (a no-op without DeepSpeed)."""
     import deepspeed

@@ -30,6 +30,7 @@ from expblip.data.stream import make_loader
 from expblip.log import get_logger
 from expblip.pixels import normalise
 from expblip.train import comm
+from expblip.train.engine import gathered, whole_model, whole_model_fits
 
 log = get_logger(__name__)
 TRAINING_LABELS_READ = 20_000  # training samples the constant baselines are chosen on (labels only, no images)
@@ -105,23 +106,34 @@ def heldout_captions(run, prompt: str = "") -> tuple[list[str], list[dict]]:
     """Collective: greedy captions (answers to `prompt`) of the same number of held-out images on every rank; all of
     them on rank 0."""
     from expblip.model.blip2 import GenerationConfig, generate_captions
-    from expblip.train.engine import gathered
 
     blip2 = run.engine.module.blip2
     gen = GenerationConfig(num_beams=1, max_new_tokens=run.cfg.train.eval_max_new_tokens)
     per_rank = -(-run.cfg.train.eval_generate // run.world)  # ceil: every rank runs the same number of batches
     batches, captions, labels = _eval_stream(run), [], []
-    partitioned = hasattr(blip2.query_tokens, "ds_id")
     dtype = torch.bfloat16 if run.engine.bfloat16_enabled() else torch.float32  # as the loop feeds the engine
-    while len(captions) < per_rank:
-        batch = next(batches)
-        pixels = normalise(batch["pixel_values"].to(run.engine.device, non_blocking=True), dtype)
-        with gathered([blip2.query_tokens]):  # read outside forward: ZeRO-3 must gather it explicitly
-            captions += generate_captions(blip2, run.tokenizer, pixels, gen, prompt,
-                                          synced_gpus=partitioned and run.world > 1)
-        labels += batch["labels"]
+    with generation_weights(run) as whole:
+        partitioned = hasattr(blip2.query_tokens, "ds_id") and not whole
+        while len(captions) < per_rank:
+            batch = next(batches)
+            pixels = normalise(batch["pixel_values"].to(run.engine.device, non_blocking=True), dtype)
+            with gathered([blip2.query_tokens] if partitioned else []):  # read outside forward: gather it
+                captions += generate_captions(blip2, run.tokenizer, pixels, gen, prompt,
+                                              synced_gpus=partitioned and run.world > 1)
+            labels += batch["labels"]
     gathered_all = comm.all_gather_object((captions[:per_rank], labels[:per_rank]))
     return [c for part in gathered_all for c in part[0]], [lab for part in gathered_all for lab in part[1]]
+
+
+def generation_weights(run):
+    """Collective: the context held-out captions are generated in. Under ZeRO-3 (train.eval_gather) the whole model
+    is gathered once for the evaluation where it fits, instead of ZeRO-3 all-gathering every layer at every token;
+    elsewhere, and with eval_gather=never, the engine's own partitions (synced_gpus)."""
+    mode = run.cfg.train.eval_gather
+    partitioned = any(hasattr(p, "ds_id") for p in run.engine.module.parameters())
+    enabled = partitioned and (mode == "always" or (mode == "auto" and whole_model_fits(run.engine.module,
+                                                                                         run.engine.device)))
+    return whole_model(run.engine, enabled)
 
 
 def _baselines(run) -> dict:
