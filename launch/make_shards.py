@@ -35,6 +35,8 @@ their names (image, aus or AU01..., emotion, caption, subject, frame, split) or 
     python launch/make_shards.py table --table fer.parquet --emotion-map affectnet --out s3://bucket/fer/train
     # 8 processes read, check, resize and encode: the same shards and manifest as one process
     python launch/make_shards.py table --table faces.csv --root faces/ --resize 256 --workers 8 --out shards/faces/train
+    # the same on a Ray cluster's CPUs (Ray tasks encode, this process writes the same bytes)
+    python launch/make_shards.py table --table s3://lab/faces.csv --root s3://lab/faces/ --ray auto --out s3://lab/shards/train
 
 A video run through OpenFace 2.0 or py-feat: its per-frame CSV plus the video (or its frames); the tool's AUs (and
 py-feat's emotions with --emotions) become pseudo-labels, marked so in the manifest (docs/datasets.md):
@@ -121,6 +123,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="processes that read, check, resize and encode the images (e.g. the machine's cores); the "
                    "same shards and manifest as one process, memory bounded (default 1: this process alone)")
+    p.add_argument("--ray", default="", metavar="ADDRESS",
+                   help="encode on a Ray cluster instead: its tasks read, check, resize and encode the images, this "
+                   "process writes the shards (the same bytes as a local run); ADDRESS as ray.init takes it: auto, "
+                   "HOST:6379, ray://HOST:10001, or local. Images must be readable from every node (shared disk, s3://)")
     _table_options(p.add_argument_group("table source (your own label table; columns found by name unless given)"))
     _tool_options(p.add_argument_group("openface and pyfeat sources (a video's per-frame CSV from the tool; "
                                        "--au-threshold and --name serve them too)"))

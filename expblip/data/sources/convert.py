@@ -63,6 +63,7 @@ class ConvertRequest:
     samples_per_shard: int = 1000
     resize: int = 0  # > 0: images written with their short side at most this many pixels (JPEG stays JPEG, q 95)
     workers: int = 1  # processes reading, checking, resizing and encoding images; the same shards as one (parallel.py)
+    ray: str = ""  # a Ray cluster's address: its tasks read, check, resize and encode instead (parallel.ray_encoder)
     progress: bool = True
     table_options: TableOptions | None = None  # the table source: the table and its columns (--table, ...)
     tool_options: ToolOptions | None = None  # openface / pyfeat: the CSV, the video or frames (--csv, ...)
@@ -93,6 +94,8 @@ class ConvertRequest:
             raise ValueError(f"--resize must be >= 0 (0 keeps the images as they are), got {self.resize}")
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1 (1: this process alone), got {self.workers}")
+        if self.ray and self.workers > 1:
+            raise ValueError("choose --ray ADDRESS (the cluster's CPUs encode) or --workers N (this machine's), not both")
         if not 0.0 <= self.max_skipped < 1.0:
             raise ValueError(f"--max-skipped must be in [0, 1), got {self.max_skipped}")
         self._check_table()
@@ -217,11 +220,12 @@ def convert(req: ConvertRequest) -> dict:
     """Write the shards and the manifest; returns the manifest. ConversionError (no manifest.json) when the source
     keeps no record or skips more than ``req.max_skipped`` of its rows."""
     from expblip.data.shards import write_shards
-    from expblip.data.sources.parallel import parallel_encoder
+    from expblip.data.sources.parallel import parallel_encoder, ray_encoder
 
     opts = source_options(req)
     meta = manifest_meta(req, opts)
-    with parallel_encoder(req.workers, req.resize) as encoder:  # None for one process; the source is made inside
+    encoding = ray_encoder(req.ray, req.resize) if req.ray else parallel_encoder(req.workers, req.resize)
+    with encoding as encoder:  # None for one process; the source is made inside
         source = source_records(req, max_skipped=req.max_skipped)
         try:
             return write_shards(source, req.out, samples_per_shard=req.samples_per_shard, meta=meta,

@@ -20,6 +20,12 @@ finished so far stay resumable.
 
 Workers start from a fork server (Python's forkserver start method), never by forking the converting process,
 which may hold threads (tqdm's monitor, s3fs's event loop).
+
+On a Ray cluster (``make_shards --ray ADDRESS``, :func:`ray_encoder`) the chunks are Ray tasks instead, as many in
+flight as the cluster has CPUs (IN_FLIGHT each): any node reads, checks, resizes and encodes, and the writer here
+takes the results back in order, so the shards and manifest are byte for byte the local run's. The images a source
+names must be readable from every node (a shared filesystem or s3://, with credentials the nodes hold themselves:
+none travel from here).
 """
 
 from __future__ import annotations
@@ -163,6 +169,12 @@ def _result(future: Future) -> list[tuple[str, object]]:
     except BrokenProcessPool as exn:
         raise ChildProcessError(f"a conversion worker process died ({exn}): out of memory or killed? Re-run the same "
                                 "command (with fewer --workers) to resume from the last finished shard") from None
+    except Exception as exn:
+        if type(exn).__module__.startswith("ray."):  # a Ray task's worker or node was lost
+            raise ChildProcessError(f"a conversion task on the Ray cluster failed ({type(exn).__name__}: "
+                                    f"{str(exn).splitlines()[0] if str(exn) else ''}). Re-run the same command to "
+                                    "resume from the last finished shard") from None
+        raise
 
 
 def _encode(pool: ProcessPoolExecutor, workers: int, resize: int, deferral: Deferral,
@@ -193,6 +205,47 @@ def _context() -> multiprocessing.context.BaseContext:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["expblip.data.sources.parallel", "expblip.data.sources.table"])
     return ctx
+
+
+class _RayTasks:
+    """The part of ProcessPoolExecutor that _encode uses, on a Ray cluster: each chunk a Ray task."""
+
+    def __init__(self) -> None:
+        import ray
+
+        self._encode = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")(encode_chunk)  # over every node
+
+    def submit(self, fn: Callable, *args) -> Future:
+        assert fn is encode_chunk
+        return self._encode.remote(*args).future()
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass  # tasks still out finish on their own; their results are dropped
+
+
+@contextmanager
+def ray_encoder(address: str, resize: int = 0) -> Iterator[Encoder]:
+    """Attach to the Ray cluster at ``address`` ("auto", "ray://HOST:10001", "HOST:6379", or "local" for one
+    started here) and yield an encoder for write_shards whose chunks are Ray tasks; sources made inside the block
+    defer their skips and the table source its images, as with --workers. Ray is shut down on leaving the block
+    when this call attached it."""
+    import logging
+
+    import ray
+
+    attached = not ray.is_initialized()
+    if attached:
+        logging.getLogger("ray").setLevel(logging.WARNING)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
+                 include_dashboard=False if address == "local" else None)
+    try:
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        with deferred_skips() as deferral:
+            tasks = _RayTasks()
+            yield lambda records: _encode(tasks, cpus, resize, deferral, records)
+    finally:
+        if attached:
+            ray.shutdown()
 
 
 @contextmanager
