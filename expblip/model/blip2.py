@@ -24,8 +24,8 @@ from expblip.model.family import FAMILIES, Family
 from expblip.model.lora import TOWER_MODULES, LoraSettings, add_lora, is_adapter
 from expblip.model.tokenizer import bos_ids, caption_end_id, family_of_tokenizer, image_token_id
 
-PresetName = Literal["tiny", "tiny-qwen2.5", "tiny-llama3", "mid", "vitg-opt6.7b", "vitg-opt2.7b", "vitb-opt2.7b",
-                     "vitg-qwen2.5-7b", "vitg-qwen2.5-3b", "vitg-qwen2.5-1.5b", "vitg-llama3-8b", "vitg-llama3.2-3b",
+PresetName = Literal["tiny", "tiny-qwen2.5", "tiny-llama3", "tiny-h32", "tiny-qwen2.5-h32", "mid", "vitg-opt6.7b",
+                     "vitg-opt2.7b", "vitb-opt2.7b", "vitg-qwen2.5-7b", "vitg-qwen2.5-3b", "vitg-qwen2.5-1.5b", "vitg-llama3-8b", "vitg-llama3.2-3b",
                      "vitg-llama3.2-1b"]
 Tower = Literal["vision", "qformer", "lm"]
 # Tower shapes. Paper presets follow the public blip2-opt-* configs; tiny is a CPU debug model (hidden 64, 2 layers).
@@ -105,7 +105,27 @@ PRESETS: dict[str, tuple[str, str, str, int]] = {  # name -> (vision, qformer, l
     "vitg-llama3.2-3b": ("vitg", "base", "llama3.2-3b", 32),
     "vitg-llama3.2-1b": ("vitg", "base", "llama3.2-1b", 32),
 }
-TINY_PRESETS = ("tiny", "tiny-qwen2.5", "tiny-llama3")  # train their tokenizer on the captions
+# vLLM-servable variants (docs/vllm.md): a tiny preset's LM in heads of 32, the smallest head size vLLM's CPU attention
+# takes (vllm/v1/attention/backends/cpu_attn.py, get_supported_head_sizes; the tiny LMs' 16 stops vLLM at start-up:
+# "Unsupported CPU attention configuration: head_dim=16"). The same parameters; Qwen keeps its 2:1 grouped queries.
+VLLM_HEAD_DIM = 32
+H32_PRESETS = {"tiny-h32": "tiny", "tiny-qwen2.5-h32": "tiny-qwen2.5"}  # name -> the tiny preset it re-heads
+
+
+def with_head_dim(dims: dict, head_dim: int) -> dict:
+    """An LM text config in heads of `head_dim` (hidden size unchanged; key/value heads in the same ratio)."""
+    heads = dims["hidden_size"] // head_dim
+    out = dict(dims, num_attention_heads=heads)
+    if "num_key_value_heads" in dims:
+        out["num_key_value_heads"] = max(1, dims["num_key_value_heads"] * heads // dims["num_attention_heads"])
+    return out
+
+
+for _name, _base in H32_PRESETS.items():
+    _vision, _qformer, _lm, _queries = PRESETS[_base]
+    _LM[f"{_lm}-h32"] = (_LM[_lm][0], with_head_dim(_LM[_lm][1], VLLM_HEAD_DIM))
+    PRESETS[_name] = (_vision, _qformer, f"{_lm}-h32", _queries)
+TINY_PRESETS = ("tiny", "tiny-qwen2.5", "tiny-llama3", *H32_PRESETS)  # train their tokenizer on the captions
 
 
 def preset_family(preset: str) -> Family:
