@@ -25,8 +25,8 @@ from expblip.model.lora import TOWER_MODULES, LoraSettings, add_lora, is_adapter
 from expblip.model.tokenizer import bos_ids, caption_end_id, family_of_tokenizer, image_token_id
 
 PresetName = Literal["tiny", "tiny-qwen2.5", "tiny-llama3", "tiny-h32", "tiny-qwen2.5-h32", "mid", "vitg-opt6.7b",
-                     "vitg-opt2.7b", "vitb-opt2.7b", "vitg-qwen2.5-7b", "vitg-qwen2.5-3b", "vitg-qwen2.5-1.5b", "vitg-llama3-8b", "vitg-llama3.2-3b",
-                     "vitg-llama3.2-1b"]
+                     "vitg-opt2.7b", "vitb-opt2.7b", "vitg-qwen2.5-7b", "vitg-qwen2.5-3b", "vitg-qwen2.5-1.5b",
+                     "vitg-llama3-8b", "vitg-llama3.2-3b", "vitg-llama3.2-1b"]
 Tower = Literal["vision", "qformer", "lm"]
 # Tower shapes. Paper presets follow the public blip2-opt-* configs; tiny is a CPU debug model (hidden 64, 2 layers).
 _VISION = {
