@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup system-deps demo test test-fast lint mlflow clean
+.PHONY: setup system-deps demo test test-engines test-fast lint mlflow clean
 
 setup: $(STAMP)
 
@@ -40,7 +40,11 @@ demo: setup
 	$(BIN)/python launch/pipeline.py --recipe demo
 
 test: setup system-deps
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -m "not engines"
+
+# vLLM parity (tests/test_vllm.py): builds vLLM's CPU build in a venv of its own (~/.cache/expblip/vllm-venv, 3.1 GB)
+test-engines: setup
+	$(BIN)/python -m pytest -q -m engines
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

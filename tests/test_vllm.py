@@ -206,6 +206,7 @@ def ours(export: Path, faces: list[Path], capsys) -> tuple[list[dict], list, int
 
 
 @pytest.mark.slow  # ~4.5 min on 2 loaded cores once the venv exists (3 runs, 2 servers); a new venv ~100 s more
+@pytest.mark.engines  # a 3.1 GB venv of its own: `make test-engines`, not `make test` (the suite's 40-minute budget)
 @pytest.mark.parametrize("name", list(CHAINS))
 def test_vllm_serves_the_export_with_describe_py_s_greedy_captions(name, served, faces, capsys):
     from openai import OpenAI
