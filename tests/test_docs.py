@@ -91,7 +91,7 @@ def test_quickstart_by_hand_runs_as_written(tmp_path):
     assert (tmp_path / "exports" / "stage2" / "model.safetensors").is_file()
     assert (tmp_path / "runs" / "stage2" / "eval" / "report.md").is_file()
     held_out = [line for line in out.splitlines() if "held-out at step" in line]
-    assert len(held_out) == 2, out[-4000:]  # the validation faces scored at steps 30 and 60
+    assert len(held_out) == 2, out[-4000:]  # the validation faces scored at steps 20 and 40
 
     snippet = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c", python], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=300)
