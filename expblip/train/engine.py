@@ -305,10 +305,10 @@ def whole_model_fits(model: nn.Module, device: torch.device) -> bool:
 
 @contextmanager
 def whole_model(engine, enabled: bool):
-    """Collective: with `enabled` and a ZeRO-3 engine, its model's parameters gathered whole on every rank and
-    ZeRO-3's per-module fetch hooks off (DeepSpeed's `unwrap_model_for_generation`, as TRL generates), so a forward
-    issues no collective; hooks and partitions are restored on exit. Yields whether it gathered."""
-    if not enabled or not any(hasattr(p, "ds_id") for p in engine.module.parameters()):
+    """Collective: with `enabled` (a ZeRO-3 engine), its model's parameters gathered whole on every rank and ZeRO-3's
+    per-module fetch hooks off (DeepSpeed's `unwrap_model_for_generation`, as TRL generates), so a forward issues no
+    collective; hooks and partitions are restored on exit. Yields whether it gathered."""
+    if not enabled:
         yield False
         return
     import deepspeed

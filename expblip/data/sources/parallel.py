@@ -214,13 +214,22 @@ class _RayTasks:
         import ray
 
         self._encode = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")(encode_chunk)  # over every node
+        self._out: dict[Future, object] = {}  # the tasks not yet taken back: future -> ObjectRef
 
     def submit(self, fn: Callable, *args) -> Future:
         assert fn is encode_chunk
-        return self._encode.remote(*args).future()
+        ref = self._encode.remote(*args)
+        future = ref.future()
+        self._out[future] = ref
+        future.add_done_callback(lambda done: self._out.pop(done, None))
+        return future
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
-        pass  # tasks still out finish on their own; their results are dropped
+        """With ``cancel_futures``, the tasks still out (a conversion that stopped early) are cancelled."""
+        import ray
+
+        for ref in list(self._out.values()) if cancel_futures else []:
+            ray.cancel(ref)
 
 
 @contextmanager
@@ -242,7 +251,10 @@ def ray_encoder(address: str, resize: int = 0) -> Iterator[Encoder]:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         with deferred_skips() as deferral:
             tasks = _RayTasks()
-            yield lambda records: _encode(tasks, cpus, resize, deferral, records)
+            try:
+                yield lambda records: _encode(tasks, cpus, resize, deferral, records)
+            finally:
+                tasks.shutdown(cancel_futures=True)
     finally:
         if attached:
             ray.shutdown()
