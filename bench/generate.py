@@ -101,7 +101,7 @@ class PlainHF:
 def run(export: Path, images: list, args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, list[str]]]:
     """(seconds per round, captions) of each path over ``args.rounds`` alternating rounds."""
     from expblip.infer.captioner import Captioner
-    from expblip.model.blip2 import GenerationConfig
+    from expblip.model.generation import GenerationConfig
 
     gen = GenerationConfig(num_beams=args.beams, max_new_tokens=args.max_new_tokens)
     ours = Captioner.from_export(export)

@@ -57,7 +57,7 @@ MARGIN = 0.05  # LoRA may trail full fine-tuning by at most this much mean AU F1
 def one_seed(out: Path, shards: dict, args: argparse.Namespace, seed: int) -> dict:
     """Train both chains of one seed side by side; {"val"|"test": {chain: evaluate_export result}}."""
     from expblip.eval.evaluate import evaluate_export, training_text
-    from expblip.model.blip2 import GenerationConfig
+    from expblip.model.generation import GenerationConfig
 
     times: dict = {}
     threads = [threading.Thread(target=train_chain, args=(n, out, shards, args.steps_scale, times, seed))

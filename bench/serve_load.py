@@ -133,7 +133,7 @@ def run_side(app, images: list[bytes], args: argparse.Namespace, side: str) -> d
 
 def make_apps(export: Path, args: argparse.Namespace) -> dict:
     from expblip.infer.captioner import Captioner
-    from expblip.model.blip2 import GenerationConfig
+    from expblip.model.generation import GenerationConfig
     from expblip.serve.app import create_app
 
     captioner = Captioner.from_export(export)  # one model copy, shared by both servers (never at the same time)

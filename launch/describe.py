@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from expblip.infer.captioner import Captioner, describe_files, format_description, list_images, resolve_export
     from expblip.infer.video import is_video
-    from expblip.model.blip2 import GenerationConfig
+    from expblip.model.generation import GenerationConfig
 
     gen = GenerationConfig(num_beams=args.beams, sample=args.sample, max_new_tokens=args.max_new_tokens)
     videos = [p for p in args.images if is_video(p) and Path(p).is_file()]

@@ -228,7 +228,7 @@ def test_llava_shards_train_on_their_own_prompt(images):
     assert "Which AUs give it away?" in text and "AU1, AU2 and AU26." in text
     tokenizer = train_caption_tokenizer(text, 300)
     cfg = SimpleNamespace(train=SimpleNamespace(stage="lm", seed=0), tasks=TasksConfig(),
-                          data=SimpleNamespace(max_text_tokens=32))
+                          data=SimpleNamespace(max_text_tokens=32), model=SimpleNamespace(preset="tiny"))
     run = SimpleNamespace(cfg=cfg, tokenizer=tokenizer, blip2_config=SimpleNamespace(num_query_tokens=4),
                           engine=SimpleNamespace(device="cpu"), step=0)
     batch = {"labels": samples, "keys": [f"k{i}" for i in range(3)], "captions": [s["captions"][0] for s in samples]}

@@ -48,7 +48,7 @@ from expblip.eval.caption_metrics import caption_scores
 from expblip.eval.metrics import CONFUSION_EXTRA, au_f1, emotion_accuracy, emotion_confusion
 from expblip.infer.captioner import Captioner, resolve_export
 from expblip.infer.parse import parse_caption
-from expblip.model.blip2 import GenerationConfig
+from expblip.model.generation import GenerationConfig
 from expblip.pixels import CLIP_MEAN, CLIP_STD
 
 SAMPLES_KEPT = 20  # examples stored in the result and the report

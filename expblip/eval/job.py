@@ -59,7 +59,7 @@ def evaluate(job: EvalJob) -> dict:
     from expblip.eval.probe import run_probes
     from expblip.eval.provenance import resolve_aus
     from expblip.infer.captioner import resolve_export
-    from expblip.model.blip2 import GenerationConfig
+    from expblip.model.generation import GenerationConfig
 
     export = resolve_export(job.model)  # the path only: a missing model is named first
     aus_key, aus_source = resolve_aus(job.aus, job.shards)  # before the model loads: a contradiction fails fast

@@ -25,7 +25,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from expblip.infer.parse import parse_caption
-from expblip.model.blip2 import GenerationConfig, generate_captions
+from expblip.model.generation import GenerationConfig
+from expblip.model.spec import ModelSpec, spec_for_config
 from expblip.model.weights import load_export
 from expblip.pixels import CLIP_MEAN, CLIP_STD
 
@@ -157,13 +158,18 @@ def resolve_export(path: str | Path) -> Path:
 class Captioner:
     """A loaded export: model (eval mode), tokenizer and the preprocessing it was trained with."""
 
-    model: torch.nn.Module  # Blip2ForConditionalGeneration
+    model: torch.nn.Module  # the family's HF model (Blip2ForConditionalGeneration, ...)
     tokenizer: object
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     device: torch.device
     tasks: dict = field(default_factory=lambda: {"describe": ""})  # task -> prompt the model was trained with
+    spec: ModelSpec | None = None  # the model's family (expblip.model.spec); None: read from model.config
+
+    def __post_init__(self) -> None:
+        if self.spec is None:
+            self.spec = spec_for_config(self.model.config)
 
     @classmethod
     def from_export(cls, path: str | Path, device: str | torch.device = "cpu",
@@ -172,11 +178,12 @@ class Captioner:
         ('bf16', 'fp16', 'fp32' or a torch dtype): each tensor is cast as it is read, straight onto `device`."""
         device = torch.device(device)
         model, tokenizer, meta = load_export(path, dtype=parse_dtype(dtype), device=device)
-        image_size = int(meta.get("image_size", model.config.vision_config.image_size))
+        spec = spec_for_config(model.config)
+        image_size = int(meta.get("image_size", spec.image_size(model.config)))
         mean = tuple(float(x) for x in meta.get("mean", CLIP_MEAN))
         std = tuple(float(x) for x in meta.get("std", CLIP_STD))
         tasks = dict(meta.get("tasks") or {"describe": ""})
-        return cls(model.to(device), tokenizer, image_size, mean, std, device, tasks)  # type: ignore[arg-type]
+        return cls(model.to(device), tokenizer, image_size, mean, std, device, tasks, spec)  # type: ignore[arg-type]
 
     def task_prompt(self, task: str) -> str:
         """The prompt of one of the tasks the export was trained on (expblip.json "tasks")."""
@@ -200,8 +207,8 @@ class Captioner:
         # inference_mode, not only no_grad: no autograd bookkeeping on any tensor the decoding loop makes. Only here,
         # where the model is an export that never trains (under ZeRO-3, gathered parameters must stay normal tensors)
         with torch.inference_mode():
-            return generate_captions(self.model, self.tokenizer, pixel_values.to(self.device, dtype), gen, prompt,
-                                     with_lengths)
+            images = self.spec.pixel_inputs(self.model.config, pixel_values.to(self.device, dtype))
+            return self.spec.generate(self.model, self.tokenizer, images, gen, prompt, with_lengths)
 
     def caption(self, images: Sequence[Image.Image], gen: GenerationConfig | None = None,
                 batch_size: int = 16, prompt: str = "") -> list[str]:
@@ -219,10 +226,9 @@ class Captioner:
         return [{"caption": c, **parse_caption(c)} for c in self.caption(images, gen, batch_size, prompt)]
 
     def prompt_length(self, prompt: str = "") -> int:
-        """Tokens the model reads before it answers: query tokens, BOS and the prompt in the family's turn layout."""
-        from expblip.model.blip2 import prompt_ids
-
-        return prompt_ids(self.model, self.tokenizer, prompt, 1).shape[1]
+        """Tokens the model reads before it answers (BLIP-2: query tokens, BOS and the prompt in the family's turn
+        layout)."""
+        return self.spec.prompt_length(self.model.config, self.tokenizer, prompt)
 
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` in the export's tokenizer (no special tokens): the OpenAI API's usage counts."""

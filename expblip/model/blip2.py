@@ -14,19 +14,30 @@ Nothing here imports Ray, DeepSpeed or MLflow: parallelism wraps this module fro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 from torch import nn
 from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig
 
 from expblip.model.family import FAMILIES, Family
+from expblip.model.generation import Generated, GenerationConfig, decode_new
 from expblip.model.lora import TOWER_MODULES, LoraSettings, add_lora, is_adapter
-from expblip.model.tokenizer import bos_ids, caption_end_id, family_of_tokenizer, image_token_id
+from expblip.model.tokenizer import (
+    bos_ids,
+    caption_end_id,
+    family_of_tokenizer,
+    image_token_id,
+    load_tokenizer,
+    train_caption_tokenizer,
+    wrap,
+)
 
 PresetName = Literal["tiny", "tiny-qwen2.5", "tiny-llama3", "tiny-h32", "tiny-qwen2.5-h32", "mid", "vitg-opt6.7b",
                      "vitg-opt2.7b", "vitb-opt2.7b", "vitg-qwen2.5-7b", "vitg-qwen2.5-3b", "vitg-qwen2.5-1.5b",
-                     "vitg-llama3-8b", "vitg-llama3.2-3b", "vitg-llama3.2-1b"]
+                     "vitg-llama3-8b", "vitg-llama3.2-3b", "vitg-llama3.2-1b",
+                     # native VLMs (expblip.model.qwen_vl)
+                     "tiny-qwen2.5-vl", "qwen2.5-vl-3b", "qwen2.5-vl-7b"]
 Tower = Literal["vision", "qformer", "lm"]
 # Tower shapes. Paper presets follow the public blip2-opt-* configs; tiny is a CPU debug model (hidden 64, 2 layers).
 _VISION = {
@@ -129,8 +140,8 @@ TINY_PRESETS = ("tiny", "tiny-qwen2.5", "tiny-llama3", *H32_PRESETS)  # train th
 
 
 def preset_family(preset: str) -> Family:
-    """The LM family of a preset."""
-    return FAMILIES[_LM[PRESETS[preset][2]][0]]
+    """The LM family of a preset (a native VLM's: Qwen2.5-VL's LM is a Qwen2.5)."""
+    return FAMILIES[_LM[PRESETS[preset][2]][0]] if preset in PRESETS else FAMILIES["qwen2"]
 
 
 
@@ -167,9 +178,10 @@ class ModelConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"model.preset {self.preset!r} does not exist; choose one of {sorted(PRESETS)}")
-        if self.preset not in TINY_PRESETS and not (self.tokenizer or self.weights or self.lm_weights):
+        from expblip.model.spec import spec_for_preset
+
+        spec = spec_for_preset(self.preset)  # names every family's presets when there is no such preset
+        if self.preset not in spec.tiny_presets and not (self.tokenizer or self.weights or self.lm_weights):
             raise ValueError(f"model.preset {self.preset!r} needs model.tokenizer (a local directory holding the "
                              f"{preset_family(self.preset).name} tokenizer)")
         unknown = sorted(set(self.checkpointing) - {"vision", "qformer", "lm"})
@@ -197,6 +209,10 @@ class ModelConfig:
 
     @property
     def image_size(self) -> int:
+        if self.preset not in PRESETS:  # a native VLM (expblip.model.qwen_vl)
+            from expblip.model.qwen_vl import PRESET_IMAGE_SIZE
+
+            return PRESET_IMAGE_SIZE[self.preset]
         return _VISION[PRESETS[self.preset][0]]["image_size"]
 
     @property
@@ -440,19 +456,6 @@ def instruction_ids(tokenizer, instruction: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
-@dataclass
-class GenerationConfig:
-    """Decoding: beam search (paper: 5 beams) or nucleus sampling (top_p 0.9)."""
-
-    num_beams: int = 5
-    sample: bool = False
-    top_p: float = 0.9
-    temperature: float = 1.0  # sampling only
-    max_new_tokens: int = 60  # the paper's max length 200 is for OPT's tokens; tiny captions are short
-    min_new_tokens: int = 3
-    repetition_penalty: float = 1.0
-
-
 def prompt_ids(model: Blip2ForConditionalGeneration, tokenizer, prompt: str, batch: int) -> torch.Tensor:
     """[B, Q + len(BOS) + P] LM input ids: Q image tokens, BOS (OPT's </s>, Llama-3's <|begin_of_text|>, none for
     Qwen2.5), then the instruction in the family's turn layout (the exported chat template's layout). An empty prompt
@@ -460,15 +463,6 @@ def prompt_ids(model: Blip2ForConditionalGeneration, tokenizer, prompt: str, bat
     ids = [image_token_id(tokenizer)] * model.config.num_query_tokens + bos_ids(tokenizer)
     ids += instruction_ids(tokenizer, prompt)
     return torch.tensor([ids] * batch, dtype=torch.long)
-
-
-class Generated(NamedTuple):
-    """One caption and how it ended: ``tokens`` generated (the end token included), ``stopped`` at the end token
-    rather than at max_new_tokens."""
-
-    text: str
-    tokens: int
-    stopped: bool
 
 
 @torch.no_grad()
@@ -479,32 +473,124 @@ def generate_captions(model: Blip2ForConditionalGeneration, tokenizer, pixel_val
     task instruction laid out as the LM family's turn, the same for every image of the batch. ``with_lengths``:
     Generated tuples instead of strings."""
     gen = gen or GenerationConfig()
-    kwargs = dict(max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens,
-                  eos_token_id=caption_end_id(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                  repetition_penalty=gen.repetition_penalty)
-    if gen.sample:
-        kwargs.update(do_sample=True, top_p=gen.top_p, temperature=gen.temperature, num_beams=1)
-    else:
-        kwargs.update(do_sample=False, num_beams=gen.num_beams)
+    end = caption_end_id(tokenizer)
     input_ids = prompt_ids(model, tokenizer, prompt, pixel_values.shape[0]).to(pixel_values.device)
     out = model.generate(pixel_values=pixel_values, input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                         **kwargs, **extra)
-    new = out[:, input_ids.shape[1]:]  # generate() returns the prompt, then the new tokens
-    texts = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    if not with_lengths:
-        return texts
-    end = caption_end_id(tokenizer)
-    out_rows = []
-    for text, row in zip(texts, new.tolist(), strict=True):
-        stopped = end in row
-        length = row.index(end) + 1 if stopped else len(row) - _trailing(row, tokenizer.pad_token_id)
-        out_rows.append(Generated(text, length, stopped))
-    return out_rows
+                         **gen.hf_kwargs(end, tokenizer.pad_token_id), **extra)
+    return decode_new(tokenizer, out[:, input_ids.shape[1]:], end, with_lengths)  # generate() returns the prompt first
 
 
-def _trailing(row: list[int], value: int) -> int:
-    """How many times ``value`` ends ``row`` (the padding of a finished sequence)."""
-    n = 0
-    while n < len(row) and row[-1 - n] == value:
-        n += 1
-    return n
+# ---------------------------------------------------------------- BLIP-2 as a model family (expblip.model.spec)
+
+
+def training_unit(cfg, tokenizer, qformer_tokenizer=None, init: bool = True,
+                  dtype: torch.dtype | None = None) -> nn.Module:
+    """The module the engine wraps for cfg.train.stage; each keeps the HF model at `.blip2` (what gets exported).
+    `cfg` is the run's expblip.config.Config; stage 1 needs the Q-Former's text tokenizer."""
+    if cfg.train.stage == "stage1":
+        from expblip.model.stage1 import build_stage1
+
+        return build_stage1(cfg.model, cfg.stage1, tokenizer, qformer_tokenizer, init=init, dtype=dtype)
+    blip2 = build_model(cfg.model, tokenizer, init=init, dtype=dtype)
+    if cfg.train.stage == "vision":
+        return VisionPretrainModel(blip2, len(cfg.train.vision_aus))
+    return CaptionModel(blip2)
+
+
+def text_inputs(tokenizer, config: Blip2Config, captions: list[str], prompts: list[str] | None, max_tokens: int,
+                text_only: bool = False) -> dict[str, torch.Tensor]:
+    """caption_inputs with the config's query tokens as image placeholders (the 'lm' stage keeps them too, so that
+    the frozen LM later meets the query outputs at positions it was trained on)."""
+    return caption_inputs(tokenizer, captions, config.num_query_tokens, max_tokens, prompts)
+
+
+def pixel_inputs(config: Blip2Config, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """BLIP-2 reads the normalised square images as they are: {"pixel_values": [B, 3, S, S]}."""
+    return {"pixel_values": pixels}
+
+
+def generate(model: Blip2ForConditionalGeneration, tokenizer, images: dict, gen: GenerationConfig | None = None,
+             prompt: str = "", with_lengths: bool = False, **extra) -> list[str] | list[Generated]:
+    """generate_captions over pixel_inputs' dict."""
+    return generate_captions(model, tokenizer, images["pixel_values"], gen, prompt, with_lengths, **extra)
+
+
+def prompt_length(config: Blip2Config, tokenizer, prompt: str = "") -> int:
+    """Tokens read before the answer: query tokens, BOS and the prompt in the family's turn layout."""
+    return config.num_query_tokens + len(bos_ids(tokenizer)) + len(instruction_ids(tokenizer, prompt))
+
+
+def load_pretrained(path, dtype: torch.dtype, placement: dict) -> Blip2ForConditionalGeneration:
+    """An HF-format BLIP-2 directory in `dtype` (placement: transformers' device_map or nothing). The Q-Former and
+    query tokens (0.1 B) stay fp32 whatever `dtype`, as their fp32 master weights were (transformers'
+    _keep_in_fp32_modules does that for fp16 only); its output is cast to the towers' dtype."""
+    model = Blip2ForConditionalGeneration.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                                          use_safetensors=True, **placement)
+    if dtype != torch.float32:
+        model.qformer.float()
+        model.query_tokens.data = model.query_tokens.data.float()
+    return model
+
+
+def stage_inputs(cfg, batch: dict, qformer_tokenizer=None) -> dict:
+    """Forward arguments beside the pixels for BLIP-2's own stages: the vision stage's AU targets, stage 1's
+    Q-Former text and its cross-rank gather (host tensors; the loop moves them to the device)."""
+    if cfg.train.stage == "vision":
+        return au_targets(batch["labels"], cfg.train.vision_aus)
+    from expblip.model.stage1 import all_gather_with_grad, qformer_text_inputs
+
+    text = qformer_text_inputs(qformer_tokenizer, batch["captions"], cfg.stage1.max_text_tokens)
+    return {**text, "gather": all_gather_with_grad}
+
+
+def train_tokenizer(captions: list[str], cfg: ModelConfig):
+    """The tiny presets' tokenizer, trained on the run's captions and task prompts (deterministic)."""
+    from tokenizers import Tokenizer
+
+    text = train_caption_tokenizer(captions, cfg.tokenizer_vocab, cfg.family).backend_tokenizer.to_str()
+    return wrap(Tokenizer.from_str(text))
+
+
+def _image_size(config) -> int:
+    return config.vision_config.image_size
+
+
+def load_qformer_tokenizer(path):
+    """Stage 1's Q-Former text tokenizer from a directory (expblip.model.stage1, imported on use: it builds on
+    this module)."""
+    from expblip.model import stage1
+
+    return stage1.load_qformer_tokenizer(path)
+
+
+def train_qformer_tokenizer(captions: list[str], vocab_size: int):
+    """A Q-Former text tokenizer trained on captions (the tiny preset's; expblip.model.stage1)."""
+    from expblip.model import stage1
+
+    return stage1.train_qformer_tokenizer(captions, vocab_size)
+
+
+def _save_export(state, config, tokenizer, out, resolved_config_yaml="", extra_meta=None, config_dtype=None):
+    """save_hf_dir (expblip.model.weights): stock Blip2ForConditionalGeneration loads it."""
+    from expblip.model.weights import save_hf_dir
+
+    return save_hf_dir(state, config, tokenizer, out, resolved_config_yaml, extra_meta=extra_meta,
+                       config_dtype=config_dtype)
+
+
+def _spec():
+    from expblip.model.spec import ModelSpec
+
+    return ModelSpec(
+        name="blip2", model_type="blip-2", architecture="Blip2ForConditionalGeneration", presets=tuple(PRESETS),
+        stages=("lm", "vision", "stage1", "stage2"), unit_attr="blip2", build=build_model,
+        training_unit=training_unit, freeze=apply_freezing, checkpointing=enable_checkpointing,
+        text_inputs=text_inputs, pixel_inputs=pixel_inputs, generate=generate, prompt_length=prompt_length,
+        hidden_size=preset_hidden_size, image_size=_image_size,
+        read_outside_forward=lambda model: [model.query_tokens], load_pretrained=load_pretrained,
+        load_tokenizer=load_tokenizer, tiny_presets=TINY_PRESETS, train_tokenizer=train_tokenizer, stage_inputs=stage_inputs,
+        load_stage1_tokenizer=load_qformer_tokenizer, train_stage1_tokenizer=train_qformer_tokenizer,
+        save_export=_save_export)
+
+
+SPEC = _spec()

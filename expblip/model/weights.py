@@ -88,8 +88,7 @@ def load_export(path: str | Path, dtype: torch.dtype = torch.float32, device: st
 
     Each tensor is read (memory-mapped) and cast to `dtype` as it is loaded, straight onto `device` when given
     (transformers' device_map): a bf16 load of a 7.7 B export never holds an fp32 copy, nor a host copy for a GPU.
-    The Q-Former and query tokens (0.1 B) are kept in fp32 whatever `dtype`, as their fp32 master weights were
-    (transformers' _keep_in_fp32_modules does that for fp16 only); its output is cast to the towers' dtype.
+    The family (expblip.model.spec) is the one config.json names; it decides what stays in fp32.
     """
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -99,13 +98,11 @@ def load_export(path: str | Path, dtype: torch.dtype = torch.float32, device: st
     if meta.get("format") == "trainable-only":
         raise ValueError(f"{path} is a trainable-only export (no frozen towers); merge it onto its towers: "
                          f"python launch/export.py --merge {path} --towers TOWERS_DIR --out DIR")
+    from expblip.model.spec import spec_for_config
+
+    spec = spec_for_config(json.loads((path / "config.json").read_text()))
     placement = {"device_map": str(device)} if device is not None and torch.device(device).type != "cpu" else {}
-    model = Blip2ForConditionalGeneration.from_pretrained(str(path), dtype=dtype, local_files_only=True,
-                                                          use_safetensors=True, **placement)
-    if dtype != torch.float32:
-        model.qformer.float()
-        model.query_tokens.data = model.query_tokens.data.float()
-    return model.eval(), load_tokenizer(path), meta
+    return spec.load_pretrained(path, dtype, placement).eval(), spec.load_tokenizer(path), meta
 
 
 def read_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -684,10 +681,14 @@ def load_into_model(model: nn.Module, state: Mapping[str, torch.Tensor], strict:
 # ---------------------------------------------------------------- writing HF-format directories
 
 
-def tied_aliases(config: Blip2Config) -> dict[str, str]:
+def tied_aliases(config) -> dict[str, str]:
     """alias -> source for parameters that are one tensor (built on the meta device: no memory)."""
+    import transformers
+
+    from expblip.model.spec import spec_for_config
+
     with torch.device("meta"):
-        model = Blip2ForConditionalGeneration(config)
+        model = getattr(transformers, spec_for_config(config).architecture)(config)
     first: dict[int, str] = {}
     aliases = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -698,15 +699,20 @@ def tied_aliases(config: Blip2Config) -> dict[str, str]:
     return aliases
 
 
-def expected_shapes(config: Blip2Config) -> dict[str, tuple[int, ...]]:
-    """Persistent tensors of Blip2ForConditionalGeneration(config) and their shapes, tied aliases left out."""
+def expected_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Persistent tensors of the config's HF model (its family's architecture) and their shapes, tied aliases
+    left out."""
+    import transformers
+
+    from expblip.model.spec import spec_for_config
+
     with torch.device("meta"):
-        model = Blip2ForConditionalGeneration(config)
+        model = getattr(transformers, spec_for_config(config).architecture)(config)
     aliases = tied_aliases(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in aliases}
 
 
-def check_state(state: Mapping[str, Any], config: Blip2Config, where: str) -> None:
+def check_state(state: Mapping[str, Any], config, where: str) -> None:
     """Raise ValueError unless `state` (tied aliases removed) has exactly the model's keys and shapes."""
     expected = expected_shapes(config)
     missing = sorted(set(expected) - set(state))

@@ -386,7 +386,7 @@ def evaluate_model(chain: Chain, key: str, run_dir: str, test: str, train_shards
     """Score one model on the held-out faces (cached in eval/RUN unless its export is newer)."""
     from expblip.eval.evaluate import evaluate_export, training_text
     from expblip.eval.report import write_report
-    from expblip.model.blip2 import GenerationConfig
+    from expblip.model.generation import GenerationConfig
 
     out = chain.path("eval", Path(run_dir).name)
     weights = Path(run_dir, "export", "model.safetensors")

@@ -78,7 +78,7 @@ def train_stage(cfg: Config) -> str:
 def evaluate(demo: DemoConfig, run_dir: str, shards: dict[str, str]) -> dict:
     from expblip.eval.evaluate import evaluate_export, training_text
     from expblip.eval.report import baseline_table, write_report
-    from expblip.model.blip2 import GenerationConfig
+    from expblip.model.generation import GenerationConfig
 
     result = evaluate_export(run_dir, shards["test"], gen=GenerationConfig(num_beams=demo.beams),
                              train=training_text(shards["train"]), batch_size=32)

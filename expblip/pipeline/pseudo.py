@@ -50,7 +50,7 @@ from expblip.data.shards import (
     url_to_fs,
 )
 from expblip.data.stream import ErrorCounter, count_each, read_shard
-from expblip.model.blip2 import GenerationConfig
+from expblip.model.generation import GenerationConfig
 
 log = logging.getLogger(__name__)
 

@@ -62,7 +62,7 @@ from expblip.infer import face as face_detection
 from expblip.infer import video as video_io
 from expblip.infer.captioner import Captioner, ImageError, load_image, resolve_export
 from expblip.infer.parse import parse_caption
-from expblip.model.blip2 import Generated, GenerationConfig
+from expblip.model.generation import Generated, GenerationConfig
 from expblip.serve.batching import DEFAULT_MAX_WAIT_MS, Arrival, Batcher, QueueFull
 from expblip.serve.metrics import CONTENT_TYPE, ServeMetrics
 from expblip.serve.options import ServeOptions

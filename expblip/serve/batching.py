@@ -30,7 +30,7 @@ from dataclasses import astuple, dataclass, field
 
 import torch
 
-from expblip.model.blip2 import GenerationConfig
+from expblip.model.generation import GenerationConfig
 
 # How long a free worker waits for more images under load. 25 ms, not 10: with 16 closed-loop clients and a trained
 # export, 10 ms let the first client answered by a batch run alone and split the rest (batches of 1 and 13-16

@@ -32,7 +32,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Body, FastAPI, Path
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from expblip.model.blip2 import Generated, GenerationConfig
+from expblip.model.generation import Generated, GenerationConfig
 from expblip.serve.app import QUEUE_ERRORS, MiB, Service, UploadRejected
 from expblip.serve.schemas import Parse, error_responses
 

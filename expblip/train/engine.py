@@ -17,7 +17,7 @@ from torch import nn
 
 from expblip.config import Config, ConfigError
 from expblip.log import get_logger
-from expblip.model.blip2 import preset_hidden_size
+from expblip.model.spec import spec_for_preset
 
 log = get_logger(__name__)
 
@@ -95,7 +95,7 @@ def resolve_ds_config(cfg: Config, world_size: int) -> dict:
     resolve_precision(ds, gpu, cfg.train.ds_config)
     check_precision(ds, cfg.model.frozen_dtype, cfg.train.ds_config)
     apply_placement(ds, cfg, world_size)
-    fill_auto(ds, preset_hidden_size(cfg.model.preset), gpu=gpu, where=cfg.train.ds_config)
+    fill_auto(ds, spec_for_preset(cfg.model.preset).hidden_size(cfg.model.preset), gpu=gpu, where=cfg.train.ds_config)
     return ds
 
 

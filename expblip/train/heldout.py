@@ -105,21 +105,24 @@ def heldout_loss(run, model_inputs) -> float:
 def heldout_captions(run, prompt: str = "") -> tuple[list[str], list[dict]]:
     """Collective: greedy captions (answers to `prompt`) of the same number of held-out images on every rank; all of
     them on rank 0."""
-    from expblip.model.blip2 import GenerationConfig, generate_captions
+    from expblip.model.generation import GenerationConfig
+    from expblip.model.spec import spec_for_preset
 
-    blip2 = run.engine.module.blip2
+    spec = spec_for_preset(run.cfg.model.preset)
+    hf = spec.hf_model(run.engine.module)
     gen = GenerationConfig(num_beams=1, max_new_tokens=run.cfg.train.eval_max_new_tokens)
     per_rank = -(-run.cfg.train.eval_generate // run.world)  # ceil: every rank runs the same number of batches
     batches, captions, labels = _eval_stream(run), [], []
     dtype = torch.bfloat16 if run.engine.bfloat16_enabled() else torch.float32  # as the loop feeds the engine
     with generation_weights(run) as whole:
-        partitioned = hasattr(blip2.query_tokens, "ds_id") and not whole
+        partitioned = not whole and any(hasattr(p, "ds_id") for p in hf.parameters())
+        external = spec.read_outside_forward(hf) if partitioned else []
         while len(captions) < per_rank:
             batch = next(batches)
             pixels = normalise(batch["pixel_values"].to(run.engine.device, non_blocking=True), dtype)
-            with gathered([blip2.query_tokens] if partitioned else []):  # read outside forward: gather it
-                captions += generate_captions(blip2, run.tokenizer, pixels, gen, prompt,
-                                              synced_gpus=partitioned and run.world > 1)
+            with gathered(external):  # parameters generate() reads outside any module's forward: gather them
+                captions += spec.generate(hf, run.tokenizer, spec.pixel_inputs(hf.config, pixels), gen, prompt,
+                                          synced_gpus=partitioned and run.world > 1)
             labels += batch["labels"]
     gathered_all = comm.all_gather_object((captions[:per_rank], labels[:per_rank]))
     return [c for part in gathered_all for c in part[0]], [lab for part in gathered_all for lab in part[1]]

@@ -26,25 +26,8 @@ from expblip.data.shards import resolve_shards
 from expblip.data.stream import Cursor, StreamError, make_loader, read_captions, resolve_with_retry
 from expblip.data.tasks import sample_text, task_vocabulary
 from expblip.log import get_logger
-from expblip.model.blip2 import (
-    TINY_PRESETS,
-    CaptionModel,
-    VisionPretrainModel,
-    apply_freezing,
-    au_targets,
-    build_model,
-    caption_inputs,
-    enable_checkpointing,
-)
-from expblip.model.stage1 import (
-    all_gather_with_grad,
-    build_stage1,
-    load_qformer_tokenizer,
-    qformer_text_inputs,
-    train_qformer_tokenizer,
-)
-from expblip.model.tokenizer import load_tokenizer, train_caption_tokenizer, wrap
-from expblip.model.weights import WeightSource, open_towers, save_hf_dir, save_trainable_export
+from expblip.model.spec import ModelSpec, spec_for_preset
+from expblip.model.weights import WeightSource, open_towers, save_trainable_export
 from expblip.pixels import normalise
 from expblip.train import checkpoint, comm, heldout
 from expblip.train import engine as ds_engine
@@ -112,6 +95,13 @@ def preflight(cfg: Config, wait_for_storage: bool = True) -> str:
     else:
         resolve_shards(cfg.data.train.shards)
     ds_engine.load_ds_config(cfg.train.ds_config)
+    spec = spec_for_preset(cfg.model.preset)
+    if cfg.train.stage not in spec.stages:
+        raise ConfigError(f"train.stage={cfg.train.stage}: model.preset {cfg.model.preset} ({spec.name}) trains in "
+                          f"stages {', '.join(spec.stages)}")
+    if cfg.train.export in ("trainable", "both") and not spec.trainable_export:
+        raise ConfigError(f"train.export={cfg.train.export}: model.preset {cfg.model.preset} ({spec.name}) writes "
+                          "full exports only; set train.export=full")
     return heldout.selection_split(cfg) if cfg.train.eval_every else ""  # never select on test faces
 
 
@@ -142,7 +132,7 @@ def setup(cfg: Config, report: Reporter | None = None) -> Run:
     tokenizer = _tokenizer(cfg, rank, run_dir, source)
     qformer_tokenizer = _qformer_tokenizer(cfg, rank, run_dir, source) if cfg.train.stage == "stage1" else None
     model = build_unit(cfg, ds_config, tokenizer, qformer_tokenizer, init=source is None)
-    blip2_cfg = model.blip2.config
+    blip2_cfg = spec_for_preset(cfg.model.preset).hf_model(model).config
     elastic = _elastic_resume(run_dir, tag, rank, world)
     loaded = None
     if source is not None:  # also on a resume: checkpoints leave out the frozen towers that model.weights holds
@@ -159,7 +149,7 @@ def setup(cfg: Config, report: Reporter | None = None) -> Run:
     if source is not None:
         source.close()
     _report_resident(engine.module, rank, world)
-    log.info(f"attention {engine.module.blip2.config._attn_implementation} on {engine.device}; "
+    log.info(f"attention {blip2_cfg._attn_implementation} on {engine.device}; "
              f"{ds_engine.precision(ds_config)} engine, ZeRO-{ds_engine.zero_stage(ds_config)}")
     random.seed(cfg.train.seed + rank)  # dropout and augmentation differ per rank; a resume restores them below
     torch.manual_seed(cfg.train.seed + rank)
@@ -231,10 +221,11 @@ def build_unit(cfg: Config, ds_config: dict, tokenizer, qformer_tokenizer, init:
     """
     fp32_engine = ds_engine.precision(ds_config) == "fp32"
     dtype = None if init else ds_engine.construction_dtype(ds_config, cfg.model.frozen_dtype)
+    spec = spec_for_preset(cfg.model.preset)
     model = ds_engine.build_partitioned(
-        ds_config, lambda d: _training_unit(cfg, tokenizer, qformer_tokenizer, init, d), init=init, dtype=dtype)
-    apply_freezing(model.blip2, cfg.model, cfg.train.stage, torch.float32 if fp32_engine else None)
-    enable_checkpointing(model.blip2, cfg.model.checkpointing)
+        ds_config, lambda d: _training_unit(spec, cfg, tokenizer, qformer_tokenizer, init, d), init=init, dtype=dtype)
+    spec.freeze(spec.hf_model(model), cfg.model, cfg.train.stage, torch.float32 if fp32_engine else None)
+    spec.checkpointing(spec.hf_model(model), cfg.model.checkpointing)
     ds_engine.cast_partitions(model)  # model.frozen_dtype and the fp32 trainable parts, under ZeRO-3
     return model
 
@@ -292,23 +283,20 @@ def _host_memory() -> tuple[int, int]:
     return pages * os.sysconf("SC_PAGE_SIZE"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _training_unit(cfg: Config, tokenizer, qformer_tokenizer, init: bool = True,
+def _training_unit(spec: ModelSpec, cfg: Config, tokenizer, qformer_tokenizer, init: bool = True,
                    dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """The module the engine wraps for this stage; each keeps the HF model at `.blip2` (what gets exported)."""
-    if cfg.train.stage == "stage1":
-        unit = build_stage1(cfg.model, cfg.stage1, tokenizer, qformer_tokenizer, init=init, dtype=dtype)
-        for param in unit.external_parameters():  # read outside their owner's forward: ZeRO-3 must gather them
-            ds_engine.register_external(unit, param)
-        return unit
-    blip2 = build_model(cfg.model, tokenizer, init=init, dtype=dtype)
-    if cfg.train.stage == "vision":
-        return VisionPretrainModel(blip2, len(cfg.train.vision_aus))
-    return CaptionModel(blip2)
+    """The module the engine wraps for this stage (the family's); spec.hf_model(unit) is what gets exported."""
+    unit = spec.training_unit(cfg, tokenizer, qformer_tokenizer, init=init, dtype=dtype)
+    for param in getattr(unit, "external_parameters", list)():  # read outside their owner's forward: gather them
+        ds_engine.register_external(unit, param)
+    return unit
 
 
 def _qformer_tokenizer(cfg: Config, rank: int, run_dir: Path, source: WeightSource | None = None):
     """Stage 1's Q-Former text tokenizer: given (stage1.qformer_tokenizer, a local BERT tokenizer as BLIP-2 reads),
     saved in the run or beside its weights, or, for the tiny preset only, trained on the captions."""
+    spec = spec_for_preset(cfg.model.preset)
+    load_qformer_tokenizer, train_qformer_tokenizer = spec.load_stage1_tokenizer, spec.train_stage1_tokenizer
     if cfg.stage1.qformer_tokenizer:
         return load_qformer_tokenizer(cfg.stage1.qformer_tokenizer)
     for candidate in (run_dir / "qformer_tokenizer", Path(_weights_dir(cfg.model.weights) or "/nonexistent",
@@ -347,7 +335,9 @@ def _check_run_dir(cfg: Config, run_dir: Path) -> str | None:
 
 
 def _tokenizer(cfg: Config, rank: int, run_dir: Path, source: WeightSource | None = None):
-    """A given tokenizer, the one saved in the run, the one of the initial weights, or one trained on captions."""
+    """A given tokenizer, the one saved in the run, the one of the initial weights, or one trained on captions (the
+    family's: Qwen2.5-VL's is its processor)."""
+    load_tokenizer = spec_for_preset(cfg.model.preset).load_tokenizer
     if cfg.model.tokenizer:
         return load_tokenizer(cfg.model.tokenizer)
     for candidate in (str(run_dir / "tokenizer"), cfg.model.lm_weights, _weights_dir(cfg.model.weights)):
@@ -356,16 +346,13 @@ def _tokenizer(cfg: Config, rank: int, run_dir: Path, source: WeightSource | Non
     fetched = _fetch_tokenizer(source)
     if fetched:
         return load_tokenizer(fetched)
-    if cfg.model.preset not in TINY_PRESETS:
+    spec = spec_for_preset(cfg.model.preset)
+    if cfg.model.preset not in spec.tiny_presets:
         raise ConfigError(f"model.preset {cfg.model.preset} needs model.tokenizer (a local tokenizer directory)")
-    text = None
+    tokenizer = None
     if rank == 0:  # train once and broadcast: every rank must hold the identical vocabulary
-        captions = read_captions(cfg.data.train) + task_vocabulary(cfg.tasks)
-        text = train_caption_tokenizer(captions, cfg.model.tokenizer_vocab, cfg.model.family).backend_tokenizer.to_str()
-    text = comm.broadcast_object(text)
-    from tokenizers import Tokenizer
-
-    tokenizer = wrap(Tokenizer.from_str(text))
+        tokenizer = spec.train_tokenizer(read_captions(cfg.data.train) + task_vocabulary(cfg.tasks), cfg.model)
+    tokenizer = comm.broadcast_object(tokenizer)
     if rank == 0:
         tokenizer.save_pretrained(run_dir / "tokenizer")
     return tokenizer
@@ -427,12 +414,11 @@ def model_inputs(run: Run, batch: dict, task_step: int | None = None) -> dict:
     """Batch from the loader -> keyword arguments of the training unit's forward. With several tasks (config
     `tasks`), each sample gets the prompt and answer of a task drawn for (sample, step); `task_step` replaces the
     step (held-out batches use -1: the same draw at every evaluation)."""
-    if run.cfg.train.stage == "vision":
-        return {"pixel_values": _pixels(run, batch),
-                **_on_device(run, au_targets(batch["labels"], run.cfg.train.vision_aus))}
-    if run.cfg.train.stage == "stage1":
-        text = qformer_text_inputs(run.qformer_tokenizer, batch["captions"], run.cfg.stage1.max_text_tokens)
-        return {"pixel_values": _pixels(run, batch), **_on_device(run, text), "gather": all_gather_with_grad}
+    spec = spec_for_preset(run.cfg.model.preset)
+    if run.cfg.train.stage not in ("lm", "stage2"):  # the family's own stages (BLIP-2: vision, stage1)
+        extra = spec.stage_inputs(run.cfg, batch, run.qformer_tokenizer)
+        tensors = _on_device(run, {k: v for k, v in extra.items() if torch.is_tensor(v)})
+        return {**spec.pixel_inputs(run.blip2_config, _pixels(run, batch)), **extra, **tensors}
     lm_only = run.cfg.train.stage == "lm"
     captions, prompts = batch["captions"], None
     if run.cfg.tasks.multi or any(lab.get("prompt") is not None for lab in batch["labels"]):  # instruction data
@@ -440,13 +426,16 @@ def model_inputs(run: Run, batch: dict, task_step: int | None = None) -> dict:
         picked = [sample_text(run.cfg.tasks, lab, key, run.cfg.train.seed, step, cap)
                   for lab, key, cap in zip(batch["labels"], batch["keys"], batch["captions"], strict=True)]
         prompts, captions = [p for p, _ in picked], [a for _, a in picked]
-    # the 'lm' stage keeps the captioning layout (<image> placeholders, then BOS, the prompt and the caption) so
-    # that the frozen LM later meets the query outputs at positions it was trained on
-    inputs = _on_device(run, caption_inputs(run.tokenizer, captions, run.blip2_config.num_query_tokens,
-                                            run.cfg.data.max_text_tokens, prompts))
+    inputs = _on_device(run, spec.text_inputs(run.tokenizer, run.blip2_config, captions, prompts,
+                                              run.cfg.data.max_text_tokens, text_only=lm_only))
     if not lm_only:
-        inputs["pixel_values"] = _pixels(run, batch)
+        inputs.update(spec.pixel_inputs(run.blip2_config, _pixels(run, batch)))
     return inputs
+
+
+def _hf_model(run: Run) -> torch.nn.Module:
+    """The HF model inside the engine's training unit (the family's attribute)."""
+    return spec_for_preset(run.cfg.model.preset).hf_model(run.engine.module)
 
 
 def _on_device(run: Run, tensors: dict) -> dict:
@@ -604,6 +593,9 @@ def export(run: Run) -> Path:
     towers, to be merged onto model.weights. Returns the full export, else the trainable-only one."""
     run_dir, kind = Path(run.cfg.train.run_dir), run.cfg.train.export
     small = kind in ("trainable", "both") or (run.cfg.tracking.enabled and run.cfg.tracking.log_export == "trainable")
+    if small and not spec_for_preset(run.cfg.model.preset).trainable_export:  # preflight refused train.export
+        log.info(f"{run.cfg.model.preset} has no trainable-only export; MLflow gets the full export")
+        small = False
     if kind in ("full", "both"):
         _export_full(run, run_dir / "export")
     if small:
@@ -639,7 +631,7 @@ def _export_state(run: Run) -> dict[str, _Gathered]:
     from expblip.model.weights import tied_aliases
 
     aliases = tied_aliases(run.blip2_config)
-    return {name: _Gathered(param, run.rank) for name, param in run.engine.module.blip2.named_parameters()
+    return {name: _Gathered(param, run.rank) for name, param in _hf_model(run).named_parameters()
             if base_name(name) not in aliases}
 
 
@@ -651,8 +643,9 @@ def _export_full(run: Run, out: Path) -> None:
     yaml_text = config_yaml(run.cfg)
     state = merge_adapters(_export_state(run), run.cfg.model.lora.scale)
     if run.rank == 0:
-        save_hf_dir(state, run.blip2_config, run.tokenizer, out, yaml_text, extra_meta=_export_meta(run),
-                    config_dtype=ds_engine.construction_dtype(run.ds_config, run.cfg.model.frozen_dtype))
+        spec_for_preset(run.cfg.model.preset).save_export(
+            state, run.blip2_config, run.tokenizer, out, yaml_text, extra_meta=_export_meta(run),
+            config_dtype=ds_engine.construction_dtype(run.ds_config, run.cfg.model.frozen_dtype))
         if run.qformer_tokenizer is not None:
             run.qformer_tokenizer.save_pretrained(out / "qformer_tokenizer")
     else:  # the same gathers, in the same order as rank 0's writer
@@ -768,7 +761,8 @@ def _finish(run: Run) -> None:
         run.tracker.log_artifact(run_dir / "config.yaml")
         run.tracker.log_artifact(run_dir / "ds_config.json")
         log = run.cfg.tracking.log_export
-        what = run_dir / (TRAINABLE_EXPORT if log == "trainable" else "export")
+        small = log == "trainable" and (run_dir / TRAINABLE_EXPORT).is_dir()  # a family without one: the full one
+        what = run_dir / (TRAINABLE_EXPORT if small else "export")
         if log != "none" and what.is_dir():  # the small trainable-only export, or the whole HF-format one
             run.tracker.log_artifacts(what, "export")
     run.tracker.close()

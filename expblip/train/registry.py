@@ -56,7 +56,7 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params: dict | None = None) -> list[str]:
         from expblip.infer.captioner import load_image
-        from expblip.model.blip2 import GenerationConfig
+        from expblip.model.generation import GenerationConfig
 
         params = {**{p.name: p.default for p in SIGNATURE.params.params}, **(params or {})}
         images = [load_image(io.BytesIO(item) if isinstance(item, bytes | bytearray) else item)
