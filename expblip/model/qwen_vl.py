@@ -506,6 +506,8 @@ PRESET_IMAGE_SIZE = {TINY_PRESET: TINY_IMAGE, "qwen2.5-vl-3b": 448, "qwen2.5-vl-
 class CaptionUnit(nn.Module):
     """The training unit: Qwen2.5-VL's captioning loss (the answer tokens and <|im_end|>; expblip.model.spec)."""
 
+    HF_ATTR = "vlm"  # where the HF model is (state-dict prefix; the spec's unit_attr)
+
     def __init__(self, vlm: Qwen2_5_VLForConditionalGeneration):
         super().__init__()
         self.vlm = vlm
@@ -514,6 +516,47 @@ class CaptionUnit(nn.Module):
                 mm_token_type_ids=None) -> torch.Tensor:
         return self.vlm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, pixel_values=pixel_values,
                         image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, use_cache=False).loss
+
+
+class VisionUnit(nn.Module):
+    """The tiny world's 'vision' stage for a random Qwen2.5-VL, as BLIP-2's (expblip.model.blip2.VisionPretrainModel):
+    the ViT and merger learn to see AUs through a linear multi-label head on the image's mean merged token. The head
+    is not part of the model and is not exported. Shapes: patches -> merged tokens [B*T, D] -> [B, D] -> [B, A]."""
+
+    HF_ATTR = "vlm"
+
+    def __init__(self, vlm: Qwen2_5_VLForConditionalGeneration, num_targets: int):
+        super().__init__()
+        self.vlm = vlm
+        self.head = nn.Linear(vlm.config.vision_config.out_hidden_size, num_targets)
+
+    def forward(self, pixel_values, image_grid_thw, targets, target_mask) -> torch.Tensor:
+        tokens = self.vlm.model.get_image_features(pixel_values, image_grid_thw).pooler_output  # per image [T, D]
+        pooled = torch.stack([t.mean(0) for t in tokens])  # [B, D]
+        loss = nn.functional.binary_cross_entropy_with_logits(self.head(pooled), targets, reduction="none")
+        return (loss * target_mask).sum() / target_mask.sum().clamp(min=1)  # unlabelled samples count for nothing
+
+
+def spec_training_unit(cfg, processor, _extra=None, init: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
+    """The module the engine wraps for cfg.train.stage: the caption loss (stage2) or the vision stage's AU head."""
+    vlm = spec_build(cfg.model, processor, init, dtype)
+    return VisionUnit(vlm, len(cfg.train.vision_aus)) if cfg.train.stage == "vision" else CaptionUnit(vlm)
+
+
+def spec_stage_inputs(cfg, batch: dict, _extra=None) -> dict:
+    """The vision stage's AU targets beside the pixels (host tensors)."""
+    from expblip.model.blip2 import au_targets
+
+    return au_targets(batch["labels"], cfg.train.vision_aus)
+
+
+def spec_freeze_stage(model: nn.Module, cfg, stage: str, others_dtype: torch.dtype | None = None) -> None:
+    """spec_freeze; the vision stage trains the ViT and merger only."""
+    if stage == "vision":
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, freeze_vision=False, freeze_qformer=False, freeze_lm=True)
+    spec_freeze(model, cfg, stage, others_dtype)
 
 
 def image_tokens(config: Qwen2_5_VLConfig) -> int:
@@ -647,15 +690,13 @@ def _spec():
 
     return ModelSpec(
         name="qwen2_5_vl", model_type="qwen2_5_vl", architecture="Qwen2_5_VLForConditionalGeneration",
-        presets=QWEN_VL_PRESETS, stages=("stage2",), unit_attr="vlm", build=spec_build,
-        training_unit=lambda cfg, processor, _extra=None, init=True, dtype=None: CaptionUnit(
-            spec_build(cfg.model, processor, init, dtype)),
-        freeze=spec_freeze, checkpointing=spec_checkpointing, text_inputs=spec_text_inputs,
+        presets=QWEN_VL_PRESETS, stages=("vision", "stage2"), unit_attr="vlm", build=spec_build,
+        training_unit=spec_training_unit, freeze=spec_freeze_stage, checkpointing=spec_checkpointing, text_inputs=spec_text_inputs,
         pixel_inputs=spec_pixel_inputs, generate=spec_generate,
         prompt_length=lambda config, processor, prompt="": len(prompt_ids(processor, prompt, image_tokens(config))),
         hidden_size=spec_hidden_size, image_size=image_size, read_outside_forward=lambda model: [],
         load_pretrained=spec_load_pretrained, tiny_presets=(TINY_PRESET,), train_tokenizer=spec_train_tokenizer,
-        stage_inputs=lambda cfg, batch, extra=None: {}, load_tokenizer=load_processor, save_export=spec_save_export,
+        stage_inputs=spec_stage_inputs, load_tokenizer=load_processor, save_export=spec_save_export,
         trainable_export=False)
 
 

@@ -90,11 +90,12 @@ def slots(unit: nn.Module) -> list[Slot]:
     and Blip2ForImageTextRetrieval names). LoRA adapters are left out: peft initialised them (B = 0), nothing loads
     them."""
     by_id: dict[int, Slot] = {}
+    prefix = f"{getattr(unit, 'HF_ATTR', PREFIX.rstrip('.'))}."  # where the unit keeps its HF model
     for name, param in unit.named_parameters(remove_duplicate=False):
         if is_adapter(name):
             continue
-        plain = base_name(name.removeprefix(PREFIX))
-        key = plain if name.startswith(PREFIX) else getattr(unit, "source_key", lambda n: n)(name)
+        plain = base_name(name.removeprefix(prefix))
+        key = plain if name.startswith(prefix) else getattr(unit, "source_key", lambda n: n)(name)
         slot = by_id.setdefault(id(param), Slot([], [], param))
         slot.names.append(plain)
         slot.keys.append(key)
@@ -211,7 +212,7 @@ def _agree(error: str, rank: int) -> None:
 def _init_allowed(unit: nn.Module, allowed: list[Slot]) -> None:
     """Initialise the allowed-missing parameters inside BLIP-2 the way transformers does (the model was built with
     initialisation skipped); stage heads beside it were initialised by their constructors. Collective under ZeRO-3."""
-    blip2 = getattr(unit, "blip2", unit)
+    blip2 = getattr(unit, getattr(unit, "HF_ATTR", "blip2"), unit)
     wanted = {id(s.param) for s in allowed}
     for module, owner in _owners(blip2):
         params = [p for p in module.parameters(recurse=False) if id(p) in wanted]
