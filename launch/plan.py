@@ -27,13 +27,14 @@ import sys
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="vitg-opt6.7b", help="model preset (expblip.model.blip2.PRESETS)")
+    parser.add_argument("--preset", default="vitg-opt6.7b", help="model preset (BLIP-2's, or qwen2.5-vl-3b / -7b)")
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--micro-batch", type=int, default=4, help="images per GPU per micro-step (default: 4)")
     parser.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU in GiB (default: 80)")
-    parser.add_argument("--trainable", choices=["qformer", "qformer+vit"], default="qformer",
-                        help="what trains besides the frozen OPT: Q-Former (+ query tokens, projection), or also the ViT")
+    parser.add_argument("--trainable", choices=["qformer", "qformer+vit", "all"], default="qformer",
+                        help="what trains besides the frozen LM: Q-Former (+ query tokens, projection; a native VLM's "
+                             "merger), or also the ViT; all: full fine-tuning (every tower, the LM included)")
     parser.add_argument("--text-tokens", type=int, default=64, help="caption tokens (data.max_text_tokens)")
     parser.add_argument("--headroom", type=float, default=0.1, help="fraction of GPU memory kept free")
     parser.add_argument("--checkpointing", nargs="*", default=[], choices=["vision", "qformer", "lm"],

@@ -82,3 +82,26 @@ def test_blip2_through_the_interface_is_blip2_itself():
     got = spec.text_inputs(tok, model.config, captions, prompts, 16)
     want = blip2.caption_inputs(tok, captions, model.config.num_query_tokens, 16, prompts)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_plan_counts_qwen25_vl_7b_for_full_and_lora_fine_tuning(capsys):
+    """plan.py counts the native VLM per tower as its module does (the published shapes), full fine-tuning trains
+    every parameter, LoRA only the merger and the adapters; launch/plan.py prints both on 8 x 80 GB."""
+    from expblip.model import qwen_vl
+    from expblip.train.plan import PlanConfig, count_params, make_plan
+    from tests.conftest import launch_module
+
+    want = qwen_vl.plan_counts(qwen_vl.preset_dims("qwen2.5-vl-7b"))
+    full = count_params("qwen2.5-vl-7b")
+    assert (full.vision + full.projection, full.projection, full.lm) == (want["vision"] + want["merger"],
+                                                                         want["merger"], want["lm"])
+    assert full.trainable("all") == full.total == want["total"]
+    lora = count_params("qwen2.5-vl-7b", lora_r=16)
+    assert lora.trainable("qformer") == lora.projection + lora.adapters and 0 < lora.adapters < 0.01 * lora.lm
+    plans = [make_plan(PlanConfig(preset="qwen2.5-vl-7b", trainable=t, lora_r=r, checkpointing=("vision", "lm")))
+             for t, r in (("all", 0), ("qformer", 16))]
+    assert plans[0].row("zero3").states_gpu > 4 * plans[1].row("zero3").states_gpu  # Adam states of every weight
+    assert launch_module("plan").main(["--preset", "qwen2.5-vl-7b", "--trainable", "all"]) == 0
+    assert "qwen2.5-vl-7b: 8,292M parameters" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="CPU test model"):
+        count_params("tiny-qwen2.5-vl")

@@ -52,7 +52,7 @@ import torch
 from expblip.model.blip2 import PRESETS, ModelConfig, build_model
 
 GiB = 2**30
-Trainable = Literal["qformer", "qformer+vit"]
+Trainable = Literal["qformer", "qformer+vit", "all"]  # "all": full fine-tuning (a native VLM's every tower)
 OPT_VOCAB = 50265  # tokens of OPT's tokenizer (the model's embedding is padded to 50272); + <image>
 
 
@@ -74,12 +74,12 @@ class PlanConfig:
     lora_towers: tuple[str, ...] = ("lm",)
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"--preset {self.preset!r} does not exist; choose one of {sorted(PRESETS)}")
+        if self.preset not in _all_presets():
+            raise ValueError(f"--preset {self.preset!r} does not exist; choose one of {sorted(_all_presets())}")
         if self.lora_r < 0 or not set(self.lora_towers) <= {"lm", "vision", "qformer"}:
             raise ValueError("--lora-r must be >= 0 and --lora-towers among lm, vision, qformer")
-        if self.trainable not in ("qformer", "qformer+vit"):
-            raise ValueError(f"--trainable {self.trainable!r}: choose qformer or qformer+vit")
+        if self.trainable not in ("qformer", "qformer+vit", "all"):
+            raise ValueError(f"--trainable {self.trainable!r}: choose qformer, qformer+vit or all")
         if min(self.gpus_per_node, self.nodes, self.micro_batch) < 1:
             raise ValueError("--gpus-per-node, --nodes and --micro-batch must be >= 1")
 
@@ -160,6 +160,8 @@ class ParamCounts:
         return self.vision + self.qformer + self.projection + self.lm + self.adapters
 
     def trainable(self, which: Trainable) -> int:
+        if which == "all":
+            return self.total
         return self.qformer + self.projection + (self.vision if which == "qformer+vit" else 0) + self.adapters
 
 
@@ -167,10 +169,19 @@ _TOWER = {"vision_model": "vision", "qformer": "qformer", "query_tokens": "qform
           "language_projection": "projection", "language_model": "lm"}
 
 
+def _all_presets() -> list[str]:
+    from expblip.model.spec import families
+
+    return [p for spec in families().values() for p in spec.presets]
+
+
 def count_params(preset: str, lora_r: int = 0, lora_towers: tuple[str, ...] = ("lm",)) -> ParamCounts:
     """Build the preset on the meta device (no memory, no weights) and count its parameters per tower; with
     `lora_r`, also the LoRA adapters of rank r on `lora_towers` (each tower's default targets)."""
     from expblip.model.blip2 import TINY_PRESETS, preset_family
+
+    if preset not in PRESETS:  # a native VLM
+        return _count_qwen_vl(preset, lora_r, lora_towers)
     from expblip.model.lora import LoraSettings, is_adapter
 
     lora = LoraSettings(towers=tuple(lora_towers) if lora_r else (), r=max(lora_r, 1))  # type: ignore[arg-type]
@@ -189,6 +200,41 @@ def count_params(preset: str, lora_r: int = 0, lora_towers: tuple[str, ...] = ("
             counts[tower] += param.numel()
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return ParamCounts(**counts, largest_layer=largest, dims=_dims(model.config), adapters=sum(by_tower.values()),
+                       adapters_by_tower=by_tower)
+
+
+def _count_qwen_vl(preset: str, lora_r: int, lora_towers: tuple[str, ...]) -> ParamCounts:
+    """A Qwen2.5-VL preset on the meta device, in the BLIP-2 plan's slots: ViT -> vision, merger -> projection (no
+    Q-Former), LM -> lm; its image tokens stand where BLIP-2's queries are (the LM's sequence), its ViT sees
+    (S / 14)^2 patches at the preset's training size S (windowed attention counted as full: an upper bound)."""
+    from expblip.model import qwen_vl
+    from expblip.model.lora import LoraSettings, is_adapter
+
+    if preset == qwen_vl.TINY_PRESET:
+        raise ValueError(f"{preset} is a CPU test model; plan a published preset ({', '.join(qwen_vl.PAPER_DIMS)})")
+    config = qwen_vl.published_config(preset)
+    config.expblip_image_size = qwen_vl.PRESET_IMAGE_SIZE[preset]
+    with torch.device("meta"):
+        model = qwen_vl.build_model(config)
+        if lora_r:
+            qwen_vl._add_lora(model, LoraSettings(towers=tuple(lora_towers), r=lora_r))  # type: ignore[arg-type]
+    slot = {"vision": "vision", "merger": "projection", "lm": "lm"}
+    counts = dict.fromkeys(("vision", "qformer", "projection", "lm"), 0)
+    by_tower: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        tower = slot[qwen_vl.tower_of(name)]
+        if is_adapter(name):
+            by_tower[tower] = by_tower.get(tower, 0) + param.numel()
+        else:
+            counts[tower] += param.numel()
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    v, t = config.vision_config, config.text_config
+    side = qwen_vl.image_size(config) // v.patch_size
+    dims = Dims(vit_tokens=side**2, vit_hidden=v.hidden_size, vit_layers=v.depth, vit_heads=v.num_heads,
+                queries=qwen_vl.image_tokens(config), qf_hidden=1, qf_layers=0, qf_heads=1,
+                lm_hidden=t.hidden_size, lm_layers=t.num_hidden_layers, lm_heads=t.num_attention_heads,
+                vocab=t.vocab_size)
+    return ParamCounts(**counts, largest_layer=largest, dims=dims, adapters=sum(by_tower.values()),
                        adapters_by_tower=by_tower)
 
 
@@ -221,7 +267,7 @@ def activation_bytes(dims: Dims, plan: PlanConfig, checkpointing: bool | tuple[s
 
     vit_one = _layer(dims.vit_tokens, b, dims.vit_hidden, dims.vit_heads)
     vit = (tower("vision", dims.vit_layers, dims.vit_tokens, dims.vit_hidden, dims.vit_heads)
-           if plan.trainable == "qformer+vit" else vit_one)
+           if plan.trainable in ("qformer+vit", "all") else vit_one)
     q, h, a, n = dims.queries, dims.qf_hidden, dims.qf_heads, dims.qf_layers
     qformer = tower("qformer", n, q, h, a, q + dims.vit_tokens)
     if plan.stage == "stage1":  # + text pass, ITM on 3B (queries ++ text), ITG (queries ++ text) with its queries
