@@ -20,7 +20,8 @@ def _args(tiny_shards, run_dir) -> list[str]:
     return ["--config", "recipes/tiny_qwen_vl.yaml",
             f"data.train.shards={tiny_shards['train']}/shard-{{000000..000001}}.tar", "data.train.batch_size=8",
             "model.freeze_lm=true", "model.freeze_vision=true", "model.lora.towers=[lm]", "model.lora.r=4",
-            "model.lora.alpha=16", "model.lora.dropout=0.0", "optim.warmup_steps=2", f"train.max_steps={MAX_STEPS}", "train.log_every=1",
+            "model.lora.alpha=16", "model.lora.dropout=0.0", "optim.warmup_steps=2", f"train.max_steps={MAX_STEPS}",
+            "train.log_every=1",
             f"train.ckpt_every={STOPPED_AT}", "tracking.enabled=false", f"train.run_dir={run_dir}",
             "train.log_keys=true"]
 

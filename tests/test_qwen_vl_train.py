@@ -91,6 +91,7 @@ def test_a_stage_the_family_lacks_and_a_trainable_export_are_refused_before_trai
     for override, message in (("train.stage=stage1", "trains in stages vision, stage2"),
                               ("train.export=both", "writes full exports only; set train.export=full")):
         proc = run_launcher([sys.executable, "launch/finetune.py", "--config", "recipes/tiny_qwen_vl.yaml",
-                             f"data.train.shards={tiny_shards['train']}", f"train.run_dir={tmp_path / 'run'}", override],
+                             f"data.train.shards={tiny_shards['train']}", f"train.run_dir={tmp_path / 'run'}",
+                             override],
                             timeout=120)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]

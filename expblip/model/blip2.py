@@ -588,7 +588,8 @@ def _spec():
         text_inputs=text_inputs, pixel_inputs=pixel_inputs, generate=generate, prompt_length=prompt_length,
         hidden_size=preset_hidden_size, image_size=_image_size,
         read_outside_forward=lambda model: [model.query_tokens], load_pretrained=load_pretrained,
-        load_tokenizer=load_tokenizer, tiny_presets=TINY_PRESETS, train_tokenizer=train_tokenizer, stage_inputs=stage_inputs,
+        load_tokenizer=load_tokenizer, tiny_presets=TINY_PRESETS, train_tokenizer=train_tokenizer,
+        stage_inputs=stage_inputs,
         load_stage1_tokenizer=load_qformer_tokenizer, train_stage1_tokenizer=train_qformer_tokenizer,
         save_export=_save_export)
 

@@ -691,7 +691,8 @@ def _spec():
     return ModelSpec(
         name="qwen2_5_vl", model_type="qwen2_5_vl", architecture="Qwen2_5_VLForConditionalGeneration",
         presets=QWEN_VL_PRESETS, stages=("vision", "stage2"), unit_attr="vlm", build=spec_build,
-        training_unit=spec_training_unit, freeze=spec_freeze_stage, checkpointing=spec_checkpointing, text_inputs=spec_text_inputs,
+        training_unit=spec_training_unit, freeze=spec_freeze_stage, checkpointing=spec_checkpointing,
+        text_inputs=spec_text_inputs,
         pixel_inputs=spec_pixel_inputs, generate=spec_generate,
         prompt_length=lambda config, processor, prompt="": len(prompt_ids(processor, prompt, image_tokens(config))),
         hidden_size=spec_hidden_size, image_size=image_size, read_outside_forward=lambda model: [],
