@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 from conftest import REPO, deepspeed_cmd, read_keys, read_metrics, run_launcher
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 ZERO3 = "ds_configs/zero3.json"
@@ -107,7 +108,6 @@ def test_export_is_a_qwen25_vl_selected_on_validation_with_adapters_merged(resum
 def test_the_captioner_and_stock_transformers_give_one_caption(resumed, tmp_path):
     """describe.py's greedy captions equal stock transformers' (AutoModelForImageTextToText, AutoTokenizer,
     AutoImageProcessor and the exported chat template: no expblip code on that side)."""
-    from PIL import Image
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
     from expblip.data.synthetic import synthetic_records
@@ -151,3 +151,41 @@ def test_a_stage_the_family_lacks_and_a_trainable_export_are_refused_before_trai
         with pytest.raises(ConfigError, match=message):
             preflight(load_config(RECIPE, [*base, override]), wait_for_storage=False)
     assert preflight(load_config(RECIPE, base), wait_for_storage=False) == ""  # the recipe as it is passes
+
+
+def test_exporting_a_qwen_checkpoint_is_refused_with_the_way_to_its_export(resumed, tmp_path):
+    from expblip.config import ConfigError
+    from expblip.train.export import export_checkpoint
+
+    _, run, _ = resumed
+    with pytest.raises(ConfigError, match=r"qwen2_5_vl run .* use that, or resume the run to its end"):
+        export_checkpoint(run, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_server_and_its_openai_api_serve_the_qwen_export(resumed, tmp_path):
+    """The HTTP app and the OpenAI chat API take the Qwen2.5-VL export as they take BLIP-2's (the family read from
+    its config.json): the answer is the captioner's greedy caption, the usage counts its chat prompt."""
+    import base64
+
+    import openai
+
+    from expblip.data.synthetic import synthetic_records
+    from expblip.infer.captioner import Captioner
+    from expblip.model.generation import GenerationConfig
+    from expblip.serve.app import background_server, create_app
+
+    _, run, _ = resumed
+    captioner = Captioner.from_export(run / "export")
+    gen = GenerationConfig(num_beams=1, max_new_tokens=12)
+    face = tmp_path / "face.png"
+    next(iter(synthetic_records(1, seed=7, split="val")))["image"].save(face)
+    want = captioner.caption_pixels(captioner.preprocess([Image.open(face)]), gen, with_lengths=True)[0]
+    with background_server(create_app(captioner, gen=gen)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        data = "data:image/png;base64," + base64.b64encode(face.read_bytes()).decode()
+        answer = client.chat.completions.create(model=client.models.list().data[0].id, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data}}]}])
+    assert answer.choices[0].message.content == want.text
+    assert answer.usage.completion_tokens == want.tokens
+    assert answer.usage.prompt_tokens == captioner.prompt_length() > 16  # the chat turns around 16 image tokens

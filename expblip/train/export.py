@@ -168,6 +168,12 @@ def export_checkpoint(checkpoint_path: str | Path, out: str | Path, trainable_on
     _check_out(out, overwrite)
     ckpt = resolve_checkpoint(checkpoint_path)
     cfg, yaml_text = run_config(ckpt)
+    from expblip.model.spec import spec_for_preset
+
+    if (family := spec_for_preset(cfg.model.preset).name) != "blip2":
+        raise ConfigError(f"{ckpt.path}: a {family} run ({cfg.model.preset}); exporting its checkpoints is BLIP-2's "
+                          "only so far. Its run wrote RUN_DIR/export when training ended (train.export=full): "
+                          "use that, or resume the run to its end")
     tokenizer = find_tokenizer(cfg, ckpt, tokenizer_dir)
     config, qformer_tokenizer = model_config(cfg, ckpt, tokenizer)
     state, heads = consolidated(ckpt)
