@@ -141,13 +141,14 @@ def test_the_captioner_and_stock_transformers_give_one_caption(resumed, tmp_path
     assert theirs == ours
 
 
-def test_a_stage_the_family_lacks_and_a_trainable_export_are_refused_before_training(tiny_shards, tmp_path):
+def test_a_stage_the_family_lacks_a_trainable_export_and_other_image_sizes_are_refused_before_training(tiny_shards, tmp_path):
     from expblip.config import ConfigError, load_config
     from expblip.train.loop import preflight
 
     base = [f"data.train.shards={tiny_shards['train']}", f"train.run_dir={tmp_path / 'run'}"]
     for override, message in (("train.stage=stage1", "trains in stages vision, stage2"),
-                              ("train.export=both", "writes full exports only; set train.export=full")):
+                              ("train.export=both", "writes full exports only; set train.export=full"),
+                              ("data.train.image_size=56", r"takes 64 px images; set data.train.image_size=64")):
         with pytest.raises(ConfigError, match=message):
             preflight(load_config(RECIPE, [*base, override]), wait_for_storage=False)
     assert preflight(load_config(RECIPE, base), wait_for_storage=False) == ""  # the recipe as it is passes

@@ -99,6 +99,10 @@ def preflight(cfg: Config, wait_for_storage: bool = True) -> str:
     if cfg.train.stage not in spec.stages:
         raise ConfigError(f"train.stage={cfg.train.stage}: model.preset {cfg.model.preset} ({spec.name}) trains in "
                           f"stages {', '.join(spec.stages)}")
+    for where, stream in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        if stream.shards and stream.image_size != cfg.model.image_size:
+            raise ConfigError(f"{where}.image_size={stream.image_size} but model.preset {cfg.model.preset} takes "
+                              f"{cfg.model.image_size} px images; set {where}.image_size={cfg.model.image_size}")
     if cfg.train.export in ("trainable", "both") and not spec.trainable_export:
         raise ConfigError(f"train.export={cfg.train.export}: model.preset {cfg.model.preset} ({spec.name}) writes "
                           "full exports only; set train.export=full")
