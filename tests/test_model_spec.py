@@ -105,3 +105,34 @@ def test_plan_counts_qwen25_vl_7b_for_full_and_lora_fine_tuning(capsys):
     assert "qwen2.5-vl-7b: 8,292M parameters" in capsys.readouterr().out
     with pytest.raises(ValueError, match="CPU test model"):
         count_params("tiny-qwen2.5-vl")
+
+
+def test_qwen_vl_checkpointing_recomputes_the_same_loss_and_gradients():
+    """model.checkpointing [vision, lm] on a Qwen2.5-VL: the same loss and gradients as without, with the towers'
+    layers recomputed in backward (transformers' per-layer checkpointing, as BLIP-2's towers)."""
+    from expblip.model import qwen_vl as q
+    from expblip.model.blip2 import ModelConfig
+
+    spec = spec_for_preset("tiny-qwen2.5-vl")
+    processor = q.make_processor(q.tiny_tokenizer(["a face that raises cheek", "a face that drops jaw"] * 4, 300))
+    results = []
+    for towers in ((), ("vision", "lm")):
+        torch.manual_seed(0)
+        model = spec.build(ModelConfig(preset="tiny-qwen2.5-vl", dropout=0.0), processor)
+        spec.checkpointing(model, towers)
+        flagged = {n.split(".")[1] for n, m in model.named_modules() if getattr(m, "gradient_checkpointing", False)}
+        assert flagged == ({"visual", "language_model"} if towers else set())  # the towers' layers recompute
+        model.train()
+        pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+        from expblip.pixels import normalise
+
+        inputs = {**spec.text_inputs(processor, model.config, ["a face that raises cheek", "drops jaw"], None, 16),
+                  **spec.pixel_inputs(model.config, normalise(pixels))}
+        loss = model(**inputs, use_cache=False).loss
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (plain, plain_grads), (ckpt, ckpt_grads) = results
+    assert ckpt == pytest.approx(plain, rel=1e-6) and plain_grads.keys() == ckpt_grads.keys()
+    assert all(torch.allclose(plain_grads[n], ckpt_grads[n], atol=1e-6) for n in plain_grads)
+    with pytest.raises(ValueError, match="Qwen2.5-VL has towers"):
+        spec.checkpointing(model, ("qformer",))

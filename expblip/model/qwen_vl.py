@@ -618,7 +618,7 @@ def spec_checkpointing(model: nn.Module, towers) -> None:
     for tower in towers:
         if tower not in parts:
             raise ValueError(f"model.checkpointing {tower!r}: Qwen2.5-VL has towers {sorted(parts)}")
-        parts[tower].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        parts[tower].activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def spec_text_inputs(processor, config, captions, prompts, max_tokens: int, text_only: bool = False) -> dict:
