@@ -20,8 +20,10 @@ import torch
 from torch import nn
 from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig
 
+from expblip.model.au_head import au_targets, masked_bce
 from expblip.model.family import FAMILIES, Family
 from expblip.model.generation import Generated, GenerationConfig, decode_new
+from expblip.model.hf import from_config
 from expblip.model.lora import TOWER_MODULES, LoraSettings, add_lora, is_adapter
 from expblip.model.tokenizer import (
     bos_ids,
@@ -140,8 +142,8 @@ TINY_PRESETS = ("tiny", "tiny-qwen2.5", "tiny-llama3", *H32_PRESETS)  # train th
 
 
 def preset_family(preset: str) -> Family:
-    """The LM family of a preset (a native VLM's: Qwen2.5-VL's LM is a Qwen2.5)."""
-    return FAMILIES[_LM[PRESETS[preset][2]][0]] if preset in PRESETS else FAMILIES["qwen2"]
+    """The LM family of a BLIP-2 preset."""
+    return FAMILIES[_LM[PRESETS[preset][2]][0]]
 
 
 
@@ -183,7 +185,7 @@ class ModelConfig:
         spec = spec_for_preset(self.preset)  # names every family's presets when there is no such preset
         if self.preset not in spec.tiny_presets and not (self.tokenizer or self.weights or self.lm_weights):
             raise ValueError(f"model.preset {self.preset!r} needs model.tokenizer (a local directory holding the "
-                             f"{preset_family(self.preset).name} tokenizer)")
+                             f"{self.family.name} tokenizer)")
         unknown = sorted(set(self.checkpointing) - {"vision", "qformer", "lm"})
         if unknown:
             raise ValueError(f"model.checkpointing {unknown}: choose towers among vision, qformer, lm")
@@ -194,7 +196,10 @@ class ModelConfig:
 
     @property
     def family(self) -> Family:
-        return preset_family(self.preset)
+        """The conventions of the preset's LM (expblip.model.family), from its model family."""
+        from expblip.model.spec import spec_for_preset
+
+        return spec_for_preset(self.preset).lm_family(self.preset)
 
     @property
     def has_weights(self) -> bool:
@@ -209,11 +214,9 @@ class ModelConfig:
 
     @property
     def image_size(self) -> int:
-        if self.preset not in PRESETS:  # a native VLM (expblip.model.qwen_vl)
-            from expblip.model.qwen_vl import PRESET_IMAGE_SIZE
+        from expblip.model.spec import spec_for_preset
 
-            return PRESET_IMAGE_SIZE[self.preset]
-        return _VISION[PRESETS[self.preset][0]]["image_size"]
+        return spec_for_preset(self.preset).preset_image_size(self.preset)
 
     @property
     def query_tokens(self) -> int:
@@ -272,27 +275,10 @@ def build_model(cfg: ModelConfig, tokenizer, init: bool = True,
     return model
 
 
-ATTENTION = "sdpa"  # the attention implementation every model expblip builds uses (construct)
-
-
 def construct(config: Blip2Config, init: bool = True, dtype: torch.dtype | None = None) -> Blip2ForConditionalGeneration:
-    """Blip2ForConditionalGeneration._from_config, optionally without initialisation and in `dtype`.
-
-    init=False skips every initialiser (transformers' no_init_weights: parameters are allocated, never written),
-    so a 7.7 B model costs no random draws and, until loaded, no touched memory; the tied OPT head is tied here,
-    since no_init_weights also skips the tying that init_weights does.
-    """
-    from transformers.initialization import no_init_weights
-
-    # attention pinned, not left to the library's default of the day: PyTorch's fused SDPA kernels (flash /
-    # memory-efficient on GPUs), in every tower
-    kwargs = {"attn_implementation": ATTENTION, **({"dtype": dtype} if dtype is not None else {})}
-    if init:
-        return Blip2ForConditionalGeneration._from_config(config, **kwargs)
-    with no_init_weights():
-        model = Blip2ForConditionalGeneration._from_config(config, **kwargs)
-    model.tie_weights()
-    return model
+    """Blip2ForConditionalGeneration from its config (expblip.model.hf.from_config: SDPA attention; init=False
+    allocates without initialising, for weights loaded afterwards)."""
+    return from_config(Blip2ForConditionalGeneration, config, init, dtype)
 
 
 def preset_hidden_size(preset: str) -> int:
@@ -413,15 +399,7 @@ class VisionPretrainModel(nn.Module):
 
     def forward(self, pixel_values, targets, target_mask) -> torch.Tensor:
         hidden = self.blip2.vision_model(pixel_values=pixel_values).last_hidden_state.mean(1)  # [B, Dv]
-        loss = nn.functional.binary_cross_entropy_with_logits(self.head(hidden), targets, reduction="none")
-        return (loss * target_mask).sum() / target_mask.sum().clamp(min=1)  # unlabelled samples count for nothing
-
-
-def au_targets(labels: list[dict], aus: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """Multi-label targets [B, A] and a mask [B, A] that is 0 for samples without AU labels."""
-    targets = torch.tensor([[float(a in (lab.get("aus") or ())) for a in aus] for lab in labels])
-    mask = torch.tensor([[float(lab.get("aus") is not None)] * len(aus) for lab in labels])
-    return {"targets": targets, "target_mask": mask}
+        return masked_bce(self.head(hidden), targets, target_mask)
 
 
 def caption_inputs(tokenizer, captions: list[str], num_query: int, max_tokens: int,
@@ -583,10 +561,11 @@ def _spec():
 
     return ModelSpec(
         name="blip2", model_type="blip-2", architecture="Blip2ForConditionalGeneration", presets=tuple(PRESETS),
-        stages=("lm", "vision", "stage1", "stage2"), unit_attr="blip2", build=build_model,
+        stages=("lm", "vision", "stage1", "stage2"), build=build_model,
         training_unit=training_unit, freeze=apply_freezing, checkpointing=enable_checkpointing,
         text_inputs=text_inputs, pixel_inputs=pixel_inputs, generate=generate, prompt_length=prompt_length,
         hidden_size=preset_hidden_size, image_size=_image_size,
+        preset_image_size=lambda preset: _VISION[PRESETS[preset][0]]["image_size"], lm_family=preset_family,
         read_outside_forward=lambda model: [model.query_tokens], load_pretrained=load_pretrained,
         load_tokenizer=load_tokenizer, tiny_presets=TINY_PRESETS, train_tokenizer=train_tokenizer,
         stage_inputs=stage_inputs,

@@ -40,14 +40,15 @@ from transformers import (
 from transformers import GenerationConfig as HFGenerationConfig
 from transformers.utils import is_torchvision_available
 
+from expblip.model.au_head import au_targets, masked_bce
 from expblip.model.family import QWEN2
 from expblip.model.generation import Generated, GenerationConfig, decode_new
+from expblip.model.hf import from_config
 from expblip.model.tokenizer import train_caption_tokenizer
 from expblip.pixels import CLIP_MEAN, CLIP_STD, normalise
 
 QWEN_VL_PRESETS = ("tiny-qwen2.5-vl", "qwen2.5-vl-3b", "qwen2.5-vl-7b")
 TINY_PRESET = QWEN_VL_PRESETS[0]
-ATTENTION = "sdpa"  # as expblip.model.blip2.ATTENTION: PyTorch's fused SDPA kernels in every tower
 
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
 VISION_TOKENS = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
@@ -449,17 +450,9 @@ def build_model(tokenizer_or_config, init: bool = True,
     """Qwen2.5-VL from a Qwen2_5_VLConfig, or the tiny model for a tokenizer (tiny_config); random-initialised, or
     (init=False) with parameters allocated but never written (transformers' no_init_weights: a 7B model costs no
     random draws) that the caller loads. SDPA attention in both towers; the tied lm_head is tied here either way."""
-    from transformers.initialization import no_init_weights
-
     config = tokenizer_or_config if isinstance(tokenizer_or_config, Qwen2_5_VLConfig) else tiny_config(
         tokenizer_or_config)
-    kwargs = {"attn_implementation": ATTENTION, **({"dtype": dtype} if dtype is not None else {})}
-    if init:
-        return Qwen2_5_VLForConditionalGeneration._from_config(config, **kwargs)
-    with no_init_weights():
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, **kwargs)
-    model.tie_weights()
-    return model
+    return from_config(Qwen2_5_VLForConditionalGeneration, config, init, dtype)
 
 
 _LM_LORA = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -506,7 +499,7 @@ PRESET_IMAGE_SIZE = {TINY_PRESET: TINY_IMAGE, "qwen2.5-vl-3b": 448, "qwen2.5-vl-
 class CaptionUnit(nn.Module):
     """The training unit: Qwen2.5-VL's captioning loss (the answer tokens and <|im_end|>; expblip.model.spec)."""
 
-    HF_ATTR = "vlm"  # where the HF model is (state-dict prefix; the spec's unit_attr)
+    HF_ATTR = "vlm"  # where the HF model is, and its state-dict prefix (expblip.model.spec.hf_attr)
 
     def __init__(self, vlm: Qwen2_5_VLForConditionalGeneration):
         super().__init__()
@@ -523,7 +516,7 @@ class VisionUnit(nn.Module):
     the ViT and merger learn to see AUs through a linear multi-label head on the image's mean merged token. The head
     is not part of the model and is not exported. Shapes: patches -> merged tokens [B*T, D] -> [B, D] -> [B, A]."""
 
-    HF_ATTR = "vlm"
+    HF_ATTR = CaptionUnit.HF_ATTR
 
     def __init__(self, vlm: Qwen2_5_VLForConditionalGeneration, num_targets: int):
         super().__init__()
@@ -533,8 +526,7 @@ class VisionUnit(nn.Module):
     def forward(self, pixel_values, image_grid_thw, targets, target_mask) -> torch.Tensor:
         tokens = self.vlm.model.get_image_features(pixel_values, image_grid_thw).pooler_output  # per image [T, D]
         pooled = torch.stack([t.mean(0) for t in tokens])  # [B, D]
-        loss = nn.functional.binary_cross_entropy_with_logits(self.head(pooled), targets, reduction="none")
-        return (loss * target_mask).sum() / target_mask.sum().clamp(min=1)  # unlabelled samples count for nothing
+        return masked_bce(self.head(pooled), targets, target_mask)
 
 
 def spec_training_unit(cfg, processor, _extra=None, init: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
@@ -545,8 +537,6 @@ def spec_training_unit(cfg, processor, _extra=None, init: bool = True, dtype: to
 
 def spec_stage_inputs(cfg, batch: dict, _extra=None) -> dict:
     """The vision stage's AU targets beside the pixels (host tensors)."""
-    from expblip.model.blip2 import au_targets
-
     return au_targets(batch["labels"], cfg.train.vision_aus)
 
 
@@ -690,12 +680,13 @@ def _spec():
 
     return ModelSpec(
         name="qwen2_5_vl", model_type="qwen2_5_vl", architecture="Qwen2_5_VLForConditionalGeneration",
-        presets=QWEN_VL_PRESETS, stages=("vision", "stage2"), unit_attr="vlm", build=spec_build,
+        presets=QWEN_VL_PRESETS, stages=("vision", "stage2"), build=spec_build,
         training_unit=spec_training_unit, freeze=spec_freeze_stage, checkpointing=spec_checkpointing,
         text_inputs=spec_text_inputs,
         pixel_inputs=spec_pixel_inputs, generate=spec_generate,
         prompt_length=lambda config, processor, prompt="": len(prompt_ids(processor, prompt, image_tokens(config))),
-        hidden_size=spec_hidden_size, image_size=image_size, read_outside_forward=lambda model: [],
+        hidden_size=spec_hidden_size, image_size=image_size, preset_image_size=PRESET_IMAGE_SIZE.__getitem__,
+        lm_family=lambda preset: QWEN2, read_outside_forward=lambda model: [],
         load_pretrained=spec_load_pretrained, tiny_presets=(TINY_PRESET,), train_tokenizer=spec_train_tokenizer,
         stage_inputs=spec_stage_inputs, load_tokenizer=load_processor, save_export=spec_save_export,
         trainable_export=False)

@@ -18,6 +18,7 @@ a new family is a new module and one line in _FAMILIES. Nothing here imports Ray
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,6 @@ class ModelSpec:
     architecture: str  # the transformers class an export loads with (config.json "architectures")
     presets: tuple[str, ...]
     stages: tuple[str, ...]  # the training stages it has (train.stage)
-    unit_attr: str  # the attribute at which every training unit of the family keeps the HF model (state-dict prefix)
     # (model_cfg, tokenizer, init=True, dtype=None) -> the HF model, LoRA adapters added where configured
     build: Callable[..., nn.Module]
     # (cfg: Config, tokenizer, extra_tokenizer, init, dtype) -> the module the engine wraps for cfg.train.stage
@@ -54,6 +54,9 @@ class ModelSpec:
     prompt_length: Callable[..., int]
     # preset -> the largest hidden size of its towers (ZeRO bucket sizes)
     hidden_size: Callable[[str], int]
+    # preset -> the square size of its training images; preset -> its LM's conventions (expblip.model.family)
+    preset_image_size: Callable[[str], int]
+    lm_family: Callable[[str], object]
     # hf_config -> the square image size its pixels are resized to
     image_size: Callable[..., int]
     # hf_model -> parameters its generate() reads outside any module's forward (ZeRO-3 must gather them by hand)
@@ -76,17 +79,25 @@ class ModelSpec:
     load_stage1_tokenizer: Callable[..., object] | None = None
     train_stage1_tokenizer: Callable[..., object] | None = None
 
-    def hf_model(self, unit: nn.Module) -> nn.Module:
+    @staticmethod
+    def hf_model(unit: nn.Module) -> nn.Module:
         """The HF model inside a training unit (what is exported)."""
-        return getattr(unit, self.unit_attr)
+        return getattr(unit, hf_attr(unit))
+
+
+def hf_attr(unit: nn.Module) -> str:
+    """The attribute at which a training unit keeps its HF model, which is also its state-dict prefix: the unit
+    class's HF_ATTR (Qwen2.5-VL's units: "vlm"), else BLIP-2's "blip2"."""
+    return getattr(unit, "HF_ATTR", "blip2")
 
 
 # family name -> module that defines SPEC (imported on first use: a family's imports cost only its users)
 _FAMILIES = {"blip2": "expblip.model.blip2", "qwen2_5_vl": "expblip.model.qwen_vl"}
 
 
+@functools.cache
 def families() -> dict[str, ModelSpec]:
-    """Every registered family, by name."""
+    """Every registered family, by name (imported once: the loop asks for its spec at every step)."""
     return {name: importlib.import_module(module).SPEC for name, module in _FAMILIES.items()}
 
 

@@ -681,14 +681,22 @@ def load_into_model(model: nn.Module, state: Mapping[str, torch.Tensor], strict:
 # ---------------------------------------------------------------- writing HF-format directories
 
 
-def tied_aliases(config) -> dict[str, str]:
-    """alias -> source for parameters that are one tensor (built on the meta device: no memory)."""
+def _meta_model(config) -> nn.Module:
+    """The config's HF model (its family's architecture) on the meta device: shapes and names, no memory."""
     import transformers
 
     from expblip.model.spec import spec_for_config
 
     with torch.device("meta"):
-        model = getattr(transformers, spec_for_config(config).architecture)(config)
+        return getattr(transformers, spec_for_config(config).architecture)(config)
+
+
+def tied_aliases(config) -> dict[str, str]:
+    """alias -> source for parameters that are one tensor (built on the meta device: no memory)."""
+    return _aliases(_meta_model(config))
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
     first: dict[int, str] = {}
     aliases = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -702,13 +710,8 @@ def tied_aliases(config) -> dict[str, str]:
 def expected_shapes(config) -> dict[str, tuple[int, ...]]:
     """Persistent tensors of the config's HF model (its family's architecture) and their shapes, tied aliases
     left out."""
-    import transformers
-
-    from expblip.model.spec import spec_for_config
-
-    with torch.device("meta"):
-        model = getattr(transformers, spec_for_config(config).architecture)(config)
-    aliases = tied_aliases(config)
+    model = _meta_model(config)
+    aliases = _aliases(model)
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in aliases}
 
 

@@ -30,7 +30,8 @@ from torch import nn
 from expblip.config import ConfigError
 from expblip.log import get_logger
 from expblip.model.lora import base_name, is_adapter
-from expblip.model.weights import PREFIX, STAGE1_EXTRAS, WeightSource
+from expblip.model.spec import hf_attr
+from expblip.model.weights import STAGE1_EXTRAS, WeightSource
 
 log = get_logger(__name__)
 
@@ -90,7 +91,7 @@ def slots(unit: nn.Module) -> list[Slot]:
     and Blip2ForImageTextRetrieval names). LoRA adapters are left out: peft initialised them (B = 0), nothing loads
     them."""
     by_id: dict[int, Slot] = {}
-    prefix = f"{getattr(unit, 'HF_ATTR', PREFIX.rstrip('.'))}."  # where the unit keeps its HF model
+    prefix = f"{hf_attr(unit)}."  # where the unit keeps its HF model
     for name, param in unit.named_parameters(remove_duplicate=False):
         if is_adapter(name):
             continue
@@ -212,7 +213,7 @@ def _agree(error: str, rank: int) -> None:
 def _init_allowed(unit: nn.Module, allowed: list[Slot]) -> None:
     """Initialise the allowed-missing parameters inside BLIP-2 the way transformers does (the model was built with
     initialisation skipped); stage heads beside it were initialised by their constructors. Collective under ZeRO-3."""
-    blip2 = getattr(unit, getattr(unit, "HF_ATTR", "blip2"), unit)
+    blip2 = getattr(unit, hf_attr(unit), unit)
     wanted = {id(s.param) for s in allowed}
     for module, owner in _owners(blip2):
         params = [p for p in module.parameters(recurse=False) if id(p) in wanted]

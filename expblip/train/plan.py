@@ -178,64 +178,59 @@ def _all_presets() -> list[str]:
 def count_params(preset: str, lora_r: int = 0, lora_towers: tuple[str, ...] = ("lm",)) -> ParamCounts:
     """Build the preset on the meta device (no memory, no weights) and count its parameters per tower; with
     `lora_r`, also the LoRA adapters of rank r on `lora_towers` (each tower's default targets)."""
-    from expblip.model.blip2 import TINY_PRESETS, preset_family
-
-    if preset not in PRESETS:  # a native VLM
-        return _count_qwen_vl(preset, lora_r, lora_towers)
-    from expblip.model.lora import LoraSettings, is_adapter
+    from expblip.model.lora import LoraSettings
 
     lora = LoraSettings(towers=tuple(lora_towers) if lora_r else (), r=max(lora_r, 1))  # type: ignore[arg-type]
     cfg = ModelConfig(preset=preset, tokenizer="(meta)", lora=lora)  # type: ignore[arg-type]
-    family = preset_family(preset).name
+    if preset not in PRESETS:  # a native VLM
+        return _count_qwen_vl(cfg)
+    from expblip.model.blip2 import TINY_PRESETS
+
+    family = cfg.family.name
     vocab = cfg.tokenizer_vocab if preset in TINY_PRESETS else FAMILY_VOCAB[family]
     with torch.device("meta"):
         model = build_model(cfg, _VocabOnly(vocab, family))
+    return _counted(model, lambda name: _TOWER[name.split(".")[0]], _dims(model.config))
+
+
+def _counted(model: torch.nn.Module, tower_of, dims: Dims) -> ParamCounts:
+    """ParamCounts of a model: parameters by tower (tower_of(name) -> a ParamCounts field; tied ones counted once),
+    LoRA adapters apart, and the largest layer."""
+    from expblip.model.lora import is_adapter
+
     counts = dict.fromkeys(("vision", "qformer", "projection", "lm"), 0)
     by_tower: dict[str, int] = {}
     for name, param in model.named_parameters():  # deduplicates the tied lm_head / embed_tokens
-        tower = _TOWER[name.split(".")[0]]
+        tower = tower_of(name)
         if is_adapter(name):
             by_tower[tower] = by_tower.get(tower, 0) + param.numel()
         else:
             counts[tower] += param.numel()
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return ParamCounts(**counts, largest_layer=largest, dims=_dims(model.config), adapters=sum(by_tower.values()),
+    return ParamCounts(**counts, largest_layer=largest, dims=dims, adapters=sum(by_tower.values()),
                        adapters_by_tower=by_tower)
 
 
-def _count_qwen_vl(preset: str, lora_r: int, lora_towers: tuple[str, ...]) -> ParamCounts:
+def _count_qwen_vl(cfg: ModelConfig) -> ParamCounts:
     """A Qwen2.5-VL preset on the meta device, in the BLIP-2 plan's slots: ViT -> vision, merger -> projection (no
     Q-Former), LM -> lm; its image tokens stand where BLIP-2's queries are (the LM's sequence), its ViT sees
     (S / 14)^2 patches at the preset's training size S (windowed attention counted as full: an upper bound)."""
     from expblip.model import qwen_vl
-    from expblip.model.lora import LoraSettings, is_adapter
 
-    if preset == qwen_vl.TINY_PRESET:
-        raise ValueError(f"{preset} is a CPU test model; plan a published preset ({', '.join(qwen_vl.PAPER_DIMS)})")
-    config = qwen_vl.published_config(preset)
-    config.expblip_image_size = qwen_vl.PRESET_IMAGE_SIZE[preset]
+    if cfg.preset == qwen_vl.TINY_PRESET:
+        raise ValueError(f"{cfg.preset} is a CPU test model; plan a published preset "
+                         f"({', '.join(qwen_vl.PAPER_DIMS)})")
     with torch.device("meta"):
-        model = qwen_vl.build_model(config)
-        if lora_r:
-            qwen_vl._add_lora(model, LoraSettings(towers=tuple(lora_towers), r=lora_r))  # type: ignore[arg-type]
-    slot = {"vision": "vision", "merger": "projection", "lm": "lm"}
-    counts = dict.fromkeys(("vision", "qformer", "projection", "lm"), 0)
-    by_tower: dict[str, int] = {}
-    for name, param in model.named_parameters():
-        tower = slot[qwen_vl.tower_of(name)]
-        if is_adapter(name):
-            by_tower[tower] = by_tower.get(tower, 0) + param.numel()
-        else:
-            counts[tower] += param.numel()
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+        model = qwen_vl.spec_build(cfg, processor=None)  # the published shapes (no model.weights), LoRA per cfg
+    config = model.config
     v, t = config.vision_config, config.text_config
     side = qwen_vl.image_size(config) // v.patch_size
     dims = Dims(vit_tokens=side**2, vit_hidden=v.hidden_size, vit_layers=v.depth, vit_heads=v.num_heads,
                 queries=qwen_vl.image_tokens(config), qf_hidden=1, qf_layers=0, qf_heads=1,
                 lm_hidden=t.hidden_size, lm_layers=t.num_hidden_layers, lm_heads=t.num_attention_heads,
                 vocab=t.vocab_size)
-    return ParamCounts(**counts, largest_layer=largest, dims=dims, adapters=sum(by_tower.values()),
-                       adapters_by_tower=by_tower)
+    slot = {"vision": "vision", "merger": "projection", "lm": "lm"}
+    return _counted(model, lambda name: slot[qwen_vl.tower_of(name)], dims)
 
 
 def _dims(config) -> Dims:
