@@ -8,6 +8,8 @@ The paper's chain (recipes/{exp_blip,au_blip,emot_blip,cat_blip,mix_blip}.yaml; 
     python launch/pipeline.py --recipe exp_blip --out runs/pipeline --steps-scale 0.25      # about 4x quicker
     python launch/pipeline.py --recipe exp_blip --llm-url http://127.0.0.1:8000/v1 --llm-model Qwen/Qwen2.5-7B-Instruct
     python launch/pipeline.py --recipe mix_blip init=lm world.au_samples=1000 train.blip_stages=[stage2]
+    python launch/pipeline.py --recipe exp_qwen_vl --out runs/pipeline    # Qwen2.5-VL in Exp-BLIP's place (same --out:
+                                                                           # the chain up to the fused captions is reused)
     ray job submit --address http://HEAD:8265 --working-dir . -- python launch/pipeline.py --recipe exp_blip \\
         --out /shared/expblip                                  # an absolute --out: the job runs in a copied directory
 Re-running the same command after an interruption continues where it stopped.
@@ -20,15 +22,16 @@ import sys
 
 from expblip.cli import run_main
 from expblip.pipeline.demo import DemoConfig
+from expblip.pipeline.recipe import NAMED_RECIPES
 
 DEMO = DemoConfig()  # the demo flags default to its sizes
 
-PIPELINE_RECIPES = ["au_blip", "emot_blip", "exp_blip", "mix_blip", "cat_blip"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="demo", choices=["demo", *PIPELINE_RECIPES])
+    parser.add_argument("--recipe", default="demo", metavar="NAME|YAML",
+                        help=f"demo, a pipeline recipe ({', '.join(NAMED_RECIPES)}) or a pipeline recipe's YAML file")
     parser.add_argument("--out", default=None,
                         help="directory for shards, runs, MLflow store and reports (demo: 'demo'; else the recipe's)")
     parser.add_argument("--train-samples", type=int, default=DEMO.train_samples, help="demo only")
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.register and args.recipe != "demo":
         parser.error("--register applies to the demo; register a pipeline's export with launch/export.py --export "
                      "RUN_DIR --register NAME")
+    if args.recipe != "demo" and args.recipe not in NAMED_RECIPES and not args.recipe.endswith((".yaml", ".yml")):
+        parser.error(f"--recipe {args.recipe!r}: give demo, one of {', '.join(NAMED_RECIPES)}, or a recipe's YAML file")
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.recipe == "demo":

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import launch_module, make_tiny_export
 
-from expblip.config import load_config
+from expblip.config import ConfigError, load_config
 from expblip.data.captions import NO_AU_CAPTION
 from expblip.data.shards import read_manifest, write_shards
 from expblip.data.stream import ErrorCounter, read_shard
@@ -22,6 +22,7 @@ from expblip.pipeline import world
 from expblip.pipeline.pseudo import PseudoConfig, pseudo_caption
 from expblip.pipeline.recipe import RECIPES, REPO, load_recipe
 
+QWEN_RECIPE = REPO / "recipes" / "exp_qwen_vl.yaml"
 TINY_GEN = GenerationConfig(num_beams=1, max_new_tokens=6, min_new_tokens=1)  # a random model never stops early
 
 
@@ -101,6 +102,26 @@ def test_every_pipeline_recipe_and_stage_config_loads():
     assert load_recipe("cat_blip", ["fusion.llm.url=http://127.0.0.1:1/v1", "fusion.llm.model=m"]).target == "cat_blip"
 
 
+def test_a_vlm_in_exp_blips_place_is_named_after_its_family_and_a_bad_stage_list_is_refused_before_any_work(
+        tmp_path, capsys):
+    from expblip.pipeline.chain import exp_stage_configs, model_names
+
+    p = load_recipe(str(QWEN_RECIPE))
+    assert [(c.train.stage, c.model.preset) for c in exp_stage_configs(p)] == [
+        ("vision", "tiny-qwen2.5-vl"), ("stage2", "tiny-qwen2.5-vl")]
+    assert model_names(p)["exp_blip"] == "Exp-Qwen2.5-VL" and model_names(load_recipe("exp_blip"))["exp_blip"] == "Exp-BLIP"
+    with pytest.raises(ConfigError, match="needs target exp_blip.*train.exp_stages=\\[\\]"):
+        load_recipe(str(QWEN_RECIPE), ["target=mix_blip"])
+    vision = "{recipe: recipes/tiny_vision.yaml, overrides: [model.preset=tiny-qwen2.5-vl]}"
+    with pytest.raises(ConfigError, match="must end with the captioning stage.*'vision'"):
+        model_names(load_recipe(str(QWEN_RECIPE), [f"train.exp_stages=[{vision}]"]))
+    with pytest.raises(ConfigError, match="one model.*blip2.*qwen2_5_vl.*same model.preset"):
+        model_names(load_recipe(str(QWEN_RECIPE), [f"train.exp_stages=[{vision}, {{recipe: recipes/tiny_stage2.yaml}}]"]))
+    out = tmp_path / "never-made"  # launch/pipeline.py refuses it in one line before anything is written
+    assert launch_module("pipeline").main(["--recipe", "exp_qwen_vl", "--out", str(out), f"train.exp_stages=[{vision}]"]) == 2
+    assert "must end with the captioning stage" in capsys.readouterr().err and not out.exists()
+
+
 # ---------------------------------------------------------------- pseudo-captioning
 
 
@@ -160,6 +181,9 @@ LEARNING_CHAIN = ["train.launcher=local", "train.blip_stages=[stage2]", "world.a
                   "world.emotion_samples=1200", "world.test_samples=120", "world.samples_per_shard=300",
                   "train.vision.steps=800", "train.lm.steps=150", "train.stage2.steps=300", "pseudo.num_workers=1",
                   "pseudo.generation.num_beams=1", "eval.num_beams=1", "fusion.samples_per_shard=600"]
+
+QWEN_STAGES = ("train.exp_stages=[{recipe: recipes/tiny_vision.yaml, steps: 20, overrides: [model.preset=tiny-qwen2.5-vl]},"
+               " {recipe: recipes/tiny_qwen_vl.yaml, steps: 30}]")
 
 
 def _mtimes(out: Path) -> dict[str, float]:
@@ -228,6 +252,25 @@ def test_exp_blip_chain_learns_both_aspects_rerun_skips_interrupt_redoes_only_th
     assert parent.data.params["target"] == "exp_blip" and parent.info.status == "FINISHED"
     au_run = next(r for r in children if r.info.run_name == "au_blip")
     assert "eval.au_f1" in au_run.data.metrics  # the evaluation is attached to the model's own run too
+
+    # Qwen2.5-VL in Exp-BLIP's place (recipes/exp_qwen_vl.yaml, tiny step counts) in the same --out: everything up to
+    # the fused captions, and Cat-BLIP (= the Exp-BLIP above) with its evaluation, are reused; only the VLM's own two
+    # stages and its evaluation run, and it is compared with the BLIP-2 trained on the same captions
+    assert main(["--recipe", "exp_qwen_vl", "--out", str(out), *LEARNING_CHAIN, QWEN_STAGES]) == 0
+    fourth = json.loads((out / "results.json").read_text())
+    assert {s for s, v in fourth["status"].items() if v == "ran"} == {
+        "exp_qwen2_5_vl.vision", "exp_qwen2_5_vl", "evaluate.exp_blip"}, fourth["status"]
+    assert [r["model"] for r in fourth["rows"]] == ["Exp-Qwen2.5-VL", "AU-BLIP", "Emot-BLIP", "Cat-BLIP"]
+    assert fourth["rows"][3]["mean_au_f1"] == first["rows"][0]["mean_au_f1"]  # Cat-BLIP is that Exp-BLIP's run
+    assert "| Exp-Qwen2.5-VL |" in capsys.readouterr().out
+    assert ("Exp-Qwen2.5-VL − Cat-BLIP", "mean_au_f1") in {(c["comparison"], c["metric"]) for c in fourth["comparisons"]}
+    vlm = out / "runs" / "exp_qwen2_5_vl-concat"
+    assert json.loads((vlm / "export" / "config.json").read_text())["model_type"] == "qwen2_5_vl"
+    vision_cfg = load_config(out / "runs" / "exp_qwen2_5_vl-concat-vision" / "config.yaml")
+    stage2_cfg = load_config(vlm / "config.yaml")
+    assert vision_cfg.data.train.shards == str(out.resolve() / "shards" / "au") and vision_cfg.model.weights == ""
+    assert stage2_cfg.data.train.shards == str(fused.resolve())
+    assert stage2_cfg.model.weights == str(out.resolve() / "runs" / "exp_qwen2_5_vl-concat-vision")
 
 
 # over the strongest baseline of each metric (chosen on the training labels), with room for another CPU's rounding:

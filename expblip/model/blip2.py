@@ -560,7 +560,7 @@ def _spec():
     from expblip.model.spec import ModelSpec
 
     return ModelSpec(
-        name="blip2", model_type="blip-2", architecture="Blip2ForConditionalGeneration", presets=tuple(PRESETS),
+        name="blip2", label="BLIP-2", model_type="blip-2", architecture="Blip2ForConditionalGeneration", presets=tuple(PRESETS),
         stages=("lm", "vision", "stage1", "stage2"), build=build_model,
         training_unit=training_unit, freeze=apply_freezing, checkpointing=enable_checkpointing,
         text_inputs=text_inputs, pixel_inputs=pixel_inputs, generate=generate, prompt_length=prompt_length,

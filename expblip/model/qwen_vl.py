@@ -679,7 +679,7 @@ def _spec():
     from expblip.model.spec import ModelSpec
 
     return ModelSpec(
-        name="qwen2_5_vl", model_type="qwen2_5_vl", architecture="Qwen2_5_VLForConditionalGeneration",
+        name="qwen2_5_vl", label="Qwen2.5-VL", model_type="qwen2_5_vl", architecture="Qwen2_5_VLForConditionalGeneration",
         presets=QWEN_VL_PRESETS, stages=("vision", "stage2"), build=spec_build,
         training_unit=spec_training_unit, freeze=spec_freeze_stage, checkpointing=spec_checkpointing,
         text_inputs=spec_text_inputs,

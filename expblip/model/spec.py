@@ -31,6 +31,7 @@ class ModelSpec:
     """One model family. Every callable takes the family's HF model (or its config) and plain tensors."""
 
     name: str  # "blip2", "qwen2_5_vl"
+    label: str  # how reports name it: "BLIP-2", "Qwen2.5-VL"
     model_type: str  # config.json's model_type of its HF model (how an export says which family it is)
     architecture: str  # the transformers class an export loads with (config.json "architectures")
     presets: tuple[str, ...]

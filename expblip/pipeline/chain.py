@@ -113,6 +113,7 @@ class Chain:
     parent: ParentRun | None = None
     status: dict[str, str] = field(default_factory=dict)  # stage -> "skipped" | "ran"
     notes: dict[str, str] = field(default_factory=dict)  # decisions worth a param (the fusion method used)
+    names: dict[str, str] = field(default_factory=lambda: dict(MODEL_NAMES))  # model key -> its name in the table
 
     def path(self, *parts: str) -> Path:
         return self.out.joinpath(*parts).resolve()
@@ -310,6 +311,52 @@ def train_stage2(chain: Chain, name: str, run_name: str, shards: str, init: str)
     return train_stage(chain, name, cfg)
 
 
+def exp_stage_configs(p: PipelineConfig) -> list[Config]:
+    """train.exp_stages' own training configs (recipe < its overrides), checked before anything trains: one family,
+    ending with its captioning stage."""
+    from expblip.model.spec import spec_for_preset
+
+    configs = [load_config(stage_recipe(k.recipe), [*p.train.overrides, *k.overrides]) for k in p.train.exp_stages]
+    families = {spec_for_preset(c.model.preset).name for c in configs}
+    if len(families) != 1:
+        raise ConfigError(f"train.exp_stages train one model, but their presets belong to {sorted(families)}: give "
+                          "every stage the same model.preset")
+    if configs[-1].train.stage != "stage2":
+        raise ConfigError(f"train.exp_stages must end with the captioning stage (train.stage=stage2), got "
+                          f"{configs[-1].train.stage!r} from {p.train.exp_stages[-1].recipe}")
+    return configs
+
+
+def model_names(p: PipelineConfig) -> dict[str, str]:
+    """How the table names each model: with train.exp_stages, Exp-BLIP's place is named after its family."""
+    from expblip.model.spec import spec_for_preset
+
+    names = dict(MODEL_NAMES)
+    if p.train.exp_stages:
+        names["exp_blip"] = f"Exp-{spec_for_preset(exp_stage_configs(p)[-1].model.preset).label}"
+    return names
+
+
+def train_exp_stages(chain: Chain, world: dict[str, str], fused: str, method: str) -> str:
+    """Another family in Exp-BLIP's place: train.exp_stages in order, each from the export of the one before (the
+    first from random weights, or its overrides' model.weights); a 'vision' stage reads the AU dataset, every other
+    stage the fused captions."""
+    from expblip.model.spec import spec_for_preset
+
+    configs = exp_stage_configs(chain.p)
+    family = spec_for_preset(configs[-1].model.preset).name
+    weights = ""  # the first stage: random, or model.weights of its overrides (published weights)
+    for i, (kind, plain) in enumerate(zip(chain.p.train.exp_stages, configs, strict=True)):
+        last = i == len(configs) - 1
+        stage = plain.train.stage
+        name, run = (f"exp_{family}", f"exp_{family}-{method}") if last else (
+            f"exp_{family}.{stage}", f"exp_{family}-{method}-{stage}")
+        data = world["au"] if stage == "vision" else fused
+        cfg = stage_config(chain, name, kind, data, weights, chain.path("runs", run))
+        weights = train_stage(chain, name, cfg)
+    return weights
+
+
 # ---------------------------------------------------------------- pseudo-captions, fusion, mixture
 
 
@@ -454,12 +501,12 @@ def results_table(rows: list[dict], baselines: list[dict], test: dict) -> str:
     return "\n".join(lines)
 
 
-def pattern_table(results: dict, order: list[str]) -> str:
+def pattern_table(results: dict, order: list[str], names: dict[str, str]) -> str:
     """Emotion accuracy per held-out AU pattern, one column per model: which patterns a score rests on."""
     patterns = results[order[0]]["model"].get("emotion_by_pattern") or {}
     if not patterns:
         return ""
-    lines = ["| pattern (AUs) | emotion | faces | " + " | ".join(MODEL_NAMES[k] for k in order) + " |",
+    lines = ["| pattern (AUs) | emotion | faces | " + " | ".join(names[k] for k in order) + " |",
              "|---|---|---:|" + "---:|" * len(order)]
     for key, entry in patterns.items():
         cells = []
@@ -500,6 +547,14 @@ def _downstream(chain: Chain, world: dict[str, str], au_blip: str, emot_blip: st
         return {"mix_blip": Model(run, mix, f"unfused AU + emotion captions, init {init}")}
     method = p.fusion_method if p.target == "exp_blip" else "concat"
     fused = make_fused(chain, pseudo, method)
+    if p.train.exp_stages:  # another family in Exp-BLIP's place; Cat-BLIP (BLIP-2 on the same captions) beside it
+        stages = "+".join(c.train.stage for c in exp_stage_configs(p))
+        models["exp_blip"] = Model(train_exp_stages(chain, world, fused, method), fused,
+                                   f"fused captions ({method} fusion), {stages} from its own weights")
+        cat = fused if method == "concat" else make_fused(chain, pseudo, "concat")
+        run = train_stage2(chain, "cat_blip", f"exp_blip-concat-from_{init}", cat, start)
+        models["cat_blip"] = Model(run, cat, f"concatenated captions, init {init}")
+        return models
     run = train_stage2(chain, p.target, f"exp_blip-{method}-from_{init}", fused, start)
     models[p.target] = Model(run, fused, f"fused captions ({method} fusion), init {init}")
     if p.target == "exp_blip" and method == "concat":
@@ -531,7 +586,7 @@ def evaluate_models(chain: Chain, models: dict[str, Model], test: str) -> dict:
     """Evaluate every model; the table (target first), and the baselines of the target's training labels."""
     results = {key: evaluate_model(chain, key, m.run_dir, test, m.train_shards) for key, m in models.items()}
     order = [chain.p.target, *(k for k in TABLE_ORDER if k != chain.p.target)]
-    rows = [{"key": k, "model": MODEL_NAMES[k], "trained_on": models[k].trained_on, "run_dir": models[k].run_dir,
+    rows = [{"key": k, "model": chain.names[k], "trained_on": models[k].trained_on, "run_dir": models[k].run_dir,
              "mean_au_f1": results[k]["model"]["mean_au_f1"],
              "emotion_accuracy": results[k]["model"]["emotion_accuracy"],
              "names_both": _share(results[k]["model"]["counts"], "names_both"),
@@ -546,11 +601,11 @@ def evaluate_models(chain: Chain, models: dict[str, Model], test: str) -> dict:
     if chain.parent:
         chain.parent.log_metrics({k: v for k, v in metrics.items() if v is not None})
     kept = ("key", "name", "caption", "mean_au_f1", "emotion_accuracy", "names_both", "emotion_false_positive_rate")
-    patterns = pattern_table(results, [k for k in order if k in models])
+    patterns = pattern_table(results, [k for k in order if k in models], chain.names)
     # one comparison per distinct model: Cat-BLIP without an LLM endpoint is the target's own run
     distinct = {k: r for k, r in results.items() if k == chain.p.target or models[k].run_dir != models[
         chain.p.target].run_dir}
-    paired = comparisons(distinct, chain.p.target, MODEL_NAMES) if all("items" in r for r in distinct.values()) else []
+    paired = comparisons(distinct, chain.p.target, chain.names) if all("items" in r for r in distinct.values()) else []
     return {"rows": rows, "baselines": [{k: b.get(k) for k in kept} for b in baselines], "best": best,
             "margin": margins(rows[0], best), "patterns": patterns, "comparisons": paired,
             "table": results_table(rows, baselines, target["model"]["counts"])}
@@ -579,8 +634,8 @@ def run_pipeline(p: PipelineConfig) -> dict:
     "table", "status", "notes", "parent_run_id", "seconds"}."""
     start = time.perf_counter()
     out = Path(p.out)
+    chain = Chain(p, out, names=model_names(p))  # first: a bad train.exp_stages is refused before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    chain = Chain(p, out)
     chain.parent = ParentRun(tracking_uri(out), p.experiment, out.resolve(), name=f"pipeline {p.target}")
     say(f"recipe {p.target} -> {out.resolve()} (MLflow {chain.parent.uri}, parent run {chain.parent.run_id})")
     try:

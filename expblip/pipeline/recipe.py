@@ -8,6 +8,8 @@ A recipe names its *target* model; the chain trains whatever that model needs (e
     emot_blip  vision -> lm -> Emot-BLIP (stage 1, stage 2) on the emotion dataset
     exp_blip   AU-BLIP + Emot-BLIP -> pseudo-captions -> fusion (LLM with fusion.llm.url, else concat) -> Exp-BLIP;
                plus Cat-BLIP (concat fusion; the same model as Exp-BLIP when Exp-BLIP's fusion is concat too)
+               (with train.exp_stages: another family, e.g. Qwen2.5-VL, trained in Exp-BLIP's place from its own
+               weights, beside Cat-BLIP; recipes/exp_qwen_vl.yaml)
     cat_blip   AU-BLIP + Emot-BLIP -> pseudo-captions -> concat fusion -> Cat-BLIP
     mix_blip   AU-BLIP + Emot-BLIP -> pseudo-captions -> Mix-BLIP on the unfused AU and emotion sentences
 
@@ -27,7 +29,8 @@ from expblip.data.llm import LLMConfig
 from expblip.pipeline.pseudo import PseudoConfig
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPES = ("au_blip", "emot_blip", "exp_blip", "mix_blip", "cat_blip")
+RECIPES = ("au_blip", "emot_blip", "exp_blip", "mix_blip", "cat_blip")  # one per target, named after it
+NAMED_RECIPES = (*RECIPES, "exp_qwen_vl")  # recipes/NAME.yaml; exp_qwen_vl: Qwen2.5-VL in Exp-BLIP's place
 Target = Literal["au_blip", "emot_blip", "exp_blip", "mix_blip", "cat_blip"]
 Init = Literal["au_blip", "emot_blip", "lm"]
 BlipStage = Literal["stage1", "stage2"]
@@ -77,6 +80,13 @@ class TrainingConfig:
     # BLIP-2 stages of AU-BLIP and Emot-BLIP, in order (stage1 = ITC + ITM + ITG, expblip.model.stage1); Exp-, Cat-
     # and Mix-BLIP train stage 2 only, from the model ``init`` names.
     blip_stages: list[BlipStage] = field(default_factory=lambda: ["stage1", "stage2"])
+    # The model trained on the fused captions, in Exp-BLIP's place (target exp_blip only). Empty: BLIP-2 stage 2 from
+    # ``init``, as in the paper. Else another family's stages in order, each from the export of the one before and
+    # the first from random weights, or from the published ones named by model.weights in that stage's overrides.
+    # A 'vision' stage reads the AU dataset, as the towers' vision stage
+    # does; every other stage reads the fused captions. Cat-BLIP (BLIP-2 stage 2 from ``init`` on the concatenated
+    # captions) is trained beside it for the comparison. recipes/exp_qwen_vl.yaml: Qwen2.5-VL.
+    exp_stages: list[StageConfig] = field(default_factory=list)
     # ray: Ray Train (num_workers workers, DeepSpeed ZeRO-3); local: one process per stage, a world of one as
     # `python launch/finetune.py` (quick debugging and tests; pseudo-captioning still runs on Ray)
     launcher: Literal["ray", "local"] = "ray"
@@ -138,6 +148,9 @@ class PipelineConfig:
             raise ConfigError(f"steps_scale must be > 0, got {self.steps_scale}")
         if "://" in self.out:
             raise ConfigError(f"out must be a local directory (run directories are local), got {self.out!r}")
+        if self.train.exp_stages and self.target != "exp_blip":
+            raise ConfigError(f"train.exp_stages replaces Exp-BLIP, so it needs target exp_blip, got target "
+                              f"{self.target!r}: set target=exp_blip or train.exp_stages=[]")
 
     @property
     def fusion_method(self) -> Literal["concat", "llm"]:
@@ -149,11 +162,11 @@ class PipelineConfig:
 
 def recipe_path(name: str) -> Path:
     """recipes/NAME.yaml for a recipe name, else ``name`` as a path."""
-    if name in RECIPES:
+    if name in NAMED_RECIPES:
         return REPO / "recipes" / f"{name}.yaml"
     path = Path(name)
     if not path.is_file():
-        raise ConfigError(f"pipeline recipe {name!r} is neither one of {list(RECIPES)} nor a YAML file")
+        raise ConfigError(f"pipeline recipe {name!r} is neither one of {list(NAMED_RECIPES)} nor a YAML file")
     return path
 
 
