@@ -92,6 +92,25 @@ def tiny_run_dir(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen_run_dir(tmp_path_factory) -> Path:
+    """A run directory holding a tiny random Qwen2.5-VL export whose tokenizer knows the synthetic captions (greedy,
+    6 new tokens), shared by the session: read it, never write into it."""
+    import torch
+
+    from expblip.data.synthetic import synthetic_records
+    from expblip.model import qwen_vl
+    from expblip.model.generation import GenerationConfig
+
+    captions = [c for r in synthetic_records(40, seed=3) for c in r["captions"]]
+    tokenizer = qwen_vl.tiny_tokenizer(captions, vocab_size=300)
+    torch.manual_seed(0)
+    run = tmp_path_factory.mktemp("tiny_qwen_run")
+    qwen_vl.save_export(qwen_vl.build_model(tokenizer), qwen_vl.make_processor(tokenizer), run / "export",
+                        gen=GenerationConfig(num_beams=1, max_new_tokens=6))
+    return run
+
+
 def tiny_image(path: Path, shade: int = 0, fmt: str = "JPEG") -> bytes:
     """A 4x4 image written to ``path`` (parents made); returns its bytes on disk. For dataset-layout trees."""
     import io

@@ -168,6 +168,24 @@ def test_pseudo_captions_carry_provenance_and_resume_per_shard(tiny_export, tmp_
                        PseudoConfig(num_workers=1, generation=GenerationConfig(num_beams=2, max_new_tokens=6)))
 
 
+@pytest.mark.slow
+def test_a_qwen_export_pseudo_captions_as_its_captioner_describes(tiny_qwen_run_dir, tmp_path):
+    """The pseudo-captioner's Ray actors take either family, from the export's own config."""
+    from expblip.infer.captioner import Captioner
+
+    gen = GenerationConfig(num_beams=2, max_new_tokens=6)  # the random model's greedy words are all blank
+    src = tmp_path / "au"
+    records = list(world.part_records("au", 8))
+    write_shards(iter(records), str(src), samples_per_shard=4, progress=False)
+    stats = pseudo_caption(str(src), str(tmp_path / "pseudo"), tiny_qwen_run_dir, "emotion_caption",
+                           PseudoConfig(num_workers=1, batch_size=4, generation=gen))
+    assert stats["samples"] == 8 and len(stats["captioned"]) == 2
+    written = [json.loads(raw["json"])["emotion_caption"] for raw in _samples(tmp_path / "pseudo").values()]
+    expected = [e["caption"] for e in Captioner.from_export(tiny_qwen_run_dir / "export").describe(
+        [r["image"] for r in records], gen, batch_size=4)]
+    assert written == expected and any(expected)
+
+
 # ---------------------------------------------------------------- the whole chain
 
 

@@ -45,25 +45,10 @@ def test_serve_config_is_valid_and_names_the_deployments_arguments():
     assert build_app({"model": "m", "gpus_per_replica": 1}) is not None
 
 
-@pytest.fixture(scope="module")
-def qwen_run_dir(tmp_path_factory) -> Path:
-    """A run directory holding a tiny random Qwen2.5-VL export whose tokenizer knows the synthetic captions."""
-    import torch
-
-    from expblip.model import qwen_vl
-
-    captions = [c for r in synthetic_records(40, seed=3) for c in r["captions"]]
-    tokenizer = qwen_vl.tiny_tokenizer(captions, vocab_size=300)
-    torch.manual_seed(0)
-    run = tmp_path_factory.mktemp("qwen_run")
-    qwen_vl.save_export(qwen_vl.build_model(tokenizer), qwen_vl.make_processor(tokenizer), run / "export", gen=GEN)
-    return run
-
-
 @pytest.mark.slow  # ~35 s a family: `serve run` starts a local Ray
 @pytest.mark.parametrize("family", ["blip-2", "qwen2_5_vl"])  # the deployment takes either family, from its export
 def test_serve_run_on_local_ray_answers_the_same_caption(family, request, tmp_path):
-    tiny_run_dir = request.getfixturevalue("tiny_run_dir" if family == "blip-2" else "qwen_run_dir")
+    tiny_run_dir = request.getfixturevalue("tiny_run_dir" if family == "blip-2" else "tiny_qwen_run_dir")
     assert json.loads((tiny_run_dir / "export" / "config.json").read_text())["model_type"] == family
     config = yaml.safe_load(CONFIG.read_text())
     port = free_port()
