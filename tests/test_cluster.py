@@ -11,6 +11,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,14 +116,16 @@ def test_two_nodes_train_as_one_reading_each_sample_once_and_leave_no_credential
     from mlflow import MlflowClient
 
     run_dir = tmp_path / "run"
-    credential_files = set(Path(tempfile.gettempdir()).glob("expblip-credentials-*"))
+    # the driver's own temporary directory (short: Ray's socket paths), so that another test running at the same
+    # time (make test's two workers) cannot put its live credentials file where this one looks
+    driver_tmp = Path(tempfile.mkdtemp(prefix="drv-"))
     # the password comes in a config file (a command line is visible to every user of a machine, and Ray records the
     # driver's as its job's entrypoint), the S3 keys in the driver's environment
     (tmp_path / "secret.yaml").write_text(f"tracking: {{uri: '{mlflow.uri_with_password}'}}\n")
     proc = _pretrain(cluster, ["--config", str(tmp_path / "secret.yaml"),
                                *_args("s3://cluster/train", init_export, run_dir, f"train.max_steps={STEPS}",
                                       "train.ckpt_every=2", "ray.num_workers=2", "ray.storage_path=s3://runs/ray",
-                                      "tracking.experiment=two-nodes")], env=s3.env())
+                                      "tracking.experiment=two-nodes")], env={**s3.env(), "TMPDIR": str(driver_tmp)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # one rank on each node
     placed = re.search(r"ranks on Ray nodes: rank 0 (\w+) \(([\d.]+)\), rank 1 (\w+) \(([\d.]+)\)", proc.stdout)
@@ -156,7 +159,8 @@ def test_two_nodes_train_as_one_reading_each_sample_once_and_leave_no_credential
         leaks = {where: text[max(0, text.index(secret) - 300): text.index(secret)].replace(secret, "<secret>")
                  for where, text in traces.items() if secret in text}
         assert not leaks, f"a test secret is in {list(leaks)[:5]}, after: {list(leaks.values())[:2]}"
-    assert set(Path(tempfile.gettempdir()).glob("expblip-credentials-*")) == credential_files  # the file is gone
+    assert not list(driver_tmp.glob("expblip-credentials-*")), list(driver_tmp.iterdir())  # the file is gone
+    shutil.rmtree(driver_tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- a lost node, and its return
