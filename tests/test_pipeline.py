@@ -104,19 +104,21 @@ def test_every_pipeline_recipe_and_stage_config_loads():
 
 def test_a_vlm_in_exp_blips_place_is_named_after_its_family_and_a_bad_stage_list_is_refused_before_any_work(
         tmp_path, capsys):
-    from expblip.pipeline.chain import exp_stage_configs, model_names
+    from expblip.pipeline.chain import Chain
 
-    p = load_recipe(str(QWEN_RECIPE))
-    assert [(c.train.stage, c.model.preset) for c in exp_stage_configs(p)] == [
+    chain = Chain(load_recipe(str(QWEN_RECIPE)), tmp_path / "never-made")
+    assert [(c.train.stage, c.model.preset) for c in chain.exp_configs] == [
         ("vision", "tiny-qwen2.5-vl"), ("stage2", "tiny-qwen2.5-vl")]
-    assert model_names(p)["exp_blip"] == "Exp-Qwen2.5-VL" and model_names(load_recipe("exp_blip"))["exp_blip"] == "Exp-BLIP"
+    assert chain.names["exp_blip"] == "Exp-Qwen2.5-VL"
+    assert Chain(load_recipe("exp_blip"), tmp_path / "never-made").names["exp_blip"] == "Exp-BLIP"
     with pytest.raises(ConfigError, match="needs target exp_blip.*train.exp_stages=\\[\\]"):
         load_recipe(str(QWEN_RECIPE), ["target=mix_blip"])
     vision = "{recipe: recipes/tiny_vision.yaml, overrides: [model.preset=tiny-qwen2.5-vl]}"
     with pytest.raises(ConfigError, match="must end with the captioning stage.*'vision'"):
-        model_names(load_recipe(str(QWEN_RECIPE), [f"train.exp_stages=[{vision}]"]))
+        Chain(load_recipe(str(QWEN_RECIPE), [f"train.exp_stages=[{vision}]"]), tmp_path / "never-made")
     with pytest.raises(ConfigError, match="one model.*blip2.*qwen2_5_vl.*same model.preset"):
-        model_names(load_recipe(str(QWEN_RECIPE), [f"train.exp_stages=[{vision}, {{recipe: recipes/tiny_stage2.yaml}}]"]))
+        Chain(load_recipe(str(QWEN_RECIPE), [f"train.exp_stages=[{vision}, {{recipe: recipes/tiny_stage2.yaml}}]"]),
+              tmp_path / "never-made")
     out = tmp_path / "never-made"  # launch/pipeline.py refuses it in one line before anything is written
     assert launch_module("pipeline").main(["--recipe", "exp_qwen_vl", "--out", str(out), f"train.exp_stages=[{vision}]"]) == 2
     assert "must end with the captioning stage" in capsys.readouterr().err and not out.exists()

@@ -113,7 +113,12 @@ class Chain:
     parent: ParentRun | None = None
     status: dict[str, str] = field(default_factory=dict)  # stage -> "skipped" | "ran"
     notes: dict[str, str] = field(default_factory=dict)  # decisions worth a param (the fusion method used)
-    names: dict[str, str] = field(default_factory=lambda: dict(MODEL_NAMES))  # model key -> its name in the table
+    exp_configs: list[Config] = field(init=False)  # train.exp_stages' training configs, checked once (empty: none)
+    names: dict[str, str] = field(init=False)  # model key -> its name in the table
+
+    def __post_init__(self) -> None:  # a bad train.exp_stages is refused here, before anything is written
+        self.exp_configs = exp_stage_configs(self.p) if self.p.train.exp_stages else []
+        self.names = model_names(self.exp_configs)
 
     def path(self, *parts: str) -> Path:
         return self.out.joinpath(*parts).resolve()
@@ -327,13 +332,14 @@ def exp_stage_configs(p: PipelineConfig) -> list[Config]:
     return configs
 
 
-def model_names(p: PipelineConfig) -> dict[str, str]:
-    """How the table names each model: with train.exp_stages, Exp-BLIP's place is named after its family."""
+def model_names(exp_configs: list[Config]) -> dict[str, str]:
+    """How the table names each model: with train.exp_stages (their configs), Exp-BLIP's place is named after
+    their family."""
     from expblip.model.spec import spec_for_preset
 
     names = dict(MODEL_NAMES)
-    if p.train.exp_stages:
-        names["exp_blip"] = f"Exp-{spec_for_preset(exp_stage_configs(p)[-1].model.preset).label}"
+    if exp_configs:
+        names["exp_blip"] = f"Exp-{spec_for_preset(exp_configs[-1].model.preset).label}"
     return names
 
 
@@ -343,7 +349,7 @@ def train_exp_stages(chain: Chain, world: dict[str, str], fused: str, method: st
     stage the fused captions."""
     from expblip.model.spec import spec_for_preset
 
-    configs = exp_stage_configs(chain.p)
+    configs = chain.exp_configs
     family = spec_for_preset(configs[-1].model.preset).name
     weights = ""  # the first stage: random, or model.weights of its overrides (published weights)
     for i, (kind, plain) in enumerate(zip(chain.p.train.exp_stages, configs, strict=True)):
@@ -548,7 +554,7 @@ def _downstream(chain: Chain, world: dict[str, str], au_blip: str, emot_blip: st
     method = p.fusion_method if p.target == "exp_blip" else "concat"
     fused = make_fused(chain, pseudo, method)
     if p.train.exp_stages:  # another family in Exp-BLIP's place; Cat-BLIP (BLIP-2 on the same captions) beside it
-        stages = "+".join(c.train.stage for c in exp_stage_configs(p))
+        stages = "+".join(c.train.stage for c in chain.exp_configs)
         models["exp_blip"] = Model(train_exp_stages(chain, world, fused, method), fused,
                                    f"fused captions ({method} fusion), {stages} from its own weights")
         cat = fused if method == "concat" else make_fused(chain, pseudo, "concat")
@@ -634,7 +640,7 @@ def run_pipeline(p: PipelineConfig) -> dict:
     "table", "status", "notes", "parent_run_id", "seconds"}."""
     start = time.perf_counter()
     out = Path(p.out)
-    chain = Chain(p, out, names=model_names(p))  # first: a bad train.exp_stages is refused before anything is written
+    chain = Chain(p, out)  # first: a bad train.exp_stages is refused before anything is written
     out.mkdir(parents=True, exist_ok=True)
     chain.parent = ParentRun(tracking_uri(out), p.experiment, out.resolve(), name=f"pipeline {p.target}")
     say(f"recipe {p.target} -> {out.resolve()} (MLflow {chain.parent.uri}, parent run {chain.parent.run_id})")
