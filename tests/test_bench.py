@@ -143,3 +143,36 @@ def test_convert_measures_peak_memory_of_a_small_and_a_large_table(capsys):
     assert re.search(r"peak RSS, 60 rows, workers 2: main \d+ MiB, workers [1-9]\d* MiB", out), out
     assert re.search(r"rss ratio, workers 2: 60 rows / 30 rows: main \d+\.\d+, workers \d+\.\d+", out), out
     _ratio(out)
+
+
+def test_lora_parity_chooses_its_setting_on_validation_faces_only(tmp_path, monkeypatch):
+    """bench/lora_parity.py --lora: each setting's own Qwen stage 2 is scored on the validation faces, never the
+    test faces, and the best on validation is chosen (the first listed on a tie); a malformed list names the fix.
+    Training is replaced by a record of what would train: the protocol, not the model, is under test."""
+    import argparse
+
+    parity = _bench("lora_parity")
+    assert parity.lora_settings("4:16, 5:256") == [(4, 16), (5, 256)]
+    for bad in ("4", "4:x", "0:16", ""):
+        with pytest.raises(SystemExit, match="R:ALPHA pairs.*--lora 4:16,5:256"):
+            parity.lora_settings(bad)
+    trained, scored = [], []
+    monkeypatch.setattr(parity, "in_pairs", lambda jobs, times: trained.extend(jobs))
+    val_f1 = {"stage2-r4a16": 0.70, "stage2-r5a64": 0.78, "stage2-r5a128": 0.78}
+    test_f1 = {"stage2-r4a16": 0.99, "stage2-r5a64": 0.10, "stage2-r5a128": 0.10}  # would choose r4 if it were read
+
+    def score(run_dir, shards, split, train, beams):
+        scored.append((run_dir.name, split))
+        return {"model": {"mean_au_f1": (val_f1 if split == "val" else test_f1)[run_dir.name]}}
+
+    monkeypatch.setattr(parity, "score", score)
+    monkeypatch.setattr("expblip.eval.evaluate.training_text", lambda shards: [])
+    shards = {"train": "tr", "val": "va", "test": "te"}
+    settings = [(4, 16), (5, 64), (5, 128)]
+    best = parity.choose_lora(tmp_path, shards, argparse.Namespace(steps_scale=1.0, beams=1), settings)
+    assert best == (5, 64)  # the best on validation, the first of the tie
+    assert {split for _, split in scored} == {"val"} and len(scored) == 3
+    assert [job[0] for job in trained] == ["opt", "qwen", "qwen", "qwen"]
+    assert [job[5] for job in trained[1:]] == settings and all(job[4] == 0 for job in trained)  # seed 0
+    assert {parity.stage_dir(tmp_path, "qwen", "stage2", s).name for s in settings} == set(val_f1)
+    assert parity.stage_dir(tmp_path, "qwen", "lm", (5, 64)).name == "lm"  # the towers are shared
