@@ -91,11 +91,13 @@ def test_multitask_model_answers_aus_with_au_names_and_emotion_with_one_emotion(
     n = aus["model"]["counts"]["samples"]
     assert n == emotion["model"]["counts"]["samples"] == len(aus["samples"]) == 120
     au_names = {a.name for a in AUS.values()} | {"none"}
-    # an AU answer is a list of FACS names and nothing else: in at least 85 % of answers (measured 112/120 on
-    # 2026-12-04; the other machine's failure was 1 of the 20 kept), and an emotion named in at most 5 % (0/120)
+    # an AU answer is a list of FACS names and nothing else: in at least 80 % of answers (measured 112/120 here on
+    # 2026-12-04; over 3 training seeds of bench/three_task.py, 300/300, 281/300 and 265/300: 88-100 %, so 80 %
+    # leaves 8 points below the worst seed; the other machine's failure was 1 of the 20 kept), and an emotion named
+    # in at most 5 % (0/120)
     pure = sum(set(s.strip() for s in sample["caption"].split(",")) <= au_names for sample in aus["samples"])
     print(f"AU answers of FACS names only: {pure}/{n}; naming an emotion: {aus['model']['counts']['names_emotion']}")
-    assert pure >= 0.85 * n, [s["caption"] for s in aus["samples"]][:10]
+    assert pure >= 0.80 * n, [s["caption"] for s in aus["samples"]][:10]
     assert aus["model"]["counts"]["names_emotion"] <= 0.05 * n
     # the emotion answers, through the strict evaluator's confusion matrix: at most 5 % name several emotions
     # (measured 0 of 120) and at most 15 % none (measured 0, 7 and 6 of 120 in three runs)
