@@ -2,7 +2,7 @@
 
     python bench/lora_parity.py --out /tmp/parity            # both chains side by side, one process each (~25 min)
     python bench/lora_parity.py --out /tmp/parity --seeds 3  # seeds 0..2: mean ± SD and each seed's interval
-    python bench/lora_parity.py --out /tmp/parity --seeds 3 --lora 4:16,5:64,5:128,5:256,5:512   # choose, then 3 seeds
+    python bench/lora_parity.py --out /tmp/parity --seeds 3 --lora 4:16,5:64,5:128,5:256,5:512   # choose, 3 seeds (~48 min)
     python bench/lora_parity.py --out /tmp/parity --steps-scale 0.5
 
 Chains (each stage a world of one, `expblip.pipeline.chain.launch(cfg, "local")`; two stages run at once):
