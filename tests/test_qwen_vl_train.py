@@ -3,7 +3,7 @@
 - a LoRA run (adapters on the ViT, the LM trained whole) stopped on 2 ranks resumes on 1 and continues exactly: the
   adapters, the merger and the LM, their Adam moments and the schedule come back as saved, and the data goes on at
   the checkpoint's global position, every sample of the epoch seen once (expblip.data.order); held-out evaluation
-  runs on validation shards;
+  runs on validation shards; under Ray Train (launch/pretrain.py) the same run takes the same first steps;
 - its export (adapters merged) is an HF directory stock transformers reads, and the captioner (launch/describe.py,
   the evaluator and the server stand on it) gives the caption stock transformers gives;
 - a stage the family lacks and a trainable-only export are refused before training.
@@ -88,6 +88,22 @@ def test_lora_run_stopped_on_two_ranks_resumes_on_one_and_continues_exactly(resu
     optim = load_config(RECIPE, _args(tiny_shards, root / "val", run)[2:]).optim
     assert [m["lr"] for m in metrics if "lr" in m] == pytest.approx(
         [lr_at(s, optim, MAX_STEPS) for s in range(1, MAX_STEPS + 1)])
+
+
+def test_the_same_lora_run_under_ray_train_takes_the_same_first_steps(resumed, tiny_shards, tmp_path):
+    """Both launchers, one loop: launch/pretrain.py (Ray Train, 2 workers, ZeRO-3) on the fixture's config reads the
+    same samples at each of its first 3 steps and gives the same losses as the deepspeed launcher's 2 ranks."""
+    root, run, _ = resumed
+    ray_run = tmp_path / "ray"
+    proc = run_launcher([sys.executable, "launch/pretrain.py", *_args(tiny_shards, root / "val", ray_run),
+                         "ray.num_workers=2", "train.stop_after=3"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world 2" in proc.stdout
+    ray_keys, ds_keys = read_keys(ray_run), read_keys(run)
+    assert sorted(ray_keys) == [1, 2, 3] and all(ray_keys[s] == ds_keys[s] for s in (1, 2, 3))
+    ray_losses = [m["loss"] for m in read_metrics(ray_run) if "loss" in m]
+    ds_losses = [m["loss"] for m in read_metrics(run) if "loss" in m][:3]
+    assert len(ray_losses) == 3 and ray_losses == pytest.approx(ds_losses, rel=1e-4)
 
 
 def test_export_is_a_qwen25_vl_selected_on_validation_with_adapters_merged(resumed):
