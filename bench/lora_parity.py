@@ -22,13 +22,14 @@ AU F1 − full-OPT mean AU F1>` on the test faces (target: >= -0.05).
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from rounds import side_by_side  # noqa: E402 - bench/rounds.py, beside this script
 
 STEPS = {"vision": 1000, "lm": 300, "stage2": 900}  # the demo's
 CHAINS = {"opt": [("vision", "tiny_vision", []), ("lm", "tiny_lm", []), ("stage2", "tiny_stage2", [])],
@@ -77,13 +78,8 @@ def train_chain(name: str, out: Path, shards: dict, scale: float, times: dict, s
 
 
 def in_pairs(jobs: list[tuple], times: dict) -> None:
-    """Run train_chain jobs two at a time (one per core), in order."""
-    for i in range(0, len(jobs), 2):
-        threads = [threading.Thread(target=train_chain, args=(*job[:4], times, *job[4:])) for job in jobs[i:i + 2]]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+    """Run train_chain jobs two at a time (one per core), in order; a failed one stops the bench."""
+    side_by_side([functools.partial(train_chain, *job[:4], times, *job[4:]) for job in jobs])
 
 
 def score(run_dir: Path, shards: dict, split: str, train: list, beams: int) -> dict:

@@ -17,13 +17,14 @@ The last line: `ratio: <mean over seeds of the AU task's mean AU F1 / its best c
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from rounds import side_by_side  # noqa: E402 - bench/rounds.py, beside this script
 
 STEPS = {"vision": 400, "lm": 300, "stage2": 900}  # tests/test_tasks.py's
 THREE = ["tasks.describe.weight=1", "tasks.aus.weight=1", "tasks.emotion.weight=1"]
@@ -76,13 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     shards = make_shards(DemoConfig(out=str(out)))  # the same faces for every seed
     times: dict = {}
-    for first in range(0, args.seeds, 2):  # two seeds at once: one per core
-        threads = [threading.Thread(target=train, args=(out / f"seed{s}", shards, args.steps_scale, s, times))
-                   for s in range(first, min(first + 2, args.seeds))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+    side_by_side([functools.partial(train, out / f"seed{s}", shards, args.steps_scale, s, times)  # two seeds at once
+                  for s in range(args.seeds)])
     print("seconds per stage:", {k: round(v) for k, v in times.items()}, flush=True)
     text = training_text(shards["train"])
     scores: dict = {task: {"model": [], "best": []} for task in METRIC}

@@ -176,3 +176,19 @@ def test_lora_parity_chooses_its_setting_on_validation_faces_only(tmp_path, monk
     assert [job[5] for job in trained[1:]] == settings and all(job[4] == 0 for job in trained)  # seed 0
     assert {parity.stage_dir(tmp_path, "qwen", "stage2", s).name for s in settings} == set(val_f1)
     assert parity.stage_dir(tmp_path, "qwen", "lm", (5, 64)).name == "lm"  # the towers are shared
+
+
+def test_side_by_side_runs_two_at_a_time_in_order_and_raises_a_failure():
+    from rounds import side_by_side
+
+    ran = []
+    side_by_side([lambda i=i: ran.append(i) for i in range(5)])
+    assert sorted(ran[:2]) == [0, 1] and sorted(ran[2:4]) == [2, 3] and ran[4] == 4
+
+    def broken():
+        raise RuntimeError("stage 2 failed")
+
+    later = []
+    with pytest.raises(RuntimeError, match="stage 2 failed"):  # a training thread's error reaches the bench
+        side_by_side([broken, lambda: None, lambda: later.append(1)])
+    assert later == []  # the group after a failure does not start
