@@ -24,12 +24,11 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from rounds import side_by_side  # noqa: E402 - bench/rounds.py, beside this script
+from chains import side_by_side, train_stages  # noqa: E402 - bench/chains.py, beside this script
 
 STEPS = {"vision": 1000, "lm": 300, "stage2": 900}  # the demo's
 CHAINS = {"opt": [("vision", "tiny_vision", []), ("lm", "tiny_lm", []), ("stage2", "tiny_stage2", [])],
@@ -57,24 +56,12 @@ def stage_dir(out: Path, name: str, stage: str, lora: tuple[int, int] | None) ->
 
 def train_chain(name: str, out: Path, shards: dict, scale: float, times: dict, seed: int = 0,
                 lora: tuple[int, int] | None = None) -> None:
-    from expblip.config import load_config
-    from expblip.pipeline.chain import launch
-
-    weights = ""
+    stages = []
     for stage, recipe, extra in CHAINS[name]:
-        run_dir = stage_dir(out, name, stage, lora)
-        steps = max(1, int(STEPS[stage] * scale))
-        overrides = [f"data.train.shards={shards['train']}", f"train.run_dir={run_dir}", f"train.max_steps={steps}",
-                     f"train.ckpt_every={steps}", "tracking.enabled=false", f"train.seed={seed}",
-                     f"data.train.seed={seed}", *extra]
-        overrides += [f"model.weights={weights}"] if weights else ["model.weights="]
         if lora and recipe == "tiny_qwen_lora":
-            overrides += [f"model.lora.r={lora[0]}", f"model.lora.alpha={lora[1]}"]
-        if not (run_dir / "export" / "config.json").is_file():  # trained already: by another setting or run
-            start = time.perf_counter()
-            launch(load_config(REPO / "recipes" / f"{recipe}.yaml", overrides), "local")
-            times[f"{name}.{run_dir.name}"] = time.perf_counter() - start
-        weights = str(run_dir)
+            extra = [*extra, f"model.lora.r={lora[0]}", f"model.lora.alpha={lora[1]}"]
+        stages.append((stage_dir(out, name, stage, lora), recipe, STEPS[stage], extra))
+    train_stages(stages, shards["train"], seed, times, name, scale)
 
 
 def in_pairs(jobs: list[tuple], times: dict) -> None:

@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from rounds import side_by_side  # noqa: E402 - bench/rounds.py, beside this script
+from chains import side_by_side, train_stages  # noqa: E402 - bench/chains.py, beside this script
 
 STEPS = {"vision": 400, "lm": 300, "stage2": 900}  # tests/test_tasks.py's
 THREE = ["tasks.describe.weight=1", "tasks.aus.weight=1", "tasks.emotion.weight=1"]
@@ -32,21 +31,9 @@ METRIC = {"describe": "mean_au_f1", "aus": "mean_au_f1", "emotion": "emotion_acc
 
 
 def train(out: Path, shards: dict, scale: float, seed: int, times: dict) -> None:
-    from expblip.config import load_config
-    from expblip.pipeline.chain import launch
-
-    weights = ""
-    for stage, recipe in (("vision", "tiny_vision"), ("lm", "tiny_lm"), ("stage2", "tiny_stage2")):
-        run_dir = out / "runs" / stage
-        steps = max(1, int(STEPS[stage] * scale))
-        overrides = [f"data.train.shards={shards['train']}", f"train.run_dir={run_dir}", f"train.max_steps={steps}",
-                     f"train.ckpt_every={steps}", "tracking.enabled=false", f"model.weights={weights}",
-                     f"train.seed={seed}", f"data.train.seed={seed}", *THREE]
-        if not (run_dir / "export" / "config.json").is_file():
-            start = time.perf_counter()
-            launch(load_config(REPO / "recipes" / f"{recipe}.yaml", overrides), "local")
-            times[f"seed{seed}.{stage}"] = time.perf_counter() - start
-        weights = str(run_dir)
+    stages = [(out / "runs" / stage, recipe, STEPS[stage], THREE)
+              for stage, recipe in (("vision", "tiny_vision"), ("lm", "tiny_lm"), ("stage2", "tiny_stage2"))]
+    train_stages(stages, shards["train"], seed, times, f"seed{seed}", scale)
 
 
 def answer_counts(results: dict) -> dict:

@@ -179,7 +179,7 @@ def test_lora_parity_chooses_its_setting_on_validation_faces_only(tmp_path, monk
 
 
 def test_side_by_side_runs_two_at_a_time_in_order_and_raises_a_failure():
-    from rounds import side_by_side
+    from chains import side_by_side
 
     ran = []
     side_by_side([lambda i=i: ran.append(i) for i in range(5)])
