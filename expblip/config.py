@@ -183,9 +183,22 @@ class Config:
     def __post_init__(self) -> None:
         if self.train.eval_every and not self.data.eval.shards:
             raise ConfigError("train.eval_every needs held-out shards: set data.eval.shards (or train.eval_every=0)")
+        self._streams_at_model_resolution()
         if self.model.lora.enabled and self.train.stage != "stage2":
             raise ConfigError(f"model.lora.towers is set in train.stage={self.train.stage}; LoRA adapters train in "
                               "stage2 only (set model.lora.towers=[] for this stage)")
+
+
+    def _streams_at_model_resolution(self) -> None:
+        """data.train/eval.dynamic follow model.min_pixels / max_pixels (one source: the model's): set here."""
+        bounds = tuple(self.model.bounds)
+        for name in ("train", "eval"):
+            stream = getattr(self.data, name)
+            if stream.dynamic and tuple(stream.dynamic) != bounds:
+                raise ConfigError(f"data.{name}.dynamic={list(stream.dynamic)} differs from model.min_pixels / "
+                                  f"model.max_pixels {list(bounds) or '(square images)'}; set the model's and leave "
+                                  f"data.{name}.dynamic out")
+            stream.dynamic = bounds
 
 
 # ---------------------------------------------------------------- loading

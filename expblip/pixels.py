@@ -22,3 +22,55 @@ def normalise(pixels, dtype=None, mean=CLIP_MEAN, std=CLIP_STD):
     scale = 1.0 / (torch.tensor(std, device=pixels.device).view(1, 3, 1, 1) * 255.0)
     out = (pixels.float() - shift) * scale
     return out if dtype is None else out.to(dtype)
+
+
+# ---------------------------------------------------------------- dynamic resolution (ragged batches)
+# A family that reads images at their own size (Qwen2.5-VL) takes each image resized, aspect kept, to a multiple of
+# `unit` px (its patch x merge) with min_pixels <= H x W <= max_pixels: its image processor's rule (smart_resize),
+# so that what trains, what the evaluator and server feed and what stock transformers' processor makes agree. Such a
+# batch is a list of [3, H_i, W_i] tensors; a batch of square images stays one [B, 3, S, S] tensor.
+
+
+def dynamic_shape(height: int, width: int, bounds: tuple[int, int, int]) -> tuple[int, int]:
+    """(H, W) an image of height x width px is resized to under ``bounds`` = (min_pixels, max_pixels, unit)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    low, high, unit = bounds
+    return smart_resize(height, width, factor=unit, min_pixels=low, max_pixels=high)
+
+
+def check_bounds(bounds: tuple[int, int, int], where: str) -> None:
+    """Raise a ValueError naming ``where`` unless bounds = (min_pixels, max_pixels, unit) can hold an image."""
+    low, high, unit = bounds
+    if unit < 1 or low < 1 or high < low:
+        raise ValueError(f"{where}: min_pixels={low}, max_pixels={high} must satisfy 1 <= min_pixels <= max_pixels")
+    if high < unit * unit:
+        raise ValueError(f"{where}: max_pixels={high} holds no {unit}x{unit}-px image (one merged patch); set "
+                         f"max_pixels >= {unit * unit}")
+
+
+def image_sizes(pixels) -> list[tuple[int, int]]:
+    """(H, W) of each image of a batch: a [B, 3, H, W] tensor or a list of [3, H_i, W_i] tensors."""
+    return [tuple(p.shape[-2:]) for p in pixels]
+
+
+def as_batch(images):
+    """[3, H_i, W_i] tensors -> one [B, 3, H, W] tensor when they share a size, else the list (a ragged batch)."""
+    import torch
+
+    images = list(images)
+    return torch.stack(images) if len({tuple(p.shape) for p in images}) == 1 else images
+
+
+def to_device(pixels, device, dtype=None, non_blocking: bool = False):
+    """A batch (tensor or ragged list) on `device` (and in `dtype`)."""
+    if isinstance(pixels, (list, tuple)):
+        return [p.to(device, dtype, non_blocking=non_blocking) for p in pixels]
+    return pixels.to(device, dtype, non_blocking=non_blocking)
+
+
+def normalise_batch(pixels, dtype=None, mean=CLIP_MEAN, std=CLIP_STD):
+    """normalise() of a batch: a uint8 [B, 3, H, W] tensor, or a ragged list of [3, H_i, W_i] (each alike)."""
+    if isinstance(pixels, (list, tuple)):
+        return [normalise(p[None], dtype, mean, std)[0] for p in pixels]
+    return normalise(pixels, dtype, mean, std)

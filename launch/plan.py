@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lora-r", type=int, default=0, help="LoRA rank on --lora-towers (model.lora.r; 0 = none)")
     parser.add_argument("--lora-towers", nargs="*", default=["lm"], choices=["lm", "vision", "qformer"],
                         help="towers with LoRA adapters (model.lora.towers; default: lm)")
+    parser.add_argument("--min-pixels", type=int, default=0, help="dynamic resolution (Qwen2.5-VL): model.min_pixels")
+    parser.add_argument("--max-pixels", type=int, default=0,
+                        help="dynamic resolution (Qwen2.5-VL): model.max_pixels; images are counted at this bound")
     parser.add_argument("--presets", action="store_true",
                         help="one line per preset: parameters, LoRA adapters (--lora-r, default 16) and GiB/GPU")
     parser.add_argument("--recipes", action="store_true",
@@ -75,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
                          micro_batch=args.micro_batch, gpu_gib=args.gpu_gib, trainable=args.trainable,
                          text_tokens=args.text_tokens, headroom=args.headroom,
                          checkpointing=tuple(args.checkpointing), lora_r=args.lora_r,
-                         lora_towers=tuple(args.lora_towers))
+                         lora_towers=tuple(args.lora_towers), min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        plan = make_plan(cfg)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    plan = make_plan(cfg)
     print(plan_json(plan) if args.json else format_plan(plan))
     if args.deepspeed_tables:
         print()

@@ -63,7 +63,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from expblip.data.order import GlobalOrder, batch_start, position_after, window_permutation
 from expblip.data.shards import resolve_shards, url_to_fs
-from expblip.pixels import normalise as normalise_pixels
+from expblip.pixels import check_bounds, dynamic_shape
+from expblip.pixels import normalise_batch as normalise_pixels
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,10 @@ class StreamConfig:
     lanes: int = 16
     seed: int = 0
     image_size: int = 64
+    # (min_pixels, max_pixels, unit): each image resized, aspect kept, to a multiple of unit px holding between
+    # min_pixels and max_pixels pixels (Qwen2.5-VL's dynamic resolution; the batch a list of [3, H_i, W_i]); () =
+    # square image_size x image_size. The training loop sets it from model.min_pixels / model.max_pixels
+    dynamic: tuple[int, ...] = ()
     train: bool = True  # augment (train) or eval transforms
     crop_scale: float = 0.8  # train: random resized crop keeps [crop_scale, 1] of the area (1.0 = no crop)
     flip: bool = True  # train: horizontal flip with p=0.5 ("left" <-> "right" in the caption)
@@ -121,6 +126,10 @@ class StreamConfig:
         for name in ("batch_size", "image_size", "max_pixels", "lanes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dynamic:
+            if len(self.dynamic) != 3:
+                raise ValueError(f"data.dynamic is (min_pixels, max_pixels, unit), got {self.dynamic}")
+            check_bounds(tuple(self.dynamic), "data.dynamic")
         if not 0.0 < self.crop_scale <= 1.0:
             raise ValueError(f"data.crop_scale must lie in (0, 1] (1.0 = no crop), got {self.crop_scale}")
         if self.num_workers < 0 or self.shuffle_buffer < 0 or self.max_errors < 0 or self.seed < 0:
@@ -489,12 +498,14 @@ def swap_left_right(text: str) -> str:
 
 def random_resized_crop(
     img: Image.Image,
-    size: int,
+    size: int | tuple[int, int],
     rng: random.Random,
     scale: tuple[float, float] = (0.8, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> Image.Image:
-    """torchvision's RandomResizedCrop: a random area/aspect box (10 tries, else the centre), resized bicubic."""
+    """torchvision's RandomResizedCrop: a random area/aspect box (10 tries, else the centre), resized bicubic to
+    `size` (a side, or (width, height))."""
+    size = (size, size) if isinstance(size, int) else size
     width, height = img.size
     area = width * height
     for _ in range(10):
@@ -503,10 +514,10 @@ def random_resized_crop(
         w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             top, left = rng.randrange(height - h + 1), rng.randrange(width - w + 1)
-            return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+            return img.resize(size, Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
-    return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
+    return img.resize(size, Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
 
 
 def to_uint8(img: Image.Image) -> torch.Tensor:
@@ -515,7 +526,7 @@ def to_uint8(img: Image.Image) -> torch.Tensor:
 
 
 def normalise(pixels: torch.Tensor) -> torch.Tensor:
-    """ByteTensor[B, 3, H, W] → FloatTensor, CLIP-normalised (expblip.pixels.normalise), once per batch."""
+    """ByteTensor[B, 3, H, W] (or a ragged list) → float, CLIP-normalised (expblip.pixels.normalise), per batch."""
     return normalise_pixels(pixels)
 
 
@@ -528,17 +539,28 @@ def _sample_rng(seed: int, epoch: int, key: str) -> random.Random:
 def transform(
     image: Image.Image, captions: list[str], cfg: StreamConfig, epoch: int, key: str
 ) -> tuple[torch.Tensor, str]:
-    """(pixels uint8 [3,S,S], caption): caption choice, crop and flip drawn from a generator seeded by
-    (seed, epoch, key). Normalisation happens per batch (``normalise``), where it is vectorised."""
+    """(pixels uint8 [3,H,W], caption): caption choice, crop and flip drawn from a generator seeded by
+    (seed, epoch, key). H x W: image_size square, or (data.dynamic) the image's own aspect within its bounds (a crop
+    is resized to the whole image's size: every epoch gives an image the same number of tokens). Normalisation
+    happens per batch (``normalise``), where it is vectorised."""
     rng = _sample_rng(cfg.seed, epoch, key)
     caption = captions[rng.randrange(len(captions))]
+    size = target_size(image, cfg)
     if cfg.train and cfg.crop_scale < 1.0:
-        image = random_resized_crop(image, cfg.image_size, rng, scale=(cfg.crop_scale, 1.0))
+        image = random_resized_crop(image, size, rng, scale=(cfg.crop_scale, 1.0))
     else:
-        image = image.resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)
+        image = image.resize(size, Image.Resampling.BICUBIC)
     if cfg.train and cfg.flip and rng.random() < 0.5:
         image, caption = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), swap_left_right(caption)
     return to_uint8(image), caption.lower() if cfg.lowercase else caption
+
+
+def target_size(image: Image.Image, cfg: StreamConfig) -> tuple[int, int]:
+    """(width, height) the stream resizes `image` to: image_size square, or its dynamic size (data.dynamic)."""
+    if not cfg.dynamic:
+        return cfg.image_size, cfg.image_size
+    height, width = dynamic_shape(image.height, image.width, tuple(cfg.dynamic))
+    return width, height
 
 
 # ---------------------------------------------------------------- cursor
@@ -672,7 +694,7 @@ class ShardStream(IterableDataset):
                     "world_size": self.world_size,
                     "order": identity,
                 }
-                yield _collate(samples, cursor, errors, normalised=False)
+                yield _collate(samples, cursor, errors, normalised=False, dynamic=bool(self.cfg.dynamic))
         finally:
             for reader in lanes.values():
                 reader.close()
@@ -699,7 +721,8 @@ class ShardStream(IterableDataset):
     def _decode(self, raw: dict, epoch: int, errors: ErrorCounter) -> dict | None:
         errors.sample()
         try:
-            labels, captions, image = decode_sample(raw, self.cfg.max_pixels, self.cfg.image_size)
+            draft = 0 if self.cfg.dynamic else self.cfg.image_size  # a dynamic size depends on the full image's
+            labels, captions, image = decode_sample(raw, self.cfg.max_pixels, draft)
             pixels, caption = transform(image, captions, self.cfg, epoch, raw["__key__"])
         except _Skip as bad:
             errors.add(bad.kind, raw["__url__"], f"{raw['__key__']}: {bad}")
@@ -716,10 +739,12 @@ class ShardStream(IterableDataset):
             if sample is not None:
                 items.append(sample)
             if len(items) == self.cfg.batch_size:
-                yield _collate(items, {"worker": worker, "epoch": 0, "index": index + 1}, errors, normalised=True)
+                yield _collate(items, {"worker": worker, "epoch": 0, "index": index + 1}, errors, normalised=True,
+                           dynamic=bool(self.cfg.dynamic))
                 items = []
         if items:
-            yield _collate(items, {"worker": worker, "epoch": 0, "index": index + 1}, errors, normalised=True)
+            yield _collate(items, {"worker": worker, "epoch": 0, "index": index + 1}, errors, normalised=True,
+                           dynamic=bool(self.cfg.dynamic))
 
 
 def _whole(samples: list[dict], size: int) -> list[dict]:
@@ -728,8 +753,10 @@ def _whole(samples: list[dict], size: int) -> list[dict]:
     return [samples[i % len(samples)] for i in range(size)]
 
 
-def _collate(samples: list[dict], cursor: dict, errors: ErrorCounter, normalised: bool) -> dict:
-    pixels = torch.stack([s["pixel_values"] for s in samples])  # [B, 3, S, S] uint8
+def _collate(samples: list[dict], cursor: dict, errors: ErrorCounter, normalised: bool,
+             dynamic: bool = False) -> dict:
+    images = [s["pixel_values"] for s in samples]
+    pixels = images if dynamic else torch.stack(images)  # [B, 3, S, S] uint8, or (dynamic) a list of [3, H_i, W_i]
     return {
         "pixel_values": normalise(pixels) if normalised else pixels,
         "captions": [s["caption"] for s in samples],

@@ -223,10 +223,14 @@ def training_captions(shards: str, limit: int | None = None, lowercase: bool = T
     return training_text(shards, limit, lowercase).captions
 
 
-def renormalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Stream pixels are CLIP-normalised; re-normalise [B,3,S,S] to an export that uses another mean/std."""
+def renormalise(pixels: torch.Tensor | list[torch.Tensor], mean: Sequence[float],
+                std: Sequence[float]) -> torch.Tensor | list[torch.Tensor]:
+    """Stream pixels are CLIP-normalised; re-normalise [B,3,S,S] (or a list of [3,H_i,W_i]) to an export that uses
+    another mean/std."""
     if tuple(mean) == tuple(CLIP_MEAN) and tuple(std) == tuple(CLIP_STD):
         return pixels
+    if isinstance(pixels, list):
+        return [renormalise(p[None], mean, std)[0] for p in pixels]
 
     def col(v: Sequence[float]) -> torch.Tensor:
         return torch.tensor(v, dtype=pixels.dtype).view(1, 3, 1, 1)
@@ -234,10 +238,13 @@ def renormalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float
     return (pixels * col(CLIP_STD) + col(CLIP_MEAN) - col(mean)) / col(std)
 
 
-def eval_batches(shards: str, image_size: int, batch_size: int, limit: int | None) -> Iterator[dict]:
+def eval_batches(shards: str, image_size: int, batch_size: int, limit: int | None,
+                 bounds: tuple[int, ...] = ()) -> Iterator[dict]:
     """Eval-transform batches of the shards, cut to their first ``limit`` samples in all (shard order: whole
-    subjects of a video dataset; for training data only, see heldout_batches)."""
-    cfg = stream.StreamConfig(shards=shards, train=False, batch_size=batch_size, image_size=image_size, shuffle_buffer=0)
+    subjects of a video dataset; for training data only, see heldout_batches). ``bounds``: dynamic resolution
+    (min_pixels, max_pixels, unit), pixel_values then a list of [3, H_i, W_i]."""
+    cfg = stream.StreamConfig(shards=shards, train=False, batch_size=batch_size, image_size=image_size, shuffle_buffer=0,
+                              dynamic=tuple(bounds))
     seen = 0
     for batch in stream.iterate_once(cfg):
         take = len(batch["keys"]) if limit is None else min(len(batch["keys"]), limit - seen)
@@ -260,26 +267,28 @@ def subset_positions(total: int, limit: int, seed: int = SUBSET_SEED) -> set[int
 
 
 def _rows(batch: dict, rows: Sequence[int]) -> dict:
-    return {"pixel_values": batch["pixel_values"][list(rows)], "errors": batch.get("errors", {}),
-            **{k: [batch[k][i] for i in rows] for k in _ROW_KEYS}}
+    pixels = batch["pixel_values"]  # [B, 3, S, S], or a list of [3, H_i, W_i]
+    picked = [pixels[i] for i in rows] if isinstance(pixels, list) else pixels[list(rows)]
+    return {"pixel_values": picked, "errors": batch.get("errors", {}), **{k: [batch[k][i] for i in rows] for k in _ROW_KEYS}}
 
 
 def _concat(parts: Sequence[dict]) -> dict:
-    return {"pixel_values": torch.cat([p["pixel_values"] for p in parts]), "errors": parts[-1]["errors"],
-            **{k: [x for p in parts for x in p[k]] for k in _ROW_KEYS}}
+    pixels = [p["pixel_values"] for p in parts]
+    joined = [x for p in pixels for x in p] if isinstance(pixels[0], list) else torch.cat(pixels)
+    return {"pixel_values": joined, "errors": parts[-1]["errors"], **{k: [x for p in parts for x in p[k]] for k in _ROW_KEYS}}
 
 
 def heldout_batches(shards: str, image_size: int, batch_size: int, limit: int | None,
-                    seed: int = SUBSET_SEED) -> Iterator[dict]:
+                    seed: int = SUBSET_SEED, bounds: tuple[int, ...] = ()) -> Iterator[dict]:
     """Eval-transform batches of the whole held-out split or, with ``limit``, of a seeded random ``limit`` of its
     samples drawn across the split (subset_positions), never the first N. The stream decodes every sample (the
     eval transforms stay the stream's own); only the drawn ones are yielded, ``batch_size`` at a time."""
     total = stream.count_samples(shards) if limit is not None else 0
     if limit is None or limit >= total:
-        yield from eval_batches(shards, image_size, batch_size, None)
+        yield from eval_batches(shards, image_size, batch_size, None, bounds)
         return
     keep, seen, held = subset_positions(total, limit, seed), 0, None
-    for batch in eval_batches(shards, image_size, batch_size, None):
+    for batch in eval_batches(shards, image_size, batch_size, None, bounds):
         picked = _rows(batch, [i for i in range(len(batch["keys"])) if seen + i in keep])
         seen += len(batch["keys"])
         held = picked if held is None else _concat([held, picked])
@@ -315,7 +324,7 @@ def generate_for_shards(captioner: Captioner, shards: str, gen: GenerationConfig
     out: dict = {"keys": [], "captions": [], "references": [], "all_references": [], "labels": [], "skipped": {}}
     bar = tqdm(total=_expected_samples(shards, limit), unit="img", desc="captioning", disable=not progress, mininterval=2.0)
     with bar:
-        for batch in heldout_batches(shards, captioner.image_size, batch_size, limit):
+        for batch in heldout_batches(shards, captioner.image_size, batch_size, limit, bounds=captioner.bounds):
             pixels = renormalise(batch["pixel_values"], captioner.mean, captioner.std)
             out["captions"].extend(captioner.caption_pixels(pixels, gen, prompt))
             for name, key in (("keys", "keys"), ("references", "captions"), ("labels", "labels")):

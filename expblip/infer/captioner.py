@@ -28,7 +28,7 @@ from expblip.infer.parse import parse_caption
 from expblip.model.generation import GenerationConfig
 from expblip.model.spec import ModelSpec, spec_for_config
 from expblip.model.weights import load_export
-from expblip.pixels import CLIP_MEAN, CLIP_STD
+from expblip.pixels import CLIP_MEAN, CLIP_STD, as_batch, dynamic_shape, image_sizes, to_device
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --dtype of the inference scripts
@@ -127,16 +127,19 @@ def load_images(paths: Iterable[str | Path]) -> list[tuple[Path, Image.Image]]:
 
 
 def preprocess_images(images: Sequence[Image.Image], image_size: int, mean: Sequence[float],
-                      std: Sequence[float]) -> torch.Tensor:
-    """RGB → bicubic resize to image_size² → [0, 1] → (x - mean) / std. Returns float32 [B, 3, S, S]."""
+                      std: Sequence[float], bounds: tuple[int, ...] = ()) -> torch.Tensor | list[torch.Tensor]:
+    """RGB → bicubic resize to image_size² → [0, 1] → (x - mean) / std. Returns float32 [B, 3, S, S]; with
+    ``bounds`` (min_pixels, max_pixels, unit: dynamic resolution) each image keeps its aspect at its own size
+    (expblip.pixels.dynamic_shape) and a list of [3, H_i, W_i] comes back."""
     if not images:
         raise ValueError("preprocess_images() got no images")
-    size = (image_size, image_size)
-    arrays = [np.asarray(img.convert("RGB").resize(size, Image.Resampling.BICUBIC), dtype=np.float32)
-              for img in images]
-    batch = np.stack(arrays) / 255.0  # [B, S, S, 3]
-    batch = (batch - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
+    rgb = [img.convert("RGB") for img in images]
+    sizes = [dynamic_shape(img.height, img.width, bounds)[::-1] if bounds else (image_size, image_size) for img in rgb]
+    arrays = [np.asarray(img.resize(size, Image.Resampling.BICUBIC), dtype=np.float32)
+              for img, size in zip(rgb, sizes, strict=True)]
+    shift, scale = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    out = [torch.from_numpy(np.ascontiguousarray(((a / 255.0 - shift) / scale).transpose(2, 0, 1))) for a in arrays]
+    return out if bounds else torch.stack(out)
 
 
 # ---------------------------------------------------------------- the captioner
@@ -166,6 +169,8 @@ class Captioner:
     device: torch.device
     tasks: dict = field(default_factory=lambda: {"describe": ""})  # task -> prompt the model was trained with
     spec: ModelSpec | None = None  # the model's family (expblip.model.spec); None: read from model.config
+    # (min_pixels, max_pixels, unit) of a model trained at dynamic resolution, from its config; () = square images
+    bounds: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.spec is None:
@@ -183,7 +188,8 @@ class Captioner:
         mean = tuple(float(x) for x in meta.get("mean", CLIP_MEAN))
         std = tuple(float(x) for x in meta.get("std", CLIP_STD))
         tasks = dict(meta.get("tasks") or {"describe": ""})
-        return cls(model.to(device), tokenizer, image_size, mean, std, device, tasks, spec)  # type: ignore[arg-type]
+        return cls(model.to(device), tokenizer, image_size, mean, std, device, tasks, spec,  # type: ignore[arg-type]
+                   tuple(spec.bounds(model.config)))
 
     def task_prompt(self, task: str) -> str:
         """The prompt of one of the tasks the export was trained on (expblip.json "tasks")."""
@@ -191,24 +197,34 @@ class Captioner:
             raise ValueError(f"task {task!r}: this model was trained on {sorted(self.tasks)}")
         return self.tasks[task]
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Images → normalised pixel values [B, 3, S, S] (float32, on the CPU)."""
-        return preprocess_images(images, self.image_size, self.mean, self.std)
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor | list[torch.Tensor]:
+        """Images → normalised pixel values [B, 3, S, S] (float32, on the CPU); at dynamic resolution a list of
+        [3, H_i, W_i]."""
+        return preprocess_images(images, self.image_size, self.mean, self.std, self.bounds)
 
-    def caption_pixels(self, pixel_values: torch.Tensor, gen: GenerationConfig | None = None,
+    def caption_pixels(self, pixel_values: torch.Tensor | Sequence[torch.Tensor], gen: GenerationConfig | None = None,
                        prompt: str = "", with_lengths: bool = False) -> list:
-        """Captions for one batch of already preprocessed pixel values [B, 3, S, S] (``prompt``: text after </s>,
-        as the export's chat template places a user's text; empty for the paper's captions). ``with_lengths``:
-        ``Generated(text, tokens, stopped)`` tuples instead of strings."""
-        if pixel_values.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])} but the export expects "
-                             f"{self.image_size}x{self.image_size}; preprocess with this export's image_size")
+        """Captions for one batch of already preprocessed pixel values: [B, 3, S, S], or [3, H_i, W_i] tensors
+        (``prompt``: text after </s>, as the export's chat template places a user's text; empty for the paper's
+        captions). ``with_lengths``: ``Generated(text, tokens, stopped)`` tuples instead of strings."""
+        self._check_sizes(image_sizes(pixel_values))
         dtype = next(self.model.parameters()).dtype
+        pixels = to_device(pixel_values if self.bounds else as_batch(pixel_values), self.device, dtype)
         # inference_mode, not only no_grad: no autograd bookkeeping on any tensor the decoding loop makes. Only here,
         # where the model is an export that never trains (under ZeRO-3, gathered parameters must stay normal tensors)
         with torch.inference_mode():
-            images = self.spec.pixel_inputs(self.model.config, pixel_values.to(self.device, dtype))
+            images = self.spec.pixel_inputs(self.model.config, pixels)
             return self.spec.generate(self.model, self.tokenizer, images, gen, prompt, with_lengths)
+
+    def _check_sizes(self, sizes: Sequence[tuple[int, int]]) -> None:
+        """Raise unless every (H, W) is what this export's preprocessing makes (square, or kept at its bounds)."""
+        for h, w in sizes:
+            want = dynamic_shape(h, w, self.bounds) if self.bounds else (self.image_size, self.image_size)
+            if (h, w) != tuple(want):
+                how = (f"min_pixels {self.bounds[0]}, max_pixels {self.bounds[1]}" if self.bounds
+                       else "this export's image_size")
+                raise ValueError(f"pixel_values are {h}x{w} but the export expects {want[0]}x{want[1]}; preprocess "
+                                 f"with {how} (Captioner.preprocess)")
 
     def caption(self, images: Sequence[Image.Image], gen: GenerationConfig | None = None,
                 batch_size: int = 16, prompt: str = "") -> list[str]:
@@ -225,10 +241,11 @@ class Captioner:
         """{"caption", "aus" (sorted AU numbers), "emotions" (sorted names)} per image, parsed from the caption."""
         return [{"caption": c, **parse_caption(c)} for c in self.caption(images, gen, batch_size, prompt)]
 
-    def prompt_length(self, prompt: str = "") -> int:
+    def prompt_length(self, prompt: str = "", image_size: tuple[int, int] | None = None) -> int:
         """Tokens the model reads before it answers (BLIP-2: query tokens, BOS and the prompt in the family's turn
-        layout)."""
-        return self.spec.prompt_length(self.model.config, self.tokenizer, prompt)
+        layout); at dynamic resolution, for a preprocessed image of ``image_size`` (H, W) (None: the most)."""
+        sized = {"image_size": image_size} if self.bounds and image_size is not None else {}
+        return self.spec.prompt_length(self.model.config, self.tokenizer, prompt, **sized)
 
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` in the export's tokenizer (no special tokens): the OpenAI API's usage counts."""

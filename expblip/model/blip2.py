@@ -178,6 +178,12 @@ class ModelConfig:
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # LoRA adapters on frozen towers (stage 2): the adapters train, the tower's own weights stay frozen
     lora: LoraSettings = field(default_factory=LoraSettings)
+    # dynamic resolution (Qwen2.5-VL): each image resized, aspect kept, to a multiple of the ViT's patch x merge px
+    # holding min_pixels..max_pixels pixels (its processor's rule), alike in training, evaluation, serving and the
+    # export's processor; max_pixels bounds an image's tokens (plan.py counts it). 0, 0 = square images of the
+    # preset's size
+    min_pixels: int = 0
+    max_pixels: int = 0
 
     def __post_init__(self) -> None:
         from expblip.model.spec import spec_for_preset
@@ -189,10 +195,34 @@ class ModelConfig:
         unknown = sorted(set(self.checkpointing) - {"vision", "qformer", "lm"})
         if unknown:
             raise ValueError(f"model.checkpointing {unknown}: choose towers among vision, qformer, lm")
+        self._check_dynamic(spec)
         for tower, frozen in (("lm", self.freeze_lm), ("vision", self.freeze_vision)):
             if tower in self.lora.towers and not frozen:
                 raise ValueError(f"model.lora.towers has {tower}: its own weights stay frozen under LoRA; set "
                                  f"model.freeze_{tower}=true (or take {tower} out of model.lora.towers)")
+
+    def _check_dynamic(self, spec) -> None:
+        if not (self.min_pixels or self.max_pixels):
+            return
+        if spec.pixel_unit is None:
+            raise ValueError(f"model.min_pixels / model.max_pixels: model.preset {self.preset} ({spec.label}) reads "
+                             f"square {self.image_size}-px images; set both to 0, or choose a preset of a family "
+                             "with dynamic resolution (Qwen2.5-VL)")
+        if not (self.min_pixels and self.max_pixels):
+            raise ValueError("dynamic resolution needs both model.min_pixels and model.max_pixels (0 and 0 = square "
+                             f"images), got {self.min_pixels} and {self.max_pixels}")
+        from expblip.pixels import check_bounds
+
+        check_bounds(self.bounds, "model")
+
+    @property
+    def bounds(self) -> tuple[int, ...]:
+        """(min_pixels, max_pixels, unit px) of dynamic resolution; () for square images."""
+        if not self.max_pixels:
+            return ()
+        from expblip.model.spec import spec_for_preset
+
+        return self.min_pixels, self.max_pixels, spec_for_preset(self.preset).pixel_unit(self.preset)
 
     @property
     def family(self) -> Family:

@@ -490,8 +490,9 @@ def save_export(model: Qwen2_5_VLForConditionalGeneration, processor, out_dir: s
 
 # ------------------------------------------------------------------ Qwen2.5-VL as a model family (expblip.model.spec)
 # The loop's "tokenizer" of this family is its processor (tokenizer, image processor and chat template): the chat
-# template decides the prompt. Training feeds square images of the preset's size (make_shards --resize), patchified
-# on the device; inference through stock transformers may use the processor's dynamic resolution.
+# template decides the prompt. Training feeds square images of the preset's size, or with model.min_pixels /
+# max_pixels each image at its own dynamic resolution (the processor's rule, expblip.pixels.dynamic_shape), patchified
+# on the device; the export's processor carries the same bounds, so stock transformers resizes as training did.
 
 PRESET_IMAGE_SIZE = {TINY_PRESET: TINY_IMAGE, "qwen2.5-vl-3b": 448, "qwen2.5-vl-7b": 448}  # 448 px: 256 tokens
 
@@ -550,14 +551,33 @@ def spec_freeze_stage(model: nn.Module, cfg, stage: str, others_dtype: torch.dty
 
 
 def image_tokens(config: Qwen2_5_VLConfig) -> int:
-    """LM tokens of one training image: (S / patch)^2 / merge^2 for the config's square image size S."""
+    """LM tokens of one training image: (S / patch)^2 / merge^2 for the config's square image size S; with dynamic
+    resolution the most an image can have, max_pixels / (patch * merge)^2."""
     v = config.vision_config
+    bounds = image_bounds(config)
+    if bounds:
+        return bounds[1] // (v.patch_size * v.spatial_merge_size) ** 2
     return (image_size(config) // v.patch_size) ** 2 // v.spatial_merge_size**2
 
 
 def image_size(config: Qwen2_5_VLConfig) -> int:
     """The square size training images have (recorded in config.json as `expblip_image_size`)."""
     return int(getattr(config, "expblip_image_size", TINY_IMAGE))
+
+
+def image_bounds(config: Qwen2_5_VLConfig) -> tuple[int, ...]:
+    """(min_pixels, max_pixels, unit px) of a model trained at dynamic resolution (config.json's
+    `expblip_min_pixels` / `expblip_max_pixels`: model.min_pixels / max_pixels); () for square images."""
+    high = int(getattr(config, "expblip_max_pixels", 0) or 0)
+    if not high:
+        return ()
+    v = config.vision_config
+    return int(config.expblip_min_pixels), high, v.patch_size * v.spatial_merge_size
+
+
+def pixel_unit(preset: str) -> int:
+    """The px an image side of `preset` is a multiple of: patch x merge (tiny 16, published 28)."""
+    return (TINY_PATCH if preset == TINY_PRESET else PUBLISHED_PATCH) * MERGE
 
 
 def spec_build(cfg, processor, init: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
@@ -570,6 +590,8 @@ def spec_build(cfg, processor, init: bool = True, dtype: torch.dtype | None = No
     else:
         config = published_config(cfg.preset)
     config.expblip_image_size = PRESET_IMAGE_SIZE[cfg.preset]
+    if cfg.bounds:
+        config.expblip_min_pixels, config.expblip_max_pixels = cfg.bounds[:2]
     model = build_model(config, init=init, dtype=dtype)
     if cfg.lora.enabled:
         _add_lora(model, cfg.lora)
@@ -611,18 +633,37 @@ def spec_checkpointing(model: nn.Module, towers) -> None:
         parts[tower].activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
-def spec_text_inputs(processor, config, captions, prompts, max_tokens: int, text_only: bool = False) -> dict:
-    """text_inputs with every sample's image tokens at the config's training image size."""
+def spec_text_inputs(processor, config, captions, prompts, max_tokens: int, text_only: bool = False,
+                     image_sizes: Sequence[tuple[int, int]] | None = None) -> dict:
+    """text_inputs with each sample's image tokens: of its image's (H, W) in `image_sizes` (dynamic resolution),
+    else of the config's square training size."""
     if text_only:
         raise ValueError("Qwen2.5-VL has no text-only stage; train.stage=stage2")
-    return text_inputs(processor, [image_tokens(config)] * len(captions), captions, prompts, max_tokens)
-
-
-def spec_pixel_inputs(config, pixels: torch.Tensor) -> dict:
-    """Normalised square images [B,3,S,S] -> pixel_values (patches) and image_grid_thw, on their device."""
     v = config.vision_config
-    flat, grid = patchify(pixels, v.patch_size, v.spatial_merge_size, v.temporal_patch_size)
-    return {"pixel_values": flat, "image_grid_thw": grid}
+    unit = v.patch_size * v.spatial_merge_size
+    counts = ([(h // unit) * (w // unit) for h, w in image_sizes] if image_sizes is not None
+              else [image_tokens(config)] * len(captions))
+    return text_inputs(processor, counts, captions, prompts, max_tokens)
+
+
+def spec_pixel_inputs(config, pixels: torch.Tensor | Sequence[torch.Tensor]) -> dict:
+    """Normalised images, square [B,3,S,S] or a ragged list of [3,H_i,W_i] (dynamic resolution) -> pixel_values
+    (every image's patches, in order) and image_grid_thw [B,3], on their device."""
+    v = config.vision_config
+    if torch.is_tensor(pixels):
+        flat, grid = patchify(pixels, v.patch_size, v.spatial_merge_size, v.temporal_patch_size)
+        return {"pixel_values": flat, "image_grid_thw": grid}
+    parts = [patchify(p[None], v.patch_size, v.spatial_merge_size, v.temporal_patch_size) for p in pixels]
+    return {"pixel_values": torch.cat([f for f, _ in parts]), "image_grid_thw": torch.cat([g for _, g in parts])}
+
+
+def spec_prompt_length(config, processor, prompt: str = "", image_size: tuple[int, int] | None = None) -> int:
+    """Tokens read before the answer: the chat turn around one image's tokens (of an H x W image at dynamic
+    resolution; else of the config's square size, or the most an image can have)."""
+    v = config.vision_config
+    unit = v.patch_size * v.spatial_merge_size
+    tokens = image_tokens(config) if image_size is None else (image_size[0] // unit) * (image_size[1] // unit)
+    return len(prompt_ids(processor, prompt, tokens))
 
 
 def spec_generate(model, processor, images: dict, gen: GenerationConfig | None = None, prompt: str = "",
@@ -642,8 +683,10 @@ def spec_load_pretrained(path, dtype: torch.dtype, placement: dict) -> nn.Module
 
 
 def spec_train_tokenizer(captions, cfg):
-    """The tiny preset's processor around a tokenizer trained on the run's captions."""
-    return make_processor(tiny_tokenizer(captions, cfg.tokenizer_vocab))
+    """The tiny preset's processor around a tokenizer trained on the run's captions (its min/max pixels the run's
+    dynamic resolution, when it has one)."""
+    tokenizer = tiny_tokenizer(captions, cfg.tokenizer_vocab)
+    return make_processor(tokenizer, *cfg.bounds[:2]) if cfg.bounds else make_processor(tokenizer)
 
 
 def spec_save_export(state: dict, config: Qwen2_5_VLConfig, processor, out: str | Path, resolved_config_yaml: str = "",
@@ -663,6 +706,9 @@ def spec_save_export(state: dict, config: Qwen2_5_VLConfig, processor, out: str 
     config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
     config.dtype = str(config_dtype or torch.float32).removeprefix("torch.")
     config.save_pretrained(out)
+    bounds = image_bounds(config)
+    if bounds:  # stock transformers' processor resizes as training did
+        processor.image_processor.size = {"shortest_edge": bounds[0], "longest_edge": bounds[1]}
     processor.save_pretrained(out)
     tok = processor.tokenizer
     end = tok.convert_tokens_to_ids(CAPTION_END)
@@ -684,12 +730,12 @@ def _spec():
         training_unit=spec_training_unit, freeze=spec_freeze_stage, checkpointing=spec_checkpointing,
         text_inputs=spec_text_inputs,
         pixel_inputs=spec_pixel_inputs, generate=spec_generate,
-        prompt_length=lambda config, processor, prompt="": len(prompt_ids(processor, prompt, image_tokens(config))),
+        prompt_length=spec_prompt_length,
         hidden_size=spec_hidden_size, image_size=image_size, preset_image_size=PRESET_IMAGE_SIZE.__getitem__,
         lm_family=lambda preset: QWEN2, read_outside_forward=lambda model: [],
         load_pretrained=spec_load_pretrained, tiny_presets=(TINY_PRESET,), train_tokenizer=spec_train_tokenizer,
         stage_inputs=spec_stage_inputs, load_tokenizer=load_processor, save_export=spec_save_export,
-        trainable_export=False)
+        trainable_export=False, pixel_unit=pixel_unit, bounds=image_bounds)
 
 
 SPEC = _spec()

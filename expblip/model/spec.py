@@ -79,6 +79,12 @@ class ModelSpec:
     # stage 1's text tokenizer (BLIP-2's Q-Former reads BERT's): (dir) -> it, (captions, vocab_size) -> a trained one
     load_stage1_tokenizer: Callable[..., object] | None = None
     train_stage1_tokenizer: Callable[..., object] | None = None
+    # dynamic resolution (model.min_pixels / max_pixels): preset -> the px its image sides are multiples of (patch x
+    # merge), hf_config -> the export's (min_pixels, max_pixels, unit) or () for square images. None / () : the
+    # family reads square images only. Its pixel_inputs then also take a list of [3, H_i, W_i], and its text_inputs
+    # an image_sizes list (each image's own number of image tokens)
+    pixel_unit: Callable[[str], int] | None = None
+    bounds: Callable[..., tuple] = lambda config: ()
 
     @staticmethod
     def hf_model(unit: nn.Module) -> nn.Module:

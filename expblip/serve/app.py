@@ -128,7 +128,7 @@ def decode_upload(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> Image
 class Prepared:
     """An image ready for the model: its pixels, and what the answer says about the crop."""
 
-    pixels: torch.Tensor  # [3, S, S]
+    pixels: torch.Tensor  # [3, S, S] ([3, H, W] at dynamic resolution)
     face: dict | None
     crop: Literal["face", "centre", "none"]
     size: dict  # {"width", "height"} of the image as uploaded (upright)
@@ -156,7 +156,7 @@ def describe_image(captioner: Captioner, image: Image.Image, crop_face: bool,
                    gen: GenerationConfig | None = None) -> dict:
     """One image → the /describe JSON, captioned here and now (no queue): for scripts and tests."""
     prepared = prepare_image(captioner, image, crop_face)
-    return description(captioner.caption_pixels(prepared.pixels[None], gen)[0], prepared)
+    return description(captioner.caption_pixels([prepared.pixels], gen)[0], prepared)
 
 
 def _too_large(max_upload_bytes: int, what: str = "image") -> str:
@@ -201,13 +201,14 @@ class Service:
                                       "retry later", headers={"Retry-After": "5"}) from err
 
     async def describe(self, data: bytes, name: str, gen: GenerationConfig | None = None,
-                       prompt: str = "") -> tuple[dict, Generated]:
-        """Upload bytes → (the /describe JSON, the caption with its token count)."""
+                       prompt: str = "") -> tuple[dict, Generated, int]:
+        """Upload bytes → (the /describe JSON, the caption with its token count, the tokens read before it)."""
         prepared = await run_in_threadpool(self._prepare, data, name)
-        futures = self.submit(prepared.pixels[None], gen or self.gen, prompt)
+        futures = self.submit([prepared.pixels], gen or self.gen, prompt)
         _arrived()
         generated = (await self.wait(futures))[0]
-        return description(generated.text, prepared), generated
+        prompt_tokens = self.captioner.prompt_length(prompt, tuple(prepared.pixels.shape[-2:]))
+        return description(generated.text, prepared), generated, prompt_tokens
 
     def _prepare(self, data: bytes, name: str) -> Prepared:
         return prepare_image(self.captioner, decode_upload(data, name, self.max_pixels), self.crop_face)

@@ -31,13 +31,15 @@ from dataclasses import astuple, dataclass, field
 import torch
 
 from expblip.model.generation import GenerationConfig
+from expblip.pixels import as_batch
 
 # How long a free worker waits for more images under load. 25 ms, not 10: with 16 closed-loop clients and a trained
 # export, 10 ms let the first client answered by a batch run alone and split the rest (batches of 1 and 13-16
 # alternating): bench/serve_load.py measured 3.73 and 3.82 at 10 ms against 5.70 and 4.64 at 25 ms, alternating runs.
 DEFAULT_MAX_WAIT_MS = 25.0
 
-CaptionFn = Callable[[torch.Tensor, GenerationConfig, str], list[str]]  # (pixels [B,3,S,S], gen, prompt) -> captions
+# (pixels [B,3,S,S], or a list of [3,H_i,W_i] at dynamic resolution, gen, prompt) -> captions
+CaptionFn = Callable[[torch.Tensor | list[torch.Tensor], GenerationConfig, str], list[str]]
 
 
 class QueueFull(RuntimeError):
@@ -52,7 +54,7 @@ class QueueFull(RuntimeError):
 class _Item:
     """One image waiting for its caption."""
 
-    pixels: torch.Tensor  # [3, S, S]
+    pixels: torch.Tensor  # [3, S, S] ([3, H, W] at dynamic resolution)
     gen: GenerationConfig
     prompt: str
     key: tuple  # decoding settings + prompt: only items with equal keys share a batch
@@ -108,11 +110,15 @@ class Batcher:
             self._drop_cancelled()
             return len(self._pending)
 
-    def submit(self, pixels: torch.Tensor, gen: GenerationConfig, prompt: str = "") -> list[Future]:
-        """Queue ``pixels`` [k, 3, S, S] (k >= 1); one future per image, resolving to its caption. QueueFull when the
-        queue cannot take all k now; ValueError when k alone exceeds the queue."""
-        if pixels.ndim != 4 or not len(pixels):
-            raise ValueError(f"submit() takes pixels [k, 3, S, S] with k >= 1, got shape {tuple(pixels.shape)}")
+    def submit(self, pixels: torch.Tensor | Sequence[torch.Tensor], gen: GenerationConfig,
+               prompt: str = "") -> list[Future]:
+        """Queue ``pixels`` [k, 3, S, S] or k tensors [3, H_i, W_i] (dynamic resolution; k >= 1); one future per
+        image, resolving to its caption (images of other sizes batch together as a list). QueueFull when the queue
+        cannot take all k now; ValueError when k alone exceeds the queue."""
+        shapes = [tuple(p.shape) for p in pixels]
+        if not shapes or any(len(s) != 3 for s in shapes):
+            raise ValueError(f"submit() takes pixels [k, 3, S, S] or k tensors [3, H, W] with k >= 1, got "
+                             f"{shapes[:4] or 'none'}")
         if len(pixels) > self.max_queue:
             raise ValueError(f"{len(pixels)} images in one request is more than the queue holds ({self.max_queue})")
         key = (astuple(gen), prompt)
@@ -215,7 +221,7 @@ class Batcher:
     def _run(self, batch: Sequence[_Item]) -> None:
         start = time.monotonic()
         try:
-            captions = self.caption_fn(torch.stack([item.pixels for item in batch]), batch[0].gen, batch[0].prompt)
+            captions = self.caption_fn(as_batch([item.pixels for item in batch]), batch[0].gen, batch[0].prompt)
         except Exception as err:  # every request of the batch learns why
             for item in batch:
                 item.future.set_exception(err)

@@ -213,8 +213,7 @@ def install_openai_routes(app: FastAPI, service: Service, model_name: str, max_b
         url, prompt = user_turn(request.messages)
         data = data_url_bytes(url, max_image_bytes)
         gen = chat_gen(service.gen, request)
-        described, generated = await service.describe(data, "image_url", gen, prompt)
-        prompt_tokens = service.captioner.prompt_length(prompt)
+        described, generated, prompt_tokens = await service.describe(data, "image_url", gen, prompt)
         return completion(model_name, described, generated, prompt_tokens)
 
     # FastAPI reads the body's model from the annotation, and this one is made here: set it as an object (a string

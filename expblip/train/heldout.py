@@ -28,7 +28,7 @@ import torch
 from expblip.config import ConfigError
 from expblip.data.stream import make_loader
 from expblip.log import get_logger
-from expblip.pixels import normalise
+from expblip.pixels import normalise_batch, to_device
 from expblip.train import comm
 from expblip.train.engine import gathered, whole_model, whole_model_fits
 
@@ -119,7 +119,7 @@ def heldout_captions(run, prompt: str = "") -> tuple[list[str], list[dict]]:
         external = spec.read_outside_forward(hf) if partitioned else []
         while len(captions) < per_rank:
             batch = next(batches)
-            pixels = normalise(batch["pixel_values"].to(run.engine.device, non_blocking=True), dtype)
+            pixels = normalise_batch(to_device(batch["pixel_values"], run.engine.device, non_blocking=True), dtype)
             with gathered(external):  # parameters generate() reads outside any module's forward: gather them
                 captions += spec.generate(hf, run.tokenizer, spec.pixel_inputs(hf.config, pixels), gen, prompt,
                                           synced_gpus=partitioned and run.world > 1)

@@ -28,7 +28,7 @@ from expblip.data.tasks import sample_text, task_vocabulary
 from expblip.log import get_logger
 from expblip.model.spec import ModelSpec, spec_for_preset
 from expblip.model.weights import WeightSource, open_towers, save_trainable_export
-from expblip.pixels import normalise
+from expblip.pixels import image_sizes, normalise_batch, to_device
 from expblip.train import checkpoint, comm, heldout
 from expblip.train import engine as ds_engine
 from expblip.train.load import load_fp32_masters, load_initial_weights
@@ -100,7 +100,7 @@ def preflight(cfg: Config, wait_for_storage: bool = True) -> str:
         raise ConfigError(f"train.stage={cfg.train.stage}: model.preset {cfg.model.preset} ({spec.name}) trains in "
                           f"stages {', '.join(spec.stages)}")
     for where, stream in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
-        if stream.shards and stream.image_size != cfg.model.image_size:
+        if stream.shards and not stream.dynamic and stream.image_size != cfg.model.image_size:
             raise ConfigError(f"{where}.image_size={stream.image_size} but model.preset {cfg.model.preset} takes "
                               f"{cfg.model.image_size} px images; set {where}.image_size={cfg.model.image_size}")
     if cfg.train.export in ("trainable", "both") and not spec.trainable_export:
@@ -430,8 +430,10 @@ def model_inputs(run: Run, batch: dict, task_step: int | None = None) -> dict:
         picked = [sample_text(run.cfg.tasks, lab, key, run.cfg.train.seed, step, cap)
                   for lab, key, cap in zip(batch["labels"], batch["keys"], batch["captions"], strict=True)]
         prompts, captions = [p for p, _ in picked], [a for _, a in picked]
+    ragged = not lm_only and isinstance(batch.get("pixel_values"), list)  # dynamic resolution: tokens per image
+    sizes = {"image_sizes": image_sizes(batch["pixel_values"])} if ragged else {}
     inputs = _on_device(run, spec.text_inputs(run.tokenizer, run.blip2_config, captions, prompts,
-                                              run.cfg.data.max_text_tokens, text_only=lm_only))
+                                              run.cfg.data.max_text_tokens, text_only=lm_only, **sizes))
     if not lm_only:
         inputs.update(spec.pixel_inputs(run.blip2_config, _pixels(run, batch)))
     return inputs
@@ -447,10 +449,11 @@ def _on_device(run: Run, tensors: dict) -> dict:
     return {k: v.to(run.engine.device, non_blocking=True) for k, v in tensors.items()}
 
 
-def _pixels(run: Run, batch: dict) -> torch.Tensor:
-    """The batch's uint8 pixels, copied to the engine's device and CLIP-normalised there, in the engine's dtype."""
+def _pixels(run: Run, batch: dict) -> torch.Tensor | list[torch.Tensor]:
+    """The batch's uint8 pixels ([B,3,S,S], or a ragged list at dynamic resolution), copied to the engine's device
+    and CLIP-normalised there, in the engine's dtype."""
     dtype = torch.bfloat16 if run.engine.bfloat16_enabled() else torch.float32
-    return normalise(batch["pixel_values"].to(run.engine.device, non_blocking=True), dtype)
+    return normalise_batch(to_device(batch["pixel_values"], run.engine.device, non_blocking=True), dtype)
 
 
 def train_step(run: Run) -> torch.Tensor:

@@ -72,6 +72,9 @@ class PlanConfig:
     stage: Literal["stage1", "stage2"] = "stage2"  # stage 1: no OPT pass, but the Q-Former's text/ITM/ITG passes
     lora_r: int = 0  # LoRA rank on lora_towers (model.lora.r); 0 = no adapters
     lora_towers: tuple[str, ...] = ("lm",)
+    # dynamic resolution (model.min_pixels / max_pixels; Qwen2.5-VL): images counted at max_pixels, their bound
+    min_pixels: int = 0
+    max_pixels: int = 0
 
     def __post_init__(self) -> None:
         if self.preset not in _all_presets():
@@ -175,13 +178,16 @@ def _all_presets() -> list[str]:
     return [p for spec in families().values() for p in spec.presets]
 
 
-def count_params(preset: str, lora_r: int = 0, lora_towers: tuple[str, ...] = ("lm",)) -> ParamCounts:
+def count_params(preset: str, lora_r: int = 0, lora_towers: tuple[str, ...] = ("lm",),
+                 pixels: tuple[int, int] = (0, 0)) -> ParamCounts:
     """Build the preset on the meta device (no memory, no weights) and count its parameters per tower; with
-    `lora_r`, also the LoRA adapters of rank r on `lora_towers` (each tower's default targets)."""
+    `lora_r`, also the LoRA adapters of rank r on `lora_towers` (each tower's default targets). `pixels`:
+    (min_pixels, max_pixels) of dynamic resolution, which sets the image tokens its Dims count."""
     from expblip.model.lora import LoraSettings
 
     lora = LoraSettings(towers=tuple(lora_towers) if lora_r else (), r=max(lora_r, 1))  # type: ignore[arg-type]
-    cfg = ModelConfig(preset=preset, tokenizer="(meta)", lora=lora)  # type: ignore[arg-type]
+    cfg = ModelConfig(preset=preset, tokenizer="(meta)", lora=lora,  # type: ignore[arg-type]
+                      min_pixels=pixels[0], max_pixels=pixels[1])
     if preset not in PRESETS:  # a native VLM
         return _count_qwen_vl(cfg)
     from expblip.model.blip2 import TINY_PRESETS
@@ -214,7 +220,8 @@ def _counted(model: torch.nn.Module, tower_of, dims: Dims) -> ParamCounts:
 def _count_qwen_vl(cfg: ModelConfig) -> ParamCounts:
     """A Qwen2.5-VL preset on the meta device, in the BLIP-2 plan's slots: ViT -> vision, merger -> projection (no
     Q-Former), LM -> lm; its image tokens stand where BLIP-2's queries are (the LM's sequence), its ViT sees
-    (S / 14)^2 patches at the preset's training size S (windowed attention counted as full: an upper bound)."""
+    (S / 14)^2 patches at the preset's training size S, or at dynamic resolution the most an image can have,
+    max_pixels / 14^2 (windowed attention counted as full: an upper bound)."""
     from expblip.model import qwen_vl
 
     if cfg.preset == qwen_vl.TINY_PRESET:
@@ -224,8 +231,7 @@ def _count_qwen_vl(cfg: ModelConfig) -> ParamCounts:
         model = qwen_vl.spec_build(cfg, processor=None)  # the published shapes (no model.weights), LoRA per cfg
     config = model.config
     v, t = config.vision_config, config.text_config
-    side = qwen_vl.image_size(config) // v.patch_size
-    dims = Dims(vit_tokens=side**2, vit_hidden=v.hidden_size, vit_layers=v.depth, vit_heads=v.num_heads,
+    dims = Dims(vit_tokens=qwen_vl.image_tokens(config) * v.spatial_merge_size**2, vit_hidden=v.hidden_size, vit_layers=v.depth, vit_heads=v.num_heads,
                 queries=qwen_vl.image_tokens(config), qf_hidden=1, qf_layers=0, qf_heads=1,
                 lm_hidden=t.hidden_size, lm_layers=t.num_hidden_layers, lm_heads=t.num_attention_heads,
                 vocab=t.vocab_size)
@@ -367,7 +373,7 @@ class Plan:
 
 
 def make_plan(plan: PlanConfig, counts: ParamCounts | None = None) -> Plan:
-    counts = counts or count_params(plan.preset, plan.lora_r, plan.lora_towers)
+    counts = counts or count_params(plan.preset, plan.lora_r, plan.lora_towers, (plan.min_pixels, plan.max_pixels))
     act, act_ckpt, act_cfg = (activation_bytes(counts.dims, plan, c) for c in (False, True, plan.checkpointing))
     budget = plan.gpu_gib * GiB * (1 - plan.headroom)
     rows = []
@@ -408,7 +414,8 @@ def plan_for_run(cfg, gpus_per_node: int, nodes: int, gpu_gib: float,
                       checkpointing=tuple(cfg.model.checkpointing if checkpointing is None else checkpointing),
                       stage="stage1" if stage1 else "stage2",
                       lora_r=cfg.model.lora.r if cfg.model.lora.enabled else 0,
-                      lora_towers=tuple(cfg.model.lora.towers) or ("lm",))
+                      lora_towers=tuple(cfg.model.lora.towers) or ("lm",), min_pixels=cfg.model.min_pixels,
+                      max_pixels=cfg.model.max_pixels)
 
 
 # activation checkpointing, least recomputation first: each step adds a tower whose recompute costs more
@@ -477,7 +484,8 @@ def _cpu_policy(cfg, world: int, placements: list[str], levels: list) -> RunPoli
     budget, counts = 0.9 * host / ranks, None
     for level in levels:
         plan_cfg = plan_for_run(cfg, world, 1, 0.0, level)
-        counts = counts or count_params(plan_cfg.preset, plan_cfg.lora_r, plan_cfg.lora_towers)
+        counts = counts or count_params(plan_cfg.preset, plan_cfg.lora_r, plan_cfg.lora_towers,
+                                        (plan_cfg.min_pixels, plan_cfg.max_pixels))
         need = sum(host_rank_bytes(counts, world, plan_cfg).values())
         if need <= budget:
             break
@@ -566,8 +574,11 @@ def _lines(plan: Plan) -> Iterator[str]:
            f"{cfg.nodes} node(s) × "
            f"{cfg.gpus_per_node} GPUs of {cfg.gpu_gib:g} GiB; micro-batch {cfg.micro_batch}, "
            f"{cfg.text_tokens} text tokens; 16-bit weights")
+    if cfg.max_pixels:
+        yield (f"dynamic resolution: images of {cfg.min_pixels:,} to {cfg.max_pixels:,} pixels, counted at the bound: "
+               f"{c.dims.queries} image tokens ({c.dims.vit_tokens} ViT patches) per image")
     g = lambda x: f"{x / GiB:.1f}"  # noqa: E731
-    widths = (22, 9, 10, 8, 8, 10, 8, 12, 10, 14)
+    widths = (22, 9, 10, 8, 8, 10, 8, 12, 10, 16)
     header = ("GiB", "DS GPU", "DS CPU/nd", "states", "activ.", "act.ckpt", "total", "total(ckpt)", "CPU/node",
               f"fits {cfg.gpu_gib:g} GiB?")
     yield ""
