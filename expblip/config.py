@@ -38,11 +38,17 @@ class DataConfig:
     train: StreamConfig = field(default_factory=StreamConfig)
     eval: StreamConfig = field(default_factory=lambda: StreamConfig(train=False, shuffle_buffer=0))
     max_text_tokens: int = 64  # caption tokens after the query tokens (the released code used 32; too short)
+    # stage2 of Qwen2.5-VL: each micro-batch's samples packed end to end into rows of at most this many tokens, each
+    # sample with its own positions (mRoPE) and attention (0 = padded rows, one sample each). The same loss and
+    # gradients as the padded batch, without the padding's compute
+    pack_tokens: int = 0
     # storage (S3) that stops answering is retried with back-off this long, then the attempt fails on every rank
     # together (and Ray restarts it from the checkpoint); must stay well below the collectives' timeout
     max_outage_s: float = 120.0
 
     def __post_init__(self) -> None:
+        if self.pack_tokens < 0:
+            raise ConfigError(f"data.pack_tokens must be >= 0 (0 = no packing), got {self.pack_tokens}")
         if not 0 < self.max_outage_s <= COLLECTIVE_TIMEOUT_S - OUTAGE_MARGIN_S:
             raise ConfigError(f"data.max_outage_s must lie in (0, {COLLECTIVE_TIMEOUT_S - OUTAGE_MARGIN_S}]: the "
                               "other ranks wait that long in a collective for a rank whose storage is out, and "

@@ -72,6 +72,16 @@ def test_generate_matches_plain_transformers_batch_for_batch(tiny_run_dir, capsy
 
 
 @pytest.mark.slow
+def test_packing_times_packed_rows_against_padded_ones_on_the_same_batches(capsys):
+    code = _bench("packing").main(["--batches", "1", "--batch-size", "6", "--pack-tokens", "300", "--rounds", "2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    found = re.search(r"padded (\d+) token slots in 6 rows, packed (\d+) in (\d+\.\d) rows of at most 300", out)
+    assert found and int(found[2]) < int(found[1]) and float(found[3]) < 6, out  # it packed: fewer slots and rows
+    rounds = _rounds(out)
+    assert len(rounds) == 2 and _ratio(out) == pytest.approx(statistics.median(rounds), abs=1e-3)
+
+
 def test_step_overhead_times_the_loops_real_step_against_bare_deepspeed(capsys):
     code = _bench("step_overhead").main(["--steps", "4", "--rounds", "3", "--log-every", "2"])
     out = capsys.readouterr().out

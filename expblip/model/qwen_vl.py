@@ -442,6 +442,59 @@ def generate_captions(model: Qwen2_5_VLForConditionalGeneration, processor, pixe
     return decode_new(tok, out[:, inputs["input_ids"].shape[1] :], end, with_lengths)  # the prompt comes first
 
 
+# --------------------------------------------------------------------------------------------------------- packing
+
+
+def pack_inputs(model: Qwen2_5_VLForConditionalGeneration, inputs: dict, max_tokens: int) -> dict:
+    """A right-padded caption batch (text_inputs + pixel inputs) as packed rows: samples laid end to end, in order,
+    a new row when the next would pass `max_tokens` (a longer sample has a row of its own), the rows right-padded to
+    the longest. Each sample keeps its own positions: position_ids [4, R, L] = the text positions (0.. per sample:
+    transformers 5 builds the causal mask within each sample from them, with attention_mask None) and its mRoPE
+    (t, h, w) positions as the unpacked batch's (get_rope_index). Labels start every sample at -100 (its prompt), so
+    no token is scored on another sample's. The images stay in sample order, as their tokens do. The loss (mean over
+    answer tokens) and its gradients are the unpacked batch's."""
+    ids, mask, labels, types = (inputs[k] for k in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"))
+    mrope, _ = model.model.get_rope_index(ids, types, inputs["image_grid_thw"], attention_mask=mask)
+    rows = _pack_rows(mask.sum(-1).tolist(), max_tokens)
+    width = max(sum(mask[i].sum().item() for i in row) for row in rows)
+    out_ids = torch.full((len(rows), width), _pad_id(ids, mask), dtype=ids.dtype)
+    out_labels, out_types = torch.full_like(out_ids, IGNORE), torch.zeros_like(out_ids, dtype=types.dtype)
+    positions = torch.zeros(4, len(rows), width, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n = int(mask[i].sum())
+            out_ids[r, at : at + n], out_labels[r, at : at + n] = ids[i, :n], labels[i, :n]
+            out_types[r, at : at + n] = types[i, :n]
+            positions[0, r, at : at + n] = torch.arange(n)
+            positions[1:, r, at : at + n] = mrope[:, i, :n]
+            at += n
+        positions[0, r, at:] = torch.arange(width - at)  # the padding: a segment of its own, never scored
+    device = ids.device
+    return {**{k: v for k, v in inputs.items() if k not in ("attention_mask",)}, "input_ids": out_ids.to(device),
+            "labels": out_labels.to(device), "mm_token_type_ids": out_types.to(device),
+            "position_ids": positions.to(device)}
+
+
+def _pack_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Sample indices per row, in order: next-fit up to max_tokens tokens a row."""
+    rows: list[list[int]] = [[]]
+    used = 0
+    for i, n in enumerate(lengths):
+        if rows[-1] and used + n > max_tokens:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += n
+    return rows
+
+
+def _pad_id(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """The batch's padding token (what fills the unmasked tail of a row), else 0."""
+    padded = ids[mask == 0]
+    return int(padded[0]) if len(padded) else 0
+
+
 # ---------------------------------------------------------------------------------------------------- build, LoRA
 
 
@@ -506,10 +559,12 @@ class CaptionUnit(nn.Module):
         super().__init__()
         self.vlm = vlm
 
-    def forward(self, input_ids, attention_mask, labels, pixel_values, image_grid_thw,
-                mm_token_type_ids=None) -> torch.Tensor:
+    def forward(self, input_ids, labels, pixel_values, image_grid_thw, attention_mask=None, mm_token_type_ids=None,
+                position_ids=None) -> torch.Tensor:
+        """The caption loss of a padded batch (attention_mask) or of packed rows (position_ids: pack_inputs)."""
         return self.vlm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, pixel_values=pixel_values,
-                        image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, use_cache=False).loss
+                        image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, position_ids=position_ids,
+                        use_cache=False).loss
 
 
 class VisionUnit(nn.Module):
@@ -735,7 +790,7 @@ def _spec():
         lm_family=lambda preset: QWEN2, read_outside_forward=lambda model: [],
         load_pretrained=spec_load_pretrained, tiny_presets=(TINY_PRESET,), train_tokenizer=spec_train_tokenizer,
         stage_inputs=spec_stage_inputs, load_tokenizer=load_processor, save_export=spec_save_export,
-        trainable_export=False, pixel_unit=pixel_unit, bounds=image_bounds)
+        trainable_export=False, pixel_unit=pixel_unit, bounds=image_bounds, pack=pack_inputs)
 
 
 SPEC = _spec()

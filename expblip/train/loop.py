@@ -65,6 +65,7 @@ class Run:
     heldout: heldout.HeldoutState = field(default_factory=heldout.HeldoutState)
     attempt: int = 0  # when this process group started (rank 0's clock, ns): tells restarted attempts apart
     resized_from: int = 0  # the world size of the checkpoint resumed from, when it differs from this one
+    packed: bool = False  # the first packed micro-batch was reported (data.pack_tokens)
 
 
 @dataclass
@@ -103,6 +104,10 @@ def preflight(cfg: Config, wait_for_storage: bool = True) -> str:
         if stream.shards and not stream.dynamic and stream.image_size != cfg.model.image_size:
             raise ConfigError(f"{where}.image_size={stream.image_size} but model.preset {cfg.model.preset} takes "
                               f"{cfg.model.image_size} px images; set {where}.image_size={cfg.model.image_size}")
+    if cfg.data.pack_tokens and (spec.pack is None or cfg.train.stage != "stage2"):
+        raise ConfigError(f"data.pack_tokens={cfg.data.pack_tokens}: packing is built for stage2 of families with "
+                          f"per-sample positions (Qwen2.5-VL); model.preset {cfg.model.preset} ({spec.name}), "
+                          f"train.stage={cfg.train.stage}: set data.pack_tokens=0")
     if cfg.train.export in ("trainable", "both") and not spec.trainable_export:
         raise ConfigError(f"train.export={cfg.train.export}: model.preset {cfg.model.preset} ({spec.name}) writes "
                           "full exports only; set train.export=full")
@@ -456,6 +461,20 @@ def _pixels(run: Run, batch: dict) -> torch.Tensor | list[torch.Tensor]:
     return normalise_batch(to_device(batch["pixel_values"], run.engine.device, non_blocking=True), dtype)
 
 
+def _packed(run: Run, inputs: dict) -> dict:
+    """With data.pack_tokens, a caption batch as packed rows (the family's pack: the same loss and gradients)."""
+    if not run.cfg.data.pack_tokens or run.cfg.train.stage != "stage2":
+        return inputs
+    packed = spec_for_preset(run.cfg.model.preset).pack(_hf_model(run), inputs, run.cfg.data.pack_tokens)
+    if not run.packed:  # once per process: what packing does to this data
+        run.packed = True
+        rows, slots = packed["input_ids"].shape
+        log.info(f"packing: {len(inputs['input_ids'])} samples in {rows} rows of {slots} token slots (at most "
+                 f"{run.cfg.data.pack_tokens}); token slots {packed['input_ids'].numel()} instead of "
+                 f"{inputs['input_ids'].numel()} padded, {int(inputs['attention_mask'].sum())} of them tokens")
+    return packed
+
+
 def train_step(run: Run) -> torch.Tensor:
     """grad_accum micro-batches and one optimiser step; returns this rank's mean loss of the step."""
     losses, parts = [], {}
@@ -468,7 +487,7 @@ def train_step(run: Run) -> torch.Tensor:
         inputs = model_inputs(run, batch)
         if "attention_mask" in inputs:
             run.tokens = run.tokens + inputs["attention_mask"].sum()  # on the device: no host sync per micro-batch
-        out = run.engine(**inputs)
+        out = run.engine(**_packed(run, inputs))
         loss = out["loss"] if isinstance(out, dict) else out  # stage 1 also returns its three parts
         run.engine.backward(loss)
         run.engine.step()
