@@ -46,7 +46,9 @@ XDIST ?= -n 2 --dist loadfile
 test: setup system-deps
 	$(BIN)/python -m pytest -q $(XDIST) --durations=15 -m "not engines"
 
-# vLLM parity (tests/test_vllm.py): builds vLLM's CPU build in a venv of its own (~/.cache/expblip/vllm-venv, 3.1 GB)
+# outside engines, each in a venv of its own made once in ~/.cache/expblip: vLLM parity (tests/test_vllm.py: vLLM's CPU
+# build, 3.1 GB) and transformers' image-text-to-text pipeline on a Qwen2.5-VL export (tests/test_hf_pipeline.py: torch
+# and torchvision builds that import together, 5.4 GB)
 test-engines: setup
 	$(BIN)/python -m pytest -q -m engines
 
