@@ -90,6 +90,13 @@ def test_the_stream_keeps_each_images_aspect_the_same_in_every_epoch_and_the_ord
         assert h % 16 == 0 and w % 16 == 0 and BOUNDS[0] <= h * w <= BOUNDS[1]
     assert evaluated["pixel_values"][0].dtype == torch.float32  # the finite pass hands normalised pixels
 
+    from expblip.eval.evaluate import heldout_batches  # the evaluator's seeded subset regroups ragged batches
+    subset = list(heldout_batches(str(shards), 64, 4, limit=7, bounds=BOUNDS))
+    assert [len(b["keys"]) for b in subset] == [4, 3]
+    for batch in subset:
+        assert [tuple(p.shape[-2:]) for p in batch["pixel_values"]] == [
+            want[int(k[-7:]) % len(SHAPES)] for k in batch["keys"]]
+
     def first_batches(dynamic, n=4):
         cfg = StreamConfig(shards=str(shards), batch_size=5, lanes=2, crop_scale=0.8, dynamic=dynamic)
         batches = iter(make_loader(cfg, 0, 1, cursor=Cursor(), max_outage_s=5))
