@@ -27,7 +27,8 @@ from rounds import alternating, median_ratio  # noqa: E402 - bench/rounds.py, be
 
 
 def make_batches(n: int, batch_size: int):
-    """(model, caption unit, [padded forward inputs]): the tiny model and n three-task batches."""
+    """(model, caption unit, [(padded text inputs, pixel inputs, image sizes)]): the tiny model and n three-task
+    batches."""
     import numpy as np
     import torch
 
@@ -50,7 +51,8 @@ def make_batches(n: int, batch_size: int):
                               for r in records[part]])
         prompts, answers = zip(*texts[part], strict=True)
         text = qwen_vl.spec_text_inputs(processor, model.config, answers, prompts, 64)
-        batches.append({**text, **qwen_vl.spec_pixel_inputs(model.config, normalise_batch(pixels))})
+        batches.append((text, qwen_vl.spec_pixel_inputs(model.config, normalise_batch(pixels)),
+                        [tuple(p.shape[-2:]) for p in pixels]))
     return model, qwen_vl.CaptionUnit(model), batches
 
 
@@ -68,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     model, unit, batches = make_batches(args.batches, args.batch_size)
-    packed_once = [pack_inputs(model, b, args.pack_tokens) for b in batches]
-    slots = {"padded": sum(b["input_ids"].numel() for b in batches) / len(batches),
+    packed_once = [pack_inputs(model, text, sizes, args.pack_tokens) for text, _, sizes in batches]
+    slots = {"padded": sum(text["input_ids"].numel() for text, _, _ in batches) / len(batches),
              "packed": sum(b["input_ids"].numel() for b in packed_once) / len(batches)}
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
+    tokens = sum(int(text["attention_mask"].sum()) for text, _, _ in batches) / len(batches)
     rows = sum(b["input_ids"].shape[0] for b in packed_once) / len(batches)
     print(f"per batch of {args.batch_size}: {tokens:.0f} tokens; padded {slots['padded']:.0f} token slots in "
           f"{args.batch_size} rows, packed {slots['packed']:.0f} in {rows:.1f} rows of at most {args.pack_tokens}")
@@ -79,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     def timed(pack: bool):
         def run() -> float:
             start = time.perf_counter()
-            for batch in batches:
+            for text, pixels, sizes in batches:
                 model.zero_grad()
-                unit(**(pack_inputs(model, batch, args.pack_tokens) if pack else batch)).backward()
+                unit(**(pack_inputs(model, text, sizes, args.pack_tokens) if pack else text), **pixels).backward()
             return time.perf_counter() - start
         return run
 

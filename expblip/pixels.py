@@ -31,22 +31,39 @@ def normalise(pixels, dtype=None, mean=CLIP_MEAN, std=CLIP_STD):
 # batch is a list of [3, H_i, W_i] tensors; a batch of square images stays one [B, 3, S, S] tensor.
 
 
+class AspectError(ValueError):
+    """An image whose aspect the dynamic-resolution bounds cannot hold (the stream skips it, the server answers 400)."""
+
+
 def dynamic_shape(height: int, width: int, bounds: tuple[int, int, int]) -> tuple[int, int]:
-    """(H, W) an image of height x width px is resized to under ``bounds`` = (min_pixels, max_pixels, unit)."""
+    """(H, W) an image of height x width px is resized to under ``bounds`` = (min_pixels, max_pixels, unit): the
+    image processor's smart_resize. An aspect so extreme that its result leaves [min_pixels, max_pixels] (a side
+    held at one unit) raises AspectError: such an image would break the token bound, and resizing its result again
+    would give another size."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
     low, high, unit = bounds
-    return smart_resize(height, width, factor=unit, min_pixels=low, max_pixels=high)
+    try:
+        h, w = smart_resize(height, width, factor=unit, min_pixels=low, max_pixels=high)
+    except ValueError as err:  # aspect above 200
+        raise AspectError(f"a {width}x{height} px image: {err}") from None
+    if not low <= h * w <= high:
+        raise AspectError(f"a {width}x{height} px image cannot keep its aspect within min_pixels={low} and "
+                          f"max_pixels={high} in multiples of {unit} px (it would be {w}x{h}); crop it nearer to a "
+                          "square or widen the bounds")
+    return h, w
 
 
-def check_bounds(bounds: tuple[int, int, int], where: str) -> None:
-    """Raise a ValueError naming ``where`` unless bounds = (min_pixels, max_pixels, unit) can hold an image."""
+def check_bounds(bounds: tuple[int, int, int], prefix: str) -> None:
+    """Raise a ValueError naming the keys (``prefix`` + min_pixels / max_pixels) unless the bounds can hold an
+    image."""
     low, high, unit = bounds
     if unit < 1 or low < 1 or high < low:
-        raise ValueError(f"{where}: min_pixels={low}, max_pixels={high} must satisfy 1 <= min_pixels <= max_pixels")
+        raise ValueError(f"{prefix}min_pixels={low}, {prefix}max_pixels={high} must satisfy 1 <= min_pixels <= "
+                         "max_pixels")
     if high < unit * unit:
-        raise ValueError(f"{where}: max_pixels={high} holds no {unit}x{unit}-px image (one merged patch); set "
-                         f"max_pixels >= {unit * unit}")
+        raise ValueError(f"{prefix}max_pixels={high} holds no {unit}x{unit}-px image (one merged patch); set "
+                         f"{prefix}max_pixels >= {unit * unit}")
 
 
 def image_sizes(pixels) -> list[tuple[int, int]]:

@@ -97,13 +97,18 @@ def test_the_stream_keeps_each_images_aspect_the_same_in_every_epoch_and_the_ord
         assert [tuple(p.shape[-2:]) for p in batch["pixel_values"]] == [
             want[int(k[-7:]) % len(SHAPES)] for k in batch["keys"]]
 
-    def first_batches(dynamic, n=4):
-        cfg = StreamConfig(shards=str(shards), batch_size=5, lanes=2, crop_scale=0.8, dynamic=dynamic)
+    def first_batches(dynamic, n=4, workers=0):
+        cfg = StreamConfig(shards=str(shards), batch_size=5, lanes=2, crop_scale=0.8, dynamic=dynamic,
+                           num_workers=workers)
         batches = iter(make_loader(cfg, 0, 1, cursor=Cursor(), max_outage_s=5))
         return [next(batches) for _ in range(n)]  # 20 samples: epochs 0 and 1
 
     dynamic, square = first_batches(BOUNDS), first_batches(())
     assert [b["keys"] for b in dynamic] == [b["keys"] for b in square]  # the order does not depend on the sizes
+    workers = first_batches(BOUNDS, workers=2)  # ragged batches cross from data workers as one flat tensor each
+    assert [b["keys"] for b in workers] == [b["keys"] for b in dynamic]
+    assert all(torch.equal(p, q) for a, b in zip(workers, dynamic, strict=True)
+               for p, q in zip(a["pixel_values"], b["pixel_values"], strict=True))
     sizes = {}
     for batch in dynamic:
         assert isinstance(batch["pixel_values"], list) and batch["pixel_values"][0].dtype == torch.uint8
@@ -120,8 +125,10 @@ def test_bad_dynamic_resolution_settings_are_refused_naming_the_key(tmp_path):
         (["model.preset=tiny", "model.max_pixels=4096", "model.min_pixels=256"],
          r"model.min_pixels / model.max_pixels: model.preset tiny \(BLIP-2\) reads square 64-px images"),
         (["model.max_pixels=4096"], "needs both model.min_pixels and model.max_pixels"),
-        (["model.min_pixels=4096", "model.max_pixels=256"], "must satisfy 1 <= min_pixels <= max_pixels"),
-        (["model.min_pixels=16", "model.max_pixels=200"], r"max_pixels=200 holds no 16x16-px image"),
+        (["model.min_pixels=4096", "model.max_pixels=256"],
+         "model.min_pixels=4096, model.max_pixels=256 must satisfy 1 <= min_pixels <= max_pixels"),
+        (["model.min_pixels=16", "model.max_pixels=200"],
+         r"model.max_pixels=200 holds no 16x16-px image .* set model.max_pixels >= 256"),
         (["model.min_pixels=256", "model.max_pixels=4096", "data.train.dynamic=[256,1024,16]"],
          r"data.train.dynamic=\[256, 1024, 16\] differs from model.min_pixels / model.max_pixels"),
     )
@@ -344,3 +351,85 @@ def test_the_evaluator_scores_faces_of_other_shapes_and_the_openai_api_counts_th
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data}}]}])
     assert answer.choices[0].message.content == want.text
     assert answer.usage.prompt_tokens == captioner.prompt_length("", want_size) == captioner.prompt_length() - 6
+
+
+# ------------------------------------------------------------------------------ fast: aspects, crops, stale bounds
+
+
+def test_a_training_crop_of_a_wide_image_keeps_its_aspect():
+    """At dynamic resolution a crop is resized to the whole image's aspect: its box is drawn around that aspect and
+    falls back to the whole image, never to torchvision's centred square (stretched 1.75x for a 112 x 64 face)."""
+    import random
+
+    from expblip.data.stream import crop_box
+
+    boxes = [crop_box(112, 64, random.Random(seed), (0.8, 1.0), keep_aspect=True) for seed in range(300)]
+    aspects = [(r - left) / (b - t) for left, t, r, b in boxes]
+    assert min(aspects) >= 0.75 * 1.75 - 0.05 and max(aspects) <= 4 / 3 * 1.75 + 0.05
+    assert all(r - left > 64 for left, _, r, _ in boxes)  # no square fallback
+    square = [crop_box(112, 64, random.Random(seed), (0.8, 1.0)) for seed in range(300)]  # square path: as before
+    assert sum((r - left) == (b - t) == 64 for left, t, r, b in square) > 100
+
+
+def test_an_aspect_the_bounds_cannot_hold_is_skipped_by_the_stream_refused_by_describe_and_the_server(
+        tmp_path, tiny_qwen_run_dir):
+    import dataclasses
+
+    from test_serve import png_bytes, post_file
+
+    from expblip.data.shards import write_shards
+    from expblip.data.stream import StreamConfig, iterate_once
+    from expblip.infer.captioner import Captioner, ImageError, describe_files
+    from expblip.pixels import AspectError, dynamic_shape
+    from expblip.serve.app import background_server, create_app
+
+    with pytest.raises(AspectError, match=r"a 267x11 px image cannot keep its aspect within min_pixels=256 and "
+                                          r"max_pixels=4096"):
+        dynamic_shape(11, 267, BOUNDS)  # smart_resize gives 16 x 304 = 4,864 px: above the bound
+    records = list(mixed_faces(4, 0, "train"))
+    records[1]["image"] = records[1]["image"].resize((267, 11))
+    write_shards(records, str(tmp_path / "odd"), samples_per_shard=4, progress=False)
+    batches = list(iterate_once(StreamConfig(shards=str(tmp_path / "odd"), batch_size=4, dynamic=BOUNDS)))
+    assert [k for b in batches for k in b["keys"]] == [r["key"] for i, r in enumerate(records) if i != 1]
+    assert batches[-1]["errors"] == {"bad_aspect": 1}  # skipped, counted, reported
+
+    captioner = dataclasses.replace(Captioner.from_export(tiny_qwen_run_dir / "export"), bounds=BOUNDS)
+    strip = tmp_path / "strip.png"
+    records[1]["image"].save(strip)
+    with pytest.raises(ImageError, match=r"strip.png: a 267x11 px image cannot keep its aspect"):
+        list(describe_files(captioner, [strip]))
+    with background_server(create_app(captioner)) as url:
+        status, body = post_file(f"{url}/describe", png_bytes(records[1]["image"]), filename="strip.png")
+    assert status == 400 and "strip.png: a 267x11 px image cannot keep its aspect" in json.dumps(body)
+
+
+def test_a_square_run_from_a_dynamic_runs_weights_forgets_its_bounds(tmp_path):
+    """model.weights' config.json may carry an earlier run's bounds: the new run's own resolution replaces them."""
+    from expblip.model import qwen_vl
+    from expblip.model.blip2 import ModelConfig
+
+    config = qwen_vl.published_config("qwen2.5-vl-3b")
+    config.expblip_min_pixels, config.expblip_max_pixels = 50176, 200704
+    config.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        square = qwen_vl.spec_build(ModelConfig(preset="qwen2.5-vl-3b", weights=str(tmp_path)), None)
+        dynamic = qwen_vl.spec_build(ModelConfig(preset="qwen2.5-vl-3b", weights=str(tmp_path), min_pixels=3136,
+                                                 max_pixels=100352), None)
+    assert qwen_vl.image_bounds(square.config) == () and qwen_vl.image_tokens(square.config) == 256  # 448 px
+    assert qwen_vl.image_bounds(dynamic.config) == (3136, 100352, 28) and qwen_vl.image_tokens(dynamic.config) == 128
+
+
+def test_the_export_writes_the_models_bounds_into_a_processor_made_with_others(tmp_path):
+    """A published preset's processor comes from its directory with the published bounds; the export rewrites them
+    to the run's, so stock transformers resizes as training did."""
+    from expblip.model import qwen_vl
+
+    tokenizer = qwen_vl.tiny_tokenizer(["the brow raiser"] * 8, 300)
+    processor = qwen_vl.make_processor(tokenizer, 3136, 12845056)  # the published defaults
+    model = qwen_vl.build_model(tokenizer)
+    model.config.expblip_min_pixels, model.config.expblip_max_pixels = BOUNDS[:2]
+    out = qwen_vl.spec_save_export(model.state_dict(), model.config, processor, tmp_path / "export")
+    assert json.loads((out / "preprocessor_config.json").read_text())["size"] == {
+        "shortest_edge": BOUNDS[0], "longest_edge": BOUNDS[1]}
+    reread = qwen_vl.load_processor(out).image_processor
+    assert (reread.size["shortest_edge"], reread.size["longest_edge"]) == BOUNDS[:2]

@@ -22,7 +22,8 @@ RECIPE = REPO / "recipes" / "tiny_qwen_vl.yaml"
 
 @pytest.fixture(scope="module")
 def batch():
-    """(model, caption unit, padded forward inputs): a tiny random Qwen2.5-VL and six samples of other lengths."""
+    """(model, caption unit, padded text inputs, pixel inputs): a tiny random Qwen2.5-VL and six samples of other
+    lengths."""
     torch.manual_seed(0)
     tokenizer = qwen_vl.tiny_tokenizer(CAPTIONS * 4 + PROMPTS, 300)
     processor = qwen_vl.make_processor(tokenizer, 256, 4096)
@@ -30,7 +31,7 @@ def batch():
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in SIZES]
     pixels = qwen_vl.spec_pixel_inputs(model.config, normalise_batch(images))
     text = qwen_vl.spec_text_inputs(processor, model.config, CAPTIONS, PROMPTS, 32, image_sizes=SIZES)
-    return model, qwen_vl.CaptionUnit(model), {**text, **pixels}
+    return model, qwen_vl.CaptionUnit(model), text, pixels
 
 
 def loss_and_grads(model, unit, inputs) -> tuple[torch.Tensor, dict]:
@@ -41,21 +42,21 @@ def loss_and_grads(model, unit, inputs) -> tuple[torch.Tensor, dict]:
 
 
 def test_packed_rows_give_the_padded_batchs_loss_and_gradients(batch):
-    model, unit, padded = batch
-    packed = qwen_vl.pack_inputs(model, padded, max_tokens=260)
+    model, unit, padded, pixels = batch
+    packed = qwen_vl.pack_inputs(model, padded, SIZES, max_tokens=260)
     lengths = padded["attention_mask"].sum(-1)
     assert packed["input_ids"].shape[0] == 2 < len(CAPTIONS)  # six samples in two rows
     assert packed["input_ids"].numel() < padded["input_ids"].numel()  # less padding
     assert "attention_mask" not in packed and packed["position_ids"].shape == (4, *packed["input_ids"].shape)
-    want, want_grads = loss_and_grads(model, unit, padded)
-    got, got_grads = loss_and_grads(model, unit, packed)
+    want, want_grads = loss_and_grads(model, unit, {**padded, **pixels})
+    got, got_grads = loss_and_grads(model, unit, {**packed, **pixels})
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
     assert got_grads.keys() == want_grads.keys() and len(want_grads) > 10
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
     # each sample keeps its own positions: text 0..n-1 and the padded batch's mRoPE (t, h, w) rows
-    mrope, _ = model.model.get_rope_index(padded["input_ids"], padded["mm_token_type_ids"], padded["image_grid_thw"],
+    mrope, _ = model.model.get_rope_index(padded["input_ids"], padded["mm_token_type_ids"], pixels["image_grid_thw"],
                                           attention_mask=padded["attention_mask"])
     rows, at, row = packed["position_ids"], 0, 0
     for i, n in enumerate(lengths.tolist()):
@@ -69,10 +70,10 @@ def test_packed_rows_give_the_padded_batchs_loss_and_gradients(batch):
 
 def test_packing_that_lets_positions_run_on_and_attention_cross_samples_changes_the_loss(batch):
     """The control: the same rows without per-sample positions (one causal sequence per row) is another loss."""
-    model, unit, padded = batch
-    packed = qwen_vl.pack_inputs(model, padded, max_tokens=260)
-    naive = {**packed, "position_ids": None, "attention_mask": torch.ones_like(packed["input_ids"])}
-    want, _ = loss_and_grads(model, unit, padded)
+    model, unit, padded, pixels = batch
+    packed = qwen_vl.pack_inputs(model, padded, SIZES, max_tokens=260)
+    naive = {**packed, **pixels, "position_ids": None, "attention_mask": torch.ones_like(packed["input_ids"])}
+    want, _ = loss_and_grads(model, unit, {**padded, **pixels})
     wrong, _ = loss_and_grads(model, unit, naive)
     assert (wrong - want).abs() > 1e-5
 

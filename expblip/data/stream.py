@@ -63,7 +63,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from expblip.data.order import GlobalOrder, batch_start, position_after, window_permutation
 from expblip.data.shards import resolve_shards, url_to_fs
-from expblip.pixels import check_bounds, dynamic_shape
+from expblip.pixels import AspectError, check_bounds, dynamic_shape
 from expblip.pixels import normalise_batch as normalise_pixels
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class StreamConfig:
         if self.dynamic:
             if len(self.dynamic) != 3:
                 raise ValueError(f"data.dynamic is (min_pixels, max_pixels, unit), got {self.dynamic}")
-            check_bounds(tuple(self.dynamic), "data.dynamic")
+            check_bounds(tuple(self.dynamic), "data.dynamic: ")
         if not 0.0 < self.crop_scale <= 1.0:
             raise ValueError(f"data.crop_scale must lie in (0, 1] (1.0 = no crop), got {self.crop_scale}")
         if self.num_workers < 0 or self.shuffle_buffer < 0 or self.max_errors < 0 or self.seed < 0:
@@ -502,22 +502,34 @@ def random_resized_crop(
     rng: random.Random,
     scale: tuple[float, float] = (0.8, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    keep_aspect: bool = False,
 ) -> Image.Image:
-    """torchvision's RandomResizedCrop: a random area/aspect box (10 tries, else the centre), resized bicubic to
-    `size` (a side, or (width, height))."""
+    """torchvision's RandomResizedCrop: a random area/aspect box (crop_box), resized bicubic to `size` (a side, or
+    (width, height))."""
     size = (size, size) if isinstance(size, int) else size
-    width, height = img.size
+    return img.resize(size, Image.Resampling.BICUBIC, box=crop_box(img.width, img.height, rng, scale, ratio, keep_aspect))
+
+
+def crop_box(width: int, height: int, rng: random.Random, scale: tuple[float, float] = (0.8, 1.0),
+             ratio: tuple[float, float] = (3 / 4, 4 / 3), keep_aspect: bool = False) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a random box of `scale` of the area and `ratio` of width / height (10 tries),
+    else the centred square (torchvision's). keep_aspect (dynamic resolution, where the box is resized to the
+    image's own aspect): the ratios are relative to the image's aspect, and the fallback is the whole image."""
     area = width * height
+    if keep_aspect:
+        ratio = (ratio[0] * width / height, ratio[1] * width / height)
     for _ in range(10):
         target = area * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
         w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             top, left = rng.randrange(height - h + 1), rng.randrange(width - w + 1)
-            return img.resize(size, Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+            return left, top, left + w, top + h
+    if keep_aspect:
+        return 0, 0, width, height
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
-    return img.resize(size, Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
+    return left, top, left + side, top + side
 
 
 def to_uint8(img: Image.Image) -> torch.Tensor:
@@ -547,7 +559,7 @@ def transform(
     caption = captions[rng.randrange(len(captions))]
     size = target_size(image, cfg)
     if cfg.train and cfg.crop_scale < 1.0:
-        image = random_resized_crop(image, size, rng, scale=(cfg.crop_scale, 1.0))
+        image = random_resized_crop(image, size, rng, (cfg.crop_scale, 1.0), keep_aspect=bool(cfg.dynamic))
     else:
         image = image.resize(size, Image.Resampling.BICUBIC)
     if cfg.train and cfg.flip and rng.random() < 0.5:
@@ -724,6 +736,9 @@ class ShardStream(IterableDataset):
             draft = 0 if self.cfg.dynamic else self.cfg.image_size  # a dynamic size depends on the full image's
             labels, captions, image = decode_sample(raw, self.cfg.max_pixels, draft)
             pixels, caption = transform(image, captions, self.cfg, epoch, raw["__key__"])
+        except AspectError as bad:  # dynamic resolution: an aspect its bounds cannot hold
+            errors.add("bad_aspect", raw["__url__"], f"{raw['__key__']}: {bad}")
+            return None
         except _Skip as bad:
             errors.add(bad.kind, raw["__url__"], f"{raw['__key__']}: {bad}")
             return None
@@ -756,9 +771,14 @@ def _whole(samples: list[dict], size: int) -> list[dict]:
 def _collate(samples: list[dict], cursor: dict, errors: ErrorCounter, normalised: bool,
              dynamic: bool = False) -> dict:
     images = [s["pixel_values"] for s in samples]
-    pixels = images if dynamic else torch.stack(images)  # [B, 3, S, S] uint8, or (dynamic) a list of [3, H_i, W_i]
+    if dynamic:  # one flat tensor (one shared-memory handle from a data worker), split again by BatchLoader
+        sizes = [tuple(p.shape[-2:]) for p in images]
+        images = normalise(images) if normalised else images
+        ragged = {"pixel_values": torch.cat([p.reshape(-1) for p in images]), "pixel_sizes": sizes}
+    else:
+        ragged = {"pixel_values": normalise(torch.stack(images)) if normalised else torch.stack(images)}  # [B,3,S,S]
     return {
-        "pixel_values": normalise(pixels) if normalised else pixels,
+        **ragged,
         "captions": [s["caption"] for s in samples],
         "labels": [s["labels"] for s in samples],
         "keys": [s["key"] for s in samples],
@@ -766,6 +786,21 @@ def _collate(samples: list[dict], cursor: dict, errors: ErrorCounter, normalised
         "cursor": cursor,
         "errors": dict(errors.counts),
     }
+
+
+def _split(flat: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """A flat ragged batch -> [3, H_i, W_i] views of it."""
+    parts = torch.split(flat, [3 * h * w for h, w in sizes])
+    return [part.view(3, h, w) for part, (h, w) in zip(parts, sizes, strict=True)]
+
+
+def _unflatten(batch: dict) -> dict:
+    """A collated ragged batch (flat pixels + pixel_sizes) -> pixel_values as a list of [3, H_i, W_i]."""
+    if "pixel_sizes" not in batch:
+        return batch
+    sizes = batch.pop("pixel_sizes")
+    batch["pixel_values"] = _split(batch["pixel_values"], sizes)
+    return batch
 
 
 def _with_final_errors(batches: Iterator[dict], errors: ErrorCounter) -> Iterator[dict]:
@@ -803,7 +838,7 @@ class BatchLoader:
                 # their queues may be finalised first and each worker then lingers until torch's 5 s join timeout.
                 del batches
                 raise (StorageOutage if batch["outage"] else StreamError)(batch["stream_error"])
-            yield batch
+            yield _unflatten(batch)
 
 
 def _as_cursor(cursor: Cursor | dict | None) -> Cursor:

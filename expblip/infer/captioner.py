@@ -28,7 +28,7 @@ from expblip.infer.parse import parse_caption
 from expblip.model.generation import GenerationConfig
 from expblip.model.spec import ModelSpec, spec_for_config
 from expblip.model.weights import load_export
-from expblip.pixels import CLIP_MEAN, CLIP_STD, as_batch, dynamic_shape, image_sizes, to_device
+from expblip.pixels import CLIP_MEAN, CLIP_STD, AspectError, as_batch, dynamic_shape, image_sizes, to_device
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --dtype of the inference scripts
@@ -274,10 +274,21 @@ def describe_files(captioner: Captioner, paths: Iterable[str | Path], gen: Gener
             crops = [crop(image) for image in images]
             images = [c.image for c in crops]
             faces = [c.face.as_dict() if c.face else None for c in crops]
+        for path, image in zip(chunk, images, strict=True):  # name the file an aspect error comes from
+            _check_aspect(captioner, path, image)
         described = captioner.describe(images, gen, batch_size, prompt)
         if crop_face:
             described = [{**d, "face": f} for d, f in zip(described, faces, strict=True)]
         yield from zip(chunk, described, strict=True)
+
+
+def _check_aspect(captioner: Captioner, path: Path, image: Image.Image) -> None:
+    """At dynamic resolution, an ImageError naming the file whose aspect the export's bounds cannot hold."""
+    if captioner.bounds:
+        try:
+            dynamic_shape(image.height, image.width, captioner.bounds)
+        except AspectError as err:
+            raise ImageError(path, str(err)) from None
 
 
 def format_description(path: str | Path, description: dict, as_json: bool = False) -> str:

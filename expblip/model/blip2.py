@@ -213,7 +213,7 @@ class ModelConfig:
                              f"images), got {self.min_pixels} and {self.max_pixels}")
         from expblip.pixels import check_bounds
 
-        check_bounds(self.bounds, "model")
+        check_bounds(self.bounds, "model.")
 
     @property
     def bounds(self) -> tuple[int, ...]:

@@ -445,35 +445,38 @@ def generate_captions(model: Qwen2_5_VLForConditionalGeneration, processor, pixe
 # --------------------------------------------------------------------------------------------------------- packing
 
 
-def pack_inputs(model: Qwen2_5_VLForConditionalGeneration, inputs: dict, max_tokens: int) -> dict:
-    """A right-padded caption batch (text_inputs + pixel inputs) as packed rows: samples laid end to end, in order,
-    a new row when the next would pass `max_tokens` (a longer sample has a row of its own), the rows right-padded to
-    the longest. Each sample keeps its own positions: position_ids [4, R, L] = the text positions (0.. per sample:
-    transformers 5 builds the causal mask within each sample from them, with attention_mask None) and its mRoPE
-    (t, h, w) positions as the unpacked batch's (get_rope_index). Labels start every sample at -100 (its prompt), so
-    no token is scored on another sample's. The images stay in sample order, as their tokens do. The loss (mean over
-    answer tokens) and its gradients are the unpacked batch's."""
-    ids, mask, labels, types = (inputs[k] for k in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"))
-    mrope, _ = model.model.get_rope_index(ids, types, inputs["image_grid_thw"], attention_mask=mask)
-    rows = _pack_rows(mask.sum(-1).tolist(), max_tokens)
-    width = max(sum(mask[i].sum().item() for i in row) for row in rows)
+def pack_inputs(model: Qwen2_5_VLForConditionalGeneration, text: dict, image_sizes: Sequence[tuple[int, int]],
+                max_tokens: int) -> dict:
+    """A right-padded caption batch's text inputs (text_inputs: host tensors) as packed rows, for the images of
+    `image_sizes` (H, W): samples laid end to end, in order, a new row when the next would pass `max_tokens` (a
+    longer sample has a row of its own), the rows right-padded to the longest. Each sample keeps its own positions:
+    position_ids [4, R, L] = the text positions (0.. per sample: transformers 5 builds the causal mask within each
+    sample from them, with attention_mask None) and its mRoPE (t, h, w) positions as the unpacked batch's
+    (get_rope_index, on the host: a pure function of the config and the ids). Labels start every sample at -100 (its
+    prompt), so no token is scored on another sample's. The images stay in sample order, as their tokens do. The
+    loss (mean over answer tokens) and its gradients are the unpacked batch's. Returns input_ids, labels,
+    mm_token_type_ids [R, L] and position_ids, on the host."""
+    ids, mask, labels, types = (text[k] for k in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"))
+    patch = model.config.vision_config.patch_size
+    grid = torch.tensor([[1, h // patch, w // patch] for h, w in image_sizes], dtype=torch.long)
+    mrope, _ = model.model.get_rope_index(ids, types, grid, attention_mask=mask)
+    lengths = mask.sum(-1).tolist()
+    rows = _pack_rows(lengths, max_tokens)
+    width = max(sum(lengths[i] for i in row) for row in rows)
     out_ids = torch.full((len(rows), width), _pad_id(ids, mask), dtype=ids.dtype)
     out_labels, out_types = torch.full_like(out_ids, IGNORE), torch.zeros_like(out_ids, dtype=types.dtype)
     positions = torch.zeros(4, len(rows), width, dtype=torch.long)
     for r, row in enumerate(rows):
         at = 0
         for i in row:
-            n = int(mask[i].sum())
+            n = lengths[i]
             out_ids[r, at : at + n], out_labels[r, at : at + n] = ids[i, :n], labels[i, :n]
             out_types[r, at : at + n] = types[i, :n]
             positions[0, r, at : at + n] = torch.arange(n)
             positions[1:, r, at : at + n] = mrope[:, i, :n]
             at += n
         positions[0, r, at:] = torch.arange(width - at)  # the padding: a segment of its own, never scored
-    device = ids.device
-    return {**{k: v for k, v in inputs.items() if k not in ("attention_mask",)}, "input_ids": out_ids.to(device),
-            "labels": out_labels.to(device), "mm_token_type_ids": out_types.to(device),
-            "position_ids": positions.to(device)}
+    return {"input_ids": out_ids, "labels": out_labels, "mm_token_type_ids": out_types, "position_ids": positions}
 
 
 def _pack_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -645,8 +648,8 @@ def spec_build(cfg, processor, init: bool = True, dtype: torch.dtype | None = No
     else:
         config = published_config(cfg.preset)
     config.expblip_image_size = PRESET_IMAGE_SIZE[cfg.preset]
-    if cfg.bounds:
-        config.expblip_min_pixels, config.expblip_max_pixels = cfg.bounds[:2]
+    # this run's resolution, never one model.weights' config.json carries from an earlier run
+    config.expblip_min_pixels, config.expblip_max_pixels = cfg.bounds[:2] or (0, 0)
     model = build_model(config, init=init, dtype=dtype)
     if cfg.lora.enabled:
         _add_lora(model, cfg.lora)

@@ -85,8 +85,8 @@ class ModelSpec:
     # an image_sizes list (each image's own number of image tokens)
     pixel_unit: Callable[[str], int] | None = None
     bounds: Callable[..., tuple] = lambda config: ()
-    # (hf_model, forward inputs of a padded caption batch, max_tokens) -> the same batch as packed rows, each sample
-    # with its own positions and attention (data.pack_tokens); None: the family does not pack
+    # (hf_model, text_inputs of a padded caption batch (host), image_sizes, max_tokens) -> its packed rows (host), each
+    # sample with its own positions and attention (data.pack_tokens); None: the family does not pack
     pack: Callable[..., dict] | None = None
 
     @staticmethod

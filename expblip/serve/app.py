@@ -63,6 +63,7 @@ from expblip.infer import video as video_io
 from expblip.infer.captioner import Captioner, ImageError, load_image, resolve_export
 from expblip.infer.parse import parse_caption
 from expblip.model.generation import Generated, GenerationConfig
+from expblip.pixels import AspectError
 from expblip.serve.batching import DEFAULT_MAX_WAIT_MS, Arrival, Batcher, QueueFull
 from expblip.serve.metrics import CONTENT_TYPE, ServeMetrics
 from expblip.serve.options import ServeOptions
@@ -211,7 +212,11 @@ class Service:
         return description(generated.text, prepared), generated, prompt_tokens
 
     def _prepare(self, data: bytes, name: str) -> Prepared:
-        return prepare_image(self.captioner, decode_upload(data, name, self.max_pixels), self.crop_face)
+        image = decode_upload(data, name, self.max_pixels)
+        try:
+            return prepare_image(self.captioner, image, self.crop_face)
+        except AspectError as err:  # dynamic resolution: an aspect the model's bounds cannot hold
+            raise UploadRejected(400, f"{name}: {err}") from err
 
     async def describe_video(self, data: bytes, name: str, fps: float) -> dict:
         """Video bytes → per-frame descriptions, the timeline spans and the timeline plot."""
@@ -232,7 +237,10 @@ class Service:
         except video_io.VideoError as err:
             raise UploadRejected(VIDEO_ERROR_STATUS[err.kind], str(err)) from err
         images, faces = video_io.crop_frames(frames, self.crop_face)
-        return frames, self.captioner.preprocess(images), faces
+        try:
+            return frames, self.captioner.preprocess(images), faces
+        except AspectError as err:
+            raise UploadRejected(400, f"{name}: {err}") from err
 
 
 def _install_error_handlers(app: FastAPI, max_upload_bytes: int) -> None:

@@ -419,10 +419,11 @@ def _record_start(run: Run) -> None:
 # ---------------------------------------------------------------- step
 
 
-def model_inputs(run: Run, batch: dict, task_step: int | None = None) -> dict:
+def model_inputs(run: Run, batch: dict, task_step: int | None = None, pack: bool = False) -> dict:
     """Batch from the loader -> keyword arguments of the training unit's forward. With several tasks (config
     `tasks`), each sample gets the prompt and answer of a task drawn for (sample, step); `task_step` replaces the
-    step (held-out batches use -1: the same draw at every evaluation)."""
+    step (held-out batches use -1: the same draw at every evaluation). `pack` (training steps with
+    data.pack_tokens): the text as packed rows."""
     spec = spec_for_preset(run.cfg.model.preset)
     if run.cfg.train.stage not in ("lm", "stage2"):  # the family's own stages (BLIP-2: vision, stage1)
         extra = spec.stage_inputs(run.cfg, batch, run.qformer_tokenizer)
@@ -437,8 +438,11 @@ def model_inputs(run: Run, batch: dict, task_step: int | None = None) -> dict:
         prompts, captions = [p for p, _ in picked], [a for _, a in picked]
     ragged = not lm_only and isinstance(batch.get("pixel_values"), list)  # dynamic resolution: tokens per image
     sizes = {"image_sizes": image_sizes(batch["pixel_values"])} if ragged else {}
-    inputs = _on_device(run, spec.text_inputs(run.tokenizer, run.blip2_config, captions, prompts,
-                                              run.cfg.data.max_text_tokens, text_only=lm_only, **sizes))
+    text = spec.text_inputs(run.tokenizer, run.blip2_config, captions, prompts, run.cfg.data.max_text_tokens,
+                            text_only=lm_only, **sizes)
+    if pack:
+        text = _pack(run, spec, text, image_sizes(batch["pixel_values"]))
+    inputs = _on_device(run, text)
     if not lm_only:
         inputs.update(spec.pixel_inputs(run.blip2_config, _pixels(run, batch)))
     return inputs
@@ -461,17 +465,18 @@ def _pixels(run: Run, batch: dict) -> torch.Tensor | list[torch.Tensor]:
     return normalise_batch(to_device(batch["pixel_values"], run.engine.device, non_blocking=True), dtype)
 
 
-def _packed(run: Run, inputs: dict) -> dict:
-    """With data.pack_tokens, a caption batch as packed rows (the family's pack: the same loss and gradients)."""
-    if not run.cfg.data.pack_tokens or run.cfg.train.stage != "stage2":
-        return inputs
-    packed = spec_for_preset(run.cfg.model.preset).pack(_hf_model(run), inputs, run.cfg.data.pack_tokens)
+def _pack(run: Run, spec, text: dict, sizes: list[tuple[int, int]]) -> dict:
+    """data.pack_tokens: a caption batch's text inputs (host) as packed rows (the family's pack: the same loss and
+    gradients); the padded batch's tokens counted here, since packed rows carry no attention_mask."""
+    packed = spec.pack(_hf_model(run), text, sizes, run.cfg.data.pack_tokens)
+    tokens = int(text["attention_mask"].sum())
+    run.tokens = run.tokens + tokens
     if not run.packed:  # once per process: what packing does to this data
         run.packed = True
         rows, slots = packed["input_ids"].shape
-        log.info(f"packing: {len(inputs['input_ids'])} samples in {rows} rows of {slots} token slots (at most "
-                 f"{run.cfg.data.pack_tokens}); token slots {packed['input_ids'].numel()} instead of "
-                 f"{inputs['input_ids'].numel()} padded, {int(inputs['attention_mask'].sum())} of them tokens")
+        log.info(f"packing: {len(text['input_ids'])} samples in {rows} rows of {slots} token slots (at most "
+                 f"{run.cfg.data.pack_tokens}); {rows * slots} token slots instead of {text['input_ids'].numel()} "
+                 f"padded, {tokens} of them tokens")
     return packed
 
 
@@ -484,10 +489,10 @@ def train_step(run: Run) -> torch.Tensor:
         if run.cfg.train.log_keys:
             _log_keys(run, batch)
         run.errors[batch["cursor"]["worker"]] = batch["errors"]
-        inputs = model_inputs(run, batch)
+        inputs = model_inputs(run, batch, pack=bool(run.cfg.data.pack_tokens) and run.cfg.train.stage == "stage2")
         if "attention_mask" in inputs:
             run.tokens = run.tokens + inputs["attention_mask"].sum()  # on the device: no host sync per micro-batch
-        out = run.engine(**_packed(run, inputs))
+        out = run.engine(**inputs)
         loss = out["loss"] if isinstance(out, dict) else out  # stage 1 also returns its three parts
         run.engine.backward(loss)
         run.engine.step()
