@@ -11,7 +11,7 @@ model.preset=tiny-qwen2.5-vl (1000 steps), then tiny_qwen_vl (900 steps), each s
 at most 16 image tokens (64 x 64 px) per image:
     square   every image squeezed to 64 x 64 px: a face on a wide or tall canvas is distorted
     dynamic  model.min_pixels=256 model.max_pixels=4096: the aspect kept, scaled to fit the bound (96 x 64 -> 64 x 48
-             px, 12 tokens; 112 x 64 -> 80 x 32, 10 tokens): the face keeps its shape but gets fewer pixels
+             px, 12 tokens; 112 x 64 -> 80 x 48, 15 tokens): the face keeps its shape but gets fewer pixels
 Nothing is chosen here (the demo's budget, bounds fixed before), so the validation faces are not read. Each export is
 scored once on the 300 test canvases (beam 3) beside the best constant caption of the training labels; per seed, the
 paired 95 % interval of dynamic − square (expblip.eval.paired: whole AU patterns resampled) and its verdict; over
