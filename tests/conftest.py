@@ -111,6 +111,21 @@ def tiny_qwen_run_dir(tmp_path_factory) -> Path:
     return run
 
 
+def ask_openai_api(captioner, image_png: bytes, gen):
+    """The served captioner's answer to one PNG through its OpenAI chat API (the `openai` client, temperature 0)."""
+    import base64
+
+    import openai
+
+    from expblip.serve.app import background_server, create_app
+
+    with background_server(create_app(captioner, gen=gen)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        data = "data:image/png;base64," + base64.b64encode(image_png).decode()
+        return client.chat.completions.create(model=client.models.list().data[0].id, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data}}]}])
+
+
 def tiny_image(path: Path, shade: int = 0, fmt: str = "JPEG") -> bytes:
     """A 4x4 image written to ``path`` (parents made); returns its bytes on disk. For dataset-layout trees."""
     import io

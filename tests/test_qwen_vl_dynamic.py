@@ -21,7 +21,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, deepspeed_cmd, read_keys, read_metrics, run_launcher
+from conftest import REPO, ask_openai_api, deepspeed_cmd, read_keys, read_metrics, run_launcher
 from PIL import Image
 
 RECIPE = REPO / "recipes" / "tiny_qwen_vl.yaml"
@@ -316,14 +316,10 @@ def test_describe_gives_stock_transformers_caption_for_faces_of_other_shapes(dyn
 
 @pytest.mark.slow
 def test_the_evaluator_scores_faces_of_other_shapes_and_the_openai_api_counts_their_own_tokens(dynamic_run, tmp_path):
-    import base64
     import io
-
-    import openai
 
     from expblip.infer.captioner import Captioner
     from expblip.model.generation import GenerationConfig
-    from expblip.serve.app import background_server, create_app
 
     root, run = dynamic_run
     out = tmp_path / "eval"
@@ -344,11 +340,7 @@ def test_the_evaluator_scores_faces_of_other_shapes_and_the_openai_api_counts_th
     wide.save(buffer, "PNG")
     want = captioner.caption_pixels(captioner.preprocess([wide]), gen, with_lengths=True)[0]
     assert tuple(captioner.preprocess([wide])[0].shape[-2:]) == want_size
-    with background_server(create_app(captioner, gen=gen)) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
-        data = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-        answer = client.chat.completions.create(model=client.models.list().data[0].id, temperature=0, messages=[
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data}}]}])
+    answer = ask_openai_api(captioner, buffer.getvalue(), gen)
     assert answer.choices[0].message.content == want.text
     assert answer.usage.prompt_tokens == captioner.prompt_length("", want_size) == captioner.prompt_length() - 6
 

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, deepspeed_cmd, read_keys, read_metrics, run_launcher
+from conftest import REPO, ask_openai_api, deepspeed_cmd, read_keys, read_metrics, run_launcher
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -183,14 +183,11 @@ def test_exporting_a_qwen_checkpoint_is_refused_with_the_way_to_its_export(resum
 def test_the_server_and_its_openai_api_serve_the_qwen_export(resumed, tmp_path):
     """The HTTP app and the OpenAI chat API take the Qwen2.5-VL export as they take BLIP-2's (the family read from
     its config.json): the answer is the captioner's greedy caption, the usage counts its chat prompt."""
-    import base64
 
-    import openai
 
     from expblip.data.synthetic import synthetic_records
     from expblip.infer.captioner import Captioner
     from expblip.model.generation import GenerationConfig
-    from expblip.serve.app import background_server, create_app
 
     _, run, _ = resumed
     captioner = Captioner.from_export(run / "export")
@@ -198,11 +195,7 @@ def test_the_server_and_its_openai_api_serve_the_qwen_export(resumed, tmp_path):
     face = tmp_path / "face.png"
     next(iter(synthetic_records(1, seed=7, split="val")))["image"].save(face)
     want = captioner.caption_pixels(captioner.preprocess([Image.open(face)]), gen, with_lengths=True)[0]
-    with background_server(create_app(captioner, gen=gen)) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
-        data = "data:image/png;base64," + base64.b64encode(face.read_bytes()).decode()
-        answer = client.chat.completions.create(model=client.models.list().data[0].id, temperature=0, messages=[
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data}}]}])
+    answer = ask_openai_api(captioner, face.read_bytes(), gen)
     assert answer.choices[0].message.content == want.text
     assert answer.usage.completion_tokens == want.tokens
     assert answer.usage.prompt_tokens == captioner.prompt_length() > 16  # the chat turns around 16 image tokens
