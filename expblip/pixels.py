@@ -72,9 +72,12 @@ def image_sizes(pixels) -> list[tuple[int, int]]:
 
 
 def as_batch(images):
-    """[3, H_i, W_i] tensors -> one [B, 3, H, W] tensor when they share a size, else the list (a ragged batch)."""
+    """[3, H_i, W_i] tensors -> one [B, 3, H, W] tensor when they share a size, else the list (a ragged batch); a
+    batch tensor is returned as it is (no copy)."""
     import torch
 
+    if torch.is_tensor(images):
+        return images
     images = list(images)
     return torch.stack(images) if len({tuple(p.shape) for p in images}) == 1 else images
 

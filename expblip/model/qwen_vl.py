@@ -611,11 +611,21 @@ def spec_freeze_stage(model: nn.Module, cfg, stage: str, others_dtype: torch.dty
 def image_tokens(config: Qwen2_5_VLConfig) -> int:
     """LM tokens of one training image: (S / patch)^2 / merge^2 for the config's square image size S; with dynamic
     resolution the most an image can have, max_pixels / (patch * merge)^2."""
-    v = config.vision_config
     bounds = image_bounds(config)
     if bounds:
-        return bounds[1] // (v.patch_size * v.spatial_merge_size) ** 2
-    return (image_size(config) // v.patch_size) ** 2 // v.spatial_merge_size**2
+        return bounds[1] // _unit(config) ** 2
+    return tokens_of(config, (image_size(config), image_size(config)))
+
+
+def tokens_of(config: Qwen2_5_VLConfig, size: tuple[int, int]) -> int:
+    """LM tokens of one H x W image (sides multiples of patch x merge): one per merged patch."""
+    return (size[0] // _unit(config)) * (size[1] // _unit(config))
+
+
+def _unit(config: Qwen2_5_VLConfig) -> int:
+    """The px an image side is a multiple of: patch x merge."""
+    v = config.vision_config
+    return v.patch_size * v.spatial_merge_size
 
 
 def image_size(config: Qwen2_5_VLConfig) -> int:
@@ -629,8 +639,7 @@ def image_bounds(config: Qwen2_5_VLConfig) -> tuple[int, ...]:
     high = int(getattr(config, "expblip_max_pixels", 0) or 0)
     if not high:
         return ()
-    v = config.vision_config
-    return int(config.expblip_min_pixels), high, v.patch_size * v.spatial_merge_size
+    return int(config.expblip_min_pixels), high, _unit(config)
 
 
 def pixel_unit(preset: str) -> int:
@@ -697,9 +706,7 @@ def spec_text_inputs(processor, config, captions, prompts, max_tokens: int, text
     else of the config's square training size."""
     if text_only:
         raise ValueError("Qwen2.5-VL has no text-only stage; train.stage=stage2")
-    v = config.vision_config
-    unit = v.patch_size * v.spatial_merge_size
-    counts = ([(h // unit) * (w // unit) for h, w in image_sizes] if image_sizes is not None
+    counts = ([tokens_of(config, size) for size in image_sizes] if image_sizes is not None
               else [image_tokens(config)] * len(captions))
     return text_inputs(processor, counts, captions, prompts, max_tokens)
 
@@ -718,9 +725,7 @@ def spec_pixel_inputs(config, pixels: torch.Tensor | Sequence[torch.Tensor]) -> 
 def spec_prompt_length(config, processor, prompt: str = "", image_size: tuple[int, int] | None = None) -> int:
     """Tokens read before the answer: the chat turn around one image's tokens (of an H x W image at dynamic
     resolution; else of the config's square size, or the most an image can have)."""
-    v = config.vision_config
-    unit = v.patch_size * v.spatial_merge_size
-    tokens = image_tokens(config) if image_size is None else (image_size[0] // unit) * (image_size[1] // unit)
+    tokens = image_tokens(config) if image_size is None else tokens_of(config, image_size)
     return len(prompt_ids(processor, prompt, tokens))
 
 

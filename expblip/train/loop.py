@@ -436,12 +436,12 @@ def model_inputs(run: Run, batch: dict, task_step: int | None = None, pack: bool
         picked = [sample_text(run.cfg.tasks, lab, key, run.cfg.train.seed, step, cap)
                   for lab, key, cap in zip(batch["labels"], batch["keys"], batch["captions"], strict=True)]
         prompts, captions = [p for p, _ in picked], [a for _, a in picked]
-    ragged = not lm_only and isinstance(batch.get("pixel_values"), list)  # dynamic resolution: tokens per image
-    sizes = {"image_sizes": image_sizes(batch["pixel_values"])} if ragged else {}
+    sizes = None if lm_only else image_sizes(batch["pixel_values"])
+    ragged = isinstance(batch.get("pixel_values"), list)  # dynamic resolution: each image its own tokens
     text = spec.text_inputs(run.tokenizer, run.blip2_config, captions, prompts, run.cfg.data.max_text_tokens,
-                            text_only=lm_only, **sizes)
+                            text_only=lm_only, **({"image_sizes": sizes} if ragged and sizes else {}))
     if pack:
-        text = _pack(run, spec, text, image_sizes(batch["pixel_values"]))
+        text = _pack(run, spec, text, sizes)
     inputs = _on_device(run, text)
     if not lm_only:
         inputs.update(spec.pixel_inputs(run.blip2_config, _pixels(run, batch)))
@@ -489,7 +489,7 @@ def train_step(run: Run) -> torch.Tensor:
         if run.cfg.train.log_keys:
             _log_keys(run, batch)
         run.errors[batch["cursor"]["worker"]] = batch["errors"]
-        inputs = model_inputs(run, batch, pack=bool(run.cfg.data.pack_tokens) and run.cfg.train.stage == "stage2")
+        inputs = model_inputs(run, batch, pack=run.cfg.data.pack_tokens > 0)  # preflight: stage2 of a family that packs
         if "attention_mask" in inputs:
             run.tokens = run.tokens + inputs["attention_mask"].sum()  # on the device: no host sync per micro-batch
         out = run.engine(**inputs)
